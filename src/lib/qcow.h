@@ -1,0 +1,203 @@
+/*
+ * qcow.h - the public interface of libqcow, the qcow2 engine of qcowfs.
+ *
+ * libqcow turns a qcow2 image into a flat array of bytes (the "raw view")
+ * that can be read, written, discarded, zeroed, flushed and grown from many
+ * threads at once.  It knows nothing about FUSE: the qcowfs daemon, the
+ * qcowctl tool and the unit tests all drive it through this header only.
+ *
+ * Rules every caller can rely on:
+ *  - Every function returning int or ssize_t returns a negative errno on
+ *    failure (FUSE's convention) and never aborts on bad image data.
+ *  - Functions that can fail because of the image's contents write a
+ *    human-readable message naming the field, its value and its file offset
+ *    to the log sink (qcow_log_set_sink) and, for open/create/check, into
+ *    the caller's error buffer.
+ *  - All calls on one struct qcow_image are thread-safe, except
+ *    qcow_image_close, which must be the last call.
+ *  - qcow_image_flush makes every write acknowledged before it started
+ *    durable; after a crash at any instant the image has no corruption
+ *    (leaked clusters at most, repaired by the next read-write open).
+ */
+#ifndef QCOW_H
+#define QCOW_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct qcow_image;
+struct qcow_io;
+
+/* ---- logging ---------------------------------------------------------- */
+
+enum qcow_log_level { QCOW_LOG_ERROR, QCOW_LOG_WARNING, QCOW_LOG_INFO, QCOW_LOG_DEBUG };
+
+/* Where messages go.  The default sink prints "qcowfs: <msg>\n" to stderr
+ * for levels up to QCOW_LOG_INFO (DEBUG only when the verbosity is raised). */
+typedef void (*qcow_log_sink)(enum qcow_log_level level, const char *msg, void *opaque);
+void qcow_log_set_sink(qcow_log_sink sink, void *opaque);
+void qcow_log_set_verbosity(enum qcow_log_level max_level);
+
+/* ---- opening ---------------------------------------------------------- */
+
+struct qcow_open_opts {
+	bool read_only;          /* shared locks only; every write returns -EROFS */
+	bool runtime_asserts;    /* check every cluster-map invariant after each change (slow) */
+	bool no_locking;         /* skip QEMU-compatible OFD locks (tests on the memory backend) */
+	size_t cache_bytes;      /* L2/refcount-block cache budget; 0 = default (32 MiB) */
+	bool compact;            /* run the background compactor (issue 3); default on */
+	uint64_t compact_threshold_bytes; /* free space below EOF that triggers compaction; 0 = default */
+	unsigned compact_quiet_ms;        /* discards must be quiet this long before auto compaction; 0 = default */
+	bool recycler;           /* start the recycler thread at all (erase + compact) */
+};
+
+/* Fills *opts with the defaults (read-write, locking on, recycler on). */
+void qcow_open_opts_default(struct qcow_open_opts *opts);
+
+/* Opens and fully validates the image at path (one scan of all metadata).
+ * On failure returns a negative errno, writes a message into err (if
+ * errlen > 0) and leaves the file byte-for-byte unchanged. */
+int qcow_image_open(const char *path, const struct qcow_open_opts *opts,
+		    struct qcow_image **out, char *err, size_t errlen);
+
+/* Same, over an already opened backend (memory or crash simulator in unit
+ * tests).  On success the image owns io; on failure the caller still does. */
+int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts,
+		       struct qcow_image **out, char *err, size_t errlen);
+
+/* Stops the recycler, flushes, writes exact refcounts, releases the locks
+ * and frees everything.  Returns 0 if the image was closed cleanly. */
+int qcow_image_close(struct qcow_image *img);
+
+/* ---- guest I/O on the raw view ------------------------------------- */
+
+uint64_t qcow_image_size(struct qcow_image *img);           /* virtual size in bytes */
+
+/* Reads/writes exactly len bytes at off, any alignment.  The range must lie
+ * inside the virtual size (-EINVAL otherwise; callers clip at EOF).
+ * Return len or a negative errno. */
+ssize_t qcow_image_read(struct qcow_image *img, void *buf, size_t len, uint64_t off);
+ssize_t qcow_image_write(struct qcow_image *img, const void *buf, size_t len, uint64_t off);
+
+/* Makes everything acknowledged so far durable (the flush protocol). */
+int qcow_image_flush(struct qcow_image *img);
+
+/* Afterwards [off, off+len) reads as zeros.  Whole clusters are released
+ * (discard) or zero-flagged where the format needs it; partial clusters
+ * are zeroed in place.  discard prefers releasing space, zero is the same
+ * contract (ZERO_RANGE); both free whole clusters. */
+int qcow_image_discard(struct qcow_image *img, uint64_t off, uint64_t len);
+int qcow_image_zero(struct qcow_image *img, uint64_t off, uint64_t len);
+
+/* Changes the virtual size.  Growing is supported (L1 and refcount table
+ * grow or move as needed); shrinking returns -EOPNOTSUPP. */
+int qcow_image_resize(struct qcow_image *img, uint64_t new_size);
+
+/* SEEK_DATA / SEEK_HOLE answered from the L2 tables.  Returns the offset or
+ * -ENXIO (no data at or after off / off past the end) or -EINVAL. */
+int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence);
+
+/* ---- statistics and compaction ------------------------------------- */
+
+struct qcow_stats {
+	uint64_t virtual_size;
+	uint64_t cluster_size;
+	uint64_t file_size;            /* apparent size of the image file */
+	uint64_t file_allocated;       /* bytes the host file system allocated (st_blocks*512) */
+	uint64_t clusters_total;       /* clusters the map covers */
+	uint64_t clusters_header;      /* header, L1, refcount table, snapshot table */
+	uint64_t clusters_referenced;  /* L2 tables, refcount blocks, data */
+	uint64_t clusters_junk;
+	uint64_t clusters_erased;
+	uint64_t clusters_available;
+	uint64_t clusters_copies;
+	uint64_t clusters_roots;
+	uint64_t clusters_pending;     /* move sources waiting for their completing flush */
+	uint64_t moves_in_flight;
+	uint64_t bytes_reclaimed;      /* file bytes given back (punched or truncated) since open */
+	uint64_t bytes_discarded;      /* guest bytes discarded since open */
+	uint64_t compactions_done;
+	uint64_t clusters_moved;
+	bool compacting;
+	double compact_progress;       /* 0..1 of the current compaction, 1 when idle */
+	bool punch_supported;          /* host file system can punch holes */
+	bool read_only;
+};
+void qcow_image_get_stats(struct qcow_image *img, struct qcow_stats *st);
+
+/* The status channel between the daemon and qcowctl: the daemon answers
+ * getxattr("user.qcowfs.status") on the mountpoint with the text made by
+ * qcow_stats_format (one "key=value" line per field of struct qcow_stats,
+ * keys are the field names); qcowctl parses it back.  format returns the
+ * text length (excluding the NUL) or -ERANGE if len is too small; parse
+ * ignores unknown keys and returns 0 or -EINVAL. */
+int qcow_stats_format(const struct qcow_stats *st, char *buf, size_t len);
+int qcow_stats_parse(const char *text, struct qcow_stats *st);
+
+/* Runs a full compaction now and returns when the file is as short as it
+ * can get (or on error).  progress, if not NULL, is called from the calling
+ * thread with values in 0..1.  Works while guest I/O continues. */
+int qcow_image_compact(struct qcow_image *img, void (*progress)(double, void *), void *opaque);
+
+/* Asks the recycler for a compaction pass without waiting for it. */
+void qcow_image_request_compact(struct qcow_image *img);
+
+/* ---- offline tools --------------------------------------------------- */
+
+struct qcow_create_opts {
+	uint64_t size;           /* virtual size, bytes */
+	unsigned cluster_bits;   /* 9..21, default 16 */
+	unsigned version;        /* 2 (compat 0.10) or 3 (compat 1.1), default 3 */
+	unsigned refcount_order; /* 0..6, default 4; v2 requires 4 */
+};
+void qcow_create_opts_default(struct qcow_create_opts *opts);
+/* Creates a new image (fails with -EEXIST if path exists). */
+int qcow_create(const char *path, const struct qcow_create_opts *opts, char *err, size_t errlen);
+
+struct qcow_check_result {
+	uint64_t errors;           /* corruptions (refcount too low, bad pointers, ...) */
+	uint64_t leaks;            /* clusters with refcount > references */
+	uint64_t clusters_used;    /* clusters with at least one reference */
+	uint64_t clusters_free;    /* clusters below the image end with no reference */
+	uint64_t image_end_offset; /* end of the last used cluster */
+	uint64_t total_clusters;   /* virtual size in clusters */
+	uint64_t allocated_clusters; /* guest clusters with data */
+};
+/* Full consistency check without changing the file.  Prints one line per
+ * problem to the log sink.  Returns 0 when the check ran (result filled),
+ * or a negative errno with a message in err when it could not run. */
+int qcow_check(const char *path, struct qcow_check_result *res, char *err, size_t errlen);
+
+struct qcow_info {
+	unsigned version;
+	uint64_t virtual_size;
+	unsigned cluster_bits;
+	unsigned refcount_bits;
+	uint64_t file_size;
+	uint64_t file_allocated;
+	uint64_t incompatible_features, compatible_features, autoclear_features;
+	uint32_t nb_snapshots;
+	uint64_t l1_table_offset;
+	uint32_t l1_size;
+	uint64_t refcount_table_offset;
+	uint32_t refcount_table_clusters;
+	char backing_file[1024];   /* empty if none */
+	bool dirty, corrupt;
+};
+/* Reads and validates the header only (no locks taken). */
+int qcow_info_read(const char *path, struct qcow_info *info, char *err, size_t errlen);
+
+/* Version strings of the engine and the allocator. */
+const char *qcow_version(void);
+const char *qcow_allocator_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
