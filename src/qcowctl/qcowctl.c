@@ -1,0 +1,1543 @@
+/*
+ * qcowctl.c - the qcowctl command-line tool.
+ *
+ * Owns the user-facing commands around libqcow and a running qcowfs:
+ *
+ *   create    make a new qcow2 image (qcow_create)
+ *   info      show the header of an image, like "qemu-img info"
+ *   check     full consistency check, output and exit codes like "qemu-img check"
+ *   status    live statistics of a mount, read from the xattr user.qcowfs.status
+ *   compact   shrink an image now: through a live mount, or offline
+ *   unmount   unmount, wait for the daemon, verify the image closed cleanly
+ *
+ * Rules:
+ *  - Talks to a running daemon only through extended attributes on the
+ *    mountpoint (user.qcowfs.status / .compact / .pid / .image), so qcowctl
+ *    never needs to know how the daemon is built or where it logs.
+ *  - Every message for the user on stderr starts with "qcowctl: " and names
+ *    the argument or the operation that failed.
+ *  - Exit status: 0 success, 1 failure or usage error; check uses qemu-img's
+ *    codes (0 clean, 1 could not run, 2 corruptions, 3 leaks only) so that
+ *    scripts written for "qemu-img check" keep working.
+ *  - Numbers go out locale-independent (the tool never calls setlocale),
+ *    JSON goes to stdout pretty-printed like qemu-img's --output=json.
+ */
+#ifdef HAVE_CONFIG_H
+#include "config.h"
+#endif
+
+#include <ctype.h>
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <sys/xattr.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "qcow.h"
+
+#ifndef PACKAGE_VERSION
+#define PACKAGE_VERSION "unknown"
+#endif
+
+/* The daemon's side of the channel; names shared with src/qcowfs. */
+#define XATTR_STATUS  "user.qcowfs.status"
+#define XATTR_COMPACT "user.qcowfs.compact"
+#define XATTR_PID     "user.qcowfs.pid"
+#define XATTR_IMAGE   "user.qcowfs.image"
+
+#define DEFAULT_VIRTUAL_SIZE (8ULL << 30)
+
+/* qemu-img check's exit codes. */
+enum check_exit {
+	CHECK_EXIT_CLEAN = 0,
+	CHECK_EXIT_FAILED = 1,
+	CHECK_EXIT_CORRUPT = 2,
+	CHECK_EXIT_LEAKS = 3,
+};
+
+/* Polling a live mount: often enough that a progress bar moves smoothly,
+ * rarely enough that the daemon does not notice us. */
+#define STATUS_POLL_MS 200
+/* A compaction request that the daemon never reports as started nor as
+ * finished within this long found nothing to do (or was merged into a
+ * pass that ended between two polls): stop waiting, without complaint. */
+#define COMPACT_PICKUP_GRACE_MS 5000
+/* Closing an image flushes and writes exact refcounts, which can take a
+ * while on a large, busy image; give up only after this long. */
+#define UNMOUNT_WAIT_MS (600 * 1000)
+
+struct command {
+	const char *name;
+	int (*run)(const struct command *self, int argc, char **argv);
+	const char *synopsis;     /* after "qcowctl " */
+	const char *summary;      /* one line for the command list */
+	const char *options_help; /* option lines for "qcowctl CMD --help" */
+	const char *notes;        /* after the options, or NULL */
+};
+
+/* ---- messages ----------------------------------------------------------- */
+
+static void print_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void print_error(const char *fmt, ...)
+{
+	va_list ap;
+
+	fflush(stdout);   /* keep stdout and stderr in order on a terminal */
+	fputs("qcowctl: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+static void print_command_help(const struct command *cmd, FILE *out)
+{
+	fprintf(out, "Usage: qcowctl %s\n%c%s.\n", cmd->synopsis,
+		toupper((unsigned char)cmd->summary[0]), cmd->summary + 1);
+	fprintf(out, "\nOptions:\n%s", cmd->options_help);
+	fprintf(out, "  -h, --help               show this help\n");
+	if (cmd->notes)
+		fprintf(out, "\n%s", cmd->notes);
+}
+
+/* For every mistake on the command line: the reason, the synopsis, exit 1. */
+static int usage_error(const struct command *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int usage_error(const struct command *cmd, const char *fmt, ...)
+{
+	va_list ap;
+
+	fflush(stdout);
+	fprintf(stderr, "qcowctl: %s: ", cmd->name);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\nUsage: qcowctl %s\nTry 'qcowctl %s --help' for more information.\n",
+		cmd->synopsis, cmd->name);
+	return EXIT_FAILURE;
+}
+
+/* getopt_long returned '?' or ':' (the option strings start with ':'). */
+static int bad_option(const struct command *cmd, int opt, char **argv)
+{
+	const char *typed = argv[optind - 1];
+	char short_name[3] = { '-', (char)optopt, '\0' };
+
+	/* For a short option inside a cluster ("-xs") optopt is the culprit;
+	 * for long options optopt is 0 or our internal value, so show what
+	 * was typed. */
+	if (optopt > ' ' && optopt < 127 && strncmp(typed, "--", 2) != 0)
+		typed = short_name;
+	if (opt == ':')
+		return usage_error(cmd, "option '%s' needs an argument", typed);
+	return usage_error(cmd, "unknown option '%s'", typed);
+}
+
+/* The one positional argument every command takes. */
+static int single_operand(const struct command *cmd, int argc, char **argv,
+			  const char *what, const char **out)
+{
+	if (argc - optind < 1)
+		return usage_error(cmd, "missing %s", what);
+	if (argc - optind > 1)
+		return usage_error(cmd, "unexpected argument '%s'", argv[optind + 1]);
+	*out = argv[optind];
+	return 0;
+}
+
+/*
+ * Where libqcow's messages go.  The library's sink is process-wide and the
+ * recycler thread may log at any moment, so this is the one piece of global
+ * mutable state here, with its own lock.
+ *
+ * open, create, info and check return their failure reason in an err
+ * buffer *and* log it; during those calls errors are held back (the last
+ * one kept) so that the user sees one line naming the operation, not the
+ * same reason twice.
+ */
+struct engine_log {
+	pthread_mutex_t lock;
+	FILE *stream;          /* stdout while check output is the product, else stderr */
+	bool bare;             /* check problems print as they are, one per line */
+	bool hold_errors;      /* inside a call that reports through an err buffer */
+	enum qcow_log_level max_level;
+	char last_error[1024]; /* held back, or already printed if !hold_errors */
+};
+
+static struct engine_log engine_log = {
+	.lock = PTHREAD_MUTEX_INITIALIZER,
+	.max_level = QCOW_LOG_INFO,
+};
+
+static void engine_log_sink(enum qcow_log_level level, const char *msg, void *opaque)
+{
+	struct engine_log *log = opaque;
+	static const char *const level_prefix[] = {
+		[QCOW_LOG_ERROR] = "",
+		[QCOW_LOG_WARNING] = "warning: ",
+		[QCOW_LOG_INFO] = "",
+		[QCOW_LOG_DEBUG] = "debug: ",
+	};
+
+	if (level > log->max_level)
+		return;
+	pthread_mutex_lock(&log->lock);
+	if (level == QCOW_LOG_ERROR)
+		snprintf(log->last_error, sizeof(log->last_error), "%s", msg);
+	if (level == QCOW_LOG_ERROR && log->hold_errors) {
+		/* printed, or folded into the failure message, by engine_call_end */
+	} else if (log->bare) {
+		fprintf(log->stream, "%s\n", msg);
+	} else {
+		fflush(stdout);
+		fprintf(log->stream, "qcowctl: %s%s\n",
+			(unsigned)level < sizeof(level_prefix) / sizeof(level_prefix[0]) ? level_prefix[level] : "",
+			msg);
+	}
+	pthread_mutex_unlock(&log->lock);
+}
+
+/* bare: print to stdout without a prefix (the problems check finds are its
+ * output, like qemu-img check); otherwise "qcowctl: ..." on stderr. */
+static void engine_log_route(bool bare, FILE *stream)
+{
+	pthread_mutex_lock(&engine_log.lock);
+	engine_log.bare = bare;
+	engine_log.stream = stream;
+	pthread_mutex_unlock(&engine_log.lock);
+}
+
+/* Around an engine call that fills an err buffer (see struct engine_log).
+ * check passes hold_errors = false: the errors it logs are the problems it
+ * found, its output. */
+static void engine_call_begin(bool hold_errors)
+{
+	pthread_mutex_lock(&engine_log.lock);
+	engine_log.hold_errors = hold_errors;
+	engine_log.last_error[0] = '\0';
+	pthread_mutex_unlock(&engine_log.lock);
+}
+
+/*
+ * Ends the call.  On failure prints "qcowctl: WHAT: REASON", REASON being
+ * the err buffer, else the last error logged, else strerror; an error the
+ * sink already printed verbatim is not repeated.  An error held back from a
+ * call that then succeeded is still news, so it is shown on its own.
+ */
+static void engine_call_end(int ret, const char *what, const char *err)
+{
+	char last[sizeof(engine_log.last_error)];
+	bool held;
+
+	pthread_mutex_lock(&engine_log.lock);
+	held = engine_log.hold_errors;
+	engine_log.hold_errors = false;
+	memcpy(last, engine_log.last_error, sizeof(last));
+	engine_log.last_error[0] = '\0';
+	pthread_mutex_unlock(&engine_log.lock);
+
+	if (ret >= 0) {
+		if (held && last[0])
+			print_error("%s", last);
+		return;
+	}
+	if (!err || !err[0])
+		err = held ? last : "";
+	if (err[0] && !(!held && strcmp(err, last) == 0))
+		print_error("%s: %s", what, err);
+	else
+		print_error("%s: %s", what, strerror(-ret));
+}
+
+/* ---- numbers ------------------------------------------------------------ */
+
+/* "1 GiB", "196 KiB", "1.5 MiB": three significant digits, never "1e+03". */
+static void format_human_size(uint64_t bytes, char *buf, size_t len)
+{
+	static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+	double value = (double)bytes;
+	unsigned unit = 0;
+
+	/* Switch units before 1000, not 1024, so the number never needs four
+	 * digits; 999.5 would round to "1e+03" with %.3g. */
+	while (value >= 999.5 && unit + 1 < sizeof(units) / sizeof(units[0])) {
+		value /= 1024.0;
+		unit++;
+	}
+	snprintf(buf, len, "%.3g %s", value, units[unit]);
+}
+
+/* "1 GiB (1073741824 bytes)" */
+static void format_size_and_bytes(uint64_t bytes, char *buf, size_t len)
+{
+	char human[32];
+
+	format_human_size(bytes, human, sizeof(human));
+	snprintf(buf, len, "%s (%" PRIu64 " bytes)", human, bytes);
+}
+
+/*
+ * A byte count: decimal digits with an optional binary suffix K, M, G or T
+ * (also KiB/KB and lower case).  Whole numbers only: "1.5G" is refused
+ * rather than rounded, the user can write 1536M.
+ */
+static int parse_size(const char *text, uint64_t *out)
+{
+	static const char suffixes[] = "KMGT";
+	const char *p = text;
+	uint64_t value = 0;
+	unsigned shift = 0;
+
+	if (*p < '0' || *p > '9')
+		return -EINVAL;
+	for (; *p >= '0' && *p <= '9'; p++) {
+		unsigned digit = (unsigned)(*p - '0');
+		if (value > (UINT64_MAX - digit) / 10)
+			return -ERANGE;
+		value = value * 10 + digit;
+	}
+	if (*p) {
+		const char *s = strchr(suffixes, *p >= 'a' && *p <= 'z' ? *p - 'a' + 'A' : *p);
+		if (!s || !*s)
+			return -EINVAL;
+		shift = 10 * (unsigned)(s - suffixes + 1);
+		p++;
+		if (strcmp(p, "iB") == 0 || strcmp(p, "B") == 0 || strcmp(p, "b") == 0)
+			p += strlen(p);
+		if (*p)
+			return -EINVAL;
+	}
+	if (shift && value > (UINT64_MAX >> shift))
+		return -ERANGE;
+	*out = value << shift;
+	return 0;
+}
+
+/* Plain decimal, no sign, no suffix. */
+static int parse_unsigned(const char *text, uint64_t *out)
+{
+	char *end;
+	unsigned long long value;
+
+	if (*text < '0' || *text > '9')
+		return -EINVAL;
+	errno = 0;
+	value = strtoull(text, &end, 10);
+	if (errno || *end)
+		return -EINVAL;
+	*out = value;
+	return 0;
+}
+
+static bool is_power_of_two(uint64_t v)
+{
+	return v && !(v & (v - 1));
+}
+
+static unsigned log2_exact(uint64_t v)
+{
+	unsigned bits = 0;
+
+	while (v > 1) {
+		v >>= 1;
+		bits++;
+	}
+	return bits;
+}
+
+static uint64_t monotonic_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(unsigned ms)
+{
+	struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L };
+
+	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+		;
+}
+
+/* ---- JSON output ---------------------------------------------------------- */
+
+/* Just enough of a writer for flat and nested objects, indented like
+ * qemu-img's --output=json. */
+struct json_writer {
+	FILE *out;
+	int depth;
+	bool need_comma;
+};
+
+/* JSON wants valid UTF-8; file names are arbitrary bytes.  Valid sequences
+ * pass through, each invalid byte becomes U+FFFD. */
+static size_t utf8_sequence_length(const unsigned char *s)
+{
+	size_t len;
+	uint32_t cp;
+
+	if (s[0] < 0x80)
+		return 1;
+	if (s[0] >= 0xc2 && s[0] <= 0xdf)
+		len = 2, cp = s[0] & 0x1f;
+	else if (s[0] >= 0xe0 && s[0] <= 0xef)
+		len = 3, cp = s[0] & 0x0f;
+	else if (s[0] >= 0xf0 && s[0] <= 0xf4)
+		len = 4, cp = s[0] & 0x07;
+	else
+		return 0;
+	for (size_t i = 1; i < len; i++) {
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+		cp = (cp << 6) | (s[i] & 0x3f);
+	}
+	/* Overlong forms, UTF-16 surrogates and past U+10FFFF are invalid. */
+	if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+	    (cp >= 0xd800 && cp <= 0xdfff))
+		return 0;
+	return len;
+}
+
+static void json_write_string(FILE *out, const char *text)
+{
+	const unsigned char *s = (const unsigned char *)text;
+
+	fputc('"', out);
+	while (*s) {
+		size_t len;
+
+		switch (*s) {
+		case '"':  fputs("\\\"", out); s++; continue;
+		case '\\': fputs("\\\\", out); s++; continue;
+		case '\b': fputs("\\b", out); s++; continue;
+		case '\f': fputs("\\f", out); s++; continue;
+		case '\n': fputs("\\n", out); s++; continue;
+		case '\r': fputs("\\r", out); s++; continue;
+		case '\t': fputs("\\t", out); s++; continue;
+		}
+		if (*s < 0x20) {
+			fprintf(out, "\\u%04x", *s);
+			s++;
+			continue;
+		}
+		len = utf8_sequence_length(s);
+		if (len == 0) {
+			fputs("\\ufffd", out);
+			s++;
+			continue;
+		}
+		fwrite(s, 1, len, out);
+		s += len;
+	}
+	fputc('"', out);
+}
+
+static void json_member_start(struct json_writer *j, const char *key)
+{
+	if (j->need_comma)
+		fputc(',', j->out);
+	if (j->depth > 0)
+		fprintf(j->out, "\n%*s", 4 * j->depth, "");
+	if (key) {
+		json_write_string(j->out, key);
+		fputs(": ", j->out);
+	}
+	j->need_comma = true;
+}
+
+/* key is NULL for the outermost object. */
+static void json_object_begin(struct json_writer *j, const char *key)
+{
+	json_member_start(j, key);
+	fputc('{', j->out);
+	j->depth++;
+	j->need_comma = false;
+}
+
+static void json_object_end(struct json_writer *j)
+{
+	j->depth--;
+	fprintf(j->out, "\n%*s}", 4 * j->depth, "");
+	j->need_comma = true;
+	if (j->depth == 0)
+		fputc('\n', j->out);
+}
+
+static void json_u64(struct json_writer *j, const char *key, uint64_t value)
+{
+	json_member_start(j, key);
+	fprintf(j->out, "%" PRIu64, value);
+}
+
+static void json_bool(struct json_writer *j, const char *key, bool value)
+{
+	json_member_start(j, key);
+	fputs(value ? "true" : "false", j->out);
+}
+
+static void json_double(struct json_writer *j, const char *key, double value)
+{
+	json_member_start(j, key);
+	if (isfinite(value))
+		fprintf(j->out, "%.6f", value);
+	else
+		fputs("null", j->out);   /* JSON has no NaN */
+}
+
+static void json_string(struct json_writer *j, const char *key, const char *value)
+{
+	json_member_start(j, key);
+	json_write_string(j->out, value);
+}
+
+/* ---- talking to a live mount ------------------------------------------- */
+
+/* ENODATA: a plain file; ENOTSUP: a file system without user xattrs; in
+ * both cases no qcowfs answers on that path. */
+static bool errno_means_not_qcowfs(int err)
+{
+	return err == ENODATA || err == ENOTSUP || err == EOPNOTSUPP;
+}
+
+/*
+ * Reads an extended attribute as a NUL-terminated string (malloc'ed).
+ * Grows the buffer on ERANGE instead of asking for the size first, so a
+ * value that changes between two calls (the status does) is still read
+ * whole.  Returns 0 or a negative errno.
+ */
+static int xattr_read_text(const char *path, const char *name, char **out)
+{
+	size_t capacity = 4096;
+
+	for (;;) {
+		char *buf = malloc(capacity + 1);
+		ssize_t got;
+
+		if (!buf)
+			return -ENOMEM;
+		got = getxattr(path, name, buf, capacity);
+		if (got >= 0) {
+			buf[got] = '\0';
+			*out = buf;
+			return 0;
+		}
+		free(buf);
+		if (errno != ERANGE || capacity >= (1u << 20))
+			return -errno;
+		capacity *= 4;
+	}
+}
+
+/* Reads and parses user.qcowfs.status.  Returns 0, -ENODATA-like errors
+ * untouched (the caller decides whether that is "not a mount"), or
+ * -EPROTO for text that does not parse. */
+static int mount_read_status(const char *mountpoint, struct qcow_stats *st)
+{
+	char *text;
+	int ret = xattr_read_text(mountpoint, XATTR_STATUS, &text);
+
+	if (ret < 0)
+		return ret;
+	ret = qcow_stats_parse(text, st);
+	free(text);
+	return ret < 0 ? -EPROTO : 0;
+}
+
+/* The message for a status read that failed, naming the path. */
+static void report_status_error(const char *mountpoint, int ret)
+{
+	if (errno_means_not_qcowfs(-ret))
+		print_error("%s is not a qcowfs mount", mountpoint);
+	else if (ret == -EPROTO)
+		print_error("%s: the status from qcowfs could not be parsed (qcowctl and qcowfs versions differ?)",
+			    mountpoint);
+	else
+		print_error("cannot read the status of %s: %s", mountpoint, strerror(-ret));
+}
+
+/* ---- progress display --------------------------------------------------- */
+
+/* On a terminal a bar redrawn in place; in a pipe or log, a line per 10%
+ * so that logs stay short. */
+struct progress_display {
+	bool tty;
+	int shown_percent;   /* -1 before the first draw */
+};
+
+#define PROGRESS_BAR_WIDTH 40
+
+static void progress_init(struct progress_display *p)
+{
+	p->tty = isatty(STDOUT_FILENO);
+	p->shown_percent = -1;
+}
+
+static void progress_show(struct progress_display *p, double fraction)
+{
+	int percent;
+
+	if (!(fraction >= 0.0))   /* also catches NaN */
+		fraction = 0.0;
+	if (fraction > 1.0)
+		fraction = 1.0;
+	percent = (int)(fraction * 100.0);
+	if (p->tty) {
+		int filled = (int)(fraction * PROGRESS_BAR_WIDTH);
+
+		if (percent == p->shown_percent)
+			return;
+		printf("\r[%.*s%*s] %3d%%",
+		       filled, "########################################",
+		       PROGRESS_BAR_WIDTH - filled, "", percent);
+		fflush(stdout);
+		p->shown_percent = percent;
+	} else if (p->shown_percent < 0 || percent / 10 > p->shown_percent / 10) {
+		/* Lines only once the run is under way: callers print the
+		 * final 100% through progress_finish. */
+		if (percent < 100) {
+			printf("compacting: %d%%\n", percent);
+			fflush(stdout);
+		}
+		p->shown_percent = percent;
+	}
+}
+
+static void progress_finish(struct progress_display *p, bool success)
+{
+	if (success) {
+		if (p->tty) {
+			progress_show(p, 1.0);
+		} else {
+			printf("compacting: 100%%\n");
+		}
+	}
+	if (p->tty && p->shown_percent >= 0)
+		putchar('\n');
+	fflush(stdout);
+}
+
+static void progress_callback(double fraction, void *opaque)
+{
+	progress_show(opaque, fraction);
+}
+
+/* ---- create ------------------------------------------------------------- */
+
+static int cmd_create(const struct command *self, int argc, char **argv)
+{
+	enum { OPT_COMPAT = 1000, OPT_REFCOUNT_BITS };
+	static const struct option longopts[] = {
+		{ "size", required_argument, NULL, 's' },
+		{ "cluster-size", required_argument, NULL, 'c' },
+		{ "compat", required_argument, NULL, OPT_COMPAT },
+		{ "refcount-bits", required_argument, NULL, OPT_REFCOUNT_BITS },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct qcow_create_opts opts;
+	uint64_t size = DEFAULT_VIRTUAL_SIZE;
+	uint64_t cluster_size = 0, refcount_bits = 0;
+	bool refcount_bits_given = false;
+	const char *image;
+	char err[1024] = "", what[PATH_MAX + 32];
+	int opt, ret;
+
+	qcow_create_opts_default(&opts);
+	while ((opt = getopt_long(argc, argv, ":s:c:h", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 's':
+			if (parse_size(optarg, &size) < 0)
+				return usage_error(self, "invalid size '%s': expected a whole number of bytes "
+						   "with an optional K, M, G or T suffix", optarg);
+			break;
+		case 'c':
+			if (parse_size(optarg, &cluster_size) < 0 || !is_power_of_two(cluster_size) ||
+			    cluster_size < 512 || cluster_size > (2u << 20))
+				return usage_error(self, "invalid cluster size '%s': must be a power of two "
+						   "from 512 to 2M", optarg);
+			opts.cluster_bits = log2_exact(cluster_size);
+			break;
+		case OPT_COMPAT:
+			if (strcmp(optarg, "0.10") == 0 || strcmp(optarg, "v2") == 0)
+				opts.version = 2;
+			else if (strcmp(optarg, "1.1") == 0 || strcmp(optarg, "v3") == 0)
+				opts.version = 3;
+			else
+				return usage_error(self, "invalid --compat '%s': expected 0.10 or 1.1", optarg);
+			break;
+		case OPT_REFCOUNT_BITS:
+			if (parse_unsigned(optarg, &refcount_bits) < 0 || !is_power_of_two(refcount_bits) ||
+			    refcount_bits > 64)
+				return usage_error(self, "invalid --refcount-bits '%s': must be 1, 2, 4, 8, 16, "
+						   "32 or 64", optarg);
+			refcount_bits_given = true;
+			break;
+		case 'h':
+			print_command_help(self, stdout);
+			return EXIT_SUCCESS;
+		default:
+			return bad_option(self, opt, argv);
+		}
+	}
+	ret = single_operand(self, argc, argv, "IMAGE", &image);
+	if (ret)
+		return ret;
+
+	/* Checked after all options, so their order does not matter. */
+	if (refcount_bits_given) {
+		if (opts.version == 2 && refcount_bits != 16)
+			return usage_error(self, "--refcount-bits %" PRIu64 " needs --compat 1.1 "
+					   "(compat 0.10 images have 16-bit refcounts)", refcount_bits);
+		opts.refcount_order = log2_exact(refcount_bits);
+	} else if (opts.version == 2) {
+		opts.refcount_order = 4;
+	}
+	opts.size = size;
+
+	snprintf(what, sizeof(what), "cannot create %s", image);
+	engine_call_begin(true);
+	ret = qcow_create(image, &opts, err, sizeof(err));
+	engine_call_end(ret, what, err);
+	if (ret < 0)
+		return EXIT_FAILURE;
+	printf("Formatting '%s', fmt=qcow2 cluster_size=%" PRIu64 " compat=%s refcount_bits=%u size=%" PRIu64 "\n",
+	       image, (uint64_t)1 << opts.cluster_bits, opts.version == 2 ? "0.10" : "1.1",
+	       1u << opts.refcount_order, opts.size);
+	return EXIT_SUCCESS;
+}
+
+/* ---- info ---------------------------------------------------------------- */
+
+/* Header feature bits (qcow2 spec), named for the output. */
+#define INCOMPAT_DIRTY             (1ULL << 0)
+#define INCOMPAT_COMPRESSION_TYPE  (1ULL << 3)
+#define INCOMPAT_EXTENDED_L2       (1ULL << 4)
+#define COMPAT_LAZY_REFCOUNTS      (1ULL << 0)
+
+static const char *info_compat_name(const struct qcow_info *info)
+{
+	return info->version == 2 ? "0.10" : "1.1";
+}
+
+/* The only compression type besides zlib the format defines is zstd, and
+ * the header may only announce a non-zlib type with this bit. */
+static const char *info_compression_name(const struct qcow_info *info)
+{
+	return info->incompatible_features & INCOMPAT_COMPRESSION_TYPE ? "zstd" : "zlib";
+}
+
+static void info_print_human(const char *image, const struct qcow_info *info)
+{
+	char text[128];
+	bool v3 = info->version >= 3;
+
+	/* The first lines are laid out exactly like "qemu-img info". */
+	printf("image: %s\n", image);
+	printf("file format: qcow2\n");
+	format_size_and_bytes(info->virtual_size, text, sizeof(text));
+	printf("virtual size: %s\n", text);
+	format_human_size(info->file_allocated, text, sizeof(text));
+	printf("disk size: %s\n", text);
+	printf("cluster_size: %" PRIu64 "\n", (uint64_t)1 << info->cluster_bits);
+	if (info->backing_file[0])
+		printf("backing file: %s\n", info->backing_file);
+	printf("Format specific information:\n");
+	printf("    compat: %s\n", info_compat_name(info));
+	printf("    compression type: %s\n", info_compression_name(info));
+	if (v3)
+		printf("    lazy refcounts: %s\n",
+		       info->compatible_features & COMPAT_LAZY_REFCOUNTS ? "true" : "false");
+	printf("    refcount bits: %u\n", info->refcount_bits);
+	if (v3) {
+		printf("    corrupt: %s\n", info->corrupt ? "true" : "false");
+		printf("    extended l2: %s\n",
+		       info->incompatible_features & INCOMPAT_EXTENDED_L2 ? "true" : "false");
+	}
+	/* What qemu-img info leaves out and a qcowfs user wants to see. */
+	printf("qcowfs details:\n");
+	printf("    dirty: %s\n", info->dirty ? "true" : "false");
+	format_size_and_bytes(info->file_size, text, sizeof(text));
+	printf("    file size: %s\n", text);
+	printf("    snapshots: %" PRIu32 "\n", info->nb_snapshots);
+	printf("    l1 table: offset 0x%" PRIx64 ", %" PRIu32 " entries\n",
+	       info->l1_table_offset, info->l1_size);
+	printf("    refcount table: offset 0x%" PRIx64 ", %" PRIu32 " cluster%s\n",
+	       info->refcount_table_offset, info->refcount_table_clusters,
+	       info->refcount_table_clusters == 1 ? "" : "s");
+	if (v3)
+		printf("    features: incompatible 0x%" PRIx64 ", compatible 0x%" PRIx64
+		       ", autoclear 0x%" PRIx64 "\n", info->incompatible_features,
+		       info->compatible_features, info->autoclear_features);
+}
+
+static void info_print_json(const char *image, const struct qcow_info *info)
+{
+	struct json_writer j = { .out = stdout };
+	bool v3 = info->version >= 3;
+
+	/* Keys as in "qemu-img info --output=json" where qemu has them. */
+	json_object_begin(&j, NULL);
+	json_u64(&j, "virtual-size", info->virtual_size);
+	json_string(&j, "filename", image);
+	json_u64(&j, "cluster-size", (uint64_t)1 << info->cluster_bits);
+	json_string(&j, "format", "qcow2");
+	json_u64(&j, "actual-size", info->file_allocated);
+	json_u64(&j, "file-size", info->file_size);
+	if (info->backing_file[0])
+		json_string(&j, "backing-filename", info->backing_file);
+	json_u64(&j, "snapshots", info->nb_snapshots);
+	json_object_begin(&j, "format-specific");
+	json_string(&j, "type", "qcow2");
+	json_object_begin(&j, "data");
+	json_string(&j, "compat", info_compat_name(info));
+	json_string(&j, "compression-type", info_compression_name(info));
+	if (v3)
+		json_bool(&j, "lazy-refcounts", info->compatible_features & COMPAT_LAZY_REFCOUNTS);
+	json_u64(&j, "refcount-bits", info->refcount_bits);
+	if (v3) {
+		json_bool(&j, "corrupt", info->corrupt);
+		json_bool(&j, "extended-l2", info->incompatible_features & INCOMPAT_EXTENDED_L2);
+	}
+	json_u64(&j, "l1-table-offset", info->l1_table_offset);
+	json_u64(&j, "l1-size", info->l1_size);
+	json_u64(&j, "refcount-table-offset", info->refcount_table_offset);
+	json_u64(&j, "refcount-table-clusters", info->refcount_table_clusters);
+	json_u64(&j, "incompatible-features", info->incompatible_features);
+	json_u64(&j, "compatible-features", info->compatible_features);
+	json_u64(&j, "autoclear-features", info->autoclear_features);
+	json_object_end(&j);
+	json_object_end(&j);
+	json_bool(&j, "dirty-flag", info->dirty);
+	json_object_end(&j);
+}
+
+static int cmd_info(const struct command *self, int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "json", no_argument, NULL, 'j' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct qcow_info info;
+	bool json = false;
+	const char *image;
+	char err[1024] = "", what[PATH_MAX + 32];
+	int opt, ret;
+
+	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'j':
+			json = true;
+			break;
+		case 'h':
+			print_command_help(self, stdout);
+			return EXIT_SUCCESS;
+		default:
+			return bad_option(self, opt, argv);
+		}
+	}
+	ret = single_operand(self, argc, argv, "IMAGE", &image);
+	if (ret)
+		return ret;
+
+	memset(&info, 0, sizeof(info));
+	snprintf(what, sizeof(what), "cannot read %s", image);
+	engine_call_begin(true);
+	ret = qcow_info_read(image, &info, err, sizeof(err));
+	engine_call_end(ret, what, err);
+	if (ret < 0)
+		return EXIT_FAILURE;
+	/* The engine fills a fixed array; never trust it to be terminated. */
+	info.backing_file[sizeof(info.backing_file) - 1] = '\0';
+	if (json)
+		info_print_json(image, &info);
+	else
+		info_print_human(image, &info);
+	return EXIT_SUCCESS;
+}
+
+/* ---- check --------------------------------------------------------------- */
+
+static void check_print_human(const struct qcow_check_result *res)
+{
+	if (res->errors == 0 && res->leaks == 0) {
+		printf("No errors were found on the image.\n");
+	} else {
+		/* Wording of qemu-img check, which scripts grep for. */
+		if (res->errors)
+			printf("\n%" PRIu64 " errors were found on the image.\n"
+			       "Data may be corrupted, or further writes to the image may corrupt it.\n",
+			       res->errors);
+		if (res->leaks)
+			printf("\n%" PRIu64 " leaked clusters were found on the image.\n"
+			       "This means waste of disk space, but no harm to data.\n",
+			       res->leaks);
+	}
+	if (res->total_clusters && res->allocated_clusters)
+		printf("%" PRIu64 "/%" PRIu64 " = %0.2f%% allocated clusters\n",
+		       res->allocated_clusters, res->total_clusters,
+		       100.0 * (double)res->allocated_clusters / (double)res->total_clusters);
+	printf("Image clusters: %" PRIu64 " used, %" PRIu64 " free below the image end\n",
+	       res->clusters_used, res->clusters_free);
+	if (res->image_end_offset)
+		printf("Image end offset: %" PRIu64 "\n", res->image_end_offset);
+}
+
+static void check_print_json(const char *image, const struct qcow_check_result *res)
+{
+	struct json_writer j = { .out = stdout };
+
+	json_object_begin(&j, NULL);
+	json_u64(&j, "image-end-offset", res->image_end_offset);
+	json_u64(&j, "total-clusters", res->total_clusters);
+	/* qemu's "check-errors" counts checks that could not complete; when
+	 * qcow_check returns 0 the whole check ran. */
+	json_u64(&j, "check-errors", 0);
+	json_u64(&j, "corruptions", res->errors);
+	json_u64(&j, "leaks", res->leaks);
+	json_u64(&j, "allocated-clusters", res->allocated_clusters);
+	json_u64(&j, "used-clusters", res->clusters_used);
+	json_u64(&j, "free-clusters", res->clusters_free);
+	json_string(&j, "filename", image);
+	json_string(&j, "format", "qcow2");
+	json_object_end(&j);
+}
+
+static enum check_exit check_exit_status(const struct qcow_check_result *res)
+{
+	if (res->errors)
+		return CHECK_EXIT_CORRUPT;
+	if (res->leaks)
+		return CHECK_EXIT_LEAKS;
+	return CHECK_EXIT_CLEAN;
+}
+
+static int cmd_check(const struct command *self, int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "json", no_argument, NULL, 'j' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct qcow_check_result res;
+	bool json = false;
+	const char *image;
+	char err[1024] = "", what[PATH_MAX + 32];
+	int opt, ret;
+
+	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'j':
+			json = true;
+			break;
+		case 'h':
+			print_command_help(self, stdout);
+			return EXIT_SUCCESS;
+		default:
+			bad_option(self, opt, argv);
+			return CHECK_EXIT_FAILED;
+		}
+	}
+	ret = single_operand(self, argc, argv, "IMAGE", &image);
+	if (ret)
+		return CHECK_EXIT_FAILED;
+
+	/* The problems are the output of check; with --json they would break
+	 * the JSON on stdout, so they go to stderr instead. */
+	if (json)
+		engine_log_route(false, stderr);
+	else
+		engine_log_route(true, stdout);
+	memset(&res, 0, sizeof(res));
+	snprintf(what, sizeof(what), "cannot check %s", image);
+	engine_call_begin(false);
+	ret = qcow_check(image, &res, err, sizeof(err));
+	engine_log_route(false, stderr);
+	engine_call_end(ret, what, err);
+	if (ret < 0)
+		return CHECK_EXIT_FAILED;
+	if (json)
+		check_print_json(image, &res);
+	else
+		check_print_human(&res);
+	return check_exit_status(&res);
+}
+
+/* ---- status -------------------------------------------------------------- */
+
+static void status_print_human(const struct qcow_stats *st)
+{
+	char text[128], allocated[32];
+
+	format_size_and_bytes(st->virtual_size, text, sizeof(text));
+	printf("virtual size:       %s\n", text);
+	format_size_and_bytes(st->file_size, text, sizeof(text));
+	format_human_size(st->file_allocated, allocated, sizeof(allocated));
+	printf("image file:         %s, %s allocated\n", text, allocated);
+	printf("cluster size:       %" PRIu64 "\n", st->cluster_size);
+	printf("clusters:           %" PRIu64 " in the file\n", st->clusters_total);
+	printf("  header            %" PRIu64 "\n", st->clusters_header);
+	printf("  used              %" PRIu64 "\n", st->clusters_referenced);
+	printf("  junk              %" PRIu64 "\n", st->clusters_junk);
+	printf("  erased            %" PRIu64 "\n", st->clusters_erased);
+	printf("  available         %" PRIu64 "\n", st->clusters_available);
+	printf("  copies            %" PRIu64 "\n", st->clusters_copies);
+	printf("  roots             %" PRIu64 "\n", st->clusters_roots);
+	printf("  pending           %" PRIu64 "\n", st->clusters_pending);
+	printf("moves in flight:    %" PRIu64 "\n", st->moves_in_flight);
+	printf("clusters moved:     %" PRIu64 "\n", st->clusters_moved);
+	format_size_and_bytes(st->bytes_reclaimed, text, sizeof(text));
+	printf("bytes reclaimed:    %s\n", text);
+	format_size_and_bytes(st->bytes_discarded, text, sizeof(text));
+	printf("bytes discarded:    %s\n", text);
+	printf("compactions done:   %" PRIu64 "\n", st->compactions_done);
+	if (st->compacting)
+		printf("compaction:         running, %.1f%% done\n", 100.0 * st->compact_progress);
+	else
+		printf("compaction:         idle\n");
+	printf("punch supported:    %s\n", st->punch_supported ? "yes" : "no");
+	printf("read-only:          %s\n", st->read_only ? "yes" : "no");
+}
+
+static void status_print_json(const char *mountpoint, const struct qcow_stats *st)
+{
+	struct json_writer j = { .out = stdout };
+
+	json_object_begin(&j, NULL);
+	json_string(&j, "mountpoint", mountpoint);
+	json_u64(&j, "virtual-size", st->virtual_size);
+	json_u64(&j, "cluster-size", st->cluster_size);
+	json_u64(&j, "file-size", st->file_size);
+	json_u64(&j, "file-allocated", st->file_allocated);
+	json_u64(&j, "clusters-total", st->clusters_total);
+	json_u64(&j, "clusters-header", st->clusters_header);
+	json_u64(&j, "clusters-used", st->clusters_referenced);
+	json_u64(&j, "clusters-junk", st->clusters_junk);
+	json_u64(&j, "clusters-erased", st->clusters_erased);
+	json_u64(&j, "clusters-available", st->clusters_available);
+	json_u64(&j, "clusters-copies", st->clusters_copies);
+	json_u64(&j, "clusters-roots", st->clusters_roots);
+	json_u64(&j, "clusters-pending", st->clusters_pending);
+	json_u64(&j, "moves-in-flight", st->moves_in_flight);
+	json_u64(&j, "clusters-moved", st->clusters_moved);
+	json_u64(&j, "bytes-reclaimed", st->bytes_reclaimed);
+	json_u64(&j, "bytes-discarded", st->bytes_discarded);
+	json_u64(&j, "compactions-done", st->compactions_done);
+	json_bool(&j, "compacting", st->compacting);
+	json_double(&j, "compact-progress", st->compact_progress);
+	json_bool(&j, "punch-supported", st->punch_supported);
+	json_bool(&j, "read-only", st->read_only);
+	json_object_end(&j);
+}
+
+static int cmd_status(const struct command *self, int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "json", no_argument, NULL, 'j' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct qcow_stats st;
+	bool json = false;
+	const char *mountpoint;
+	int opt, ret;
+
+	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'j':
+			json = true;
+			break;
+		case 'h':
+			print_command_help(self, stdout);
+			return EXIT_SUCCESS;
+		default:
+			return bad_option(self, opt, argv);
+		}
+	}
+	ret = single_operand(self, argc, argv, "MOUNTPOINT", &mountpoint);
+	if (ret)
+		return ret;
+
+	ret = mount_read_status(mountpoint, &st);
+	if (ret < 0) {
+		report_status_error(mountpoint, ret);
+		return EXIT_FAILURE;
+	}
+	if (json)
+		status_print_json(mountpoint, &st);
+	else
+		status_print_human(&st);
+	return EXIT_SUCCESS;
+}
+
+/* ---- compact ------------------------------------------------------------- */
+
+static void print_size_change(uint64_t size_before, uint64_t alloc_before,
+			      uint64_t size_after, uint64_t alloc_after)
+{
+	char size_text[128], alloc_text[32];
+
+	format_size_and_bytes(size_before, size_text, sizeof(size_text));
+	format_human_size(alloc_before, alloc_text, sizeof(alloc_text));
+	printf("image file before: %s, %s allocated\n", size_text, alloc_text);
+	format_size_and_bytes(size_after, size_text, sizeof(size_text));
+	format_human_size(alloc_after, alloc_text, sizeof(alloc_text));
+	printf("image file after:  %s, %s allocated\n", size_text, alloc_text);
+}
+
+/*
+ * Whether the pass we asked for is over.  The daemon may start it before
+ * our first poll and finish it between two polls, so "compacting" alone can
+ * be missed both ways; compactions_done moving on is the reliable sign.  A
+ * pass seen running that stopped counts too (an engine that does not count
+ * aborted passes).  If neither ever shows, the request had nothing to do.
+ */
+static bool compact_request_finished(const struct qcow_stats *before, const struct qcow_stats *now,
+				     bool seen_running, uint64_t waited_ms)
+{
+	if (now->compacting)
+		return false;
+	if (now->compactions_done != before->compactions_done)
+		return true;
+	if (seen_running && !before->compacting)
+		return true;
+	return waited_ms >= COMPACT_PICKUP_GRACE_MS;
+}
+
+static int compact_mount(const char *mountpoint, const struct qcow_stats *before)
+{
+	struct progress_display progress;
+	struct qcow_stats now = *before;
+	bool seen_running = false;
+	uint64_t start;
+	int ret;
+
+	if (before->read_only) {
+		print_error("cannot compact %s: the mount is read-only", mountpoint);
+		return EXIT_FAILURE;
+	}
+	if (setxattr(mountpoint, XATTR_COMPACT, "1", 1, 0) < 0) {
+		print_error("cannot request a compaction on %s: %s", mountpoint, strerror(errno));
+		return EXIT_FAILURE;
+	}
+	start = monotonic_ms();
+	progress_init(&progress);
+	for (;;) {
+		sleep_ms(STATUS_POLL_MS);
+		ret = mount_read_status(mountpoint, &now);
+		if (ret < 0) {
+			progress_finish(&progress, false);
+			report_status_error(mountpoint, ret);
+			return EXIT_FAILURE;
+		}
+		/* A pass that was already running when we asked is not the one
+		 * we asked for; only one that starts afterwards counts as "seen". */
+		if (now.compacting && (!before->compacting || now.compactions_done != before->compactions_done))
+			seen_running = true;
+		if (now.compacting)
+			progress_show(&progress, now.compact_progress);
+		if (compact_request_finished(before, &now, seen_running, monotonic_ms() - start))
+			break;
+	}
+	progress_finish(&progress, true);
+	print_size_change(before->file_size, before->file_allocated, now.file_size, now.file_allocated);
+	return EXIT_SUCCESS;
+}
+
+static int compact_image(const char *image)
+{
+	struct qcow_open_opts opts;
+	struct qcow_image *img = NULL;
+	struct progress_display progress;
+	struct stat before, after;
+	char err[1024] = "", what[PATH_MAX + 32];
+	int ret;
+
+	if (stat(image, &before) < 0) {
+		print_error("cannot access %s: %s", image, strerror(errno));
+		return EXIT_FAILURE;
+	}
+	qcow_open_opts_default(&opts);
+	opts.read_only = false;
+	/* qcow_image_compact does the work in this thread; a background
+	 * recycler would only race it for the same clusters. */
+	opts.recycler = false;
+	opts.compact = false;
+	snprintf(what, sizeof(what), "cannot open %s", image);
+	engine_call_begin(true);
+	ret = qcow_image_open(image, &opts, &img, err, sizeof(err));
+	engine_call_end(ret, what, err);
+	if (ret < 0) {
+		if (ret == -EAGAIN || ret == -EBUSY || ret == -EWOULDBLOCK)
+			fprintf(stderr, "qcowctl: if %s is mounted, run 'qcowctl compact MOUNTPOINT'\n", image);
+		return EXIT_FAILURE;
+	}
+
+	progress_init(&progress);
+	ret = qcow_image_compact(img, progress_callback, &progress);
+	progress_finish(&progress, ret == 0);
+	if (ret < 0)
+		print_error("compacting %s failed: %s", image, strerror(-ret));
+
+	/* Close even after a failed compaction: close writes exact refcounts,
+	 * and an image left open would be left dirty. */
+	int close_ret = qcow_image_close(img);
+	if (close_ret < 0) {
+		print_error("closing %s failed: %s", image, strerror(-close_ret));
+		return EXIT_FAILURE;
+	}
+	if (ret < 0)
+		return EXIT_FAILURE;
+
+	if (stat(image, &after) < 0) {
+		print_error("cannot access %s after compaction: %s", image, strerror(errno));
+		return EXIT_FAILURE;
+	}
+	print_size_change((uint64_t)before.st_size, (uint64_t)before.st_blocks * 512,
+			  (uint64_t)after.st_size, (uint64_t)after.st_blocks * 512);
+	return EXIT_SUCCESS;
+}
+
+static int cmd_compact(const struct command *self, int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct qcow_stats st;
+	const char *target;
+	int opt, ret;
+
+	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'h':
+			print_command_help(self, stdout);
+			return EXIT_SUCCESS;
+		default:
+			return bad_option(self, opt, argv);
+		}
+	}
+	ret = single_operand(self, argc, argv, "MOUNTPOINT or IMAGE", &target);
+	if (ret)
+		return ret;
+
+	/* A live mount answers the status attribute; an image file does not. */
+	ret = mount_read_status(target, &st);
+	if (ret == 0)
+		return compact_mount(target, &st);
+	if (errno_means_not_qcowfs(-ret))
+		return compact_image(target);
+	if (ret == -ENOENT)
+		print_error("cannot access %s: %s", target, strerror(ENOENT));
+	else
+		report_status_error(target, ret);
+	return EXIT_FAILURE;
+}
+
+/* ---- unmount ------------------------------------------------------------- */
+
+/* Runs "fusermount3 -u MOUNTPOINT"; returns its exit status, 127 when it
+ * could not be started, or -errno when fork failed. */
+static int run_fusermount(const char *mountpoint)
+{
+	char path[PATH_MAX + 3];
+	int status;
+	pid_t child;
+
+	/* fusermount3 would read "-foo" as an option. */
+	snprintf(path, sizeof(path), "%s%s", mountpoint[0] == '-' ? "./" : "", mountpoint);
+	fflush(NULL);
+	child = fork();
+	if (child < 0)
+		return -errno;
+	if (child == 0) {
+		execlp("fusermount3", "fusermount3", "-u", path, (char *)NULL);
+		_exit(127);
+	}
+	while (waitpid(child, &status, 0) < 0)
+		if (errno != EINTR)
+			return -errno;
+	return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+static bool process_exists(pid_t pid)
+{
+	/* EPERM: alive, just not ours to signal. */
+	return kill(pid, 0) == 0 || errno == EPERM;
+}
+
+/* Reads the daemon's pid and image path from the mountpoint. */
+static int unmount_identify(const char *mountpoint, pid_t *pid, char **image)
+{
+	char *pid_text = NULL;
+	uint64_t value;
+	int ret;
+
+	ret = xattr_read_text(mountpoint, XATTR_PID, &pid_text);
+	if (ret == 0) {
+		pid_text[strcspn(pid_text, "\n")] = '\0';
+		if (parse_unsigned(pid_text, &value) < 0 || value < 2 || value > INT_MAX) {
+			print_error("%s: qcowfs reported an invalid pid '%s'", mountpoint, pid_text);
+			free(pid_text);
+			return -EPROTO;
+		}
+		*pid = (pid_t)value;
+		free(pid_text);
+		ret = xattr_read_text(mountpoint, XATTR_IMAGE, image);
+	}
+	if (ret < 0) {
+		if (errno_means_not_qcowfs(-ret))
+			print_error("%s is not a qcowfs mount", mountpoint);
+		else
+			print_error("cannot query %s: %s", mountpoint, strerror(-ret));
+		return ret;
+	}
+	(*image)[strcspn(*image, "\n")] = '\0';
+	return 0;
+}
+
+static int unmount_mountpoint(const char *mountpoint)
+{
+	int status = run_fusermount(mountpoint);
+
+	if (status == 0)
+		return 0;
+	/* Root can unmount without fusermount3 (not installed, or it refused
+	 * for a reason umount2 does not share). */
+	if (geteuid() == 0) {
+		if (umount2(mountpoint, 0) == 0)
+			return 0;
+		print_error("cannot unmount %s: %s", mountpoint, strerror(errno));
+		return -1;
+	}
+	if (status == 127)
+		print_error("cannot unmount %s: fusermount3 could not be run", mountpoint);
+	else if (status < 0)
+		print_error("cannot unmount %s: %s", mountpoint, strerror(-status));
+	else
+		print_error("cannot unmount %s: fusermount3 -u failed", mountpoint);
+	return -1;
+}
+
+/* The daemon closes the image (flush, exact refcounts, unlock) after the
+ * unmount and exits only then; its exit is the sign the image is free. */
+static int wait_for_daemon_exit(pid_t pid, const char *image)
+{
+	uint64_t start = monotonic_ms();
+	bool announced = false;
+
+	while (process_exists(pid)) {
+		uint64_t waited = monotonic_ms() - start;
+
+		if (waited >= UNMOUNT_WAIT_MS) {
+			print_error("qcowfs (pid %ld) did not exit within %d s; %s may still be in use",
+				    (long)pid, UNMOUNT_WAIT_MS / 1000, image);
+			return -1;
+		}
+		if (!announced && waited >= 2000) {
+			fprintf(stderr, "qcowctl: waiting for qcowfs (pid %ld) to close %s...\n",
+				(long)pid, image);
+			announced = true;
+		}
+		sleep_ms(100);
+	}
+	return 0;
+}
+
+static int cmd_unmount(const struct command *self, int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct qcow_check_result res;
+	const char *mountpoint;
+	char *image = NULL;
+	char err[1024] = "", what[2 * PATH_MAX + 64];
+	pid_t pid;
+	int opt, ret, status = EXIT_FAILURE;
+
+	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'h':
+			print_command_help(self, stdout);
+			return EXIT_SUCCESS;
+		default:
+			return bad_option(self, opt, argv);
+		}
+	}
+	ret = single_operand(self, argc, argv, "MOUNTPOINT", &mountpoint);
+	if (ret)
+		return ret;
+
+	if (unmount_identify(mountpoint, &pid, &image) < 0)
+		return EXIT_FAILURE;
+	if (unmount_mountpoint(mountpoint) < 0)
+		goto out;
+	if (wait_for_daemon_exit(pid, image) < 0)
+		goto out;
+
+	/* Problems found are the news here: show them like check does. */
+	engine_log_route(true, stdout);
+	memset(&res, 0, sizeof(res));
+	snprintf(what, sizeof(what), "unmounted %s, but cannot check %s", mountpoint, image);
+	engine_call_begin(false);
+	ret = qcow_check(image, &res, err, sizeof(err));
+	engine_log_route(false, stderr);
+	engine_call_end(ret, what, err);
+	if (ret < 0)
+		goto out;
+	if (res.errors || res.leaks) {
+		print_error("unmounted %s, but %s was not closed cleanly: %" PRIu64 " errors, %" PRIu64
+			    " leaked clusters", mountpoint, image, res.errors, res.leaks);
+		goto out;
+	}
+	printf("unmounted %s; %s closed cleanly\n", mountpoint, image);
+	status = EXIT_SUCCESS;
+out:
+	free(image);
+	return status;
+}
+
+/* ---- help and the command table ------------------------------------------ */
+
+static int cmd_help(const struct command *self, int argc, char **argv);
+
+static const struct command commands[] = {
+	{ "create", cmd_create,
+	  "create [-s SIZE] [-c CLUSTER_SIZE] [--compat 0.10|1.1] [--refcount-bits N] IMAGE",
+	  "create a new qcow2 image",
+	  "  -s, --size SIZE          virtual size: bytes, or with a K, M, G or T suffix\n"
+	  "                           (powers of 1024); default 8G\n"
+	  "  -c, --cluster-size SIZE  a power of two from 512 to 2M; default 64K\n"
+	  "      --compat 0.10|1.1    qcow2 version 2 or 3; default 1.1\n"
+	  "      --refcount-bits N    1, 2, 4, 8, 16, 32 or 64; default 16 (compat 0.10: 16 only)\n",
+	  NULL },
+	{ "info", cmd_info, "info [--json] IMAGE",
+	  "show the header of an image (like qemu-img info)",
+	  "      --json               print a JSON object\n", NULL },
+	{ "check", cmd_check, "check [--json] IMAGE",
+	  "check an image for errors and leaks (like qemu-img check)",
+	  "      --json               print a JSON object\n",
+	  "Exit status: 0 clean, 1 the check could not run, 2 corruptions found,\n"
+	  "3 leaked clusters only (as qemu-img check).\n" },
+	{ "status", cmd_status, "status [--json] MOUNTPOINT",
+	  "show the live statistics of a qcowfs mount",
+	  "      --json               print a JSON object\n", NULL },
+	{ "compact", cmd_compact, "compact MOUNTPOINT|IMAGE",
+	  "shrink an image file now, through its live mount or offline",
+	  "",
+	  "On a mountpoint, asks the running qcowfs to compact and follows its progress.\n"
+	  "On an image that is not in use, compacts it in place.\n" },
+	{ "unmount", cmd_unmount, "unmount MOUNTPOINT",
+	  "unmount, wait for qcowfs to close the image, and check it",
+	  "",
+	  "Exit status: 0 when the image closed cleanly, 1 otherwise.\n" },
+	{ "help", cmd_help, "help [COMMAND]",
+	  "show the help of qcowctl or of one command",
+	  "", NULL },
+};
+
+#define COMMAND_COUNT (sizeof(commands) / sizeof(commands[0]))
+
+static const struct command *command_find(const char *name)
+{
+	for (size_t i = 0; i < COMMAND_COUNT; i++)
+		if (strcmp(commands[i].name, name) == 0)
+			return &commands[i];
+	return NULL;
+}
+
+static void print_global_usage(FILE *out)
+{
+	fprintf(out, "Usage: qcowctl COMMAND [options] ARGS\n"
+		     "       qcowctl --help | --version\n"
+		     "Manage qcow2 images and qcowfs mounts.\n\nCommands:\n");
+	for (size_t i = 0; i < COMMAND_COUNT; i++)
+		fprintf(out, "  %-10s %s\n", commands[i].name, commands[i].summary);
+	fprintf(out, "\nGlobal options (before COMMAND):\n"
+		     "  -h, --help      show this help\n"
+		     "  -V, --version   show the versions of qcowctl and libqcow\n"
+		     "  -v, --verbose   also show the engine's debug messages\n"
+		     "Run 'qcowctl COMMAND --help' for the options of a command.\n");
+}
+
+static int cmd_help(const struct command *self, int argc, char **argv)
+{
+	const struct command *cmd;
+
+	if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+		print_global_usage(stdout);
+		return EXIT_SUCCESS;
+	}
+	if (argc > 2)
+		return usage_error(self, "unexpected argument '%s'", argv[2]);
+	cmd = command_find(argv[1]);
+	if (!cmd)
+		return usage_error(self, "unknown command '%s'", argv[1]);
+	print_command_help(cmd, stdout);
+	return EXIT_SUCCESS;
+}
+
+static void print_version(void)
+{
+	printf("qcowctl %s\nlibqcow %s\nallocator %s\n", PACKAGE_VERSION, qcow_version(),
+	       qcow_allocator_version());
+}
+
+int main(int argc, char **argv)
+{
+	const struct command *cmd;
+	int first = 1;
+
+	engine_log.stream = stderr;
+	qcow_log_set_sink(engine_log_sink, &engine_log);
+
+	for (; first < argc && argv[first][0] == '-'; first++) {
+		const char *arg = argv[first];
+
+		if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+			print_global_usage(stdout);
+			return EXIT_SUCCESS;
+		} else if (strcmp(arg, "--version") == 0 || strcmp(arg, "-V") == 0) {
+			print_version();
+			return EXIT_SUCCESS;
+		} else if (strcmp(arg, "--verbose") == 0 || strcmp(arg, "-v") == 0) {
+			engine_log.max_level = QCOW_LOG_DEBUG;
+			qcow_log_set_verbosity(QCOW_LOG_DEBUG);
+		} else {
+			fprintf(stderr, "qcowctl: unknown option '%s'\n", arg);
+			print_global_usage(stderr);
+			return EXIT_FAILURE;
+		}
+	}
+	if (first >= argc) {
+		fprintf(stderr, "qcowctl: missing COMMAND\n");
+		print_global_usage(stderr);
+		return EXIT_FAILURE;
+	}
+	cmd = command_find(argv[first]);
+	if (!cmd) {
+		fprintf(stderr, "qcowctl: unknown command '%s'\n", argv[first]);
+		print_global_usage(stderr);
+		return EXIT_FAILURE;
+	}
+	/* The command sees itself as argv[0], so getopt starts at its options. */
+	return cmd->run(cmd, argc - first, argv + first);
+}
