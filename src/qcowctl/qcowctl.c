@@ -28,6 +28,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -1253,8 +1254,9 @@ static int cmd_compact(const struct command *self, int argc, char **argv)
 /* ---- unmount ------------------------------------------------------------- */
 
 /* Runs "fusermount3 -u MOUNTPOINT"; returns its exit status, 127 when it
- * could not be started, or -errno when fork failed. */
-static int run_fusermount(const char *mountpoint)
+ * could not be started, or -errno when fork failed.  quiet: its stderr
+ * goes to /dev/null (an attempt that will be retried). */
+static int run_fusermount(const char *mountpoint, bool quiet)
 {
 	char path[PATH_MAX + 3];
 	int status;
@@ -1267,6 +1269,11 @@ static int run_fusermount(const char *mountpoint)
 	if (child < 0)
 		return -errno;
 	if (child == 0) {
+		if (quiet) {
+			int devnull = open("/dev/null", O_WRONLY);
+			if (devnull >= 0)
+				dup2(devnull, STDERR_FILENO);
+		}
 		execlp("fusermount3", "fusermount3", "-u", path, (char *)NULL);
 		_exit(127);
 	}
@@ -1276,10 +1283,29 @@ static int run_fusermount(const char *mountpoint)
 	return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
-static bool process_exists(pid_t pid)
+/* Whether pid still runs.  A zombie has closed everything already; it
+ * lingers only when its parent (a foreground "qcowfs -f" started by some
+ * script) does not reap it, and must not keep us waiting. */
+static bool process_running(pid_t pid)
 {
+	char path[64], stat_text[256];
+	const char *after_name;
+	FILE *f;
+	size_t got;
+
 	/* EPERM: alive, just not ours to signal. */
-	return kill(pid, 0) == 0 || errno == EPERM;
+	if (kill(pid, 0) < 0 && errno != EPERM)
+		return false;
+	snprintf(path, sizeof(path), "/proc/%ld/stat", (long)pid);
+	f = fopen(path, "r");
+	if (!f)
+		return true;   /* no /proc: trust kill() */
+	got = fread(stat_text, 1, sizeof(stat_text) - 1, f);
+	fclose(f);
+	stat_text[got] = '\0';
+	/* "pid (comm) S ...": comm may contain spaces and parentheses. */
+	after_name = strrchr(stat_text, ')');
+	return !(after_name && after_name[1] == ' ' && after_name[2] == 'Z');
 }
 
 /* Reads the daemon's pid and image path from the mountpoint. */
@@ -1312,12 +1338,27 @@ static int unmount_identify(const char *mountpoint, pid_t *pid, char **image)
 	return 0;
 }
 
+/* Right after the last close of the raw view (a loop device being torn
+ * down, a guest just stopped) the kernel may still call the mount busy for
+ * a moment, so a failing fusermount3 gets a few more tries. */
+#define UNMOUNT_ATTEMPTS 10
+#define UNMOUNT_RETRY_MS 500
+
 static int unmount_mountpoint(const char *mountpoint)
 {
-	int status = run_fusermount(mountpoint);
+	int status = 1;
 
-	if (status == 0)
-		return 0;
+	for (int attempt = 1; attempt <= UNMOUNT_ATTEMPTS; attempt++) {
+		bool last = attempt == UNMOUNT_ATTEMPTS;
+
+		status = run_fusermount(mountpoint, !last);
+		if (status == 0)
+			return 0;
+		if (status == 127 || status < 0)
+			break;   /* not installed: retrying will not help */
+		if (!last)
+			sleep_ms(UNMOUNT_RETRY_MS);
+	}
 	/* Root can unmount without fusermount3 (not installed, or it refused
 	 * for a reason umount2 does not share). */
 	if (geteuid() == 0) {
@@ -1342,7 +1383,7 @@ static int wait_for_daemon_exit(pid_t pid, const char *image)
 	uint64_t start = monotonic_ms();
 	bool announced = false;
 
-	while (process_exists(pid)) {
+	while (process_running(pid)) {
 		uint64_t waited = monotonic_ms() - start;
 
 		if (waited >= UNMOUNT_WAIT_MS) {
