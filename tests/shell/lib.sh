@@ -1,0 +1,490 @@
+# shellcheck shell=bash
+# lib.sh - common helpers of the qcowfs shell tests (tests/shell/t*.sh).
+#
+# Every test starts with:   . "$(dirname "$0")/lib.sh"
+#
+# Sourcing it gives the test:
+#  - strict mode (set -eEu -o pipefail); an ERR trap names the failing line;
+#  - $T, a private temporary directory (mktemp -d under $TMPDIR or /tmp), so
+#    two tests, or two copies of one test, can run side by side;
+#  - one EXIT trap that tears down, even on failure and in this order, what
+#    the test registered: file system mounts, loop devices, qcowfs mounts
+#    (and their daemons), background processes; then prints the logs of $T
+#    when the test failed and removes $T (KEEP_TMP=1 keeps it);
+#  - helpers for mounting and unmounting the view (they wait), requiring
+#    tools (skip with 77, but fail when CI=true: CI must never skip),
+#    qemu-img check, file comparison, polling.
+#
+# Exit codes follow automake: 0 pass, 1 fail, 77 skip.
+#
+# Environment: QCOWFS and QCOWCTL (absolute paths of the programs under
+# test; default: the in-tree build), top_srcdir, top_builddir, CI, TMPDIR,
+# KEEP_TMP, VERBOSE (set -x).
+
+set -eEu -o pipefail
+
+TESTDIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+TEST_NAME=$(basename "$0" .sh)
+: "${top_srcdir:=$TESTDIR/../..}"
+: "${top_builddir:=$top_srcdir}"
+QCOWFS=${QCOWFS:-$top_builddir/src/qcowfs/qcowfs}
+QCOWCTL=${QCOWCTL:-$top_builddir/src/qcowctl/qcowctl}
+MKBAD="$TESTDIR/mkbad.py"
+# Glob matching the daemon's /proc/PID/comm (tests of the tests may point
+# QCOWFS at a stand-in and change it).
+DAEMON_COMM=${DAEMON_COMM:-*qcowfs*}
+export LC_ALL=C
+
+# ---- messages and outcomes ------------------------------------------------
+
+log() { printf '[%s %s] %s\n' "$(date +%T)" "$TEST_NAME" "$*" >&2; }
+
+fail() {
+	printf 'FAIL: %s: %s\n' "$TEST_NAME" "$*" >&2
+	_FAILED=1
+	exit 1
+}
+
+skip() {
+	if [ "${CI:-}" = true ]; then
+		fail "would skip ($*), but CI=true: nothing may be skipped in CI"
+	fi
+	printf 'SKIP: %s: %s\n' "$TEST_NAME" "$*" >&2
+	exit 77
+}
+
+_on_err() {
+	printf 'FAIL: %s: line %s: command failed (exit %s): %s\n' \
+		"$TEST_NAME" "$1" "$2" "$3" >&2
+	_FAILED=1
+}
+trap '_on_err "$LINENO" "$?" "$BASH_COMMAND"' ERR
+
+[ -n "${VERBOSE:-}" ] && set -x
+
+# ---- private temp dir and teardown ----------------------------------------
+
+T=$(mktemp -d "${TMPDIR:-/tmp}/qcowfs-$TEST_NAME.XXXXXX")
+T=$(cd "$T" && pwd -P)
+_FAILED=0
+_FSMOUNTS=()      # directories where we mounted a file system (ext4 ...)
+_LOOPS=()         # loop devices we attached
+_MOUNTS=()        # qcowfs mountpoints
+declare -A _DAEMON=()   # qcowfs mountpoint -> daemon pid
+declare -A _IMAGE=()    # qcowfs mountpoint -> image path
+_PIDS=()          # background processes we started
+
+# Removes one word from the array named $1.
+_forget() {
+	local -n _arr=$1
+	local out=() x
+	for x in "${_arr[@]}"; do [ "$x" = "$2" ] || out+=("$x"); done
+	_arr=("${out[@]}")
+}
+
+_cleanup() {
+	local rc=$? i m p
+	set +eE
+	trap - ERR
+	[ $_FAILED = 1 ] && [ $rc = 0 ] && rc=1
+	for ((i = ${#_FSMOUNTS[@]} - 1; i >= 0; i--)); do
+		m=${_FSMOUNTS[i]}
+		umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
+	done
+	for ((i = ${#_LOOPS[@]} - 1; i >= 0; i--)); do
+		losetup -d "${_LOOPS[i]}" 2>/dev/null
+		_wait_loop_free "${_LOOPS[i]}"
+	done
+	for ((i = ${#_MOUNTS[@]} - 1; i >= 0; i--)); do
+		m=${_MOUNTS[i]}
+		p=${_DAEMON[$m]:-}
+		if is_mounted "$m"; then
+			fusermount3 -u "$m" 2>/dev/null
+			[ -n "$p" ] && wait_gone "$p" 20
+			is_mounted "$m" && fusermount3 -u -z "$m" 2>/dev/null
+		fi
+		if [ -n "$p" ] && ! is_gone "$p"; then
+			wait_gone "$p" 10 || kill -9 "$p" 2>/dev/null
+		fi
+	done
+	for p in "${_PIDS[@]}"; do
+		kill -9 "$p" 2>/dev/null
+	done
+	for p in "${_PIDS[@]}"; do
+		wait "$p" 2>/dev/null
+	done
+	if [ "$rc" != 0 ] && [ "$rc" != 77 ]; then
+		_dump_logs
+	fi
+	if [ -n "${KEEP_TMP:-}" ]; then
+		echo "kept $T" >&2
+	else
+		# A mount we could not remove keeps its file: do not hang on it.
+		rm -rf "$T" 2>/dev/null
+	fi
+	exit "$rc"
+}
+trap _cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+_dump_logs() {
+	local f
+	for f in "$T"/*.log "$T"/*.err; do
+		[ -s "$f" ] || continue
+		echo "----- $(basename "$f") (last 40 lines) -----" >&2
+		tail -n 40 "$f" >&2
+	done
+}
+
+# ---- requirements ---------------------------------------------------------
+
+# need TOOL...: each must be on PATH (skip, or fail under CI=true).
+need() {
+	local t
+	for t; do
+		command -v "$t" >/dev/null 2>&1 || skip "missing tool: $t"
+	done
+}
+
+need_root() { [ "$(id -u)" = 0 ] || skip "needs root"; }
+
+# need_qcowfs: the programs under test must exist (never a skip: a missing
+# build is a failure), and FUSE must work here.
+need_qcowfs() {
+	[ -x "$QCOWFS" ] || fail "QCOWFS=$QCOWFS is not an executable"
+	[ -x "$QCOWCTL" ] || fail "QCOWCTL=$QCOWCTL is not an executable"
+	[ -c /dev/fuse ] || skip "no /dev/fuse"
+	need fusermount3 qemu-img qemu-io python3 timeout
+}
+
+need_loop() {
+	need_root
+	need losetup
+	if [ ! -e /dev/loop-control ]; then
+		modprobe loop 2>/dev/null || true
+	fi
+	[ -e /dev/loop-control ] || skip "no loop device support (/dev/loop-control)"
+}
+
+# ---- processes ------------------------------------------------------------
+
+# is_gone PID: true when the process no longer exists or is a zombie (our
+# PID 1 may not reap the daemons it inherits).
+is_gone() {
+	local st
+	st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 0
+	[ -z "$st" ] || [ "$st" = Z ] || [ "$st" = X ]
+}
+
+# wait_gone PID SECONDS
+wait_gone() {
+	local pid=$1 n=$(($2 * 10))
+	while ((n-- > 0)); do
+		is_gone "$pid" && return 0
+		sleep 0.1
+	done
+	is_gone "$pid"
+}
+
+# bg_start CMD...: start CMD in the background, registered for cleanup;
+# its pid is in $BG_PID.
+bg_start() {
+	"$@" &
+	BG_PID=$!
+	_PIDS+=("$BG_PID")
+}
+
+# wait_until SECONDS CMD...: poll CMD every 0.2 s until it succeeds.
+wait_until() {
+	local n=$(($1 * 5))
+	shift
+	while ((n-- > 0)); do
+		"$@" && return 0
+		sleep 0.2
+	done
+	"$@"
+}
+
+# pids_holding FILE: pids of the processes that have FILE open.
+pids_holding() {
+	local f p fd
+	f=$(readlink -f "$1")
+	for p in /proc/[0-9]*; do
+		[ "${p#/proc/}" = $$ ] && continue
+		for fd in "$p"/fd/*; do
+			if [ "$(readlink "$fd" 2>/dev/null)" = "$f" ]; then
+				echo "${p#/proc/}"
+				break
+			fi
+		done 2>/dev/null
+	done
+}
+
+# daemon_pid IMAGE MOUNTPOINT: the qcowfs daemon serving this mount: the
+# process named like qcowfs that holds IMAGE open (falls back to the one
+# whose command line names MOUNTPOINT).
+daemon_pid() {
+	local p comm
+	for p in $(pids_holding "$1"); do
+		comm=$(cat "/proc/$p/comm" 2>/dev/null) || continue
+		# shellcheck disable=SC2254
+		case $comm in $DAEMON_COMM) echo "$p"; return 0 ;; esac
+	done
+	for p in /proc/[0-9]*; do
+		if tr '\0' '\n' <"$p/cmdline" 2>/dev/null | grep -qxF -- "$2"; then
+			comm=$(cat "$p/comm" 2>/dev/null) || continue
+			# shellcheck disable=SC2254
+			case $comm in $DAEMON_COMM) echo "${p#/proc/}"; return 0 ;; esac
+		fi
+	done
+	return 1
+}
+
+# ---- mounts ---------------------------------------------------------------
+
+# is_mounted PATH: PATH is a mount point (from /proc/self/mountinfo; never
+# stats PATH, so a dead or hung FUSE daemon cannot block us).
+is_mounted() {
+	awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo
+}
+
+# fuse_type PATH: file system type of the mount at PATH (fuse.qcowfs ...).
+fuse_type() {
+	awk -v m="$1" '$5 == m { for (i = 6; i <= NF; i++) if ($i == "-") { print $(i + 1); exit } }' \
+		/proc/self/mountinfo
+}
+
+# qmount IMAGE MOUNTPOINT [ARGS...]: mounts with $QCOWFS (ARGS such as
+# -o ro), fails the test unless qcowfs exits 0 with the mount live and the
+# daemon found.  Sets QM_PID to the daemon pid.  stderr goes to
+# $T/qcowfs.log.
+qmount() {
+	local img=$1 mnt=$2 rc=0
+	shift 2
+	_MOUNTS+=("$mnt")
+	_IMAGE[$mnt]=$img
+	echo "== $QCOWFS $img $mnt $*" >>"$T/qcowfs.log"
+	timeout 60 "$QCOWFS" "$img" "$mnt" "$@" >>"$T/qcowfs.log" 2>&1 || rc=$?
+	[ $rc = 0 ] || fail "qcowfs $img $mnt $* exited $rc: $(tail -n 5 "$T/qcowfs.log")"
+	is_mounted "$mnt" || fail "qcowfs $img $mnt $* exited 0 but $mnt is not a mount point"
+	QM_PID=$(daemon_pid "$img" "$mnt") || fail "qcowfs mounted $mnt but no daemon process holds $img"
+	_DAEMON[$mnt]=$QM_PID
+}
+
+# qmount_fails IMAGE MOUNTPOINT [ARGS...]: qcowfs must exit non-zero
+# within 10 s and leave nothing mounted; its stderr is in $QM_ERR (a file).
+qmount_fails() {
+	local img=$1 mnt=$2 rc=0
+	shift 2
+	QM_ERR=$T/qm-fail.err
+	_MOUNTS+=("$mnt")
+	timeout 10 "$QCOWFS" "$img" "$mnt" "$@" >"$QM_ERR" 2>&1 || rc=$?
+	cat "$QM_ERR" >>"$T/qcowfs.log"
+	[ $rc = 124 ] && fail "qcowfs $img $mnt $* did not exit within 10 s"
+	[ $rc != 0 ] || fail "qcowfs $img $mnt $* exited 0 but should have failed"
+	if is_mounted "$mnt"; then
+		fail "qcowfs $img $mnt $* exited $rc but left $mnt mounted"
+	fi
+	[ -s "$QM_ERR" ] || fail "qcowfs $img $mnt $* exited $rc without a message on stderr"
+	_forget _MOUNTS "$mnt"
+	return 0
+}
+
+# qumount MOUNTPOINT [fusermount|qcowctl|sigterm]: unmounts and waits until
+# the daemon has exited (it has then closed the image).
+qumount() {
+	local mnt=$1 how=${2:-fusermount} pid n rc=0
+	pid=${_DAEMON[$mnt]:-}
+	case $how in
+	fusermount)
+		for n in 1 2 3 4 5 6 7 8 9 10; do
+			fusermount3 -u "$mnt" 2>>"$T/qcowfs.log" && break
+			sleep 0.5
+		done
+		;;
+	qcowctl)
+		timeout 120 "$QCOWCTL" unmount "$mnt" >>"$T/qcowfs.log" 2>&1 || rc=$?
+		[ $rc = 0 ] || fail "qcowctl unmount $mnt exited $rc: $(tail -n 5 "$T/qcowfs.log")"
+		;;
+	sigterm)
+		[ -n "$pid" ] || fail "no daemon pid for $mnt"
+		kill -TERM "$pid"
+		;;
+	*) fail "qumount: unknown method $how" ;;
+	esac
+	if [ -n "$pid" ]; then
+		wait_gone "$pid" 120 || fail "qcowfs daemon $pid still running 120 s after unmount ($how) of $mnt"
+	fi
+	wait_until 10 eval '! is_mounted "$mnt"' || fail "$mnt still mounted after unmount ($how)"
+	_forget _MOUNTS "$mnt"
+	return 0
+}
+
+# qkill MOUNTPOINT: kill -9 the daemon (a crash), then lazily detach the
+# dead mount.
+qkill() {
+	local mnt=$1 pid
+	pid=${_DAEMON[$mnt]:-}
+	[ -n "$pid" ] || fail "no daemon pid for $mnt"
+	kill -9 "$pid" 2>/dev/null || true
+	wait_gone "$pid" 30 || fail "daemon $pid survived kill -9"
+	fusermount3 -u -z "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
+	wait_until 10 eval '! is_mounted "$mnt"' || fail "$mnt still mounted after kill -9 and lazy unmount"
+	_forget _MOUNTS "$mnt"
+	return 0
+}
+
+# loop_attach FILE [losetup args...]: attaches a new loop device, sets
+# LOOPDEV to it and registers it for cleanup (call it directly, not in
+# $(...), or the registration is lost).  Retries: parallel tests race for
+# the first free device.
+loop_attach() {
+	local f=$1 dev n
+	shift
+	for n in 1 2 3 4 5 6 7 8 9 10; do
+		if dev=$(losetup -f --show "$@" "$f" 2>>"$T/losetup.log"); then
+			_LOOPS+=("$dev")
+			LOOPDEV=$dev
+			return 0
+		fi
+		sleep 0.3
+	done
+	fail "losetup -f --show $* $f failed: $(tail -n 3 "$T/losetup.log")"
+}
+
+_wait_loop_free() {
+	local b
+	b=/sys/block/$(basename "$1")/loop/backing_file
+	wait_until 20 test ! -e "$b" 2>/dev/null
+}
+
+# loop_detach DEV: detaches and waits until the kernel let go of the file.
+loop_detach() {
+	losetup -d "$1" || fail "losetup -d $1 failed"
+	_wait_loop_free "$1" || fail "loop device $1 still attached 20 s after losetup -d"
+	_forget _LOOPS "$1"
+	return 0
+}
+
+# fs_mount DEV DIR [mount args...] / fs_umount DIR
+fs_mount() {
+	local dev=$1 dir=$2
+	shift 2
+	mkdir -p "$dir"
+	mount "$@" "$dev" "$dir" || fail "mount $* $dev $dir failed"
+	_FSMOUNTS+=("$dir")
+}
+fs_umount() {
+	umount "$1" || fail "umount $1 failed"
+	_forget _FSMOUNTS "$1"
+	return 0
+}
+
+# ---- images and checks ----------------------------------------------------
+
+# mkimg IMAGE SIZE [OPTS]: qemu-img create -f qcow2 [-o OPTS] IMAGE SIZE.
+mkimg() {
+	local img=$1 size=$2 opts=${3:-}
+	if [ -n "$opts" ]; then
+		qemu-img create -q -f qcow2 -o "$opts" "$img" "$size" >>"$T/qemu.log" 2>&1 ||
+			fail "qemu-img create -o $opts $img $size failed: $(tail -n 3 "$T/qemu.log")"
+	else
+		qemu-img create -q -f qcow2 "$img" "$size" >>"$T/qemu.log" 2>&1 ||
+			fail "qemu-img create $img $size failed: $(tail -n 3 "$T/qemu.log")"
+	fi
+}
+
+# qio IMAGE CMD...: runs each CMD with qemu-io (one -c each); fails the
+# test if qemu-io fails or reports a failed command.
+qio() {
+	local img=$1 c args=() out rc=0
+	shift
+	for c; do args+=(-c "$c"); done
+	out=$(qemu-io -f qcow2 "${args[@]}" "$img" 2>&1) || rc=$?
+	echo "$out" >>"$T/qemu.log"
+	if [ $rc != 0 ] || grep -qiE 'failed|error|Pattern verification' <<<"$out"; then
+		fail "qemu-io $img $*: exit $rc: $(grep -iE 'failed|error|pattern' <<<"$out" | head -n 3)"
+	fi
+}
+
+# qcheck IMAGE: qemu-img check must exit 0 saying "No errors were found",
+# with no leaked clusters.
+qcheck() {
+	local out rc=0
+	out=$(qemu-img check "$1" 2>&1) || rc=$?
+	echo "== qemu-img check $1 (exit $rc)" >>"$T/qemu.log"
+	echo "$out" >>"$T/qemu.log"
+	if [ $rc != 0 ] || ! grep -q '^No errors were found' <<<"$out" ||
+		grep -qi 'leaked' <<<"$out"; then
+		fail "qemu-img check $1 not clean (exit $rc): $(head -n 8 <<<"$out")"
+	fi
+	return 0
+}
+
+# qcheck_nocorrupt IMAGE: qemu-img check exit 0 or 3 (leaks allowed).
+qcheck_nocorrupt() {
+	local out rc=0
+	out=$(qemu-img check "$1" 2>&1) || rc=$?
+	echo "== qemu-img check $1 (exit $rc)" >>"$T/qemu.log"
+	echo "$out" >>"$T/qemu.log"
+	case $rc in
+	0 | 3) return 0 ;;
+	*) fail "qemu-img check $1 found corruption or could not run (exit $rc): $(head -n 8 <<<"$out")" ;;
+	esac
+}
+
+# qinfo_field IMAGE KEY: a field of qemu-img info --output=json (-U), e.g.
+# virtual-size, cluster-size, format-specific.data.compat.
+qinfo_field() {
+	qemu-img info -U --output=json "$1" | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+for k in sys.argv[1].split("."):
+    v = v[k]
+print(str(v).lower() if isinstance(v, bool) else v)' "$2"
+}
+
+# raw_of IMAGE OUT: qemu-img convert -O raw (-U: may run while mounted).
+raw_of() {
+	qemu-img convert -U -f qcow2 -O raw "$1" "$2" >>"$T/qemu.log" 2>&1 ||
+		fail "qemu-img convert -O raw $1 failed: $(tail -n 3 "$T/qemu.log")"
+}
+
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+
+# same_file A B WHAT: A and B have the same bytes (and size).
+same_file() {
+	local out sa sb
+	sa=$(stat -c %s "$1")
+	sb=$(stat -c %s "$2")
+	[ "$sa" = "$sb" ] || fail "$3: sizes differ: $1 is $sa bytes, $2 is $sb bytes"
+	out=$(cmp "$1" "$2" 2>&1) || fail "$3: $out ($(cmp -l "$1" "$2" 2>/dev/null | wc -l) bytes differ)"
+	return 0
+}
+
+# qcompare IMAGE SHADOW WHAT: qemu-img compare (strict, sizes too).
+qcompare() {
+	local out rc=0
+	out=$(qemu-img compare -U -s -f qcow2 -F raw "$1" "$2" 2>&1) || rc=$?
+	echo "$out" >>"$T/qemu.log"
+	[ $rc = 0 ] || fail "$3: qemu-img compare -s $1 $2 (exit $rc): $out"
+}
+
+# status_field MOUNTPOINT KEY: one key=value of the user.qcowfs.status
+# extended attribute of the view.
+status_field() {
+	python3 - "$1" "$2" <<'EOF'
+import os, sys
+text = os.getxattr(sys.argv[1], "user.qcowfs.status").decode()
+for line in text.splitlines():
+    k, _, v = line.partition("=")
+    if k.strip() == sys.argv[2]:
+        print(v.strip())
+        sys.exit(0)
+sys.exit("no key %s in user.qcowfs.status:\n%s" % (sys.argv[2], text))
+EOF
+}
+
+file_size() { stat -c %s "$1"; }
+file_blocks() { stat -c %b "$1"; }
