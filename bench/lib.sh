@@ -142,13 +142,18 @@ qsd_start() {
 	CLEAN_PIDS+=("$MOUNT_PID")
 }
 
-# find_daemon_pid PROGRAM VIEW: pid of the detached daemon serving VIEW,
-# found by its exact argument list (argv[0] basename and an argument equal
-# to VIEW), never by a pattern over all processes.
+# find_daemon_pid PROGRAM VIEW: pid of the detached daemon serving VIEW:
+# the xattr user.qcowfs.pid, else the process whose exact argument list has
+# PROGRAM as argv[0] and VIEW as an argument (never a pattern match).
 find_daemon_pid() {
 	python3 - "$1" "$2" <<'EOF'
 import os, sys
 prog, view = os.path.basename(sys.argv[1]), sys.argv[2]
+try:    # qcowfs tells its pid through an xattr of the mountpoint
+    print(int(os.getxattr(view, 'user.qcowfs.pid').decode().strip()))
+    sys.exit(0)
+except (OSError, ValueError):
+    pass
 for p in os.listdir('/proc'):
     if not p.isdigit() or int(p) == os.getpid():
         continue
@@ -173,6 +178,7 @@ wait_view_usable() {
 
 engine_mount() {
 	local engine=$1 img=$2 view=$3 opts=${4:-} t0 t1
+	MOUNT_PID=
 	[[ -e $view ]] || : >"$view"
 	CLEAN_VIEWS+=("$view")
 	t0=$(now)
@@ -184,13 +190,15 @@ engine_mount() {
 		else
 			"$QCOWFS" "$img" "$view" || die "qcowfs $img $view failed"
 		fi
-		MOUNT_PID=$(find_daemon_pid "$QCOWFS" "$view")
-		[[ -n $MOUNT_PID ]] || log "warning: cannot find the qcowfs process serving $view"
-		[[ -z $MOUNT_PID ]] || CLEAN_PIDS+=("$MOUNT_PID")
 	fi
 	wait_view_usable "$view"
 	t1=$(now)
 	MOUNT_SECS=$(elapsed "$t0" "$t1")
+	if [[ -z $MOUNT_PID ]]; then
+		MOUNT_PID=$(find_daemon_pid "$QCOWFS" "$view")
+		[[ -n $MOUNT_PID ]] || log "warning: cannot find the qcowfs process serving $view"
+		[[ -z $MOUNT_PID ]] || CLEAN_PIDS+=("$MOUNT_PID")
+	fi
 }
 
 # engine_unmount ENGINE VIEW PID: clean unmount; returns when the daemon has

@@ -1,0 +1,479 @@
+#!/bin/bash
+# bench/compact.sh: the figures of online compaction (issue 3).
+#
+#  (a) time from fstrim to the image file at its compacted size, for a 2 GiB
+#      and an 8 GiB image (ext4 on a loop device over the view), with the
+#      size that "qemu-img convert -O qcow2" would give
+#  (b) compaction throughput (bytes moved / time) next to a plain cp of the
+#      same number of bytes on the same disk
+#  (c) 4 KiB random-read latency p50/p99, idle and while "qcowctl compact"
+#      runs (target: p99 during <= 2x idle)
+#  (d) map memory per cluster (an estimate from daemon RSS)
+#
+# Prints a table and writes it to $OUT/compact.md.  See bench/README.md.
+set -euo pipefail
+
+usage() {
+	cat <<EOF
+usage: ${0##*/} [options]
+  --quick             (a) 2 GiB only, (b)/(c) on 1 GiB, (d) on 16 GiB
+  --sizes LIST        image sizes for (a), with fill percent (default 2G:40,8G:80)
+  --frag-size SIZE    image for (b) and (c) (default 4G)
+  --map-size SIZE     virtual size of the preallocated image for (d) (default 64G)
+  --only LIST         subset of a,b,c,d (default all)
+  --timeout SECONDS   longest wait for the file to stop shrinking in (a) (300)
+  --qcowfs PATH       qcowfs binary (default: build dir of this checkout, then PATH)
+  --qcowctl PATH      qcowctl binary (same search)
+  --qcowfs-opts OPTS  extra -o options for every qcowfs mount
+  --out DIR           results directory (default /tmp/qcowfs-compact-DATE)
+  --workdir DIR       where images are created (default: a new dir in /var/tmp)
+EOF
+}
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
+
+ARGS="$*"
+SIZES=2G:40,8G:80 FRAG_SIZE=4G MAP_SIZE=64G ONLY=a,b,c,d TIMEOUT=300
+QUICK=0 OUT= WORKDIR= QCOWFS_OPT= QCOWCTL_OPT= QCOWFS_OPTS=
+SIZES_SET=0 FRAG_SET=0 MAP_SET=0
+while (($#)); do
+	case $1 in
+	--quick) QUICK=1 ;;
+	--sizes) SIZES=$2; SIZES_SET=1; shift ;;
+	--frag-size) FRAG_SIZE=$2; FRAG_SET=1; shift ;;
+	--map-size) MAP_SIZE=$2; MAP_SET=1; shift ;;
+	--only) ONLY=$2; shift ;;
+	--timeout) TIMEOUT=$2; shift ;;
+	--qcowfs) QCOWFS_OPT=$2; shift ;;
+	--qcowctl) QCOWCTL_OPT=$2; shift ;;
+	--qcowfs-opts) QCOWFS_OPTS=$2; shift ;;
+	--out) OUT=$2; shift ;;
+	--workdir) WORKDIR=$2; shift ;;
+	-h|--help) usage; exit 0 ;;
+	*) usage >&2; die "unknown argument: $1" ;;
+	esac
+	shift
+done
+if ((QUICK)); then
+	((SIZES_SET)) || SIZES=2G:40
+	((FRAG_SET)) || FRAG_SIZE=1G
+	((MAP_SET)) || MAP_SIZE=16G
+fi
+IDLE_S=$((QUICK ? 3 : 8))   # seconds of idle latency sampling in (c)
+selected() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+need_root_fuse
+need_tools qemu-img:qemu-utils qemu-storage-daemon:qemu-system-common fio:fio \
+	fusermount3:fuse3 python3:python3 losetup:mount mkfs.ext4:e2fsprogs \
+	e2fsck:e2fsprogs fstrim:util-linux
+QCOWFS=$(find_prog qcowfs "$QCOWFS_OPT") ||
+	die "qcowfs not found: build it (./autogen.sh && ./configure && make) or pass --qcowfs PATH"
+QCOWCTL=$(find_prog qcowctl "$QCOWCTL_OPT") ||
+	die "qcowctl not found: build it or pass --qcowctl PATH"
+log "qcowfs: $QCOWFS, qcowctl: $QCOWCTL"
+
+OUT=${OUT:-/tmp/qcowfs-compact-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+if [[ -z $WORKDIR ]]; then
+	WORKDIR=$(mktemp -d /var/tmp/qcowfs-compact.XXXXXX)
+	CLEAN_FILES+=("$WORKDIR")
+else
+	mkdir -p "$WORKDIR"; WORKDIR=$(cd "$WORKDIR" && pwd)
+fi
+install_cleanup
+
+RES=$OUT/compact.tsv      # section key value
+: >"$RES"
+record() { printf '%s\t%s\t%s\n' "$@" >>"$RES"; }
+
+new_image() {   # new_image PATH SIZE_BYTES [qemu-img -o extra]
+	rm -f "$1"
+	qemu-img create -q -f qcow2 -o "cluster_size=$CLUSTER_SIZE${3:+,$3}" "$1" "$2"
+}
+file_size() { stat -c %s "$1"; }
+status_get() {   # status_get VIEW KEY
+	qcowfs_status "$1" | awk -F= -v k="$2" '$1 == k { print $2 }'
+}
+mount_qcowfs() {   # mount_qcowfs IMG VIEW [extra -o opts]
+	local o=$QCOWFS_OPTS
+	[[ -n ${3:-} ]] && o=${o:+$o,}$3
+	engine_mount qcowfs "$1" "$2" "$o"
+}
+
+# A 64 MiB file of random bytes: the content of every file in (a), so kept
+# files can be compared afterwards.
+SRC=$WORKDIR/random-64M
+head -c $((64 << 20)) /dev/urandom >"$SRC"
+
+# ---- (a) time from fstrim to the compacted file ---------------------------------
+
+# poll_shrink VIEW IMG T0 TIMEOUT OUTFILE: polls the file size and the status
+# every 0.1 s until compaction is idle and the size has not changed for 5 s.
+# Prints "seconds_to_final_size final_size polls"; the time is that of the
+# last change of the size, from T0 (the start of fstrim).
+poll_shrink() {
+	python3 - "$@" <<'EOF'
+import os, sys, time
+view, img, t0, timeout, logf = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+def status():
+    try:
+        text = os.getxattr(view, 'user.qcowfs.status').decode()
+    except OSError:
+        return {}
+    return dict(l.split('=', 1) for l in text.splitlines() if '=' in l)
+log = open(logf, 'w')
+last = os.stat(img).st_size
+t_last = time.time()
+stable_since = time.time()
+while True:
+    now = time.time()
+    size = os.stat(img).st_size
+    st = status()
+    busy = st.get('compacting', '0') not in ('0', 'false') or st.get('moves_in_flight', '0') != '0'
+    log.write('%.3f %d %s %s %s\n' % (now - t0, size, st.get('compacting'),
+              st.get('compact_progress'), st.get('clusters_junk')))
+    if size != last:
+        last, t_last, stable_since = size, now, now
+    if busy:
+        stable_since = now
+    if now - stable_since >= 5:
+        break
+    if now - t0 > timeout:
+        log.write('timeout\n')
+        break
+    time.sleep(0.1)
+print('%.2f %d' % (t_last - t0, last))
+EOF
+}
+
+fig_a() {   # fig_a SIZE FILL_PERCENT
+	local size=$1 fill=$2 bytes img view loop dir nfiles keep i t0 t1 before after secs
+	local conv kept_ok=yes fsck=clean check=clean
+	bytes=$(parse_size "$size")
+	img=$WORKDIR/a-$size.qcow2 view=$WORKDIR/a-$size.raw dir=$WORKDIR/a-$size.mnt
+	log "(a) $size image: ext4 over the view, fill ${fill}%, delete most, fstrim"
+	new_image "$img" "$bytes"
+	mount_qcowfs "$img" "$view"
+	local pid=$MOUNT_PID
+	loop=$(losetup -f --show "$view")
+	CLEAN_LOOPS+=("$loop")
+	# Everything initialised now, so no lazy init writes during the timing.
+	mkfs.ext4 -q -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$loop"
+	mkdir -p "$dir"
+	mount -t ext4 "$loop" "$dir"
+	CLEAN_DIRS+=("$dir")
+	nfiles=$((bytes * fill / 100 / (64 << 20)))
+	t0=$(now)
+	for ((i = 0; i < nfiles; i++)); do cp "$SRC" "$dir/f$i"; done
+	sync -f "$dir"
+	t1=$(now)
+	record "a-$size" fill_mb $((nfiles * 64 * 1048576 / 1000000))
+	record "a-$size" fill_s "$(elapsed "$t0" "$t1")"
+	# Keep one file in eight, spread over the file system.
+	keep=0
+	for ((i = 0; i < nfiles; i++)); do
+		if ((i % 8 == 3)); then keep=$((keep + 1)); else rm -f "$dir/f$i"; fi
+	done
+	sync -f "$dir"
+	sleep 1
+	before=$(file_size "$img")
+	record "a-$size" kept_mb $((keep * 64 * 1048576 / 1000000))
+	record "a-$size" before "$before"
+	qcowfs_status "$view" >"$OUT/a-$size.status-before"
+	t0=$(now)
+	fstrim "$dir"
+	t1=$(now)
+	record "a-$size" fstrim_s "$(elapsed "$t0" "$t1")"
+	read -r secs after < <(poll_shrink "$view" "$img" "$t0" "$TIMEOUT" "$OUT/a-$size.poll")
+	record "a-$size" secs "$secs"
+	record "a-$size" after "$after"
+	qcowfs_status "$view" >"$OUT/a-$size.status-after"
+	grep -q timeout "$OUT/a-$size.poll" && record "a-$size" timeout 1
+	for ((i = 3; i < nfiles; i += 8)); do cmp -s "$SRC" "$dir/f$i" || kept_ok=no; done
+	record "a-$size" kept_ok "$kept_ok"
+	umount "$dir"
+	e2fsck -fn "$loop" >"$OUT/a-$size.fsck" 2>&1 || fsck=errors
+	record "a-$size" fsck "$fsck"
+	losetup -d "$loop"
+	engine_unmount qcowfs "$view" "$pid"
+	qemu-img check "$img" >"$OUT/a-$size.check" 2>&1 || check="not clean"
+	record "a-$size" check "$check"
+	conv=$WORKDIR/a-$size.convert.qcow2
+	qemu-img convert -O qcow2 -o cluster_size=$CLUSTER_SIZE "$img" "$conv"
+	record "a-$size" convert "$(file_size "$conv")"
+	rm -f "$conv" "$img" "$view"
+}
+
+# ---- (b)/(c) a fragmented image -------------------------------------------------
+
+# fragment VIEW: write the whole view sequentially, then punch every other
+# MiB out of it: half the clusters are free, spread over the whole file, so
+# compaction moves the upper half's data down into the holes.
+fragment() {
+	local view=$1
+	fio --name=fill --filename="$view" --rw=write --bs=1M --iodepth=8 \
+		--ioengine=libaio --direct=1 --end_fsync=1 --output-format=json \
+		--output="$OUT/fill.json" >/dev/null
+	python3 - "$view" <<'EOF'
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+PUNCH = 0x02 | 0x01          # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+fd = os.open(sys.argv[1], os.O_RDWR)
+size = os.lseek(fd, 0, os.SEEK_END)
+mib = 1 << 20
+for off in range(0, size, 2 * mib):
+    if libc.fallocate(fd, PUNCH, off, mib) != 0:
+        e = ctypes.get_errno()
+        sys.exit('fallocate(PUNCH_HOLE) at %d: %s' % (off, os.strerror(e)))
+os.fsync(fd)
+os.close(fd)
+EOF
+	# let the recycler erase the freed clusters, so the timing below is
+	# about moves only
+	local t=300
+	while ((t-- > 0)); do
+		[[ $(status_get "$view" clusters_junk) == 0 && $(status_get "$view" clusters_erased) == 0 ]] && break
+		sleep 0.1
+	done
+}
+
+# Automatic compaction off (a threshold nobody reaches), so it runs only when
+# asked for.
+NO_AUTO=compact_threshold=$((1 << 50))
+
+fig_b() {
+	local bytes img view pid m0 m1 t0 t1 moved src dst
+	bytes=$(parse_size "$FRAG_SIZE")
+	img=$WORKDIR/b.qcow2 view=$WORKDIR/b.raw
+	log "(b) compaction throughput: $FRAG_SIZE image, every other MiB punched"
+	new_image "$img" "$bytes"
+	mount_qcowfs "$img" "$view" "$NO_AUTO"
+	pid=$MOUNT_PID
+	fragment "$view"
+	record b before "$(file_size "$img")"
+	m0=$(status_get "$view" clusters_moved)
+	qcowfs_status "$view" >"$OUT/b.status-before"
+	sync
+	t0=$(now)
+	"$QCOWCTL" compact "$view" >"$OUT/b.qcowctl" 2>&1 || die "qcowctl compact failed: $(tail -1 "$OUT/b.qcowctl")"
+	t1=$(now)
+	qcowfs_status "$view" >"$OUT/b.status-after"
+	m1=$(status_get "$view" clusters_moved)
+	moved=$(((m1 - m0) * CLUSTER_SIZE))
+	record b secs "$(elapsed "$t0" "$t1")"
+	record b moved "$moved"
+	record b after "$(file_size "$img")"
+	engine_unmount qcowfs "$view" "$pid"
+	qemu-img check "$img" >"$OUT/b.check" 2>&1 && record b check clean || record b check "not clean"
+	# The same number of bytes copied by cp on the same file system: the
+	# source is in the page cache, like the image data compaction reads.
+	if ((moved > 0)); then
+		src=$WORKDIR/cp-src dst=$WORKDIR/cp-dst
+		head -c "$moved" "$img" >"$src"
+		sync
+		t0=$(now)
+		cp "$src" "$dst"
+		sync "$dst"
+		t1=$(now)
+		record b cp_secs "$(elapsed "$t0" "$t1")"
+		rm -f "$src" "$dst"
+	fi
+	rm -f "$img" "$view"
+}
+
+# (c): one fio run of 4 KiB random reads at queue depth 1 logs every I/O with
+# its Unix time; IDLE_S seconds idle, then qcowctl compact, then 1 s more.
+# Percentiles are computed per window from that log.
+fig_c() {
+	local bytes img view pid fiopid t0 t1
+	bytes=$(parse_size "$FRAG_SIZE")
+	img=$WORKDIR/c.qcow2 view=$WORKDIR/c.raw
+	log "(c) random-read latency idle and during compaction ($FRAG_SIZE image)"
+	new_image "$img" "$bytes"
+	mount_qcowfs "$img" "$view" "$NO_AUTO"
+	pid=$MOUNT_PID
+	fragment "$view"
+	sync
+	rm -f "$OUT"/c-lat_*.log
+	fio --name=c --filename="$view" --rw=randread --bs=4k --iodepth=1 \
+		--ioengine=libaio --direct=1 --time_based --runtime=3600 \
+		--write_lat_log="$OUT/c-lat" --log_avg_msec=0 --log_unix_epoch=1 \
+		--output-format=json --output="$OUT/c-fio.json" >/dev/null 2>&1 &
+	fiopid=$!
+	CLEAN_PIDS+=("$fiopid")
+	sleep "$IDLE_S"
+	t0=$(date +%s%3N)
+	"$QCOWCTL" compact "$view" >"$OUT/c.qcowctl" 2>&1 || log "warning: qcowctl compact failed: $(tail -1 "$OUT/c.qcowctl")"
+	t1=$(date +%s%3N)
+	sleep 1
+	kill -INT "$fiopid"
+	wait "$fiopid" || true
+	record c compact_ms $((t1 - t0))
+	python3 - "$OUT/c-lat_clat.1.log" "$t0" "$t1" "$IDLE_S" <<'EOF' >>"$RES"
+import sys
+path, c0, c1, idle = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+idle_v, during_v = [], []
+first = None
+for line in open(path):
+    f = line.split(',')
+    t, ns = int(f[0]), int(f[1])
+    if first is None:
+        first = t
+    if first + 500 <= t < c0:         # skip the first 0.5 s (warm-up)
+        idle_v.append(ns)
+    elif c0 <= t <= c1:
+        during_v.append(ns)
+def pct(v, p):
+    if not v:
+        return ''
+    v = sorted(v)
+    return '%.1f' % (v[min(len(v) - 1, int(len(v) * p / 100))] / 1000.0)
+for name, v in (('idle', idle_v), ('during', during_v)):
+    print('c\t%s_n\t%d' % (name, len(v)))
+    print('c\t%s_p50\t%s' % (name, pct(v, 50)))
+    print('c\t%s_p99\t%s' % (name, pct(v, 99)))
+    print('c\t%s_iops\t%s' % (name, '%.0f' % (len(v) / max(0.001, ((c1 - c0) if name == 'during' else (c0 - first - 500)) / 1000.0)) if v else ''))
+EOF
+	engine_unmount qcowfs "$view" "$pid"
+	qemu-img check "$img" >"$OUT/c.check" 2>&1 && record c check clean || record c check "not clean"
+	gzip -f "$OUT"/c-lat_*.log
+	rm -f "$img" "$view"
+}
+
+# ---- (d) map memory per cluster ---------------------------------------------------
+
+# RSS of the daemon right after mounting a tiny image and a big image whose
+# metadata is fully allocated (every L2 table present, every cluster
+# referenced); the difference over the difference in clusters estimates the
+# memory the map needs per cluster.  cache_size=1M keeps the L2/refcount
+# cache, which the open scan may fill, out of the difference.
+fig_d() {
+	local big=$WORKDIR/d-big.qcow2 tiny=$WORKDIR/d-tiny.qcow2 view=$WORKDIR/d.raw img e
+	log "(d) map memory: RSS with a $MAP_SIZE preallocation=metadata image vs a 64 MiB one"
+	new_image "$tiny" $((64 << 20))
+	new_image "$big" "$(parse_size "$MAP_SIZE")" preallocation=metadata
+	for img in tiny big; do
+		for e in qcowfs qemu; do
+			if [[ $e == qcowfs ]]; then
+				mount_qcowfs "$WORKDIR/d-$img.qcow2" "$view" cache_size=1M
+			else
+				engine_mount qemu "$WORKDIR/d-$img.qcow2" "$view"
+			fi
+			sleep 1
+			record d "${e}_${img}_rss_kb" "$(proc_kb "$MOUNT_PID" VmRSS)"
+			record d "${e}_${img}_mount_s" "$MOUNT_SECS"
+			[[ $e == qcowfs ]] && record d "${img}_clusters" "$(status_get "$view" clusters_total)"
+			engine_unmount "$e" "$view" "$MOUNT_PID"
+		done
+	done
+	rm -f "$big" "$tiny" "$view"
+}
+
+T_START=$(now)
+if selected a; then
+	IFS=, read -r -a specs <<<"$SIZES"
+	for spec in "${specs[@]}"; do
+		fig_a "${spec%%:*}" "${spec#*:}"
+	done
+fi
+selected b && fig_b
+selected c && fig_c
+selected d && fig_d
+T_END=$(now)
+
+QCOWFS_DESC=$QCOWFS
+[[ -d $SRC_ROOT/.git ]] && QCOWFS_DESC="$QCOWFS ($(git -C "$SRC_ROOT" describe --always --dirty 2>/dev/null || echo '?'))"
+python3 - "$RES" "$SIZES" "$FRAG_SIZE" "$MAP_SIZE" "$QCOWFS_DESC" "$ARGS" \
+	"$(elapsed "$T_START" "$T_END")" "$IDLE_S" <<'EOF' | tee "$OUT/compact.md"
+import os, sys
+res, sizes, frag, mapsize, qdesc, args, total, idle_s = sys.argv[1:9]
+r = {}
+for line in open(res):
+    s, k, v = line.rstrip('\n').split('\t')
+    r.setdefault(s, {})[k] = v
+MiB = 1048576.0
+def f(v, nd=1):
+    try:
+        return '%.*f' % (nd, float(v))
+    except (TypeError, ValueError):
+        return 'n/a'
+def mib(v):
+    return f(float(v) / MiB, 1) if v not in (None, '') else 'n/a'
+
+print('## qcowfs online compaction\n')
+rows = [s for s in r if s.startswith('a-')]
+if rows:
+    print('### (a) time from fstrim to the compacted image file\n')
+    print('| image | written, kept (MB) | file before fstrim (MiB) | after (MiB) | fstrim→final size (s) | fstrim itself (s) | `qemu-img convert` (MiB) | after / convert | fsck, kept files, check |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---|')
+    for s in rows:
+        a = r[s]
+        conv = a.get('convert')
+        ratio = f(float(a['after']) / float(conv), 2) if conv and a.get('after') else 'n/a'
+        secs = f(a.get('secs'), 2) + (' (timeout)' if a.get('timeout') else '')
+        print('| %s | %s, %s | %s | %s | %s | %s | %s | %s | %s, %s, %s |' % (
+            s[2:], a.get('fill_mb'), a.get('kept_mb'), mib(a.get('before')), mib(a.get('after')),
+            secs, f(a.get('fstrim_s'), 2), mib(conv), ratio,
+            a.get('fsck'), 'intact' if a.get('kept_ok') == 'yes' else 'CHANGED', a.get('check')))
+    print('\nFill rate through ext4/loop/view: ' + ', '.join(
+        '%s %s MB/s' % (s[2:], f(float(r[s]['fill_mb']) / float(r[s]['fill_s']), 0)) for s in rows if r[s].get('fill_s')))
+    print()
+b = r.get('b')
+if b:
+    print('### (b) compaction throughput\n')
+    moved = float(b.get('moved', 0))
+    secs = float(b.get('secs', 0) or 0)
+    thr = moved / 1e6 / secs if secs else None
+    cps = float(b['cp_secs']) if b.get('cp_secs') else None
+    cpthr = moved / 1e6 / cps if cps else None
+    print('| %s image, every other MiB punched | bytes moved (MiB) | time (s) | MB/s |' % frag)
+    print('|---|---:|---:|---:|')
+    print('| `qcowctl compact` (file %s → %s MiB; check %s) | %s | %s | %s |' % (
+        mib(b.get('before')), mib(b.get('after')), b.get('check'), mib(moved), f(secs, 2), f(thr, 0)))
+    print('| `cp` of the same number of bytes + sync, same disk | %s | %s | %s |' % (
+        mib(moved), f(cps, 2), f(cpthr, 0)))
+    if thr and cpthr:
+        print('\nCompaction runs at %.2fx the speed of cp.' % (thr / cpthr))
+    print()
+c = r.get('c')
+if c:
+    print('### (c) 4 KiB random-read latency, QD1, O_DIRECT (µs)\n')
+    print('| | samples | IOPS | p50 | p99 |')
+    print('|---|---:|---:|---:|---:|')
+    for name in ('idle', 'during'):
+        print('| %s | %s | %s | %s | %s |' % (
+            'idle (%s s before compaction)' % idle_s if name == 'idle' else 'during `qcowctl compact` (%s ms)' % c.get('compact_ms'),
+            c.get(name + '_n'), c.get(name + '_iops'), c.get(name + '_p50'), c.get(name + '_p99')))
+    try:
+        q = float(c['during_p99']) / float(c['idle_p99'])
+        print('\np99 during / idle = %.2f (target <= 2: %s). Image check after: %s.' % (
+            q, 'met' if q <= 2 else 'NOT met', c.get('check')))
+    except (KeyError, ValueError, ZeroDivisionError):
+        print('\np99 ratio not available (compaction too short to sample?)')
+    print()
+d = r.get('d')
+if d:
+    print('### (d) map memory per cluster (ESTIMATE from daemon RSS)\n')
+    print('| | tiny image (64 MiB) RSS (MiB) | %s preallocation=metadata RSS (MiB) | difference (MiB) | mount time of the big one (s) |' % mapsize)
+    print('|---|---:|---:|---:|---:|')
+    for e, label in (('qcowfs', 'qcowfs (cache_size=1M)'), ('qemu', 'qemu-storage-daemon (no map; reference)')):
+        t, bg = d.get(e + '_tiny_rss_kb'), d.get(e + '_big_rss_kb')
+        diff = (float(bg) - float(t)) / 1024 if t and bg else None
+        print('| %s | %s | %s | %s | %s |' % (label, f(float(t) / 1024) if t else 'n/a',
+              f(float(bg) / 1024) if bg else 'n/a', f(diff), f(d.get(e + '_big_mount_s'), 3)))
+    try:
+        dc = float(d['big_clusters']) - float(d['tiny_clusters'])
+        per = (float(d['qcowfs_big_rss_kb']) - float(d['qcowfs_tiny_rss_kb'])) * 1024 / dc
+        print('\nEstimate: %.1f bytes of daemon memory per physical cluster (%d more clusters in the big image; '
+              'RSS is page-granular and includes allocator slack; target <= 9 bytes of map per cluster).' % (per, dc))
+    except (KeyError, ValueError, ZeroDivisionError):
+        print('\nEstimate not available (clusters_total missing from the status).')
+    print()
+print('- qcowfs: %s' % qdesc)
+print('- images: qcow2, 64 KiB clusters, on %s' % os.popen('stat -f -c %T /var/tmp').read().strip())
+print('- command: `bench/compact.sh%s`, total %s s, %s' % ((' ' + args) if args else '', total, os.uname().nodename))
+EOF
+log "results: $OUT/compact.md"
