@@ -85,8 +85,8 @@ mnt_abs=$(abs "$mnt")
 if [ -e "$mnt" ] && findmnt -n "$mnt_abs" >/dev/null 2>&1; then
 	say "$mnt is already mounted"
 else
-	[ -e "$mnt" ] || : >"$mnt"
-	"$qcowfs" "$image" "$mnt"
+	# qcowfs creates MOUNTPOINT if needed (and removes it again on failure).
+	"$qcowfs" "$image" "$mnt" || die "qcowfs could not mount $image on $mnt (see above)"
 	say "mounted $image on $mnt"
 fi
 
