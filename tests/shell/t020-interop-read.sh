@@ -13,6 +13,7 @@ need cmp
 
 MNT=$T/view.raw
 n=0
+done_cases=0 # (bash abandons a function silently on some expansion errors)
 
 # case_ OPTS SIZE_MIB: one image of the matrix
 case_() {
@@ -67,6 +68,7 @@ case_() {
 	qcheck "$img"
 	qcompare "$img" "$raw" "image $n ($opts) after a rw mount"
 	log "image $n ($opts, ${mib} MiB) reads identical"
+	done_cases=$((done_cases + 1))
 	rm -f "$raw"
 }
 
@@ -92,6 +94,7 @@ case_ lazy_refcounts=on,cluster_size=4096,refcount_bits=8 64
 # A disk whose size is not a multiple of the cluster size, nor even of
 # 4 KiB.
 
+[ $done_cases = $n ] || fail "only $done_cases of $n cases ran to the end"
 img=$T/odd.qcow2
 mkimg "$img" $(((64 << 20) + 512 * 3))
 qio "$img" "write -P 0x5e $(((64 << 20) - 1000)) 2536"
