@@ -1,0 +1,155 @@
+/*
+ * qcow_create.c - creating new, empty images.
+ *
+ * Owns: the initial layout, which mirrors qemu-img's: header in cluster 0,
+ * then the refcount table, the refcount blocks that count the initial
+ * clusters, and the L1 table sized exactly for the virtual size.  Rules:
+ * the file is built in memory and written with one write, then synced;
+ * an existing path is never overwritten.
+ */
+#include "config.h"
+#include "qcow_internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <string.h>
+#include <unistd.h>
+
+void qcow_create_opts_default(struct qcow_create_opts *o)
+{
+	memset(o, 0, sizeof(*o));
+	o->size = 8ull << 30;
+	o->cluster_bits = 16;
+	o->version = 3;
+	o->refcount_order = 4;
+}
+
+int qcow_create(const char *path, const struct qcow_create_opts *o, char *err, size_t errlen)
+{
+	if (o->cluster_bits < QCOW_MIN_CLUSTER_BITS || o->cluster_bits > QCOW_MAX_CLUSTER_BITS) {
+		qcow_set_error(err, errlen, "cluster size 2^%u is not supported (512 B to 2 MiB)", o->cluster_bits);
+		return -EINVAL;
+	}
+	if (o->version != 2 && o->version != 3) {
+		qcow_set_error(err, errlen, "version %u is not supported (2 = compat 0.10, 3 = compat 1.1)", o->version);
+		return -EINVAL;
+	}
+	if (o->refcount_order > 6 || (o->version == 2 && o->refcount_order != 4)) {
+		qcow_set_error(err, errlen, "refcount width %u bits is not supported%s", 1u << (o->refcount_order > 6 ? 0 : o->refcount_order),
+			       o->version == 2 ? " by compat 0.10 images (16 bits only)" : "");
+		return -EINVAL;
+	}
+	uint64_t cs = 1ull << o->cluster_bits;
+	uint64_t per_l1 = (cs / 8) * cs;
+	uint64_t l1_entries = o->size / per_l1 + (o->size % per_l1 != 0);
+	if (l1_entries * 8 > QCOW_MAX_L1_BYTES || o->size > (1ull << 62)) {
+		qcow_set_error(err, errlen, "virtual size %" PRIu64 " is too large for %" PRIu64 "-byte clusters", o->size, cs);
+		return -EFBIG;
+	}
+	uint64_t l1_clusters = (l1_entries * 8 + cs - 1) / cs;
+	if (l1_clusters == 0)
+		l1_clusters = 1;
+	uint64_t per_rb = cs * 8 >> o->refcount_order;
+	uint64_t rt = 1, rb = 1;
+	for (;;) {   /* fixed point: blocks must count the table and themselves */
+		uint64_t total = 1 + rt + rb + l1_clusters;
+		uint64_t nrb = (total + per_rb - 1) / per_rb;
+		uint64_t nrt = (nrb * 8 + cs - 1) / cs;
+		if (nrb == rb && nrt == rt)
+			break;
+		rb = nrb;
+		rt = nrt;
+	}
+	uint64_t total = 1 + rt + rb + l1_clusters;
+	if (total * cs > (256ull << 20)) {
+		qcow_set_error(err, errlen, "initial metadata would take %" PRIu64 " bytes; use bigger clusters", total * cs);
+		return -EFBIG;
+	}
+	uint8_t *f = qcow_calloc(total, cs);
+	if (!f)
+		return -ENOMEM;
+	uint64_t rt_off = cs, rb_off = (1 + rt) * cs, l1_off = (1 + rt + rb) * cs;
+	qcow_put_be32(f + QH_MAGIC, QCOW_MAGIC);
+	qcow_put_be32(f + QH_VERSION, o->version);
+	qcow_put_be32(f + QH_CLUSTER_BITS, o->cluster_bits);
+	qcow_put_be64(f + QH_SIZE, o->size);
+	qcow_put_be32(f + QH_L1_SIZE, (uint32_t)l1_entries);
+	qcow_put_be64(f + QH_L1_OFFSET, l1_off);
+	qcow_put_be64(f + QH_REFTABLE_OFFSET, rt_off);
+	qcow_put_be32(f + QH_REFTABLE_CLUSTERS, (uint32_t)rt);
+	if (o->version == 3) {
+		qcow_put_be32(f + QH_REFCOUNT_ORDER, o->refcount_order);
+		qcow_put_be32(f + QH_HEADER_LENGTH, QCOW_V3_NEW_HEADER_LEN);
+		/* extension area: just the end marker (8 zero bytes) */
+	}
+	for (uint64_t i = 0; i < rb; i++)
+		qcow_put_be64(f + rt_off + i * 8, rb_off + i * cs);
+	for (uint64_t c = 0; c < total; c++)
+		qcow_rc_set(f + rb_off + (c / per_rb) * cs, o->refcount_order, c % per_rb, 1);
+
+	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	if (fd < 0) {
+		int e = errno;
+		qcow_free(f);
+		qcow_set_error(err, errlen, "cannot create %s: %s", path, strerror(e));
+		return -e;
+	}
+	int ret = 0;
+	size_t len = total * cs, done = 0;
+	while (done < len) {
+		ssize_t n = write(fd, f + done, len - done);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			ret = -errno;
+			break;
+		}
+		done += (size_t)n;
+	}
+	if (ret == 0 && fsync(fd) < 0)
+		ret = -errno;
+	close(fd);
+	qcow_free(f);
+	if (ret) {
+		unlink(path);
+		qcow_set_error(err, errlen, "cannot write %s: %s", path, strerror(-ret));
+	}
+	return ret;
+}
+
+int qcow_info_read(const char *path, struct qcow_info *info, char *err, size_t errlen)
+{
+	struct qcow_io *io;
+	struct qcow_header h;
+	int ret = qcow_io_file_open(path, true, &io);
+	if (ret) {
+		qcow_set_error(err, errlen, "cannot open %s: %s", path, strerror(-ret));
+		return ret;
+	}
+	ret = qcow_header_read(io, &h, err, errlen);
+	if (ret == 0) {
+		memset(info, 0, sizeof(*info));
+		info->version = h.version;
+		info->virtual_size = h.size;
+		info->cluster_bits = h.cluster_bits;
+		info->refcount_bits = 1u << h.refcount_order;
+		info->file_size = h.file_size;
+		int64_t a = io->ops->allocated(io);
+		info->file_allocated = a > 0 ? (uint64_t)a : 0;
+		info->incompatible_features = h.incompatible_features;
+		info->compatible_features = h.compatible_features;
+		info->autoclear_features = h.autoclear_features;
+		info->nb_snapshots = h.nb_snapshots;
+		info->l1_table_offset = h.l1_table_offset;
+		info->l1_size = h.l1_size;
+		info->refcount_table_offset = h.refcount_table_offset;
+		info->refcount_table_clusters = h.refcount_table_clusters;
+		memcpy(info->backing_file, h.backing_file, sizeof(info->backing_file));
+		info->dirty = h.incompatible_features & QCOW_INCOMPAT_DIRTY;
+		info->corrupt = h.incompatible_features & QCOW_INCOMPAT_CORRUPT;
+		qcow_header_free(&h);
+	}
+	qcow_io_close(io);
+	return ret;
+}

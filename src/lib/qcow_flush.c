@@ -1,0 +1,505 @@
+/*
+ * qcow_flush.c - the flush protocol and the refcount projection
+ * (DESIGN.md section 4).
+ *
+ * Owns: writing dirty metadata, the on-disk refcounts, refcount block
+ * allocation and refcount table growth.  On-disk refcounts are a
+ * projection of the cluster map, written so that the image is consistent
+ * at every instant:
+ *
+ *   snapshot (img->lock): allocate missing refcount blocks, compute the
+ *       wanted refcount blocks, copy dirty L2 tables, L1 clusters, header;
+ *       mark Erased -> Flushing and every live move "seen by this flush"
+ *   1. write refcount blocks raised to max(on disk, wanted), and a new
+ *      refcount table (then sync and switch the header to it)
+ *   2. sync          data, erases, file growth and move copies are durable
+ *   3. write the L2 tables, L1 clusters and header fields
+ *   4. sync          pointers durable
+ *   5. write refcount blocks lowered to the wanted values (a crash here
+ *      only leaks)
+ *   finish (img->lock): Flushing -> Available, Copied -> Flushed,
+ *       Referenced moves complete (source -> Junk)
+ *
+ * Rules: only code holding img->flush_lock writes metadata, so the disk
+ * contents of refcount blocks change only here; syncs with nothing to
+ * order are skipped; on an I/O error everything taken by the snapshot is
+ * marked dirty again and no state advances.
+ */
+#include "config.h"
+#include "qcow_internal.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <string.h>
+
+struct rb_item {
+	uint64_t index;      /* refcount table index */
+	uint64_t host;       /* byte offset of the block */
+	uint8_t *want;
+};
+
+struct l2_item {
+	struct qcow_cached *entry;
+	uint64_t host;
+	uint8_t *copy;
+};
+
+struct flush_plan {
+	struct rb_item *rb;
+	size_t nrb;
+	struct l2_item *l2;
+	size_t nl2;
+	struct { uint64_t off; uint8_t *copy; size_t len; } *meta;  /* L1 / reftable clusters */
+	size_t nmeta;
+	uint8_t header[QCOW_V3_MIN_HEADER_LEN];
+	unsigned header_len;
+	bool write_header;
+	bool data_dirty;
+	/* refcount table relocation */
+	bool new_reftable;
+	uint64_t old_reftable_off, old_reftable_clusters;
+	uint64_t *erased;
+	size_t nerased;
+};
+
+static void plan_free(struct flush_plan *p)
+{
+	for (size_t i = 0; i < p->nrb; i++)
+		qcow_free(p->rb[i].want);
+	for (size_t i = 0; i < p->nl2; i++)
+		qcow_free(p->l2[i].copy);
+	for (size_t i = 0; i < p->nmeta; i++)
+		qcow_free(p->meta[i].copy);
+	qcow_free(p->rb);
+	qcow_free(p->l2);
+	qcow_free(p->meta);
+	qcow_free(p->erased);
+}
+
+static bool block_has_refs(struct qcow_image *img, uint64_t b)
+{
+	uint64_t first = b << img->rb_shift;
+	uint64_t n = 1ull << img->rb_shift;
+	for (uint64_t c = first; c < first + n && c < img->map.nclusters; c++)
+		if (qcow_map_want_refcount(&img->map, c))
+			return true;
+	return false;
+}
+
+/* Replaces the refcount table by a bigger one covering `need` blocks. */
+static int grow_reftable(struct qcow_image *img, uint64_t need, struct flush_plan *p)
+{
+	uint64_t cs = img->cluster_size;
+	uint64_t old_clusters = img->hdr.refcount_table_clusters;
+	uint64_t clusters = (need * 8 + cs - 1) / cs;
+	if (clusters < old_clusters * 2)
+		clusters = old_clusters * 2;   /* generous: moves are expensive */
+	if (clusters * cs > QCOW_MAX_REFTABLE_BYTES)
+		clusters = QCOW_MAX_REFTABLE_BYTES / cs;
+	if (clusters * cs / 8 < need)
+		return -EFBIG;
+	uint64_t start;
+	int ret = qcow_alloc_contiguous(img, clusters, &start);
+	if (ret)
+		return ret;
+	uint64_t entries = clusters * cs / 8;
+	uint64_t *t = qcow_calloc(entries, 8);
+	if (!t || qcow_bitmap_resize(&img->reftable_dirty, clusters)) {
+		qcow_free(t);
+		for (uint64_t i = 0; i < clusters; i++)
+			qcow_map_set_state(&img->map, start + i, QCS_AVAILABLE);
+		return -ENOMEM;
+	}
+	memcpy(t, img->reftable, img->reftable_entries * 8);
+	if (!p->new_reftable) {
+		p->new_reftable = true;
+		p->old_reftable_off = img->hdr.refcount_table_offset;
+		p->old_reftable_clusters = old_clusters;
+	} else {
+		/* grown twice before the first switch: the intermediate table
+		 * was never published, give it back */
+		for (uint64_t i = 0; i < old_clusters; i++)
+			qcow_map_set_state(&img->map, (img->hdr.refcount_table_offset >> img->cluster_bits) + i, QCS_JUNK);
+	}
+	qcow_free(img->reftable);
+	img->reftable = t;
+	img->reftable_entries = entries;
+	img->hdr.refcount_table_offset = start << img->cluster_bits;
+	img->hdr.refcount_table_clusters = (uint32_t)clusters;
+	for (uint64_t i = 0; i < clusters; i++)
+		qcow_map_set_pinned(&img->map, start + i, 1);
+	for (uint64_t i = 0; i < entries; i++) {
+		uint64_t rb = t[i] >> img->cluster_bits;
+		if (rb && qcow_map_state(&img->map, rb) == QCS_REF)
+			qcow_map_set_ref(&img->map, rb, img->hdr.refcount_table_offset + i * 8);
+	}
+	for (uint64_t i = 0; i < clusters; i++)
+		qcow_bitmap_set(&img->reftable_dirty, i);
+	qcow_logf(QCOW_LOG_DEBUG, "refcount table grows to %" PRIu64 " clusters at 0x%" PRIx64,
+		  clusters, img->hdr.refcount_table_offset);
+	return 0;
+}
+
+/* Gives every dirty refcount block with something to count a home,
+ * growing the refcount table if needed; repeats until nothing changes,
+ * since new blocks and tables need counting themselves. */
+static int ensure_refblocks(struct qcow_image *img, struct flush_plan *p)
+{
+	bool changed = true;
+	while (changed) {
+		changed = false;
+		uint64_t need = 0;
+		for (uint64_t b = qcow_bitmap_next(&img->map.rc_dirty, 0); b != UINT64_MAX;
+		     b = qcow_bitmap_next(&img->map.rc_dirty, b + 1)) {
+			if (b < img->reftable_entries && img->reftable[b])
+				continue;
+			if (!block_has_refs(img, b))
+				continue;
+			if (b >= img->reftable_entries) {
+				need = b + 1 > need ? b + 1 : need;
+				continue;
+			}
+			uint64_t c;
+			int ret = qcow_alloc_cluster(img, &c);
+			if (ret)
+				return ret;
+			qcow_map_set_ref(&img->map, c, img->hdr.refcount_table_offset + b * 8);
+			img->reftable[b] = c << img->cluster_bits;
+			qcow_bitmap_set(&img->reftable_dirty, (b * 8) >> img->cluster_bits);
+			changed = true;
+		}
+		if (need) {
+			int ret = grow_reftable(img, need, p);
+			if (ret)
+				return ret;
+			changed = true;
+		}
+	}
+	return 0;
+}
+
+static int plan_meta(struct flush_plan *p, uint64_t off, const uint64_t *table, uint64_t first_entry,
+		     uint64_t entries, size_t len)
+{
+	void *m = qcow_realloc(p->meta, (p->nmeta + 1) * sizeof(*p->meta));
+	if (!m)
+		return -ENOMEM;
+	p->meta = m;
+	uint8_t *copy = qcow_calloc(1, len);
+	if (!copy)
+		return -ENOMEM;
+	for (uint64_t i = 0; i < entries; i++)
+		qcow_put_be64(copy + i * 8, table[first_entry + i]);
+	p->meta[p->nmeta].off = off;
+	p->meta[p->nmeta].copy = copy;
+	p->meta[p->nmeta].len = len;
+	p->nmeta++;
+	return 0;
+}
+
+/* Takes everything a flush has to write, under img->lock. */
+static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
+{
+	uint64_t cs = img->cluster_size;
+	int ret = ensure_refblocks(img, p);
+	if (ret)
+		return ret;
+
+	/* refcount blocks */
+	size_t cap = (size_t)img->map.rc_dirty.count;
+	p->rb = qcow_calloc(cap ? cap : 1, sizeof(*p->rb));
+	if (!p->rb)
+		return -ENOMEM;
+	uint64_t max = qcow_rc_max(img->hdr.refcount_order);
+	for (uint64_t b = qcow_bitmap_next(&img->map.rc_dirty, 0); b != UINT64_MAX;
+	     b = qcow_bitmap_next(&img->map.rc_dirty, b + 1)) {
+		if (b >= img->reftable_entries || !img->reftable[b])
+			continue;   /* nothing to count there (ensure_refblocks) */
+		uint8_t *want = qcow_calloc(1, cs);
+		if (!want)
+			return -ENOMEM;
+		uint64_t first = b << img->rb_shift;
+		for (uint64_t i = 0; i < (1ull << img->rb_shift) && first + i < img->map.nclusters; i++) {
+			uint64_t v = qcow_map_want_refcount(&img->map, first + i);
+			if (v > max) {
+				qcow_logf(QCOW_LOG_ERROR, "refcount of cluster %" PRIu64 " (%" PRIu64 ") exceeds the image's refcount width",
+					  first + i, v);
+				v = max;
+			}
+			if (v)
+				qcow_rc_set(want, img->hdr.refcount_order, i, v);
+		}
+		/* the block is about to change on disk: a copy of it is stale */
+		qcow_map_move_cancel(&img->map, img->reftable[b] >> img->cluster_bits);
+		p->rb[p->nrb++] = (struct rb_item){ .index = b, .host = img->reftable[b], .want = want };
+	}
+	for (size_t i = 0; i < p->nrb; i++)
+		qcow_bitmap_clear(&img->map.rc_dirty, p->rb[i].index);
+	/* blocks skipped above had nothing to count */
+	for (uint64_t b = qcow_bitmap_next(&img->map.rc_dirty, 0); b != UINT64_MAX;
+	     b = qcow_bitmap_next(&img->map.rc_dirty, b + 1))
+		qcow_bitmap_clear(&img->map.rc_dirty, b);
+
+	/* refcount table clusters */
+	for (uint64_t k = qcow_bitmap_next(&img->reftable_dirty, 0); k != UINT64_MAX;
+	     k = qcow_bitmap_next(&img->reftable_dirty, k + 1)) {
+		ret = plan_meta(p, img->hdr.refcount_table_offset + k * cs, img->reftable, k * cs / 8, cs / 8, cs);
+		if (ret)
+			return ret;
+		qcow_bitmap_clear(&img->reftable_dirty, k);
+	}
+	/* L1 clusters: only the entries up to l1_size are the table; the
+	 * rest of the cluster is zero (it is ours) */
+	for (uint64_t k = qcow_bitmap_next(&img->l1_dirty, 0); k != UINT64_MAX;
+	     k = qcow_bitmap_next(&img->l1_dirty, k + 1)) {
+		uint64_t first = k * cs / 8;
+		uint64_t n = cs / 8;
+		if (first + n > img->l1_capacity)
+			n = img->l1_capacity - first;
+		ret = plan_meta(p, img->hdr.l1_table_offset + k * cs, img->l1, first, n, cs);
+		if (ret)
+			return ret;
+		qcow_bitmap_clear(&img->l1_dirty, k);
+	}
+	/* header fields */
+	if (img->header_dirty) {
+		qcow_header_encode(&img->hdr);
+		p->header_len = img->hdr.version >= 3 ? QCOW_V3_MIN_HEADER_LEN : QCOW_V2_HEADER_LEN;
+		memcpy(p->header, img->hdr.raw, p->header_len);
+		p->write_header = true;
+		img->header_dirty = false;
+	}
+	/* L2 tables */
+	size_t nd = img->cache.ndirty;
+	p->l2 = qcow_calloc(nd ? nd : 1, sizeof(*p->l2));
+	if (!p->l2)
+		return -ENOMEM;
+	for (size_t i = 0; i < img->cache.nslots && p->nl2 < nd; i++) {
+		struct qcow_cached *e = img->cache.slots[i];
+		if (!e->valid || !e->dirty)
+			continue;
+		uint8_t *copy = qcow_malloc(cs);
+		if (!copy)
+			return -ENOMEM;
+		memcpy(copy, e->data, cs);
+		qcow_cache_set_dirty(&img->cache, e, false);
+		qcow_cache_writeback_begin(&img->cache, e);
+		p->l2[p->nl2++] = (struct l2_item){ .entry = e, .host = e->cluster << img->cluster_bits, .copy = copy };
+	}
+	/* erased clusters become available when this flush ends */
+	p->erased = img->erased_list;
+	p->nerased = img->erased_len;
+	img->erased_list = NULL;
+	img->erased_len = img->erased_cap = 0;
+	for (size_t i = 0; i < p->nerased; i++)
+		if (p->erased[i] < img->map.nclusters && qcow_map_state(&img->map, p->erased[i]) == QCS_ERASED)
+			qcow_map_set_state(&img->map, p->erased[i], QCS_FLUSHING);
+	for (unsigned i = 0; i < img->map.nmoves_cap; i++) {
+		struct qcow_move *mv = &img->map.moves[i];
+		if (mv->in_use && !mv->cancelled && (mv->state == QMOVE_COPIED || mv->state == QMOVE_REFERENCED))
+			mv->flush_seen = true;
+	}
+	p->data_dirty = img->data_dirty;
+	img->data_dirty = false;
+	return 0;
+}
+
+/* Puts everything the snapshot took back, after a failed flush. */
+static void undo_snapshot(struct qcow_image *img, struct flush_plan *p)
+{
+	for (size_t i = 0; i < p->nrb; i++)
+		qcow_bitmap_set(&img->map.rc_dirty, p->rb[i].index);
+	for (size_t i = 0; i < p->nl2; i++) {
+		struct qcow_cached *e = p->l2[i].entry;
+		if (e->valid && (e->cluster << img->cluster_bits) == p->l2[i].host)
+			qcow_cache_set_dirty(&img->cache, e, true);
+	}
+	for (size_t i = 0; i < p->nmeta; i++) {
+		uint64_t off = p->meta[i].off;
+		if (off >= img->hdr.l1_table_offset && off < img->hdr.l1_table_offset + (uint64_t)img->l1_capacity * 8)
+			qcow_bitmap_set(&img->l1_dirty, (off - img->hdr.l1_table_offset) >> img->cluster_bits);
+		else if (off >= img->hdr.refcount_table_offset)
+			qcow_bitmap_set(&img->reftable_dirty, (off - img->hdr.refcount_table_offset) >> img->cluster_bits);
+	}
+	if (p->write_header)
+		img->header_dirty = true;
+	if (p->data_dirty)
+		img->data_dirty = true;
+	for (size_t i = 0; i < p->nerased; i++) {
+		uint64_t c = p->erased[i];
+		if (c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_FLUSHING)
+			qcow_map_set_state(&img->map, c, QCS_JUNK);   /* erase again: safest */
+	}
+	for (unsigned i = 0; i < img->map.nmoves_cap; i++)
+		img->map.moves[i].flush_seen = false;
+}
+
+static void finish_flush(struct qcow_image *img, struct flush_plan *p)
+{
+	for (size_t i = 0; i < p->nerased; i++) {
+		uint64_t c = p->erased[i];
+		if (c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_FLUSHING)
+			qcow_map_set_state(&img->map, c, QCS_AVAILABLE);
+	}
+	for (unsigned i = 0; i < img->map.nmoves_cap; i++) {
+		struct qcow_move *mv = &img->map.moves[i];
+		if (!mv->in_use || mv->cancelled || !mv->flush_seen)
+			continue;
+		if (mv->state == QMOVE_COPIED)
+			qcow_map_move_set_state(&img->map, mv, QMOVE_FLUSHED);
+		else if (mv->state == QMOVE_REFERENCED)
+			qcow_map_move_complete(&img->map, mv);
+	}
+	if (p->new_reftable)
+		for (uint64_t i = 0; i < p->old_reftable_clusters; i++)
+			qcow_map_drop_ref(&img->map, (p->old_reftable_off >> img->cluster_bits) + i);
+}
+
+static int write_refblocks_up(struct qcow_image *img, struct flush_plan *p, uint8_t **finals_needed, bool *wrote)
+{
+	uint64_t cs = img->cluster_size;
+	uint8_t *disk = qcow_malloc(cs), *up = qcow_malloc(cs);
+	int ret = (!disk || !up) ? -ENOMEM : 0;
+	for (size_t i = 0; i < p->nrb && ret == 0; i++) {
+		ret = img->io->ops->pread(img->io, disk, cs, p->rb[i].host);
+		if (ret)
+			break;
+		bool raise = qcow_rc_merge_up(up, disk, p->rb[i].want, img->hdr.refcount_order, 1ull << img->rb_shift);
+		if (raise) {
+			ret = img->io->ops->pwrite(img->io, up, cs, p->rb[i].host);
+			*wrote = true;
+		}
+		/* step 5 is needed where the wanted block is below what step 1
+		 * leaves on disk */
+		finals_needed[i] = memcmp(raise ? up : disk, p->rb[i].want, cs) ? p->rb[i].want : NULL;
+	}
+	qcow_free(disk);
+	qcow_free(up);
+	return ret;
+}
+
+int qcow_flush_locked(struct qcow_image *img)
+{
+	struct flush_plan p;
+	struct qcow_io *io = img->io;
+	uint8_t **finals = NULL;
+	bool wrote = false;
+	int ret;
+
+	if (img->read_only)
+		return 0;
+	memset(&p, 0, sizeof(p));
+	pthread_mutex_lock(&img->lock);
+	ret = take_snapshot(img, &p);
+	pthread_mutex_unlock(&img->lock);
+	if (ret)
+		goto fail;
+
+	/* 1. raise refcounts (and publish a new refcount table) */
+	finals = qcow_calloc(p.nrb ? p.nrb : 1, sizeof(*finals));
+	if (!finals) {
+		ret = -ENOMEM;
+		goto fail;
+	}
+	ret = write_refblocks_up(img, &p, finals, &wrote);
+	for (size_t i = 0; ret == 0 && i < p.nmeta; i++) {
+		uint64_t off = p.meta[i].off;
+		if (off < img->hdr.refcount_table_offset ||
+		    off >= img->hdr.refcount_table_offset + (uint64_t)img->hdr.refcount_table_clusters * img->cluster_size)
+			continue;
+		ret = io->ops->pwrite(io, p.meta[i].copy, p.meta[i].len, off);
+		wrote = true;
+	}
+	if (ret == 0 && p.new_reftable) {
+		ret = io->ops->flush(io);
+		if (ret == 0)
+			ret = qcow_header_write_fields(io, &img->hdr, QH_REFTABLE_OFFSET, 12);
+	}
+	/* 2. everything the pointers will point to is durable */
+	bool pointers = p.nl2 || p.write_header;
+	for (size_t i = 0; i < p.nmeta; i++)
+		if (p.meta[i].off < img->hdr.refcount_table_offset ||
+		    p.meta[i].off >= img->hdr.refcount_table_offset + (uint64_t)img->hdr.refcount_table_clusters * img->cluster_size)
+			pointers = true;
+	if (ret == 0 && (wrote || p.data_dirty || pointers || p.new_reftable))
+		ret = io->ops->flush(io);
+	/* 3. pointers */
+	for (size_t i = 0; ret == 0 && i < p.nl2; i++)
+		ret = io->ops->pwrite(io, p.l2[i].copy, img->cluster_size, p.l2[i].host);
+	for (size_t i = 0; ret == 0 && i < p.nmeta; i++) {
+		uint64_t off = p.meta[i].off;
+		if (off >= img->hdr.refcount_table_offset &&
+		    off < img->hdr.refcount_table_offset + (uint64_t)img->hdr.refcount_table_clusters * img->cluster_size)
+			continue;
+		ret = io->ops->pwrite(io, p.meta[i].copy, p.meta[i].len, off);
+	}
+	if (ret == 0 && p.write_header)
+		ret = io->ops->pwrite(io, p.header, p.header_len, 0);
+	/* 4. pointers durable */
+	if (ret == 0 && pointers)
+		ret = io->ops->flush(io);
+	/* 5. lower refcounts: a crash from here on only leaks */
+	for (size_t i = 0; ret == 0 && i < p.nrb; i++)
+		if (finals[i])
+			ret = io->ops->pwrite(io, finals[i], img->cluster_size, p.rb[i].host);
+	if (ret)
+		goto fail;
+
+	pthread_mutex_lock(&img->lock);
+	for (size_t i = 0; i < p.nl2; i++)
+		qcow_cache_writeback_end(&img->cache, p.l2[i].entry);
+	finish_flush(img, &p);
+	pthread_cond_broadcast(&img->recycler_wake);
+	pthread_mutex_unlock(&img->lock);
+	qcow_free(finals);
+	plan_free(&p);
+	return 0;
+fail:
+	qcow_logf(QCOW_LOG_ERROR, "%s: flush failed: %s", io->name, strerror(-ret));
+	pthread_mutex_lock(&img->lock);
+	for (size_t i = 0; i < p.nl2; i++)
+		qcow_cache_writeback_end(&img->cache, p.l2[i].entry);
+	undo_snapshot(img, &p);
+	pthread_mutex_unlock(&img->lock);
+	qcow_free(finals);
+	plan_free(&p);
+	return ret;
+}
+
+int64_t qcow_refcounts_compare(struct qcow_image *img)
+{
+	uint64_t cs = img->cluster_size;
+	uint8_t *block = qcow_malloc(cs);
+	if (!block)
+		return -ENOMEM;
+	int64_t differ = 0;
+	uint64_t nblocks = ((img->map.nclusters ? img->map.nclusters - 1 : 0) >> img->rb_shift) + 1;
+	if (nblocks < img->reftable_entries)
+		nblocks = img->reftable_entries;
+	for (uint64_t b = 0; b < nblocks; b++) {
+		uint64_t host = b < img->reftable_entries ? img->reftable[b] : 0;
+		if (host) {
+			int ret = img->io->ops->pread(img->io, block, cs, host);
+			if (ret) {
+				qcow_free(block);
+				return ret;
+			}
+		} else {
+			memset(block, 0, cs);
+		}
+		uint64_t first = b << img->rb_shift;
+		bool dirty = false;
+		for (uint64_t i = 0; i < (1ull << img->rb_shift); i++) {
+			uint64_t disk = qcow_rc_get(block, img->hdr.refcount_order, i);
+			uint64_t want = qcow_map_want_refcount(&img->map, first + i);
+			if (disk != want) {
+				differ++;
+				dirty = true;
+			}
+		}
+		if (dirty)
+			qcow_map_mark_rc_dirty(&img->map, first);
+	}
+	qcow_free(block);
+	return differ;
+}

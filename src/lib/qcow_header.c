@@ -1,0 +1,278 @@
+/*
+ * qcow_header.c - qcow2 header parser and validator (see qcow_header.h).
+ *
+ * Every limit below comes from research/qemu.md section 1: we accept what
+ * QEMU accepts and refuse, with the field named, what QEMU refuses, plus
+ * the features this engine does not implement yet (backing files,
+ * encryption, external data files, extended L2, zstd compression).
+ */
+#include "config.h"
+#include "qcow_internal.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#define FAIL(e, ...) do { qcow_set_error(err, errlen, __VA_ARGS__); ret = -(e); goto out; } while (0)
+
+/* Names of the incompatible bits QEMU defines, for messages. */
+static const char *incompat_name(unsigned bit)
+{
+	switch (bit) {
+	case 0: return "dirty bit";
+	case 1: return "corrupt bit";
+	case 2: return "external data file";
+	case 3: return "compression type";
+	case 4: return "extended L2 entries";
+	default: return NULL;
+	}
+}
+
+/* Checks that a table of len bytes at off is cluster aligned, inside the
+ * addressable range and does not start inside cluster 0. */
+static int check_table(const char *what, unsigned field_off, uint64_t off, uint64_t len,
+		       uint64_t cluster_size, uint64_t file_size, char *err, size_t errlen)
+{
+	if (off % cluster_size) {
+		qcow_set_error(err, errlen, "%s 0x%" PRIx64 " (header offset %u) is not aligned to the cluster size %" PRIu64,
+			       what, off, field_off, cluster_size);
+		return -EINVAL;
+	}
+	if (off == 0) {
+		qcow_set_error(err, errlen, "%s (header offset %u) is 0: it would overlap the image header", what, field_off);
+		return -EINVAL;
+	}
+	if (off >= QCOW_MAX_HOST_OFFSET || len > QCOW_MAX_HOST_OFFSET - off) {
+		qcow_set_error(err, errlen, "%s 0x%" PRIx64 " (header offset %u) with length %" PRIu64 " is out of range",
+			       what, off, field_off, len);
+		return -EINVAL;
+	}
+	/* QEMU files may end inside the last cluster of a table, but a table
+	 * that starts at or after the end of the file is missing. */
+	if (len && off >= file_size) {
+		qcow_set_error(err, errlen, "%s 0x%" PRIx64 " (header offset %u) lies past the end of the file (%" PRIu64 " bytes)",
+			       what, off, field_off, file_size);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+int qcow_header_read(struct qcow_io *io, struct qcow_header *h, char *err, size_t errlen)
+{
+	int ret;
+	uint8_t first[QCOW_V3_NEW_HEADER_LEN];
+
+	memset(h, 0, sizeof(*h));
+	int64_t fsz = io->ops->size(io);
+	if (fsz < 0) {
+		qcow_set_error(err, errlen, "cannot get the size of the image: %s", strerror((int)-fsz));
+		return (int)fsz;
+	}
+	h->file_size = (uint64_t)fsz;
+	if (h->file_size < QCOW_V2_HEADER_LEN) {
+		qcow_set_error(err, errlen, "file is too short to be a qcow2 image (%" PRIu64 " bytes, the header needs %u)",
+			       h->file_size, QCOW_V2_HEADER_LEN);
+		return -EINVAL;
+	}
+	ret = io->ops->pread(io, first, sizeof(first), 0);
+	if (ret < 0) {
+		qcow_set_error(err, errlen, "cannot read the header: %s", strerror(-ret));
+		return ret;
+	}
+	uint32_t magic = qcow_get_be32(first + QH_MAGIC);
+	if (magic != QCOW_MAGIC) {
+		qcow_set_error(err, errlen, "not a qcow2 image: magic at offset 0 is 0x%08x, expected 0x%08x", magic, QCOW_MAGIC);
+		return -EINVAL;
+	}
+	h->version = qcow_get_be32(first + QH_VERSION);
+	if (h->version != 2 && h->version != 3) {
+		qcow_set_error(err, errlen, "unsupported qcow2 version %u (header offset 4); versions 2 and 3 are supported", h->version);
+		return -ENOTSUP;
+	}
+	h->cluster_bits = qcow_get_be32(first + QH_CLUSTER_BITS);
+	if (h->cluster_bits < QCOW_MIN_CLUSTER_BITS || h->cluster_bits > QCOW_MAX_CLUSTER_BITS) {
+		qcow_set_error(err, errlen, "unsupported cluster_bits %u (header offset 20): must be %u..%u (512 B..2 MiB)",
+			       h->cluster_bits, QCOW_MIN_CLUSTER_BITS, QCOW_MAX_CLUSTER_BITS);
+		return -EINVAL;
+	}
+	uint64_t cs = 1ull << h->cluster_bits;
+	h->raw_len = cs;
+	h->raw = qcow_calloc(1, cs);
+	if (!h->raw)
+		return -ENOMEM;
+	ret = io->ops->pread(io, h->raw, cs, 0);
+	if (ret < 0)
+		FAIL(-ret, "cannot read the header cluster: %s", strerror(-ret));
+	const uint8_t *r = h->raw;
+	h->backing_file_offset = qcow_get_be64(r + QH_BACKING_OFFSET);
+	h->backing_file_size = qcow_get_be32(r + QH_BACKING_SIZE);
+	h->size = qcow_get_be64(r + QH_SIZE);
+	h->crypt_method = qcow_get_be32(r + QH_CRYPT);
+	h->l1_size = qcow_get_be32(r + QH_L1_SIZE);
+	h->l1_table_offset = qcow_get_be64(r + QH_L1_OFFSET);
+	h->refcount_table_offset = qcow_get_be64(r + QH_REFTABLE_OFFSET);
+	h->refcount_table_clusters = qcow_get_be32(r + QH_REFTABLE_CLUSTERS);
+	h->nb_snapshots = qcow_get_be32(r + QH_NB_SNAPSHOTS);
+	h->snapshots_offset = qcow_get_be64(r + QH_SNAPSHOTS_OFFSET);
+	if (h->version == 2) {
+		h->refcount_order = 4;
+		h->header_length = QCOW_V2_HEADER_LEN;
+	} else {
+		h->incompatible_features = qcow_get_be64(r + QH_INCOMPAT);
+		h->compatible_features = qcow_get_be64(r + QH_COMPAT);
+		h->autoclear_features = qcow_get_be64(r + QH_AUTOCLEAR);
+		h->refcount_order = qcow_get_be32(r + QH_REFCOUNT_ORDER);
+		h->header_length = qcow_get_be32(r + QH_HEADER_LENGTH);
+		if (h->header_length < QCOW_V3_MIN_HEADER_LEN)
+			FAIL(EINVAL, "header_length %u (header offset 100) is too short: version 3 needs at least %u",
+			     h->header_length, QCOW_V3_MIN_HEADER_LEN);
+		if (h->header_length % 8)
+			FAIL(EINVAL, "header_length %u (header offset 100) is not a multiple of 8", h->header_length);
+		if (h->header_length > cs)
+			FAIL(EINVAL, "header_length %u (header offset 100) exceeds the cluster size %" PRIu64, h->header_length, cs);
+		if (h->header_length > QH_COMPRESSION_TYPE)
+			h->compression_type = r[QH_COMPRESSION_TYPE];
+	}
+	if (h->refcount_order > 6)
+		FAIL(EINVAL, "refcount_order %u (header offset 96) is too large: refcount widths go up to 64 bits (order 6)",
+		     h->refcount_order);
+	uint64_t unknown = h->incompatible_features & ~QCOW_INCOMPAT_SUPPORTED;
+	if (unknown) {
+		char names[256] = "";
+		for (unsigned b = 0; b < 64; b++)
+			if (unknown & (1ull << b)) {
+				const char *n = incompat_name(b);
+				char one[64];
+				snprintf(one, sizeof(one), "%s%s", names[0] ? ", " : "", n ? n : "unknown");
+				strncat(names, one, sizeof(names) - strlen(names) - 1);
+			}
+		FAIL(ENOTSUP, "unsupported incompatible feature bits 0x%" PRIx64 " (header offset 72): %s",
+		     unknown, names);
+	}
+	if (h->compression_type != 0)
+		FAIL(ENOTSUP, "unsupported compression_type %u (header offset 104)", h->compression_type);
+	if (h->crypt_method != 0)
+		FAIL(ENOTSUP, "encrypted images are not supported (crypt_method %u at header offset 32)", h->crypt_method);
+
+	/* backing file name: must lie in cluster 0 after the header */
+	if (h->backing_file_offset) {
+		if (h->backing_file_size > QCOW_MAX_BACKING_NAME)
+			FAIL(EINVAL, "backing_file_size %u (header offset 16) is too long (at most %u)",
+			     h->backing_file_size, QCOW_MAX_BACKING_NAME);
+		if (h->backing_file_offset < h->header_length || h->backing_file_offset > cs ||
+		    h->backing_file_offset + h->backing_file_size > cs)
+			FAIL(EINVAL, "backing_file_offset 0x%" PRIx64 " (header offset 8) with size %u does not lie inside the header cluster",
+			     h->backing_file_offset, h->backing_file_size);
+		memcpy(h->backing_file, r + h->backing_file_offset, h->backing_file_size);
+		h->backing_file[h->backing_file_size] = 0;
+	}
+
+	/* header extensions: 8-byte aligned records up to a type-0 terminator */
+	uint64_t ext_end = h->backing_file_offset ? h->backing_file_offset : cs;
+	uint64_t pos = h->header_length;
+	while (pos + 8 <= ext_end) {
+		uint32_t type = qcow_get_be32(r + pos);
+		uint32_t len = qcow_get_be32(r + pos + 4);
+		if (type == QCOW_EXT_END)
+			break;
+		uint64_t padded = ((uint64_t)len + 7) & ~7ull;
+		if (pos + 8 + padded > ext_end)
+			FAIL(EINVAL, "header extension 0x%08x at offset %" PRIu64 " with length %u runs past the end of the extension area (%" PRIu64 ")",
+			     type, pos, len, ext_end);
+		if (type == QCOW_EXT_DATA_FILE)
+			FAIL(ENOTSUP, "external data files are not supported (header extension at offset %" PRIu64 ")", pos);
+		if (type == QCOW_EXT_CRYPTO)
+			FAIL(ENOTSUP, "encryption header extension at offset %" PRIu64 " is not supported", pos);
+		pos += 8 + padded;
+	}
+
+	if (h->backing_file_offset) {
+		if (h->backing_file_size == 0)
+			FAIL(EINVAL, "backing_file_offset 0x%" PRIx64 " is set but backing_file_size (header offset 16) is 0",
+			     h->backing_file_offset);
+		/* A backing file naming the image itself is a loop; say so
+		 * specifically since it is a common hostile input. */
+		const char *self = io->name ? strrchr(io->name, '/') : NULL;
+		self = self ? self + 1 : io->name;
+		const char *bname = strrchr(h->backing_file, '/');
+		bname = bname ? bname + 1 : h->backing_file;
+		if (self && strcmp(self, bname) == 0)
+			FAIL(ELOOP, "backing file \"%s\" (header offset %" PRIu64 ") points to the image itself",
+			     h->backing_file, h->backing_file_offset);
+		FAIL(ENOTSUP, "backing files are not supported yet (backing file \"%s\" at header offset %" PRIu64 ")",
+		     h->backing_file, h->backing_file_offset);
+	}
+
+	/* tables */
+	if ((uint64_t)h->l1_size * 8 > QCOW_MAX_L1_BYTES)
+		FAIL(EFBIG, "l1_size %u (header offset 36) is too large: the L1 table may be at most %u bytes",
+		     h->l1_size, QCOW_MAX_L1_BYTES);
+	uint64_t l2_entries = cs / 8;
+	uint64_t per_l1 = l2_entries * cs;   /* guest bytes one L1 entry maps */
+	uint64_t needed = h->size / per_l1 + (h->size % per_l1 != 0);
+	if (h->size > (1ull << 62))
+		FAIL(EFBIG, "virtual size %" PRIu64 " (header offset 24) is too large", h->size);
+	if (needed > h->l1_size)
+		FAIL(EINVAL, "l1_size %u (header offset 36) is too small for the virtual size %" PRIu64 " (needs %" PRIu64 " entries)",
+		     h->l1_size, h->size, needed);
+	if (h->l1_size) {
+		ret = check_table("l1_table_offset", QH_L1_OFFSET, h->l1_table_offset, (uint64_t)h->l1_size * 8, cs,
+				  h->file_size, err, errlen);
+		if (ret)
+			goto out;
+	}
+	if (h->refcount_table_clusters == 0)
+		FAIL(EINVAL, "refcount_table_clusters (header offset 56) is 0: the image has no refcount table");
+	if ((uint64_t)h->refcount_table_clusters * cs > QCOW_MAX_REFTABLE_BYTES)
+		FAIL(EFBIG, "refcount_table_clusters %u (header offset 56) is too large: the table may be at most %u bytes",
+		     h->refcount_table_clusters, QCOW_MAX_REFTABLE_BYTES);
+	ret = check_table("refcount_table_offset", QH_REFTABLE_OFFSET, h->refcount_table_offset,
+			  (uint64_t)h->refcount_table_clusters * cs, cs, h->file_size, err, errlen);
+	if (ret)
+		goto out;
+	if (h->nb_snapshots > QCOW_MAX_SNAPSHOTS)
+		FAIL(EINVAL, "nb_snapshots %u (header offset 60) is too large (at most %u)", h->nb_snapshots, QCOW_MAX_SNAPSHOTS);
+	if (h->nb_snapshots) {
+		ret = check_table("snapshots_offset", QH_SNAPSHOTS_OFFSET, h->snapshots_offset, 1, cs, h->file_size, err, errlen);
+		if (ret)
+			goto out;
+	}
+	/* L1 and refcount table must not overlap each other */
+	uint64_t l1_lo = h->l1_table_offset, l1_hi = l1_lo + (uint64_t)h->l1_size * 8;
+	uint64_t rt_lo = h->refcount_table_offset, rt_hi = rt_lo + (uint64_t)h->refcount_table_clusters * cs;
+	if (h->l1_size && l1_lo < rt_hi && rt_lo < l1_hi)
+		FAIL(EINVAL, "L1 table 0x%" PRIx64 "..0x%" PRIx64 " overlaps the refcount table 0x%" PRIx64 "..0x%" PRIx64,
+		     l1_lo, l1_hi, rt_lo, rt_hi);
+	return 0;
+out:
+	qcow_header_free(h);
+	return ret;
+}
+
+void qcow_header_free(struct qcow_header *h)
+{
+	qcow_free(h->raw);
+	h->raw = NULL;
+}
+
+void qcow_header_encode(struct qcow_header *h)
+{
+	uint8_t *r = h->raw;
+	qcow_put_be64(r + QH_SIZE, h->size);
+	qcow_put_be32(r + QH_L1_SIZE, h->l1_size);
+	qcow_put_be64(r + QH_L1_OFFSET, h->l1_table_offset);
+	qcow_put_be64(r + QH_REFTABLE_OFFSET, h->refcount_table_offset);
+	qcow_put_be32(r + QH_REFTABLE_CLUSTERS, h->refcount_table_clusters);
+	if (h->version >= 3) {
+		qcow_put_be64(r + QH_INCOMPAT, h->incompatible_features);
+		qcow_put_be64(r + QH_COMPAT, h->compatible_features);
+		qcow_put_be64(r + QH_AUTOCLEAR, h->autoclear_features);
+	}
+}
+
+int qcow_header_write_fields(struct qcow_io *io, struct qcow_header *h, unsigned off, unsigned len)
+{
+	qcow_header_encode(h);
+	return io->ops->pwrite(io, h->raw + off, len, off);
+}

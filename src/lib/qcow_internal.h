@@ -1,0 +1,189 @@
+/*
+ * qcow_internal.h - the engine's shared internals: the image structure and
+ * the functions the engine's files call in each other.
+ *
+ * LOCK ORDER (never take an earlier lock while holding a later one):
+ *   1. img->flush_lock   serialises flushes, resizes and the recycler's
+ *                        pointer rewrites and truncations with each other
+ *   2. img->lock         guards the cluster map, L1, refcount table, the
+ *                        metadata cache, the in-flight list and the
+ *                        counters; held only for short sections (the one
+ *                        exception: a metadata cache miss reads one cluster)
+ *   3. backend locks     inside struct qcow_io, never held across calls
+ * Guest data I/O is done with no engine lock held.  Instead every guest
+ * request registers itself in the in-flight list while its physical
+ * extents are in use; the recycler waits for a grace period
+ * (qcow_inflight_wait_before) before erasing a cluster or copying a move
+ * source, so a request never sees its clusters change under it
+ * (DESIGN.md invariants 5 and 6).
+ */
+#ifndef QCOW_INTERNAL_H
+#define QCOW_INTERNAL_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "qcow.h"
+#include "qcow_alloc.h"
+#include "qcow_cache.h"
+#include "qcow_format.h"
+#include "qcow_header.h"
+#include "qcow_io.h"
+#include "qcow_map.h"
+#include "qcow_refcount.h"
+
+void qcow_logf(enum qcow_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void qcow_set_error(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* One guest request (or recycler step) whose physical extents are in use. */
+struct qcow_inflight {
+	uint64_t ticket;
+	struct qcow_inflight *prev, *next;
+};
+
+struct qcow_snapshot_l1 {
+	uint64_t offset;
+	uint32_t entries;
+};
+
+struct qcow_image {
+	struct qcow_io *io;
+	struct qcow_header hdr;
+	struct qcow_open_opts opts;
+	bool read_only;
+
+	/* geometry */
+	unsigned cluster_bits;
+	uint64_t cluster_size;
+	unsigned l2_bits;            /* log2(entries per L2 table) */
+	unsigned rb_shift;           /* log2(entries per refcount block) */
+	uint64_t virtual_size;
+
+	/* active L1 table, host endian; capacity = whole clusters it occupies */
+	uint64_t *l1;
+	uint32_t l1_capacity;
+	struct qcow_bitmap l1_dirty;     /* per L1 cluster */
+
+	/* refcount table, host endian */
+	uint64_t *reftable;
+	uint64_t reftable_entries;
+	struct qcow_bitmap reftable_dirty;  /* per reftable cluster */
+
+	/* pending header fields to write at the next flush */
+	bool header_dirty;
+
+	struct qcow_map map;
+	struct qcow_cache cache;
+
+	pthread_mutex_t lock;
+	pthread_mutex_t flush_lock;
+
+	/* in-flight requests, oldest first */
+	uint64_t next_ticket;
+	struct qcow_inflight inflight_head;
+	pthread_cond_t inflight_done;
+	unsigned inflight_waiters;
+
+	/* erase -> flush -> available */
+	uint64_t *erased_list;
+	size_t erased_len, erased_cap;
+	bool data_dirty;             /* something was written since the last sync */
+	bool punch_supported;
+
+	/* truncation in progress: allocations that need to grow wait */
+	bool truncating;
+	pthread_cond_t truncate_done;
+
+	/* recycler */
+	pthread_t recycler_thread;
+	bool recycler_running;
+	bool recycler_stop;
+	pthread_cond_t recycler_wake;
+	pthread_cond_t compact_done;
+	bool compact_requested;
+	bool compacting;
+	double compact_progress;
+	uint64_t compact_generation;     /* bumped when a requested pass ends */
+	uint64_t last_discard_ms;
+	int last_error;                  /* sticky error from background work */
+
+	/* snapshots (their tables are pinned, never moved) */
+	struct qcow_snapshot_l1 *snap_l1;
+	uint32_t nb_snap_l1;
+
+	/* statistics */
+	uint64_t bytes_reclaimed;
+	uint64_t bytes_discarded;
+	uint64_t compactions_done;
+	uint64_t clusters_moved;
+};
+
+static inline uint64_t qcow_now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* qcow_scan.c: one pass over all metadata, calling visit for each
+ * reference.  Used to build the map at open and by qcow_check. */
+enum qcow_ref_kind { QREF_HEADER, QREF_L1, QREF_REFTABLE, QREF_REFBLOCK, QREF_L2, QREF_DATA,
+		     QREF_SNAPSHOT_TABLE, QREF_SNAPSHOT_L1, QREF_SNAPSHOT_L2, QREF_SNAPSHOT_DATA,
+		     QREF_COMPRESSED };
+struct qcow_scan_visitor {
+	/* one reference to host cluster c from the slot at byte offset slot
+	 * (0 for header structures); return a negative errno to stop */
+	int (*visit)(void *opaque, enum qcow_ref_kind kind, uint64_t c, uint64_t slot);
+	void *opaque;
+};
+struct qcow_scan_geometry {
+	struct qcow_io *io;
+	const struct qcow_header *hdr;
+	uint64_t file_clusters;      /* clusters the file covers (rounded up) */
+	bool check_mode;             /* report problems and go on instead of stopping */
+	uint64_t problems;
+};
+int qcow_scan(struct qcow_scan_geometry *g, const struct qcow_scan_visitor *v, char *err, size_t errlen);
+/* Reads the snapshot table's L1 locations (validated). */
+int qcow_scan_snapshot_l1s(struct qcow_io *io, const struct qcow_header *h, uint64_t file_size,
+			   struct qcow_snapshot_l1 **out, char *err, size_t errlen);
+
+/* qcow_image.c */
+struct qcow_cached *qcow_l2_get(struct qcow_image *img, uint64_t l2_cluster, int *ret);
+/* Sets entry idx of L2 table t, marks it dirty and cancels a move of t. */
+void qcow_l2_set_entry(struct qcow_image *img, struct qcow_cached *t, uint64_t idx, uint64_t v);
+int qcow_alloc_cluster(struct qcow_image *img, uint64_t *out);
+int qcow_alloc_contiguous(struct qcow_image *img, uint64_t n, uint64_t *out);
+void qcow_note_error(struct qcow_image *img, int err);
+
+/* in-flight tracking (qcow_image.c) */
+void qcow_inflight_begin(struct qcow_image *img, struct qcow_inflight *req);
+void qcow_inflight_end(struct qcow_image *img, struct qcow_inflight *req);
+/* Returns a ticket; qcow_inflight_wait_before(t) returns once every
+ * request that began before the ticket was taken has ended.  Call the
+ * first with img->lock held, the second without. */
+uint64_t qcow_inflight_ticket(struct qcow_image *img);
+void qcow_inflight_wait_before(struct qcow_image *img, uint64_t ticket);
+
+/* qcow_flush.c */
+int qcow_flush_locked(struct qcow_image *img);   /* flush_lock held, img->lock not */
+/* Compares the on-disk refcounts with the map; marks differing blocks
+ * dirty.  Returns the number of clusters that differ, or -errno. */
+int64_t qcow_refcounts_compare(struct qcow_image *img);
+
+/* qcow_recycler.c */
+int qcow_recycler_start(struct qcow_image *img);
+void qcow_recycler_stop(struct qcow_image *img);
+void qcow_recycler_kick(struct qcow_image *img);
+int qcow_compact_run(struct qcow_image *img, void (*progress)(double, void *), void *opaque);
+/* truncates the file after the last block; flush_lock held */
+int qcow_truncate_tail(struct qcow_image *img);
+
+/* qcow_lock.c is declared in qcow_lock.h */
+
+#define QCOW_DEFAULT_CACHE_BYTES (32u << 20)
+#define QCOW_DEFAULT_COMPACT_THRESHOLD (64ull << 20)
+#define QCOW_DEFAULT_QUIET_MS 1000u
+
+#endif

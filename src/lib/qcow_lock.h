@@ -1,0 +1,15 @@
+/*
+ * qcow_lock.h - QEMU-compatible image locking (research/qemu.md section 3).
+ */
+#ifndef QCOW_LOCK_H
+#define QCOW_LOCK_H
+#include <stdbool.h>
+#include <stddef.h>
+
+/* Probes for conflicting QEMU users through a separate open of path, then
+ * takes OFD read locks on fd: bytes 100, 101, 103, 201, 203 for read-write
+ * (what qemu-io holds), 100, 201, 203 for read-only.  Returns 0, or
+ * -EAGAIN with a message naming the lock byte and the likely culprit. */
+int qcow_lock_image(int fd, const char *path, bool read_only, char *err, size_t errlen);
+
+#endif

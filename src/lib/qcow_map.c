@@ -1,0 +1,384 @@
+/*
+ * qcow_map.c - the cluster map (see qcow_map.h for the representation).
+ *
+ * Owns: the state of every physical cluster, the moves in flight, and the
+ * "refcount block needs rewriting" marks.  Rules:
+ *  - map_put() is the only function that changes an entry; it keeps the
+ *    bitmaps, the counters and the refcount-dirty marks in step.
+ *  - Numbered invariants (DESIGN.md section 3) checked by qcow_map_check:
+ *    1. every cluster has exactly one state; the bitmaps and counters agree
+ *       with the entries;
+ *    2. only Available clusters are handed out (the allocator in
+ *       qcow_image.c takes qcow_map_lowest_available);
+ *    4. a move source stays REF until its pointer is rewritten, then
+ *       PENDING until the completing flush (never Junk before);
+ *    7. last_block counts every state but Junk/Erased/Available.
+ *    Moves: a non-cancelled move's dst is Copies (before Referenced) or
+ *    REF (Referenced); its src is REF with the moving bit (before
+ *    Referenced) or PENDING (Referenced).
+ */
+#include "config.h"
+#include "qcow_internal.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#define TAG_SHIFT 60
+#define TAG_PINNED 0x8ull
+#define TAG_STATE 0xFull
+#define VALUE_MASK ((1ull << 56) - 1)
+
+static uint64_t encode_state(enum qcow_cstate s) { return (TAG_STATE << TAG_SHIFT) | (uint64_t)s; }
+
+static enum qcow_cstate decode_state(uint64_t e)
+{
+	if (!(e >> 63))
+		return QCS_REF;
+	if ((e >> TAG_SHIFT) == TAG_PINNED)
+		return QCS_PINNED;
+	return (enum qcow_cstate)(e & 0xff);
+}
+
+static bool is_free_state(enum qcow_cstate s)
+{
+	return s == QCS_JUNK || s == QCS_ERASED || s == QCS_AVAILABLE;
+}
+
+static uint64_t want_of(uint64_t e)
+{
+	switch (decode_state(e)) {
+	case QCS_REF:
+		return 1;
+	case QCS_PINNED:
+		return e & VALUE_MASK;
+	case QCS_COPIES:   /* counted before its pointer can become durable */
+	case QCS_ROOTS:
+	case QCS_PENDING:  /* the old pointer may still be the durable one */
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+static void map_put(struct qcow_map *m, uint64_t c, uint64_t e)
+{
+	uint64_t old = m->entry[c];
+	enum qcow_cstate os = decode_state(old), ns = decode_state(e);
+
+	m->count[os]--;
+	m->count[ns]++;
+	m->entry[c] = e;
+	if (os != ns) {
+		if (os == QCS_AVAILABLE)
+			qcow_bitmap_clear(&m->available, c);
+		if (ns == QCS_AVAILABLE)
+			qcow_bitmap_set(&m->available, c);
+		if (os == QCS_JUNK)
+			qcow_bitmap_clear(&m->junk, c);
+		if (ns == QCS_JUNK)
+			qcow_bitmap_set(&m->junk, c);
+		if (is_free_state(ns))
+			qcow_bitmap_clear(&m->busy, c);
+		else
+			qcow_bitmap_set(&m->busy, c);
+	}
+	if (ns == QCS_REF && c >= m->first_movable)
+		qcow_bitmap_set(&m->movable, c);
+	else
+		qcow_bitmap_clear(&m->movable, c);
+	if (want_of(old) != want_of(e))
+		qcow_map_mark_rc_dirty(m, c);
+}
+
+int qcow_map_init(struct qcow_map *m, uint64_t nclusters, unsigned rb_shift)
+{
+	memset(m, 0, sizeof(*m));
+	m->rb_shift = rb_shift;
+	if (qcow_bitmap_init(&m->available, 0) || qcow_bitmap_init(&m->junk, 0) ||
+	    qcow_bitmap_init(&m->movable, 0) || qcow_bitmap_init(&m->busy, 0) ||
+	    qcow_bitmap_init(&m->moving, 0) || qcow_bitmap_init(&m->rc_dirty, 0))
+		return -ENOMEM;
+	return qcow_map_resize(m, nclusters);
+}
+
+void qcow_map_free(struct qcow_map *m)
+{
+	qcow_free(m->entry);
+	qcow_bitmap_free(&m->available);
+	qcow_bitmap_free(&m->junk);
+	qcow_bitmap_free(&m->movable);
+	qcow_bitmap_free(&m->busy);
+	qcow_bitmap_free(&m->moving);
+	qcow_bitmap_free(&m->rc_dirty);
+	qcow_free(m->moves);
+	memset(m, 0, sizeof(*m));
+}
+
+int qcow_map_resize(struct qcow_map *m, uint64_t n)
+{
+	uint64_t old = m->nclusters;
+	for (uint64_t c = n; c < old; c++) {
+		enum qcow_cstate s = decode_state(m->entry[c]);
+		if (!is_free_state(s))
+			return -EBUSY;
+	}
+	for (uint64_t c = n; c < old; c++)
+		map_put(m, c, encode_state(QCS_AVAILABLE));   /* leave bitmaps clean */
+	m->count[QCS_AVAILABLE] -= old > n ? old - n : 0;
+	if (n > old) {
+		uint64_t *e = qcow_realloc(m->entry, (size_t)n * sizeof(uint64_t));
+		if (!e)
+			return -ENOMEM;
+		m->entry = e;
+	}
+	uint64_t rb = ((n ? n - 1 : 0) >> m->rb_shift) + 1;
+	if (qcow_bitmap_resize(&m->available, n) || qcow_bitmap_resize(&m->junk, n) ||
+	    qcow_bitmap_resize(&m->movable, n) || qcow_bitmap_resize(&m->busy, n) ||
+	    qcow_bitmap_resize(&m->moving, n) ||
+	    (rb > m->rc_dirty.nbits && qcow_bitmap_resize(&m->rc_dirty, rb)))
+		return -ENOMEM;
+	m->nclusters = n;
+	for (uint64_t c = old; c < n; c++) {
+		m->entry[c] = encode_state(QCS_AVAILABLE);
+		qcow_bitmap_set(&m->available, c);
+	}
+	if (n > old)
+		m->count[QCS_AVAILABLE] += n - old;
+	return 0;
+}
+
+enum qcow_cstate qcow_map_state(const struct qcow_map *m, uint64_t c)
+{
+	return decode_state(m->entry[c]);
+}
+
+uint64_t qcow_map_slot(const struct qcow_map *m, uint64_t c) { return m->entry[c]; }
+uint64_t qcow_map_pincount(const struct qcow_map *m, uint64_t c) { return m->entry[c] & VALUE_MASK; }
+
+void qcow_map_set_ref(struct qcow_map *m, uint64_t c, uint64_t slot)
+{
+	map_put(m, c, slot & VALUE_MASK);
+}
+
+void qcow_map_set_pinned(struct qcow_map *m, uint64_t c, uint64_t count)
+{
+	map_put(m, c, (TAG_PINNED << TAG_SHIFT) | (count & VALUE_MASK));
+}
+
+void qcow_map_set_state(struct qcow_map *m, uint64_t c, enum qcow_cstate s)
+{
+	map_put(m, c, encode_state(s));
+}
+
+void qcow_map_add_ref(struct qcow_map *m, uint64_t c, uint64_t slot)
+{
+	enum qcow_cstate s = decode_state(m->entry[c]);
+	if (s == QCS_REF)
+		qcow_map_set_pinned(m, c, 2);
+	else if (s == QCS_PINNED)
+		qcow_map_set_pinned(m, c, qcow_map_pincount(m, c) + 1);
+	else
+		qcow_map_set_ref(m, c, slot);
+}
+
+void qcow_map_drop_ref(struct qcow_map *m, uint64_t c)
+{
+	enum qcow_cstate s = decode_state(m->entry[c]);
+	if (s == QCS_PINNED && qcow_map_pincount(m, c) > 1)
+		qcow_map_set_pinned(m, c, qcow_map_pincount(m, c) - 1);
+	else
+		qcow_map_set_state(m, c, QCS_JUNK);
+}
+
+uint64_t qcow_map_want_refcount(const struct qcow_map *m, uint64_t c)
+{
+	return c < m->nclusters ? want_of(m->entry[c]) : 0;
+}
+
+void qcow_map_mark_rc_dirty(struct qcow_map *m, uint64_t c)
+{
+	uint64_t b = c >> m->rb_shift;
+	if (b >= m->rc_dirty.nbits && qcow_bitmap_resize(&m->rc_dirty, b + 1))
+		return;   /* out of memory: the full rewrite at close still fixes it */
+	qcow_bitmap_set(&m->rc_dirty, b);
+}
+
+uint64_t qcow_map_lowest_available(const struct qcow_map *m) { return qcow_bitmap_next(&m->available, 0); }
+uint64_t qcow_map_next_junk(const struct qcow_map *m, uint64_t from) { return qcow_bitmap_next(&m->junk, from); }
+uint64_t qcow_map_highest_movable(const struct qcow_map *m, uint64_t before)
+{
+	/* skip clusters already moving */
+	uint64_t c = before;
+	for (;;) {
+		c = qcow_bitmap_prev(&m->movable, c);
+		if (c == UINT64_MAX || !qcow_bitmap_test(&m->moving, c))
+			return c;
+	}
+}
+uint64_t qcow_map_last_block(const struct qcow_map *m) { return qcow_bitmap_prev(&m->busy, m->nclusters); }
+bool qcow_map_is_immovable(const struct qcow_map *m, uint64_t c) { return c < m->first_movable || decode_state(m->entry[c]) == QCS_PINNED; }
+
+struct qcow_move *qcow_map_move_start(struct qcow_map *m, uint64_t src, uint64_t dst)
+{
+	struct qcow_move *mv = NULL;
+	for (unsigned i = 0; i < m->nmoves_cap; i++)
+		if (!m->moves[i].in_use) {
+			mv = &m->moves[i];
+			break;
+		}
+	if (!mv) {
+		unsigned cap = m->nmoves_cap ? m->nmoves_cap * 2 : 64;
+		struct qcow_move *p = qcow_realloc(m->moves, cap * sizeof(*p));
+		if (!p)
+			return NULL;
+		memset(p + m->nmoves_cap, 0, (cap - m->nmoves_cap) * sizeof(*p));
+		mv = &p[m->nmoves_cap];
+		m->moves = p;
+		m->nmoves_cap = cap;
+	}
+	*mv = (struct qcow_move){ .src = src, .dst = dst, .state = QMOVE_COPYING, .in_use = true };
+	m->nmoves_active++;
+	qcow_map_set_state(m, dst, QCS_COPIES);
+	qcow_bitmap_set(&m->moving, src);
+	return mv;
+}
+
+struct qcow_move *qcow_map_move_find(struct qcow_map *m, uint64_t src)
+{
+	if (!qcow_bitmap_test(&m->moving, src))
+		return NULL;
+	for (unsigned i = 0; i < m->nmoves_cap; i++)
+		if (m->moves[i].in_use && !m->moves[i].cancelled && m->moves[i].src == src)
+			return &m->moves[i];
+	return NULL;
+}
+
+bool qcow_map_is_moving(const struct qcow_map *m, uint64_t c) { return qcow_bitmap_test(&m->moving, c); }
+
+void qcow_map_move_cancel(struct qcow_map *m, uint64_t src)
+{
+	struct qcow_move *mv = qcow_map_move_find(m, src);
+	if (!mv || mv->state == QMOVE_REFERENCED)
+		return;
+	mv->cancelled = true;
+	qcow_bitmap_clear(&m->moving, src);
+	qcow_map_set_state(m, mv->dst, QCS_JUNK);
+}
+
+void qcow_map_move_set_state(struct qcow_map *m, struct qcow_move *mv, enum qcow_move_state s)
+{
+	mv->state = s;
+	mv->flush_seen = false;
+}
+
+void qcow_map_move_complete(struct qcow_map *m, struct qcow_move *mv)
+{
+	if (!mv->cancelled) {
+		qcow_bitmap_clear(&m->moving, mv->src);
+		if (decode_state(m->entry[mv->src]) == QCS_PENDING)
+			qcow_map_set_state(m, mv->src, QCS_JUNK);
+	}
+	mv->in_use = false;
+	m->nmoves_active--;
+}
+
+const char *qcow_map_state_name(enum qcow_cstate s)
+{
+	static const char *const names[QCS_NSTATES] = {
+		"referenced", "pinned", "junk", "erasing", "erased", "flushing",
+		"available", "copies", "roots", "pending",
+	};
+	return s < QCS_NSTATES ? names[s] : "?";
+}
+
+const char *qcow_map_check(const struct qcow_map *m)
+{
+	static char msg[200];
+	uint64_t count[QCS_NSTATES] = { 0 };
+	for (uint64_t c = 0; c < m->nclusters; c++) {
+		enum qcow_cstate s = decode_state(m->entry[c]);
+		if (s >= QCS_NSTATES) {
+			snprintf(msg, sizeof(msg), "inv1: cluster %llu has no valid state", (unsigned long long)c);
+			return msg;
+		}
+		count[s]++;
+		if (qcow_bitmap_test(&m->available, c) != (s == QCS_AVAILABLE) ||
+		    qcow_bitmap_test(&m->junk, c) != (s == QCS_JUNK) ||
+		    qcow_bitmap_test(&m->busy, c) == is_free_state(s) ||
+		    qcow_bitmap_test(&m->movable, c) != (s == QCS_REF && c >= m->first_movable)) {
+			snprintf(msg, sizeof(msg), "inv1: bitmaps disagree with state %s of cluster %llu",
+				 qcow_map_state_name(s), (unsigned long long)c);
+			return msg;
+		}
+		if (c < m->first_movable && s != QCS_PINNED && !is_free_state(s) && s != QCS_ERASING &&
+		    s != QCS_FLUSHING && s != QCS_ROOTS && s != QCS_PENDING) {
+			snprintf(msg, sizeof(msg), "cluster %llu below first_movable is %s",
+				 (unsigned long long)c, qcow_map_state_name(s));
+			return msg;
+		}
+	}
+	for (int s = 0; s < QCS_NSTATES; s++)
+		if (count[s] != m->count[s]) {
+			snprintf(msg, sizeof(msg), "inv1: counter of %s is %llu, entries say %llu",
+				 qcow_map_state_name(s), (unsigned long long)m->count[s], (unsigned long long)count[s]);
+			return msg;
+		}
+	unsigned active = 0;
+	uint64_t copies_expected = 0;
+	for (unsigned i = 0; i < m->nmoves_cap; i++) {
+		const struct qcow_move *mv = &m->moves[i];
+		if (!mv->in_use)
+			continue;
+		active++;
+		if (mv->cancelled)
+			continue;
+		enum qcow_cstate ss = decode_state(m->entry[mv->src]);
+		enum qcow_cstate ds = decode_state(m->entry[mv->dst]);
+		if (!qcow_bitmap_test(&m->moving, mv->src)) {
+			snprintf(msg, sizeof(msg), "move %llu->%llu: source lost its moving mark",
+				 (unsigned long long)mv->src, (unsigned long long)mv->dst);
+			return msg;
+		}
+		if (mv->state == QMOVE_REFERENCED) {
+			if (ss != QCS_PENDING || ds != QCS_REF) {
+				snprintf(msg, sizeof(msg), "inv4: referenced move %llu->%llu has src %s dst %s",
+					 (unsigned long long)mv->src, (unsigned long long)mv->dst,
+					 qcow_map_state_name(ss), qcow_map_state_name(ds));
+				return msg;
+			}
+		} else {
+			copies_expected++;
+			if (ss != QCS_REF || ds != QCS_COPIES) {
+				snprintf(msg, sizeof(msg), "inv4: move %llu->%llu before rewrite has src %s dst %s",
+					 (unsigned long long)mv->src, (unsigned long long)mv->dst,
+					 qcow_map_state_name(ss), qcow_map_state_name(ds));
+				return msg;
+			}
+		}
+	}
+	if (active != m->nmoves_active)
+		return "move table counter disagrees";
+	if (copies_expected != m->count[QCS_COPIES])
+		return "Copies clusters that belong to no move";
+	if (m->moving.count > active)
+		return "moving marks without a move";
+	return NULL;
+}
+
+void qcow_map_summary(const struct qcow_map *m, char *buf, size_t len)
+{
+	size_t off = (size_t)snprintf(buf, len, "clusters=%llu", (unsigned long long)m->nclusters);
+	for (int s = 0; s < QCS_NSTATES && off < len; s++)
+		off += (size_t)snprintf(buf + off, len - off, " %s=%llu", qcow_map_state_name(s),
+					(unsigned long long)m->count[s]);
+	if (off < len)
+		snprintf(buf + off, len - off, " moves=%u", m->nmoves_active);
+}
+
+uint64_t qcow_map_memory(const struct qcow_map *m)
+{
+	uint64_t words0 = (m->nclusters + 63) / 64;
+	uint64_t bitmap_bytes = (words0 + words0 / 64 + 2) * 8;
+	return m->nclusters * 8 + 5 * bitmap_bytes + m->nmoves_cap * sizeof(struct qcow_move);
+}

@@ -1,0 +1,118 @@
+/*
+ * qcow_map.h - the cluster map: for every physical cluster of the image
+ * file, exactly one state (DESIGN.md section 3).
+ *
+ * Representation: one 64-bit entry per cluster plus five bitmaps
+ * (available, junk, movable, busy, moving) with summary levels, and a
+ * counter per state: about 8.7 bytes per cluster, O(1) state changes,
+ * O(log n)-ish searches for the lowest available / junk and the highest
+ * movable cluster.  Moves in flight live in a small table (O(1) each).
+ *
+ * Entry encoding:
+ *   bit 63 clear          REF: referenced by exactly one pointer; the value
+ *                         is the byte offset in the file of that pointer's
+ *                         8-byte slot (in an L1 table, L2 table or refcount
+ *                         table).  Movable when >= first_movable.
+ *   0x8... (tag 8)        PINNED: referenced with the count in bits 0..55
+ *                         (header structures, clusters shared with or
+ *                         reachable from snapshots, compressed data).  Never
+ *                         moved.
+ *   0xF... (tag F)        a free or transient state in the low byte.
+ *
+ * The map is not thread-safe by itself: the image lock guards it.
+ */
+#ifndef QCOW_MAP_H
+#define QCOW_MAP_H
+#include <stdbool.h>
+#include <stdint.h>
+#include "qcow_bitmap.h"
+
+enum qcow_cstate {
+	QCS_REF,        /* one pointer; entry holds its slot */
+	QCS_PINNED,     /* fixed or shared; entry holds the refcount */
+	QCS_JUNK,       /* unreferenced, arbitrary contents */
+	QCS_ERASING,    /* taken from Junk by the eraser, punch in progress */
+	QCS_ERASED,     /* punched/zeroed, waiting for a flush */
+	QCS_FLUSHING,   /* erased and included in the flush now running */
+	QCS_AVAILABLE,  /* reads zero after any crash: allocatable */
+	QCS_COPIES,     /* destination of a move whose pointer is not rewritten yet */
+	QCS_ROOTS,      /* allocated by an operation in flight, not linked yet */
+	QCS_PENDING,    /* move source after the pointer rewrite, until the completing flush */
+	QCS_NSTATES
+};
+
+enum qcow_move_state { QMOVE_COPYING, QMOVE_COPIED, QMOVE_FLUSHED, QMOVE_REFERENCED };
+
+struct qcow_move {
+	uint64_t src, dst;
+	enum qcow_move_state state;
+	bool cancelled;       /* dst already back in Junk; slot reusable */
+	bool flush_seen;      /* a flush started while in this state */
+	bool in_use;
+};
+
+struct qcow_map {
+	uint64_t nclusters;
+	uint64_t first_movable;   /* clusters below never move */
+	uint64_t *entry;
+	struct qcow_bitmap available, junk, movable, busy, moving;
+	uint64_t count[QCS_NSTATES];
+	/* refcount projection: which refcount blocks need rewriting */
+	unsigned rb_shift;        /* log2(entries per refcount block) */
+	struct qcow_bitmap rc_dirty;
+	/* moves in flight */
+	struct qcow_move *moves;
+	unsigned nmoves_cap, nmoves_active;
+	bool runtime_asserts;
+};
+
+int qcow_map_init(struct qcow_map *m, uint64_t nclusters, unsigned rb_shift);
+void qcow_map_free(struct qcow_map *m);
+/* Grows (new clusters Available: a grown file tail reads zero) or shrinks
+ * (every dropped cluster must be Junk, Erased or Available). */
+int qcow_map_resize(struct qcow_map *m, uint64_t nclusters);
+
+enum qcow_cstate qcow_map_state(const struct qcow_map *m, uint64_t c);
+uint64_t qcow_map_slot(const struct qcow_map *m, uint64_t c);     /* REF only */
+uint64_t qcow_map_pincount(const struct qcow_map *m, uint64_t c); /* PINNED only */
+void qcow_map_set_ref(struct qcow_map *m, uint64_t c, uint64_t slot);
+void qcow_map_set_pinned(struct qcow_map *m, uint64_t c, uint64_t count);
+void qcow_map_set_state(struct qcow_map *m, uint64_t c, enum qcow_cstate s);
+/* Adds one reference (REF -> PINNED(2), PINNED(n) -> n+1, free -> REF). */
+void qcow_map_add_ref(struct qcow_map *m, uint64_t c, uint64_t slot);
+/* Drops one reference: REF -> Junk, PINNED(1) -> Junk, PINNED(n) -> n-1. */
+void qcow_map_drop_ref(struct qcow_map *m, uint64_t c);
+
+/* What the on-disk refcount of c must be, derived from its state. */
+uint64_t qcow_map_want_refcount(const struct qcow_map *m, uint64_t c);
+void qcow_map_mark_rc_dirty(struct qcow_map *m, uint64_t c);
+
+uint64_t qcow_map_lowest_available(const struct qcow_map *m);       /* UINT64_MAX if none */
+uint64_t qcow_map_next_junk(const struct qcow_map *m, uint64_t from);
+uint64_t qcow_map_highest_movable(const struct qcow_map *m, uint64_t before);
+/* Highest cluster that is not Junk, Erased or Available (get_last_block),
+ * or UINT64_MAX when there is none.  The file may be truncated after it. */
+uint64_t qcow_map_last_block(const struct qcow_map *m);
+bool qcow_map_is_immovable(const struct qcow_map *m, uint64_t c);
+
+/* Moves.  start: src must be movable REF, dst Junk; dst becomes Copies. */
+struct qcow_move *qcow_map_move_start(struct qcow_map *m, uint64_t src, uint64_t dst);
+struct qcow_move *qcow_map_move_find(struct qcow_map *m, uint64_t src);
+bool qcow_map_is_moving(const struct qcow_map *m, uint64_t c);
+/* Cancels the move of src unless it reached Referenced; dst -> Junk. */
+void qcow_map_move_cancel(struct qcow_map *m, uint64_t src);
+void qcow_map_move_set_state(struct qcow_map *m, struct qcow_move *mv, enum qcow_move_state s);
+/* Ends a move after its completing flush (or drops a cancelled one):
+ * src PENDING -> Junk. */
+void qcow_map_move_complete(struct qcow_map *m, struct qcow_move *mv);
+
+const char *qcow_map_state_name(enum qcow_cstate s);
+/* Checks every invariant of DESIGN.md section 3 that the map alone can
+ * see; returns NULL or a static description of the first violation. */
+const char *qcow_map_check(const struct qcow_map *m);
+/* One line: counts per state and moves. */
+void qcow_map_summary(const struct qcow_map *m, char *buf, size_t len);
+/* Bytes of memory the map uses (for the memory figure per cluster). */
+uint64_t qcow_map_memory(const struct qcow_map *m);
+
+#endif
