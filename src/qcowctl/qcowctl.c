@@ -709,7 +709,11 @@ static int cmd_create(const struct command *self, int argc, char **argv)
 	} else if (opts.version == 2) {
 		opts.refcount_order = 4;
 	}
-	opts.size = size;
+	/* QEMU sees a disk in whole 512-byte sectors and would silently drop
+	 * a partial last one; round up as qemu-img create does. */
+	if (size > UINT64_MAX - 511)
+		return usage_error(self, "invalid size: %" PRIu64 " bytes is too large", size);
+	opts.size = (size + 511) & ~(uint64_t)511;
 
 	snprintf(what, sizeof(what), "cannot create %s", image);
 	engine_call_begin(true);
@@ -1411,7 +1415,7 @@ static int cmd_unmount(const struct command *self, int argc, char **argv)
 	const char *mountpoint;
 	char *image = NULL;
 	char err[1024] = "", what[2 * PATH_MAX + 64];
-	pid_t pid;
+	pid_t pid = 0;
 	int opt, ret, status = EXIT_FAILURE;
 
 	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
