@@ -565,6 +565,9 @@ static void report_status_error(const char *mountpoint, int ret)
 {
 	if (errno_means_not_qcowfs(-ret))
 		print_error("%s is not a qcowfs mount", mountpoint);
+	else if (ret == -ENOTCONN)
+		print_error("%s: the qcowfs daemon is gone (killed or crashed); "
+			    "'fusermount3 -u %s' detaches the dead mount", mountpoint, mountpoint);
 	else if (ret == -EPROTO)
 		print_error("%s: the status from qcowfs could not be parsed (qcowctl and qcowfs versions differ?)",
 			    mountpoint);
@@ -1332,8 +1335,8 @@ static int unmount_identify(const char *mountpoint, pid_t *pid, char **image)
 		ret = xattr_read_text(mountpoint, XATTR_IMAGE, image);
 	}
 	if (ret < 0) {
-		if (errno_means_not_qcowfs(-ret))
-			print_error("%s is not a qcowfs mount", mountpoint);
+		if (errno_means_not_qcowfs(-ret) || ret == -ENOTCONN)
+			report_status_error(mountpoint, ret);
 		else
 			print_error("cannot query %s: %s", mountpoint, strerror(-ret));
 		return ret;
