@@ -97,7 +97,7 @@ run_kind() {
 	raw_of "$img" "$shadow"
 	seed=$((1000 + n))
 	qmount "$img" "$MNT"
-	python3 "$T/randwrite.py" "$MNT" "$shadow" "$seed" "$nops" "$maxlen" "$cs" grow ||
+	$PYTHON "$T/randwrite.py" "$MNT" "$shadow" "$seed" "$nops" "$maxlen" "$cs" grow ||
 		fail "random writes on image $n ($opts) failed (seed $seed)"
 	same_file "$MNT" "$shadow" "image $n ($opts): view vs shadow while mounted"
 	qumount "$MNT"

@@ -29,7 +29,7 @@ bad() {
 	n=$((n + 1))
 	img=$T/bad$n-$kind.qcow2
 	cp "$base" "$img"
-	python3 "$MKBAD" "$kind" "$img" || fail "mkbad.py $kind failed"
+	$PYTHON "$MKBAD" "$kind" "$img" || fail "mkbad.py $kind failed"
 	sum=$(sha "$img")
 	for mode in rw ro; do
 		if [ $mode = ro ]; then
@@ -84,7 +84,7 @@ MNT=$T/view.raw
 # ---- dirty bit with nothing wrong: opens, reads right, is cleaned --------
 img=$T/dirty.qcow2
 cp "$B3" "$img"
-python3 "$MKBAD" dirty "$img"
+$PYTHON "$MKBAD" dirty "$img"
 qmount "$img" "$MNT"
 same_file "$MNT" "$T/base3.raw" "dirty image: view vs qemu-img convert"
 qumount "$MNT"
@@ -120,7 +120,7 @@ qcompare "$img" "$T/lazy.raw" "crashed lazy image after unmount"
 # ---- corrupt bit: rw refused, ro works and changes nothing ---------------
 img=$T/corrupt.qcow2
 cp "$B3" "$img"
-python3 "$MKBAD" corrupt "$img"
+$PYTHON "$MKBAD" corrupt "$img"
 sum=$(sha "$img")
 qmount_fails "$img" "$MNT"
 grep -qi corrupt "$QM_ERR" || fail "corrupt image: rw refusal does not say 'corrupt': $(cat "$QM_ERR")"
@@ -133,11 +133,11 @@ qumount "$MNT"
 # ---- unknown autoclear bit: rw mount clears it ---------------------------
 img=$T/autoclear.qcow2
 cp "$B3" "$img"
-python3 "$MKBAD" unknown-autoclear "$img"
+$PYTHON "$MKBAD" unknown-autoclear "$img"
 qmount "$img" "$MNT"
 same_file "$MNT" "$T/base3.raw" "unknown autoclear bit: view"
 qumount "$MNT"
-ac=$(python3 "$MKBAD" --field "$img" autoclear_features)
+ac=$($PYTHON "$MKBAD" --field "$img" autoclear_features)
 [ "$ac" = 0 ] || fail "unknown autoclear bit not cleared by a rw mount (autoclear_features=$ac)"
 qcheck "$img"
 
@@ -145,8 +145,8 @@ qcheck "$img"
 for base in "$B3" "$B2"; do
 	img=$T/ext-$(basename "$base")
 	cp "$base" "$img"
-	python3 "$MKBAD" unknown-ext "$img"
-	want=$(python3 "$MKBAD" --field "$img" ext:0x7163f5e1)
+	$PYTHON "$MKBAD" unknown-ext "$img"
+	want=$($PYTHON "$MKBAD" --field "$img" ext:0x7163f5e1)
 	cp "${base%.qcow2}.raw" "$T/ext-shadow.raw"
 	qmount "$img" "$MNT"
 	printf 'qcowfs was here' | dd of="$MNT" bs=1 seek=777777 conv=notrunc status=none
@@ -154,8 +154,8 @@ for base in "$B3" "$B2"; do
 	truncate -s 300M "$MNT"
 	truncate -s 300M "$T/ext-shadow.raw"
 	qumount "$MNT"
-	got=$(python3 "$MKBAD" --field "$img" ext:0x7163f5e1) ||
-		fail "unknown header extension lost after a rw mount ($(basename "$base")); extensions now: $(python3 "$MKBAD" --field "$img" ext)"
+	got=$($PYTHON "$MKBAD" --field "$img" ext:0x7163f5e1) ||
+		fail "unknown header extension lost after a rw mount ($(basename "$base")); extensions now: $($PYTHON "$MKBAD" --field "$img" ext)"
 	[ "$got" = "$want" ] || fail "unknown header extension changed: was $want, now $got"
 	qcheck "$img"
 	qcompare "$img" "$T/ext-shadow.raw" "image with an unknown extension after write + grow"

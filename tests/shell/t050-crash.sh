@@ -118,7 +118,7 @@ crash_round() {
 	qmount "$img" "$MNT"
 	# two writers on the two halves of the disk
 	for p in 0 1; do
-		bg_start python3 "$T/workload.py" "$MNT" "$T/j$round.$p" $((round * 100 + p)) \
+		bg_start $PYTHON "$T/workload.py" "$MNT" "$T/j$round.$p" $((round * 100 + p)) \
 			$(((round * 2 + p) * 10000000)) $((p * half)) $(((p + 1) * half))
 		pids+=("$BG_PID")
 	done
@@ -134,7 +134,7 @@ crash_round() {
 	grep -q '^W' "$T/j$round.0" || fail "round $round: the workload wrote nothing"
 	qcheck_nocorrupt "$img"
 	raw_of "$img" "$T/after.raw"
-	out=$(python3 "$T/verify.py" "$T/after.raw" "$BASELINE" "$T/j$round".*) ||
+	out=$($PYTHON "$T/verify.py" "$T/after.raw" "$BASELINE" "$T/j$round".*) ||
 		fail "round $round (kill after ${delay}s): data lost or garbled after the crash:
 $out"
 	log "round $round, kill after ${delay}s: $out"
