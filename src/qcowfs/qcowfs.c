@@ -1,0 +1,1105 @@
+/*
+ * qcowfs.c - the qcowfs daemon: mounts a qcow2 image as one regular file
+ * holding the raw disk, through the libfuse low-level API, and turns every
+ * FUSE request into one call of the libqcow engine (qcow.h).
+ *
+ * What this file owns:
+ *  - the process life cycle: parse options, check the mountpoint, fork,
+ *    open the image and mount in the child, tell the parent the result
+ *    through a pipe, detach, serve, and on unmount/SIGTERM/SIGINT/SIGHUP
+ *    unmount, close the image (flush + exact refcounts) and exit;
+ *  - the FUSE operations of the one inode (FUSE_ROOT_ID is the file);
+ *  - logging: engine and libfuse messages go to stderr until the daemon
+ *    detaches, to syslog ("qcowfs", LOG_DAEMON) afterwards.
+ *
+ * Rules:
+ *  - Exactly one reply per request, on every path.  Engine errors are
+ *    negative errnos and are answered with -ret; the daemon keeps serving
+ *    after any error.
+ *  - Never answer ENOSYS to an operation the kernel may retry later:
+ *    ENOSYS disables that operation for the whole connection (fallocate
+ *    in particular), so unsupported modes get EOPNOTSUPP.
+ *  - The raw view is a disk: it never shrinks, reads stop at EOF, writes
+ *    are clipped at EOF (a short write, as QEMU's FUSE export and block
+ *    devices do) and a write entirely past EOF fails with ENOSPC.
+ *  - All state lives in the one struct qcowfs below; the handlers only
+ *    read it, except the modification time, which is an atomic.
+ *  - Nothing that can fail is done after the parent has been told "OK"
+ *    except serving: a failure before that point leaves no mount behind,
+ *    removes a mountpoint file we created and exits 1.
+ */
+#define _GNU_SOURCE
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include "qcowfs.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/wait.h>
+#include <syslog.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <fuse_lowlevel.h>
+
+/* The largest request the kernel sends us: 1 MiB = 256 pages, the
+ * kernel's default fuse max_pages_limit and libfuse's buffer size.  Bigger
+ * requests mean fewer round trips for sequential I/O (dd, qemu-img
+ * convert, a loop device doing readahead or writeback). */
+#define QCOWFS_MAX_IO (1024 * 1024)
+
+/* How long the kernel may cache the file's attributes.  The size only
+ * changes through this mount (the kernel updates its copy itself), but
+ * st_blocks follows the image file's allocation, which the recycler
+ * changes behind the kernel's back: one second keeps `du` and `ls -s`
+ * close to the truth without a getattr per stat(). */
+#define QCOWFS_ATTR_TIMEOUT 1.0
+
+/* Background requests (readahead, async direct I/O) the kernel may have
+ * outstanding.  Its default of 12 starves a multi-threaded engine when a
+ * loop device or O_DIRECT reader issues many requests at once. */
+#define QCOWFS_MAX_BACKGROUND 64
+
+/* st_blksize and the statfs block size: the page size, which is the unit
+ * the kernel's page cache sends us anyway, the physical sector size of
+ * modern disks, and small enough that tools which read st_blksize as "the
+ * smallest sensible write" (stdio, mkfs on a file) never write more than
+ * they mean to.  Large sequential I/O does not depend on it: coreutils
+ * use at least 128 KiB and the kernel merges pages up to QCOWFS_MAX_IO. */
+#define QCOWFS_BLOCK_SIZE 4096
+
+#define XATTR_STATUS  "user.qcowfs.status"
+#define XATTR_PID     "user.qcowfs.pid"
+#define XATTR_IMAGE   "user.qcowfs.image"
+#define XATTR_COMPACT "user.qcowfs.compact"
+
+/* Names listxattr shows; XATTR_COMPACT is write-only and not listed. */
+static const char xattr_names[] = XATTR_STATUS "\0" XATTR_PID "\0" XATTR_IMAGE;
+
+/* File handle flag (fi->fh): the handle may write, so close() flushes. */
+#define FH_WRITABLE 1
+
+/* The one state struct of the daemon. */
+struct qcowfs {
+	struct qcowfs_opts opts;
+	struct qcow_image *img;
+	struct fuse_session *se;
+
+	char *image_path;        /* absolute: the daemon chdirs to / */
+	char *mountpoint;        /* absolute: libfuse unmounts by this name */
+	bool created_mountpoint; /* we made the file; remove it if mounting fails */
+
+	bool read_only;
+	uid_t uid;               /* owner shown for the file */
+	gid_t gid;
+	pid_t pid;               /* of the serving process, for XATTR_PID */
+
+	/* Modification time in ns since the epoch: starts as the image
+	 * file's mtime, moves on every change of the raw view.  Atomic
+	 * because writers on several threads update it. */
+	int64_t mtime_ns;
+
+	/* Logging.  log_to_syslog is set once, when the daemon detaches,
+	 * before any worker thread exists.  While capture_fuse_log is set
+	 * (daemon startup), libfuse's own error messages are collected in
+	 * startup_log so the parent can print them; after a failed startup
+	 * nobody would see them otherwise. */
+	bool log_to_syslog;
+	bool capture_fuse_log;
+	char startup_log[1024];
+
+	/* Per-thread read buffer (see read_buffer()). */
+	pthread_key_t read_buffer_key;
+};
+
+static struct qcowfs qcowfs;
+
+/* ---- logging ---------------------------------------------------------- */
+
+static void log_message(int priority, const char *msg)
+{
+	if (qcowfs.log_to_syslog)
+		syslog(priority, "%s", msg);
+	else
+		fprintf(stderr, "qcowfs: %s\n", msg);
+}
+
+static void log_printf(int priority, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+static void log_printf(int priority, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	log_message(priority, msg);
+}
+
+static void engine_log_sink(enum qcow_log_level level, const char *msg, void *opaque)
+{
+	static const int priority[] = {
+		[QCOW_LOG_ERROR] = LOG_ERR,
+		[QCOW_LOG_WARNING] = LOG_WARNING,
+		[QCOW_LOG_INFO] = LOG_INFO,
+		[QCOW_LOG_DEBUG] = LOG_DEBUG,
+	};
+
+	log_message(level <= QCOW_LOG_DEBUG ? priority[level] : LOG_DEBUG, msg);
+}
+
+/* libfuse's levels are syslog's priorities. */
+static void fuse_log_sink(enum fuse_log_level level, const char *fmt, va_list ap)
+{
+	char msg[1024];
+
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	msg[strcspn(msg, "\n")] = '\0';
+	if (qcowfs.capture_fuse_log) {
+		if (level <= FUSE_LOG_WARNING) {
+			size_t used = strlen(qcowfs.startup_log);
+			snprintf(qcowfs.startup_log + used,
+				 sizeof(qcowfs.startup_log) - used, "%s%s",
+				 used ? "; " : "", msg);
+		}
+		return;
+	}
+	log_message((int)level, msg);
+}
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static int64_t timespec_to_ns(struct timespec ts)
+{
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Records that the raw view changed now. */
+static void touch_mtime(void)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_REALTIME, &now);
+	__atomic_store_n(&qcowfs.mtime_ns, timespec_to_ns(now), __ATOMIC_RELAXED);
+}
+
+static void fill_attr(struct stat *st)
+{
+	struct qcow_stats stats;
+	int64_t mtime_ns = __atomic_load_n(&qcowfs.mtime_ns, __ATOMIC_RELAXED);
+	struct timespec mtime = {
+		.tv_sec = mtime_ns / 1000000000,
+		.tv_nsec = mtime_ns % 1000000000,
+	};
+
+	qcow_image_get_stats(qcowfs.img, &stats);
+	memset(st, 0, sizeof(*st));
+	st->st_ino = FUSE_ROOT_ID;
+	st->st_mode = S_IFREG | (qcowfs.read_only ? 0444 : 0644);
+	st->st_nlink = 1;
+	st->st_uid = qcowfs.uid;
+	st->st_gid = qcowfs.gid;
+	st->st_size = (off_t)qcow_image_size(qcowfs.img);
+	/* What `du` should say is what the image costs on the host, as
+	 * QEMU's export does: that number falls after fstrim and
+	 * compaction, which is the point of qcowfs. */
+	st->st_blocks = (blkcnt_t)((stats.file_allocated + 511) / 512);
+	st->st_blksize = QCOWFS_BLOCK_SIZE;
+	st->st_atim = st->st_mtim = st->st_ctim = mtime;
+}
+
+static void reply_attr(fuse_req_t req)
+{
+	struct stat st;
+
+	fill_attr(&st);
+	fuse_reply_attr(req, &st, QCOWFS_ATTR_TIMEOUT);
+}
+
+static void read_buffer_free(void *buffer)
+{
+	free(buffer);
+}
+
+/* A buffer of at least len bytes owned by the calling worker thread.
+ * Reads need a bounce buffer (the engine decompresses, zero-fills holes
+ * and gathers clusters into it); keeping one per thread avoids a 1 MiB
+ * malloc/free, and the page faults of a fresh mapping, on every read. */
+struct read_buffer {
+	size_t size;
+	char data[];
+};
+
+static char *read_buffer(size_t len)
+{
+	struct read_buffer *rb = pthread_getspecific(qcowfs.read_buffer_key);
+
+	if (rb && rb->size >= len)
+		return rb->data;
+	size_t size = len < QCOWFS_MAX_IO ? QCOWFS_MAX_IO : len;
+	struct read_buffer *bigger = malloc(sizeof(*bigger) + size);
+	if (!bigger)
+		return NULL;
+	bigger->size = size;
+	if (pthread_setspecific(qcowfs.read_buffer_key, bigger)) {
+		free(bigger);
+		return NULL;
+	}
+	free(rb);
+	return bigger->data;
+}
+
+/* ---- FUSE operations ---------------------------------------------------- */
+
+/*
+ * Capabilities, each with its reason:
+ *  - max_write 1 MiB (libfuse then asks for max_pages = 256): fewer,
+ *    larger requests for sequential I/O.  Reads get the same limit from
+ *    the kernel's max_pages.
+ *  - max_readahead as large as the kernel allows (it takes the minimum of
+ *    ours and its own): sequential readers of a disk image benefit, and
+ *    ASYNC_READ lets those readahead requests run in parallel.
+ *  - ASYNC_READ on: several reads of one handle may be in flight, which
+ *    the thread-safe engine serves on several worker threads.
+ *  - ASYNC_DIO on: large O_DIRECT requests (losetup --direct-io,
+ *    qemu-img -t none) are split and sent concurrently, not one by one.
+ *  - SPLICE_READ/WRITE/MOVE off: the engine takes and returns memory
+ *    buffers, never file descriptors, so splicing would only add a pipe
+ *    and two extra system calls per request in front of the same copy.
+ *  - WRITEBACK_CACHE off: with it the kernel owns the file size and would
+ *    extend it on writes past EOF, which a fixed-size disk must refuse,
+ *    and it delays writes that fsync users expect to see at once; the
+ *    page cache of whatever sits on top (a loop device's file system)
+ *    already absorbs small writes.
+ *  - AUTO_INVAL_DATA off: every change of the file's data goes through
+ *    this mount, so the kernel's cached pages are never stale; with it on,
+ *    each write (which moves mtime) would drop the whole cache on the next
+ *    getattr.  Compaction moves clusters inside the image, never bytes of
+ *    the raw view, so it cannot make cached pages stale either.
+ *  - ATOMIC_O_TRUNC off: the kernel then truncates with setattr(size=0),
+ *    which reaches the engine's resize and gets its answer (a shrink is
+ *    refused), instead of a flag open() would have to interpret.
+ */
+static void op_init(void *userdata, struct fuse_conn_info *conn)
+{
+	conn->max_write = QCOWFS_MAX_IO;
+	conn->max_readahead = QCOWFS_MAX_IO;
+	conn->max_background = QCOWFS_MAX_BACKGROUND;
+	conn->congestion_threshold = QCOWFS_MAX_BACKGROUND * 3 / 4;
+
+	conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE |
+			FUSE_CAP_SPLICE_MOVE | FUSE_CAP_WRITEBACK_CACHE |
+			FUSE_CAP_AUTO_INVAL_DATA | FUSE_CAP_ATOMIC_O_TRUNC);
+	/* Asking for a capability the kernel lacks makes libfuse refuse
+	 * the connection, hence the masks. */
+	conn->want |= conn->capable & (FUSE_CAP_ASYNC_READ | FUSE_CAP_ASYNC_DIO);
+}
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	/* The root inode is the file itself: it has no names below it. */
+	fuse_reply_err(req, parent == FUSE_ROOT_ID ? ENOTDIR : ENOENT);
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	if (ino != FUSE_ROOT_ID) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	reply_attr(req);
+}
+
+/* Only the size means anything for a disk; chmod, chown and utimes are
+ * accepted and change nothing, so cp -p, rsync and touch keep working. */
+static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
+		       int to_set, struct fuse_file_info *fi)
+{
+	if (ino != FUSE_ROOT_ID) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	if (to_set & FUSE_SET_ATTR_SIZE) {
+		if (qcowfs.read_only) {
+			fuse_reply_err(req, EROFS);
+			return;
+		}
+		if (attr->st_size < 0) {
+			fuse_reply_err(req, EINVAL);
+			return;
+		}
+		if ((uint64_t)attr->st_size != qcow_image_size(qcowfs.img)) {
+			/* Growing is supported; the engine refuses to shrink
+			 * (EOPNOTSUPP) and that answer goes to the caller. */
+			int ret = qcow_image_resize(qcowfs.img, (uint64_t)attr->st_size);
+			if (ret < 0) {
+				fuse_reply_err(req, -ret);
+				return;
+			}
+			touch_mtime();
+		}
+	}
+	reply_attr(req);
+}
+
+/*
+ * No FOPEN_DIRECT_IO: the kernel page cache in front of the file serves
+ * repeated reads without a round trip, allows shared mmap, and cannot go
+ * stale because every change to the data passes through this mount (the
+ * kernel drops cached pages of a range itself on fallocate).  For the
+ * same reason keep_cache is set: a new open need not throw away pages
+ * that are still right.  Callers who want no caching use O_DIRECT, which
+ * FUSE honours per file descriptor.
+ */
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	int access = fi->flags & O_ACCMODE;
+
+	if (ino != FUSE_ROOT_ID) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	if (qcowfs.read_only && access != O_RDONLY) {
+		fuse_reply_err(req, EROFS);
+		return;
+	}
+	/* Only seen if the kernel did O_TRUNC atomically, which op_init
+	 * does not ask for; a disk cannot be emptied by truncation. */
+	if ((fi->flags & O_TRUNC) && access != O_RDONLY &&
+	    qcow_image_size(qcowfs.img) != 0) {
+		fuse_reply_err(req, EOPNOTSUPP);
+		return;
+	}
+	fi->direct_io = 0;
+	fi->keep_cache = 1;
+	fi->fh = access != O_RDONLY ? FH_WRITABLE : 0;
+	/* A read-only descriptor has nothing to make durable on close. */
+	fi->noflush = access == O_RDONLY;
+	fuse_reply_open(req, fi);
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+		    struct fuse_file_info *fi)
+{
+	uint64_t end = qcow_image_size(qcowfs.img);
+
+	if (off < 0) {
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	if ((uint64_t)off >= end || size == 0) {
+		fuse_reply_buf(req, NULL, 0);
+		return;
+	}
+	if (size > end - (uint64_t)off)
+		size = (size_t)(end - (uint64_t)off);
+
+	char *buf = read_buffer(size);
+	if (!buf) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	ssize_t ret = qcow_image_read(qcowfs.img, buf, size, (uint64_t)off);
+	if (ret < 0)
+		fuse_reply_err(req, (int)-ret);
+	else
+		fuse_reply_buf(req, buf, (size_t)ret);
+}
+
+static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
+		     size_t size, off_t off, struct fuse_file_info *fi)
+{
+	uint64_t end = qcow_image_size(qcowfs.img);
+
+	if (qcowfs.read_only) {
+		fuse_reply_err(req, EROFS);
+		return;
+	}
+	if (off < 0) {
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	if (size == 0) {
+		fuse_reply_write(req, 0);
+		return;
+	}
+	/* Like a block device: nothing fits at or after the end. */
+	if ((uint64_t)off >= end) {
+		fuse_reply_err(req, ENOSPC);
+		return;
+	}
+	if (size > end - (uint64_t)off)
+		size = (size_t)(end - (uint64_t)off);
+
+	ssize_t ret = qcow_image_write(qcowfs.img, buf, size, (uint64_t)off);
+	if (ret < 0) {
+		fuse_reply_err(req, (int)-ret);
+		return;
+	}
+	touch_mtime();
+	fuse_reply_write(req, (size_t)ret);
+}
+
+/* close(): makes the writes of this descriptor durable, as QEMU's export
+ * does, so a script's "dd ...; done" leaves a consistent image even if
+ * the machine dies right after.  Read-only handles skip it (noflush). */
+static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	int ret = 0;
+
+	if (fi->fh & FH_WRITABLE)
+		ret = qcow_image_flush(qcowfs.img);
+	fuse_reply_err(req, -ret);
+}
+
+static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync,
+		     struct fuse_file_info *fi)
+{
+	/* fdatasync and fsync are the same here: the only metadata of the
+	 * raw view that matters (its size) is part of the image's. */
+	fuse_reply_err(req, -qcow_image_flush(qcowfs.img));
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	fuse_reply_err(req, 0);
+}
+
+/* df on the mountpoint describes the disk: its size, and as "used" the
+ * clusters the image holds (data and its L2/refcount tables), so the
+ * free figure is what the guest may still fill without growing the
+ * image past its virtual size. */
+static void op_statfs(fuse_req_t req, fuse_ino_t ino)
+{
+	struct qcow_stats stats;
+	struct statvfs sv;
+
+	qcow_image_get_stats(qcowfs.img, &stats);
+	uint64_t total = stats.virtual_size / QCOWFS_BLOCK_SIZE;
+	uint64_t used = stats.clusters_referenced * stats.cluster_size / QCOWFS_BLOCK_SIZE;
+	if (used > total)
+		used = total;
+
+	memset(&sv, 0, sizeof(sv));
+	sv.f_bsize = QCOWFS_BLOCK_SIZE;
+	sv.f_frsize = QCOWFS_BLOCK_SIZE;
+	sv.f_blocks = total;
+	sv.f_bfree = total - used;
+	sv.f_bavail = total - used;
+	sv.f_files = 1;
+	sv.f_ffree = 0;
+	sv.f_favail = 0;
+	sv.f_namemax = 255;
+	fuse_reply_statfs(req, &sv);
+}
+
+/*
+ * fallocate modes (PUNCH_HOLE without KEEP_SIZE never arrives: the VFS
+ * rejects it):
+ *   PUNCH_HOLE|KEEP_SIZE    discard: the range reads zeros, whole clusters
+ *                           are freed (fstrim through a loop device ends here)
+ *   ZERO_RANGE[|KEEP_SIZE]  zero; without KEEP_SIZE a range past EOF grows
+ *                           the file first
+ *   0                       reserve: inside the file nothing to do (the
+ *                           engine allocates on write); past EOF grow
+ *   KEEP_SIZE               reserve without growing: nothing to do
+ *   anything else           EOPNOTSUPP (never ENOSYS, see the file top)
+ * Ranges are clipped at EOF where the size does not change.
+ */
+static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode,
+			 off_t offset, off_t length, struct fuse_file_info *fi)
+{
+	const int keep = FALLOC_FL_KEEP_SIZE;
+	uint64_t size = qcow_image_size(qcowfs.img);
+	uint64_t off = (uint64_t)offset, end;
+	int ret = 0;
+
+	if (mode != (FALLOC_FL_PUNCH_HOLE | keep) && mode != FALLOC_FL_ZERO_RANGE &&
+	    mode != (FALLOC_FL_ZERO_RANGE | keep) && mode != 0 && mode != keep) {
+		fuse_reply_err(req, EOPNOTSUPP);
+		return;
+	}
+	if (offset < 0 || length <= 0) {
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	if (qcowfs.read_only) {
+		fuse_reply_err(req, EROFS);
+		return;
+	}
+	if (__builtin_add_overflow(off, (uint64_t)length, &end) || end > INT64_MAX) {
+		fuse_reply_err(req, EFBIG);
+		return;
+	}
+
+	if (end > size && !(mode & keep)) {
+		/* Grows the file; what lies past the old end reads zeros. */
+		ret = qcow_image_resize(qcowfs.img, end);
+		if (ret < 0)
+			goto out;
+		size = end;
+		touch_mtime();
+	}
+	if (end > size)
+		end = size;
+	if (off >= end)
+		goto out;                       /* entirely past EOF, size kept */
+
+	if (mode & FALLOC_FL_PUNCH_HOLE)
+		ret = qcow_image_discard(qcowfs.img, off, end - off);
+	else if (mode & FALLOC_FL_ZERO_RANGE)
+		ret = qcow_image_zero(qcowfs.img, off, end - off);
+	else
+		goto out;                       /* mode 0 / KEEP_SIZE inside the file */
+	if (ret >= 0)
+		touch_mtime();
+out:
+	fuse_reply_err(req, ret < 0 ? -ret : 0);
+}
+
+static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+		     struct fuse_file_info *fi)
+{
+	if ((whence != SEEK_DATA && whence != SEEK_HOLE) || off < 0) {
+		/* The kernel handles SEEK_SET/CUR/END without asking us. */
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	int64_t ret = qcow_image_seek(qcowfs.img, (uint64_t)off, whence);
+	if (ret < 0)
+		fuse_reply_err(req, (int)-ret);
+	else
+		fuse_reply_lseek(req, (off_t)ret);
+}
+
+/* Answers a getxattr/listxattr with value[0..len): the length when the
+ * caller asks for it (size 0), ERANGE when its buffer is too small. */
+static void reply_xattr_value(fuse_req_t req, const char *value, size_t len, size_t size)
+{
+	if (size == 0)
+		fuse_reply_xattr(req, len);
+	else if (size < len)
+		fuse_reply_err(req, ERANGE);
+	else
+		fuse_reply_buf(req, value, len);
+}
+
+static void reply_status_xattr(fuse_req_t req, size_t size)
+{
+	struct qcow_stats stats;
+	size_t cap = 4096;
+	char *text = NULL;
+	int len;
+
+	qcow_image_get_stats(qcowfs.img, &stats);
+	do {
+		char *bigger = realloc(text, cap);
+		if (!bigger) {
+			free(text);
+			fuse_reply_err(req, ENOMEM);
+			return;
+		}
+		text = bigger;
+		len = qcow_stats_format(&stats, text, cap);
+		cap *= 4;
+	} while (len == -ERANGE && cap <= 1024 * 1024);
+
+	if (len < 0)
+		fuse_reply_err(req, -len);
+	else
+		reply_xattr_value(req, text, (size_t)len, size);
+	free(text);
+}
+
+/*
+ * The status and control channel of qcowctl: a few "user.qcowfs.*"
+ * attributes of the file.  Everything else has no value (ENODATA), which
+ * is also the fast answer to the "security.capability" lookup the kernel
+ * makes before writes.
+ */
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+	char text[64];
+
+	if (!strcmp(name, XATTR_STATUS)) {
+		reply_status_xattr(req, size);
+	} else if (!strcmp(name, XATTR_PID)) {
+		int len = snprintf(text, sizeof(text), "%ld", (long)qcowfs.pid);
+		reply_xattr_value(req, text, (size_t)len, size);
+	} else if (!strcmp(name, XATTR_IMAGE)) {
+		reply_xattr_value(req, qcowfs.image_path, strlen(qcowfs.image_path), size);
+	} else {
+		fuse_reply_err(req, ENODATA);
+	}
+}
+
+static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+	reply_xattr_value(req, xattr_names, sizeof(xattr_names), size);
+}
+
+static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name,
+			const char *value, size_t size, int flags)
+{
+	if (strcmp(name, XATTR_COMPACT)) {
+		fuse_reply_err(req, ENOTSUP);
+		return;
+	}
+	/* Any value: the write itself is the request.  The compaction runs
+	 * on the recycler thread; qcowctl follows it through XATTR_STATUS. */
+	qcow_image_request_compact(qcowfs.img);
+	fuse_reply_err(req, 0);
+}
+
+static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
+{
+	fuse_reply_err(req, ENOTSUP);
+}
+
+static const struct fuse_lowlevel_ops qcowfs_ops = {
+	.init = op_init,
+	.lookup = op_lookup,
+	.getattr = op_getattr,
+	.setattr = op_setattr,
+	.open = op_open,
+	.read = op_read,
+	.write = op_write,
+	.flush = op_flush,
+	.release = op_release,
+	.fsync = op_fsync,
+	.statfs = op_statfs,
+	.setxattr = op_setxattr,
+	.getxattr = op_getxattr,
+	.listxattr = op_listxattr,
+	.removexattr = op_removexattr,
+	.fallocate = op_fallocate,
+	.lseek = op_lseek,
+};
+
+/* ---- start-up ------------------------------------------------------------ */
+
+/* Resolves the image path and checks (creating if missing) the
+ * mountpoint, before forking, so that the plain mistakes are reported
+ * without starting a daemon.  Fills qcowfs.image_path, .mountpoint,
+ * .created_mountpoint, .uid and .gid. */
+static int prepare_paths(char *err, size_t errlen)
+{
+	struct stat image_st, mp_st;
+
+	qcowfs.image_path = realpath(qcowfs.opts.image, NULL);
+	if (!qcowfs.image_path || stat(qcowfs.image_path, &image_st)) {
+		snprintf(err, errlen, "cannot open image %s: %s",
+			 qcowfs.opts.image, strerror(errno));
+		return -1;
+	}
+	if (S_ISDIR(image_st.st_mode)) {
+		snprintf(err, errlen, "cannot open image %s: %s",
+			 qcowfs.opts.image, strerror(EISDIR));
+		return -1;
+	}
+	qcowfs.mtime_ns = timespec_to_ns(image_st.st_mtim);
+
+	if (stat(qcowfs.opts.mountpoint, &mp_st)) {
+		if (errno == ENOTCONN) {
+			snprintf(err, errlen, "mountpoint %s: %s (a dead qcowfs "
+				 "mount? run 'fusermount3 -u %s')",
+				 qcowfs.opts.mountpoint, strerror(ENOTCONN),
+				 qcowfs.opts.mountpoint);
+			return -1;
+		}
+		if (errno != ENOENT)
+			goto mp_error;
+		/* Like QEMU's export, the mountpoint is a regular file; we
+		 * create it so that "qcowfs disk.qcow2 disk.raw" just works. */
+		int fd = open(qcowfs.opts.mountpoint,
+			      O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+		if (fd < 0) {
+			snprintf(err, errlen, "cannot create mountpoint %s: %s",
+				 qcowfs.opts.mountpoint, strerror(errno));
+			return -1;
+		}
+		close(fd);
+		qcowfs.created_mountpoint = true;
+		if (stat(qcowfs.opts.mountpoint, &mp_st))
+			goto mp_error;
+	}
+	if (!S_ISREG(mp_st.st_mode)) {
+		snprintf(err, errlen, "mountpoint %s is not a regular file "
+			 "(qcowfs shows the disk as one file: give a file name)",
+			 qcowfs.opts.mountpoint);
+		return -1;
+	}
+	if (mp_st.st_dev == image_st.st_dev && mp_st.st_ino == image_st.st_ino) {
+		snprintf(err, errlen, "mountpoint %s is the image itself",
+			 qcowfs.opts.mountpoint);
+		return -1;
+	}
+	qcowfs.mountpoint = realpath(qcowfs.opts.mountpoint, NULL);
+	if (!qcowfs.mountpoint)
+		goto mp_error;
+	qcowfs.uid = qcowfs.opts.has_uid ? qcowfs.opts.uid : mp_st.st_uid;
+	qcowfs.gid = qcowfs.opts.has_gid ? qcowfs.opts.gid : mp_st.st_gid;
+	return 0;
+
+mp_error:
+	snprintf(err, errlen, "mountpoint %s: %s", qcowfs.opts.mountpoint,
+		 strerror(errno));
+	return -1;
+}
+
+static void remove_created_mountpoint(void)
+{
+	if (qcowfs.created_mountpoint && qcowfs.mountpoint)
+		unlink(qcowfs.mountpoint);
+	else if (qcowfs.created_mountpoint)
+		unlink(qcowfs.opts.mountpoint);
+	qcowfs.created_mountpoint = false;
+}
+
+/* Appends ",word" to a fuse_opt option list, escaping ',' and '\'. */
+static int append_option(char **list, const char *key, const char *value)
+{
+	size_t len = strlen(*list), extra = strlen(key) + 2;
+
+	if (value)
+		extra += 2 * strlen(value) + 1;
+	char *p = realloc(*list, len + extra);
+	if (!p)
+		return -ENOMEM;
+	*list = p;
+	p += len;
+	if (len)
+		*p++ = ',';
+	p = stpcpy(p, key);
+	if (value) {
+		*p++ = '=';
+		for (const char *v = value; *v; v++) {
+			if (*v == ',' || *v == '\\')
+				*p++ = '\\';
+			*p++ = *v;
+		}
+	}
+	*p = '\0';
+	return 0;
+}
+
+/* The mount options: the user's pass-through ones plus ours.
+ * default_permissions makes the kernel check the mode and owner we show,
+ * as for any file; fsname and subtype make /proc/mounts read
+ * "IMAGE MOUNTPOINT fuse.qcowfs". */
+static char *build_mount_options(void)
+{
+	char *list = strdup(qcowfs.opts.kernel_opts);
+	int ret = list ? 0 : -ENOMEM;
+
+	if (!ret)
+		ret = append_option(&list, "default_permissions", NULL);
+	if (!ret && !qcowfs.opts.has_fsname)
+		ret = append_option(&list, "fsname", qcowfs.image_path);
+	if (!ret && !qcowfs.opts.has_subtype)
+		ret = append_option(&list, "subtype", "qcowfs");
+	if (!ret && qcowfs.read_only)
+		ret = append_option(&list, "ro", NULL);
+	if (!ret && qcowfs.opts.allow_other)
+		ret = append_option(&list, "allow_other", NULL);
+	if (!ret && qcowfs.opts.allow_root)
+		ret = append_option(&list, "allow_root", NULL);
+	if (ret) {
+		free(list);
+		return NULL;
+	}
+	return list;
+}
+
+/* Opens the image, creates the session and mounts.  On failure undoes
+ * what it did, fills err and returns -1. */
+static int open_and_mount(char *err, size_t errlen)
+{
+	char engine_err[512] = "";
+	int ret;
+
+	ret = qcow_image_open(qcowfs.image_path, &qcowfs.opts.open, &qcowfs.img,
+			      engine_err, sizeof(engine_err));
+	if (ret < 0) {
+		snprintf(err, errlen, "cannot open image %s: %s", qcowfs.opts.image,
+			 engine_err[0] ? engine_err : strerror(-ret));
+		qcowfs.img = NULL;
+		return -1;
+	}
+	qcowfs.read_only = qcowfs.opts.open.read_only;
+
+	char *mount_options = build_mount_options();
+	char *argv[] = { "qcowfs", "-o", mount_options, "-d", NULL };
+	struct fuse_args args = FUSE_ARGS_INIT(qcowfs.opts.debug ? 4 : 3, argv);
+	if (!mount_options) {
+		snprintf(err, errlen, "out of memory");
+		goto fail_close;
+	}
+	qcowfs.se = fuse_session_new(&args, &qcowfs_ops, sizeof(qcowfs_ops), &qcowfs);
+	fuse_opt_free_args(&args);
+	free(mount_options);
+	if (!qcowfs.se) {
+		snprintf(err, errlen, "cannot create the FUSE session: %s",
+			 qcowfs.startup_log[0] ? qcowfs.startup_log : "bad mount options");
+		goto fail_close;
+	}
+	if (fuse_set_signal_handlers(qcowfs.se)) {
+		snprintf(err, errlen, "cannot install signal handlers");
+		goto fail_session;
+	}
+	if (fuse_session_mount(qcowfs.se, qcowfs.mountpoint)) {
+		snprintf(err, errlen, "cannot mount %s on %s: %s", qcowfs.opts.image,
+			 qcowfs.opts.mountpoint,
+			 qcowfs.startup_log[0] ? qcowfs.startup_log : "mount failed");
+		goto fail_signals;
+	}
+	return 0;
+
+fail_signals:
+	fuse_remove_signal_handlers(qcowfs.se);
+fail_session:
+	fuse_session_destroy(qcowfs.se);
+	qcowfs.se = NULL;
+fail_close:
+	/* The image was not changed by us; a failing close would only mean
+	 * the lock release or a flush of nothing failed. */
+	qcow_image_close(qcowfs.img);
+	qcowfs.img = NULL;
+	return -1;
+}
+
+/* Leaves the terminal's session and points stdio at /dev/null; from here
+ * on messages go to syslog. */
+static void detach(void)
+{
+	int fd;
+
+	setsid();
+	if (chdir("/"))
+		log_printf(LOG_WARNING, "chdir /: %s", strerror(errno));
+	fd = open("/dev/null", O_RDWR);
+	if (fd >= 0) {
+		dup2(fd, STDIN_FILENO);
+		dup2(fd, STDOUT_FILENO);
+		dup2(fd, STDERR_FILENO);
+		if (fd > STDERR_FILENO)
+			close(fd);
+	}
+	qcowfs.log_to_syslog = true;
+}
+
+/* Sends the start-up result to the waiting parent: "OK" or the error. */
+static int report_to_parent(int fd, const char *msg)
+{
+	size_t len = strlen(msg);
+	ssize_t done;
+
+	while ((done = write(fd, msg, len)) < 0 && errno == EINTR)
+		;
+	return done == (ssize_t)len ? 0 : -1;
+}
+
+/* The parent: waits for the child's verdict.  Returns the exit code. */
+static int wait_for_daemon(int fd, pid_t child)
+{
+	char msg[2048];
+	size_t len = 0;
+	ssize_t got;
+
+	while (len < sizeof(msg) - 1) {
+		got = read(fd, msg + len, sizeof(msg) - 1 - len);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got <= 0)
+			break;
+		len += (size_t)got;
+	}
+	msg[len] = '\0';
+	close(fd);
+	if (!strcmp(msg, "OK"))
+		return 0;
+
+	int status;
+	while (waitpid(child, &status, 0) < 0 && errno == EINTR)
+		;
+	if (len)
+		fprintf(stderr, "qcowfs: %s\n", msg);
+	else if (WIFSIGNALED(status))
+		fprintf(stderr, "qcowfs: the daemon died during start-up (signal %d)\n",
+			WTERMSIG(status));
+	else
+		fprintf(stderr, "qcowfs: the daemon exited during start-up (status %d)\n",
+			WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+	return 1;
+}
+
+/* ---- serving and shutdown ------------------------------------------------- */
+
+/* Runs the request loop until unmount or a signal, then unmounts and
+ * closes the image.  Returns the process exit code. */
+static int serve(void)
+{
+	struct fuse_loop_config *config = fuse_loop_cfg_create();
+	int loop_ret, close_ret;
+
+	if (!config) {
+		log_printf(LOG_ERR, "out of memory");
+		loop_ret = -ENOMEM;
+	} else {
+		if (qcowfs.opts.max_threads)
+			fuse_loop_cfg_set_max_threads(config, qcowfs.opts.max_threads);
+		loop_ret = fuse_session_loop_mt(qcowfs.se, config);
+		fuse_loop_cfg_destroy(config);
+	}
+	/* 0: unmounted; > 0: the signal that ended the loop (a requested
+	 * shutdown); < 0: the loop failed. */
+	if (loop_ret < 0)
+		log_printf(LOG_ERR, "request loop failed: %s", strerror(-loop_ret));
+	else if (loop_ret > 0)
+		log_printf(LOG_INFO, "signal %d: unmounting %s", loop_ret, qcowfs.mountpoint);
+
+	/* Unmount first so no request can arrive at a closing image. */
+	fuse_session_unmount(qcowfs.se);
+	close_ret = qcow_image_close(qcowfs.img);
+	qcowfs.img = NULL;
+	if (close_ret < 0)
+		log_printf(LOG_ERR, "closing %s failed: %s; run 'qcowctl check' on it",
+			   qcowfs.image_path, strerror(-close_ret));
+	else
+		log_printf(LOG_INFO, "%s closed cleanly", qcowfs.image_path);
+	fuse_remove_signal_handlers(qcowfs.se);
+	fuse_session_destroy(qcowfs.se);
+	qcowfs.se = NULL;
+	return close_ret < 0 || loop_ret < 0 ? 1 : 0;
+}
+
+/* fuse_set_signal_handlers() leaves alone a signal whose disposition is
+ * "ignore", and a shell starts background jobs ("qcowfs -f ... &") with
+ * SIGINT ignored.  Here SIGTERM, SIGINT and SIGHUP always mean "unmount
+ * and close the image cleanly": a daemon that shrugs off the polite
+ * signal gets SIGKILLed later, which skips the clean close. */
+static void reset_shutdown_signals(void)
+{
+	signal(SIGTERM, SIG_DFL);
+	signal(SIGINT, SIG_DFL);
+	signal(SIGHUP, SIG_DFL);
+}
+
+/* The process that opens, mounts and serves.  report_fd is the pipe to
+ * the waiting parent, or -1 in the foreground. */
+static int run_daemon(int report_fd)
+{
+	char err[2048];
+
+	qcowfs.pid = getpid();
+	qcowfs.capture_fuse_log = report_fd >= 0;
+	reset_shutdown_signals();
+	if (open_and_mount(err, sizeof(err))) {
+		remove_created_mountpoint();
+		if (report_fd >= 0)
+			report_to_parent(report_fd, err);
+		else
+			fprintf(stderr, "qcowfs: %s\n", err);
+		return 1;
+	}
+	qcowfs.capture_fuse_log = false;
+	/* The mountpoint is ours no more: unmounting leaves the file. */
+	qcowfs.created_mountpoint = false;
+
+	if (report_fd >= 0) {
+		if (report_to_parent(report_fd, "OK")) {
+			/* Whoever started us cannot learn that the mount is
+			 * live (killed meanwhile): do not leave it behind. */
+			log_printf(LOG_ERR, "start-up report failed: %s; unmounting",
+				   strerror(errno));
+			fuse_session_exit(qcowfs.se);
+		}
+		close(report_fd);
+		detach();
+	}
+	log_printf(LOG_INFO, "serving %s on %s%s (pid %ld)", qcowfs.image_path,
+		   qcowfs.mountpoint, qcowfs.read_only ? ", read-only" : "",
+		   (long)qcowfs.pid);
+	return serve();
+}
+
+int main(int argc, char **argv)
+{
+	char err[2048];
+	int ret, pipe_fds[2];
+
+	if (qcowfs_opts_parse(argc, argv, &qcowfs.opts, err, sizeof(err))) {
+		fprintf(stderr, "qcowfs: %s\n", err);
+		qcowfs_opts_free(&qcowfs.opts);
+		return 1;
+	}
+	if (qcowfs.opts.show_help) {
+		qcowfs_print_usage(stdout, "qcowfs");
+		return 0;
+	}
+	if (qcowfs.opts.show_version) {
+		qcowfs_print_version(stdout);
+		return 0;
+	}
+
+	qcow_log_set_sink(engine_log_sink, NULL);
+	if (qcowfs.opts.debug)
+		qcow_log_set_verbosity(QCOW_LOG_DEBUG);
+	fuse_set_log_func(fuse_log_sink);
+	openlog("qcowfs", LOG_PID, LOG_DAEMON);
+	if (pthread_key_create(&qcowfs.read_buffer_key, read_buffer_free)) {
+		fprintf(stderr, "qcowfs: cannot create a thread key\n");
+		return 1;
+	}
+
+	if (prepare_paths(err, sizeof(err))) {
+		fprintf(stderr, "qcowfs: %s\n", err);
+		remove_created_mountpoint();
+		return 1;
+	}
+
+	if (qcowfs.opts.foreground) {
+		ret = run_daemon(-1);
+	} else {
+		/* Fork before the engine starts threads and before mounting
+		 * (the child owns both); the parent stays until the mount is
+		 * live so that the next line of a script can use the file. */
+		if (pipe2(pipe_fds, O_CLOEXEC)) {
+			fprintf(stderr, "qcowfs: pipe: %s\n", strerror(errno));
+			remove_created_mountpoint();
+			return 1;
+		}
+		fflush(NULL);
+		pid_t child = fork();
+		if (child < 0) {
+			fprintf(stderr, "qcowfs: fork: %s\n", strerror(errno));
+			remove_created_mountpoint();
+			return 1;
+		}
+		if (child > 0) {
+			close(pipe_fds[1]);
+			return wait_for_daemon(pipe_fds[0], child);
+		}
+		close(pipe_fds[0]);
+		ret = run_daemon(pipe_fds[1]);
+	}
+
+	free(qcowfs.image_path);
+	free(qcowfs.mountpoint);
+	qcowfs_opts_free(&qcowfs.opts);
+	closelog();
+	return ret;
+}

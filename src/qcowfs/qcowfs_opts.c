@@ -1,0 +1,507 @@
+/*
+ * qcowfs_opts.c - the command line of the qcowfs daemon: argv to struct
+ * qcowfs_opts, the help text and the version text.
+ *
+ * Accepted forms (all equivalent):
+ *     qcowfs [-f] [-d] -o ro,cache_size=64M IMAGE MOUNTPOINT
+ *     qcowfs IMAGE MOUNTPOINT -o ro -o cache_size=64M     (mount.fuse3, fstab)
+ *
+ * Rules:
+ *  - Each -o word is classified by exactly one table below: a qcowfs
+ *    option (engine or daemon setting), a kernel/libfuse option passed
+ *    through unchanged, or a generic mount(8)/fstab word that means
+ *    nothing here and is dropped.  Anything else is an error that names
+ *    the word, so a typo never mounts with a silently ignored setting.
+ *  - Later words override earlier ones (rw after ro means rw), as mount(8)
+ *    does.
+ *  - Nothing here touches files or exits: errors come back as -EINVAL
+ *    plus a message, and qcowfs.c decides what to do.
+ */
+#ifdef HAVE_CONFIG_H
+#include <config.h>
+#endif
+
+#include "qcowfs.h"
+
+#include <errno.h>
+#include <grp.h>
+#include <limits.h>
+#include <pwd.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <fuse_lowlevel.h>
+
+#ifndef PACKAGE_VERSION
+#define PACKAGE_VERSION "unknown"
+#endif
+
+/* More threads than this only add contention on the engine's one mutex. */
+#define QCOWFS_MAX_THREADS_LIMIT 1024
+
+/* Kernel and libfuse mount options that fuse_session_new() accepts and
+ * that make sense for a one-file mount; passed through as given. */
+static const char *const passthrough_words[] = {
+	"dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+	"sync", "async", "dirsync", "auto_unmount", "default_permissions",
+	NULL
+};
+/* Passed through as well, with their value (SELinux labels, mtab name). */
+static const char *const passthrough_prefixes[] = {
+	"fsname=", "subtype=", "context=", "fscontext=", "defcontext=",
+	"rootcontext=", NULL
+};
+/* Words mount(8), mount.fuse3 or fstab may hand us that do not concern a
+ * FUSE file system (mount-time policy, or atime variants the kernel does
+ * not accept for FUSE through libfuse).  Dropped silently. */
+static const char *const ignored_words[] = {
+	"defaults", "auto", "noauto", "user", "nouser", "users", "owner",
+	"group", "_netdev", "nofail", "relatime", "norelatime", "strictatime",
+	"nostrictatime", "diratime", "nodiratime", "lazytime", "nolazytime",
+	"iversion", "noiversion", "loud", "silent", NULL
+};
+static const char *const ignored_prefixes[] = {
+	"x-", "comment=", "user=", NULL
+};
+
+/* A growable string for the pass-through option list. */
+struct strbuf {
+	char *text;
+	size_t len, cap;
+};
+
+static int strbuf_append(struct strbuf *sb, const char *s, size_t n)
+{
+	if (sb->len + n + 1 > sb->cap) {
+		size_t cap = sb->cap ? sb->cap : 64;
+		while (cap < sb->len + n + 1)
+			cap *= 2;
+		char *p = realloc(sb->text, cap);
+		if (!p)
+			return -ENOMEM;
+		sb->text = p;
+		sb->cap = cap;
+	}
+	memcpy(sb->text + sb->len, s, n);
+	sb->len += n;
+	sb->text[sb->len] = '\0';
+	return 0;
+}
+
+/* Appends one option to a comma-separated fuse_opt list, escaping the
+ * characters fuse_opt treats specially so a path with a comma stays one
+ * option. */
+static int strbuf_add_option(struct strbuf *sb, const char *word)
+{
+	int ret = 0;
+
+	if (sb->len)
+		ret = strbuf_append(sb, ",", 1);
+	for (const char *p = word; !ret && *p; p++) {
+		if (*p == ',' || *p == '\\')
+			ret = strbuf_append(sb, "\\", 1);
+		if (!ret)
+			ret = strbuf_append(sb, p, 1);
+	}
+	return ret;
+}
+
+static void set_error(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!errlen)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}
+
+static bool word_in(const char *word, const char *const *list)
+{
+	for (; *list; list++)
+		if (!strcmp(word, *list))
+			return true;
+	return false;
+}
+
+static bool prefix_in(const char *word, const char *const *list)
+{
+	for (; *list; list++)
+		if (!strncmp(word, *list, strlen(*list)))
+			return true;
+	return false;
+}
+
+/* "123", "64K", "1.5"-free: an integer with an optional binary suffix
+ * K/M/G/T (case-insensitive), optionally followed by "B" or "iB". */
+static int parse_bytes(const char *text, uint64_t *out)
+{
+	char *end;
+	unsigned shift = 0;
+
+	if (!*text || *text == '-')
+		return -EINVAL;
+	errno = 0;
+	unsigned long long value = strtoull(text, &end, 10);
+	if (errno || end == text)
+		return -EINVAL;
+	switch (*end) {
+	case 'k': case 'K': shift = 10; end++; break;
+	case 'm': case 'M': shift = 20; end++; break;
+	case 'g': case 'G': shift = 30; end++; break;
+	case 't': case 'T': shift = 40; end++; break;
+	}
+	if (shift && (!strcmp(end, "iB") || !strcmp(end, "ib")))
+		end += 2;
+	else if (*end == 'B' || *end == 'b')
+		end++;
+	if (*end)
+		return -EINVAL;
+	if (shift && value > (UINT64_MAX >> shift))
+		return -ERANGE;
+	*out = (uint64_t)value << shift;
+	return 0;
+}
+
+static int parse_unsigned(const char *text, unsigned max, unsigned *out)
+{
+	char *end;
+
+	if (!*text || *text == '-')
+		return -EINVAL;
+	errno = 0;
+	unsigned long value = strtoul(text, &end, 10);
+	if (errno || *end || end == text)
+		return -EINVAL;
+	if (value > max)
+		return -ERANGE;
+	*out = (unsigned)value;
+	return 0;
+}
+
+static int parse_switch(const char *text, bool *out)
+{
+	static const char *const on[] = { "on", "yes", "true", "1", NULL };
+	static const char *const off[] = { "off", "no", "false", "0", NULL };
+
+	for (const char *const *w = on; *w; w++)
+		if (!strcasecmp(text, *w))
+			return *out = true, 0;
+	for (const char *const *w = off; *w; w++)
+		if (!strcasecmp(text, *w))
+			return *out = false, 0;
+	return -EINVAL;
+}
+
+/* uid=/gid= take a number or a name, like chown. */
+static int parse_uid(const char *text, uid_t *out)
+{
+	unsigned value;
+
+	if (!parse_unsigned(text, UINT_MAX - 1, &value))
+		return *out = value, 0;
+	struct passwd *pw = getpwnam(text);
+	if (!pw)
+		return -EINVAL;
+	*out = pw->pw_uid;
+	return 0;
+}
+
+static int parse_gid(const char *text, gid_t *out)
+{
+	unsigned value;
+
+	if (!parse_unsigned(text, UINT_MAX - 1, &value))
+		return *out = value, 0;
+	struct group *gr = getgrnam(text);
+	if (!gr)
+		return -EINVAL;
+	*out = gr->gr_gid;
+	return 0;
+}
+
+/* Handles one word of a -o list.  Returns 0, or -EINVAL/-ENOMEM with a
+ * message. */
+static int apply_word(struct qcowfs_opts *opts, struct strbuf *kernel,
+		      const char *word, char *err, size_t errlen)
+{
+	const char *eq = strchr(word, '=');
+	const char *value = eq ? eq + 1 : NULL;
+	size_t keylen = eq ? (size_t)(eq - word) : strlen(word);
+	uint64_t bytes;
+	int ret = 0;
+
+#define KEY_IS(k) (keylen == strlen(k) && !strncmp(word, k, keylen))
+	if (!*word)
+		return 0;                         /* "a,,b" or a trailing comma */
+
+	if (!value) {
+		if (KEY_IS("ro")) {
+			opts->open.read_only = true;
+		} else if (KEY_IS("rw")) {
+			opts->open.read_only = false;
+		} else if (KEY_IS("allow_other")) {
+			opts->allow_other = true;
+		} else if (KEY_IS("allow_root")) {
+			opts->allow_root = true;
+		} else if (KEY_IS("runtime_asserts")) {
+			opts->open.runtime_asserts = true;
+		} else if (KEY_IS("help")) {
+			opts->show_help = true;
+		} else if (KEY_IS("debug")) {
+			opts->debug = opts->foreground = true;
+		} else if (word_in(word, passthrough_words)) {
+			ret = strbuf_add_option(kernel, word);
+		} else if (word_in(word, ignored_words)) {
+			/* dropped on purpose, see ignored_words */
+		} else if (KEY_IS("compact") || KEY_IS("cache_size") ||
+			   KEY_IS("compact_threshold") ||
+			   KEY_IS("compact_quiet_ms") || KEY_IS("max_threads") ||
+			   KEY_IS("recycler") || KEY_IS("uid") || KEY_IS("gid")) {
+			set_error(err, errlen, "option '%s' needs a value (%s=...)",
+				  word, word);
+			return -EINVAL;
+		} else {
+			goto unknown;
+		}
+		return ret;
+	}
+
+	if (KEY_IS("cache_size")) {
+		ret = parse_bytes(value, &bytes);
+		if (!ret && bytes > SIZE_MAX)
+			ret = -ERANGE;
+		if (!ret)
+			opts->open.cache_bytes = (size_t)bytes;
+	} else if (KEY_IS("compact")) {
+		ret = parse_switch(value, &opts->open.compact);
+	} else if (KEY_IS("recycler")) {
+		ret = parse_switch(value, &opts->open.recycler);
+	} else if (KEY_IS("compact_threshold")) {
+		ret = parse_bytes(value, &opts->open.compact_threshold_bytes);
+	} else if (KEY_IS("compact_quiet_ms")) {
+		ret = parse_unsigned(value, UINT_MAX, &opts->open.compact_quiet_ms);
+	} else if (KEY_IS("max_threads")) {
+		ret = parse_unsigned(value, QCOWFS_MAX_THREADS_LIMIT, &opts->max_threads);
+		if (!ret && opts->max_threads == 0)
+			ret = -ERANGE;
+	} else if (KEY_IS("uid")) {
+		ret = parse_uid(value, &opts->uid);
+		opts->has_uid = !ret;
+	} else if (KEY_IS("gid")) {
+		ret = parse_gid(value, &opts->gid);
+		opts->has_gid = !ret;
+	} else if (prefix_in(word, passthrough_prefixes)) {
+		if (KEY_IS("fsname"))
+			opts->has_fsname = true;
+		if (KEY_IS("subtype"))
+			opts->has_subtype = true;
+		return strbuf_add_option(kernel, word);
+	} else if (prefix_in(word, ignored_prefixes)) {
+		return 0;
+	} else {
+		goto unknown;
+	}
+	if (ret == -ERANGE && KEY_IS("max_threads"))
+		set_error(err, errlen, "invalid value for max_threads: '%s' "
+			  "(expected 1..%u)", value, QCOWFS_MAX_THREADS_LIMIT);
+	else if (ret)
+		set_error(err, errlen, "invalid value for %.*s: '%s'",
+			  (int)keylen, word, value);
+	return ret ? -EINVAL : 0;
+#undef KEY_IS
+
+unknown:
+	set_error(err, errlen, "unknown option '%s' (see qcowfs --help)", word);
+	return -EINVAL;
+}
+
+/* Splits one -o argument at unescaped commas ("\," stays a comma, as in
+ * fuse_opt) and applies each word. */
+static int apply_option_list(struct qcowfs_opts *opts, struct strbuf *kernel,
+			     const char *list, char *err, size_t errlen)
+{
+	char *word = malloc(strlen(list) + 1);
+	size_t n = 0;
+	int ret = 0;
+
+	if (!word)
+		return -ENOMEM;
+	for (const char *p = list; ; p++) {
+		if (*p == '\\' && p[1]) {
+			word[n++] = *++p;
+			continue;
+		}
+		if (*p && *p != ',') {
+			word[n++] = *p;
+			continue;
+		}
+		word[n] = '\0';
+		ret = apply_word(opts, kernel, word, err, errlen);
+		n = 0;
+		if (ret || !*p)
+			break;
+	}
+	free(word);
+	return ret;
+}
+
+int qcowfs_opts_parse(int argc, char **argv, struct qcowfs_opts *opts,
+		      char *err, size_t errlen)
+{
+	struct strbuf kernel = { 0 };
+	bool only_paths = false;
+	int ret = 0;
+
+	memset(opts, 0, sizeof(*opts));
+	qcow_open_opts_default(&opts->open);
+
+	for (int i = 1; i < argc && !ret; i++) {
+		const char *arg = argv[i];
+
+		if (only_paths || arg[0] != '-' || !arg[1]) {
+			if (!opts->image) {
+				opts->image = arg;
+			} else if (!opts->mountpoint) {
+				opts->mountpoint = arg;
+			} else {
+				set_error(err, errlen, "unexpected argument '%s' "
+					  "(usage: qcowfs [-o opts] IMAGE MOUNTPOINT)", arg);
+				ret = -EINVAL;
+			}
+		} else if (!strcmp(arg, "--")) {
+			only_paths = true;
+		} else if (!strcmp(arg, "-o")) {
+			if (i + 1 >= argc) {
+				set_error(err, errlen, "option '-o' needs an argument");
+				ret = -EINVAL;
+			} else {
+				ret = apply_option_list(opts, &kernel, argv[++i], err, errlen);
+			}
+		} else if (!strncmp(arg, "-o", 2)) {
+			ret = apply_option_list(opts, &kernel, arg + 2, err, errlen);
+		} else if (!strcmp(arg, "-f")) {
+			opts->foreground = true;
+		} else if (!strcmp(arg, "-d")) {
+			opts->foreground = opts->debug = true;
+		} else if (!strcmp(arg, "-s")) {
+			opts->max_threads = 1;
+		} else if (!strcmp(arg, "-h") || !strcmp(arg, "--help")) {
+			opts->show_help = true;
+		} else if (!strcmp(arg, "-V") || !strcmp(arg, "--version")) {
+			opts->show_version = true;
+		} else {
+			set_error(err, errlen, "unknown option '%s' (see qcowfs --help)", arg);
+			ret = -EINVAL;
+		}
+	}
+	if (!ret && !kernel.text)
+		ret = strbuf_append(&kernel, "", 0);
+	if (ret == -ENOMEM)
+		set_error(err, errlen, "out of memory parsing the command line");
+	opts->kernel_opts = kernel.text;
+	if (ret)
+		return -EINVAL;
+
+	if (!opts->show_help && !opts->show_version) {
+		if (!opts->image) {
+			set_error(err, errlen, "missing IMAGE and MOUNTPOINT "
+				  "(usage: qcowfs [-o opts] IMAGE MOUNTPOINT)");
+			return -EINVAL;
+		}
+		if (!opts->mountpoint) {
+			set_error(err, errlen, "missing MOUNTPOINT "
+				  "(usage: qcowfs [-o opts] IMAGE MOUNTPOINT)");
+			return -EINVAL;
+		}
+		if (opts->allow_other && opts->allow_root) {
+			set_error(err, errlen, "allow_other and allow_root "
+				  "cannot be used together");
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+
+void qcowfs_opts_free(struct qcowfs_opts *opts)
+{
+	free(opts->kernel_opts);
+	opts->kernel_opts = NULL;
+}
+
+void qcowfs_print_usage(FILE *out, const char *progname)
+{
+	fprintf(out,
+"usage: %s [-f] [-d] [-o option[,option...]] IMAGE MOUNTPOINT\n"
+"\n"
+"Shows the qcow2 disk image IMAGE as the regular file MOUNTPOINT (created\n"
+"empty if missing) holding the raw disk.  Discards (fstrim through a loop\n"
+"device, fallocate --punch-hole, blkdiscard) free clusters at once and a\n"
+"background compactor shrinks IMAGE while it stays mounted.\n"
+"The command returns once the mount is live; unmount with\n"
+"'fusermount3 -u MOUNTPOINT' (or umount, or SIGTERM to the daemon), which\n"
+"flushes everything and closes the image cleanly.\n"
+"\n"
+"  -f                     stay in the foreground, log to stderr\n"
+"  -d                     -f plus FUSE request tracing and debug messages\n"
+"  -s                     single-threaded (same as -o max_threads=1)\n"
+"  -h, --help, -o help    print this help and exit\n"
+"  -V, --version          print versions and exit\n"
+"\n"
+"qcowfs options (-o):\n"
+"  ro                     read-only: image opened with shared locks, the\n"
+"                         file is shown with mode 0444, writes fail (EROFS)\n"
+"  rw                     read-write (default)\n"
+"  allow_other            let other users access the file (non-root needs\n"
+"                         user_allow_other in /etc/fuse.conf)\n"
+"  allow_root             let root access the file as well as its owner\n"
+"  uid=USER, gid=GROUP    owner shown for the file (default: the owner of\n"
+"                         MOUNTPOINT before mounting)\n"
+"  cache_size=BYTES       L2 and refcount table cache (default 32M;\n"
+"                         suffixes K, M, G, T are powers of 1024)\n"
+"  compact=on|off         background compaction that shrinks IMAGE\n"
+"                         (default on)\n"
+"  compact_threshold=BYTES  free space inside IMAGE that triggers an\n"
+"                         automatic compaction (default: engine's choice)\n"
+"  compact_quiet_ms=N     discards must have stopped for N ms before an\n"
+"                         automatic compaction starts (default: engine's)\n"
+"  recycler=on|off        off: neither punch freed clusters nor compact\n"
+"                         (default on)\n"
+"  runtime_asserts        check every cluster-map invariant after each\n"
+"                         change (slow; for testing)\n"
+"  max_threads=N          at most N FUSE worker threads (1..%u, default\n"
+"                         libfuse's)\n"
+"  debug                  same as -d\n"
+"\n"
+"Mount options passed to the kernel:\n"
+"  dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, async,\n"
+"  dirsync, auto_unmount, default_permissions (always on), fsname=NAME\n"
+"  (default: IMAGE), subtype=NAME (default: qcowfs), context=, fscontext=,\n"
+"  defcontext=, rootcontext=\n"
+"Accepted and ignored (fstab and mount(8) words):\n"
+"  defaults, auto, noauto, user, nouser, users, owner, group, _netdev,\n"
+"  nofail, relatime, norelatime, strictatime, nostrictatime, diratime,\n"
+"  nodiratime, lazytime, nolazytime, iversion, noiversion, x-*, comment=*\n"
+"\n"
+"Status and control through extended attributes of MOUNTPOINT:\n"
+"  getfattr -n user.qcowfs.status MOUNTPOINT   engine statistics\n"
+"  getfattr -n user.qcowfs.pid MOUNTPOINT      daemon process id\n"
+"  getfattr -n user.qcowfs.image MOUNTPOINT    absolute path of IMAGE\n"
+"  setfattr -n user.qcowfs.compact MOUNTPOINT  start a compaction now\n"
+"\n"
+"The file cannot shrink and O_TRUNC is refused: use 'dd conv=notrunc'.\n"
+"fstab: IMAGE MOUNTPOINT fuse.qcowfs defaults,compact=on 0 0\n",
+		progname, QCOWFS_MAX_THREADS_LIMIT);
+}
+
+void qcowfs_print_version(FILE *out)
+{
+	fprintf(out, "qcowfs %s\n", PACKAGE_VERSION);
+	fprintf(out, "libqcow %s\n", qcow_version());
+	fprintf(out, "libfuse %s\n", fuse_pkgversion());
+	fprintf(out, "allocator %s\n", qcow_allocator_version());
+}
