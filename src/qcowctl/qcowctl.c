@@ -22,9 +22,8 @@
  *  - Numbers go out locale-independent (the tool never calls setlocale),
  *    JSON goes to stdout pretty-printed like qemu-img's --output=json.
  */
-#ifdef HAVE_CONFIG_H
-#include "config.h"
-#endif
+/* config.h (PACKAGE_VERSION, _GNU_SOURCE) is forced into every compile by
+ * Makefile.am's -include, so it is not included here a second time. */
 
 #include <ctype.h>
 #include <errno.h>
@@ -585,6 +584,8 @@ struct progress_display {
 };
 
 #define PROGRESS_BAR_WIDTH 40
+#define PROGRESS_BAR_FULL "########################################"
+_Static_assert(sizeof(PROGRESS_BAR_FULL) - 1 == PROGRESS_BAR_WIDTH, "bar text must fill the bar");
 
 static void progress_init(struct progress_display *p)
 {
@@ -607,13 +608,13 @@ static void progress_show(struct progress_display *p, double fraction)
 		if (percent == p->shown_percent)
 			return;
 		printf("\r[%.*s%*s] %3d%%",
-		       filled, "########################################",
+		       filled, PROGRESS_BAR_FULL,
 		       PROGRESS_BAR_WIDTH - filled, "", percent);
 		fflush(stdout);
 		p->shown_percent = percent;
 	} else if (p->shown_percent < 0 || percent / 10 > p->shown_percent / 10) {
-		/* Lines only once the run is under way: callers print the
-		 * final 100% through progress_finish. */
+		/* 100% is progress_finish's line, so that it appears once
+		 * and only when the run really succeeded. */
 		if (percent < 100) {
 			printf("compacting: %d%%\n", percent);
 			fflush(stdout);
@@ -733,7 +734,6 @@ static int cmd_create(const struct command *self, int argc, char **argv)
 /* ---- info ---------------------------------------------------------------- */
 
 /* Header feature bits (qcow2 spec), named for the output. */
-#define INCOMPAT_DIRTY             (1ULL << 0)
 #define INCOMPAT_COMPRESSION_TYPE  (1ULL << 3)
 #define INCOMPAT_EXTENDED_L2       (1ULL << 4)
 #define COMPAT_LAZY_REFCOUNTS      (1ULL << 0)
