@@ -84,6 +84,9 @@
 #define XATTR_IMAGE   "user.qcowfs.image"
 #define XATTR_COMPACT "user.qcowfs.compact"
 
+/* Extra bytes announced for XATTR_STATUS, see reply_status_xattr(). */
+#define STATUS_SIZE_SLACK 256
+
 /* Names listxattr shows; XATTR_COMPACT is write-only and not listed. */
 static const char xattr_names[] = XATTR_STATUS "\0" XATTR_PID "\0" XATTR_IMAGE;
 
@@ -277,8 +280,11 @@ static char *read_buffer(size_t len)
  *  - ASYNC_DIO on: large O_DIRECT requests (losetup --direct-io,
  *    qemu-img -t none) are split and sent concurrently, not one by one.
  *  - SPLICE_READ/WRITE/MOVE off: the engine takes and returns memory
- *    buffers, never file descriptors, so splicing would only add a pipe
- *    and two extra system calls per request in front of the same copy.
+ *    buffers, never file descriptors.  SPLICE_READ would pull every
+ *    request through a pipe and then copy it into memory anyway for
+ *    op_write; SPLICE_WRITE only serves fuse_reply_data() with fd
+ *    buffers, and replies here are memory (fuse_reply_buf, one writev).
+ *    Either way: more system calls, the same copies.
  *  - WRITEBACK_CACHE off: with it the kernel owns the file size and would
  *    extend it on writes past EOF, which a fixed-size disk must refuse,
  *    and it delays writes that fsync users expect to see at once; the
@@ -311,7 +317,7 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
 	/* The root inode is the file itself: it has no names below it. */
-	fuse_reply_err(req, parent == FUSE_ROOT_ID ? ENOTDIR : ENOENT);
+	fuse_reply_err(req, ENOENT);
 }
 
 static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -617,8 +623,14 @@ static void reply_status_xattr(fuse_req_t req, size_t size)
 		cap *= 4;
 	} while (len == -ERANGE && cap <= 1024 * 1024);
 
+	/* The counters move between a caller's size query and its read, and
+	 * a number that gains a digit would make the read fail with ERANGE:
+	 * announce some room to spare (a read may return less than the size
+	 * query said). */
 	if (len < 0)
 		fuse_reply_err(req, -len);
+	else if (size == 0)
+		fuse_reply_xattr(req, (size_t)len + STATUS_SIZE_SLACK);
 	else
 		reply_xattr_value(req, text, (size_t)len, size);
 	free(text);
