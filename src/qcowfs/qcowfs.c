@@ -913,6 +913,32 @@ static void detach(void)
 	qcowfs.log_to_syslog = true;
 }
 
+/* Started with stdin, stdout or stderr closed (possible from some boot
+ * paths), the image or the /dev/fuse descriptor could land on 0..2 and
+ * detach() would then overwrite it: occupy them with /dev/null. */
+static void ensure_stdio_open(void)
+{
+	int fd;
+
+	do
+		fd = open("/dev/null", O_RDWR);
+	while (fd >= 0 && fd <= STDERR_FILENO);
+	if (fd > STDERR_FILENO)
+		close(fd);
+}
+
+/* A daemon must not keep its starter's descriptors open: a caller that
+ * reads a pipe until EOF (a test harness, "$(...)", make's jobserver)
+ * would wait for the daemon's whole life.  stdio is handled by detach();
+ * everything else above it goes now, before the engine opens anything.
+ * close_range() needs Linux 5.9; on older kernels the descriptors stay. */
+static void close_inherited_fds(int keep_fd)
+{
+	if (keep_fd > STDERR_FILENO + 1)
+		close_range(STDERR_FILENO + 1, (unsigned)keep_fd - 1, 0);
+	close_range((unsigned)keep_fd + 1, ~0U, 0);
+}
+
 /* Sends the start-up result to the waiting parent: "OK" or the error. */
 static int report_to_parent(int fd, const char *msg)
 {
@@ -1053,6 +1079,7 @@ int main(int argc, char **argv)
 	char err[2048];
 	int ret, pipe_fds[2];
 
+	ensure_stdio_open();
 	if (qcowfs_opts_parse(argc, argv, &qcowfs.opts, err, sizeof(err))) {
 		fprintf(stderr, "qcowfs: %s\n", err);
 		qcowfs_opts_free(&qcowfs.opts);
@@ -1106,6 +1133,7 @@ int main(int argc, char **argv)
 			return wait_for_daemon(pipe_fds[0], child);
 		}
 		close(pipe_fds[0]);
+		close_inherited_fds(pipe_fds[1]);
 		ret = run_daemon(pipe_fds[1]);
 	}
 
