@@ -474,8 +474,10 @@ int64_t qcow_refcounts_compare(struct qcow_image *img)
 		return -ENOMEM;
 	int64_t differ = 0;
 	uint64_t nblocks = ((img->map.nclusters ? img->map.nclusters - 1 : 0) >> img->rb_shift) + 1;
-	if (nblocks < img->reftable_entries)
-		nblocks = img->reftable_entries;
+	/* blocks past the map matter only if they exist (leaks past EOF) */
+	for (uint64_t b = nblocks; b < img->reftable_entries; b++)
+		if (img->reftable[b])
+			nblocks = b + 1;
 	for (uint64_t b = 0; b < nblocks; b++) {
 		uint64_t host = b < img->reftable_entries ? img->reftable[b] : 0;
 		if (host) {

@@ -112,6 +112,11 @@ struct qcow_image {
 	struct qcow_snapshot_l1 *snap_l1;
 	uint32_t nb_snap_l1;
 
+	/* test hook: called by the compactor after each move phase with the
+	 * state the batch's moves reached (crash tests arm the simulator) */
+	void (*move_phase_hook)(struct qcow_image *img, enum qcow_move_state reached, void *opaque);
+	void *move_phase_opaque;
+
 	/* statistics */
 	uint64_t bytes_reclaimed;
 	uint64_t bytes_discarded;

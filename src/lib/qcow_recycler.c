@@ -184,11 +184,13 @@ static uint64_t free_below_end(const struct qcow_image *img)
 	return free_total > above ? free_total - above : 0;
 }
 
-/* Lowest cluster a move may copy into: Junk or Available. */
+/* Lowest cluster a move may copy into.  Only Available: a Junk cluster's
+ * old pointer may still be the durable one, and copying another cluster's
+ * data into it would show that data in a discarded range after a crash.
+ * (Erasing it is harmless: the range then reads zeros.) */
 static uint64_t lowest_destination(const struct qcow_map *m, uint64_t from)
 {
-	uint64_t j = qcow_bitmap_next(&m->junk, from), a = qcow_bitmap_next(&m->available, from);
-	return j < a ? j : a;
+	return qcow_bitmap_next(&m->available, from);
 }
 
 enum move_kind { MOVE_DATA, MOVE_L2, MOVE_REFBLOCK };
@@ -408,6 +410,12 @@ static void assert_map(struct qcow_image *img)
 	}
 }
 
+static void phase_hook(struct qcow_image *img, enum qcow_move_state reached)
+{
+	if (img->move_phase_hook)
+		img->move_phase_hook(img, reached, img->move_phase_opaque);
+}
+
 /* One batch: plan, wait, copy, flush, rewrite, flush, retire, truncate.
  * Called without locks.  Returns the number of clusters moved or -errno. */
 static int64_t compact_batch(struct qcow_image *img)
@@ -428,10 +436,12 @@ static int64_t compact_batch(struct qcow_image *img)
 	qcow_inflight_wait_before(img, ticket);
 	for (size_t i = 0; i < b.n && ret == 0;)
 		i += copy_run(img, &b, i, &ret);
+	phase_hook(img, QMOVE_COPIED);
 
 	if (ret == 0)
 		ret = qcow_image_flush(img);      /* Copied -> Flushed */
 	if (ret == 0) {
+		phase_hook(img, QMOVE_FLUSHED);
 		pthread_mutex_lock(&img->flush_lock);
 		pthread_mutex_lock(&img->lock);
 		uint64_t before = img->clusters_moved;
@@ -439,6 +449,7 @@ static int64_t compact_batch(struct qcow_image *img)
 		moved = (int64_t)(img->clusters_moved - before);
 		assert_map(img);
 		pthread_mutex_unlock(&img->lock);
+		phase_hook(img, QMOVE_REFERENCED);
 		ret = qcow_flush_locked(img);     /* Referenced -> complete */
 		pthread_mutex_unlock(&img->flush_lock);
 	}
@@ -468,11 +479,26 @@ out:
 int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *opaque)
 {
 	pthread_mutex_lock(&img->lock);
+	if (!img->recycler_running) {
+		/* offline: no thread erases for us, and moves need Available
+		 * destinations */
+		while (img->map.count[QCS_JUNK]) {
+			int64_t n = erase_batch(img);
+			if (n < 0) {
+				pthread_mutex_unlock(&img->lock);
+				return (int)n;
+			}
+		}
+	}
+	pthread_mutex_unlock(&img->lock);
+	int ret = qcow_image_flush(img);   /* Erased -> Available */
+	if (ret)
+		return ret;
+	pthread_mutex_lock(&img->lock);
 	uint64_t gap0 = free_below_end(img);
 	img->compacting = true;
 	img->compact_progress = 0;
 	pthread_mutex_unlock(&img->lock);
-	int ret = 0;
 	unsigned idle_batches = 0;
 	while (ret >= 0 && idle_batches < 3) {
 		int64_t n = compact_batch(img);
@@ -497,6 +523,8 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 	if (ret == 0) {
 		pthread_mutex_lock(&img->flush_lock);
 		ret = qcow_truncate_tail(img);
+		if (ret == 0)
+			ret = qcow_flush_locked(img);
 		pthread_mutex_unlock(&img->flush_lock);
 	}
 	pthread_mutex_lock(&img->lock);

@@ -1,0 +1,328 @@
+/*
+ * test_model.c - model-based random test of the whole engine on the memory
+ * backend.
+ *
+ * Thousands of random writes, reads, discards, zero ranges, flushes,
+ * compactions and grows run against a plain byte-array model of the raw
+ * view.  After every step the cluster map's invariant checker runs; every
+ * read is compared with the model; at checkpoints the image is reopened
+ * from its bytes and the rebuilt map must equal the live one (same
+ * references, same pins) with on-disk refcounts needing no repair.  A
+ * second phase runs writer threads and a compaction thread at the same
+ * time (compaction between a write's lookup and its data write), then
+ * compares everything with the model.
+ *
+ * MODEL_ROUNDS (env) scales the number of operations for a longer soak.
+ */
+#include "qcow_internal.h"
+#include "tap.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <string.h>
+#include <unistd.h>
+
+static unsigned long long seed = 0x5eed;
+static unsigned repairs_logged;
+
+static void count_repairs(enum qcow_log_level level, const char *msg, void *opaque)
+{
+	if (strstr(msg, "refcounts differ"))
+		repairs_logged++;
+	if (level == QCOW_LOG_ERROR)
+		fprintf(stderr, "engine: %s\n", msg);
+}
+
+/* Makes a fresh image with qcow_create and returns a memory backend. */
+static struct qcow_io *new_image(uint64_t size, unsigned cluster_bits, unsigned order, unsigned version)
+{
+	char path[] = "/tmp/qcow-model-XXXXXX";
+	int fd = mkstemp(path);
+	REQUIRE(fd >= 0, "mkstemp");
+	close(fd);
+	unlink(path);
+	struct qcow_create_opts o;
+	qcow_create_opts_default(&o);
+	o.size = size;
+	o.cluster_bits = cluster_bits;
+	o.refcount_order = order;
+	o.version = version;
+	char err[256];
+	REQUIRE(qcow_create(path, &o, err, sizeof(err)) == 0, "create: %s", err);
+	FILE *f = fopen(path, "rb");
+	REQUIRE(f, "open created image");
+	static uint8_t buf[64 << 20];
+	size_t n = fread(buf, 1, sizeof(buf), f);
+	fclose(f);
+	unlink(path);
+	return qcow_io_mem_new(buf, n);
+}
+
+static struct qcow_image *open_mem(struct qcow_io *io)
+{
+	struct qcow_open_opts o;
+	qcow_open_opts_default(&o);
+	o.no_locking = true;
+	o.recycler = false;
+	o.runtime_asserts = true;
+	o.cache_bytes = 64 * 1024;   /* small: exercise eviction */
+	struct qcow_image *img;
+	char err[256];
+	int ret = qcow_image_open_io(io, &o, &img, err, sizeof(err));
+	REQUIRE(ret == 0, "open: %s (%d)", err, ret);
+	return img;
+}
+
+static void check_map(struct qcow_image *img, const char *after)
+{
+	pthread_mutex_lock(&img->lock);
+	const char *bad = qcow_map_check(&img->map);
+	pthread_mutex_unlock(&img->lock);
+	REQUIRE(!bad, "map invariant after %s: %s", after, bad);
+}
+
+static void fill_random(uint8_t *p, size_t n)
+{
+	for (size_t i = 0; i < n; i += 8) {
+		unsigned long long r = tap_rand(&seed);
+		memcpy(p + i, &r, n - i < 8 ? n - i : 8);
+	}
+}
+
+/* Reopens a copy of the image bytes; the rebuilt map must describe the same
+ * references as the live one, and the refcounts on disk must be exact. */
+static void reopen_and_compare(struct qcow_image *img)
+{
+	REQUIRE(qcow_image_flush(img) == 0, "flush");
+	REQUIRE(qcow_image_flush(img) == 0, "flush");   /* completes moves and their refcounts */
+	size_t len;
+	const uint8_t *bytes = qcow_io_mem_data(img->io, &len);
+	struct qcow_io *io2 = qcow_io_mem_new(bytes, len);
+	unsigned before = repairs_logged;
+	struct qcow_image *img2 = open_mem(io2);
+	CHECK(repairs_logged == before, "reopen found refcounts that needed repair");
+	struct qcow_map *a = &img->map, *b = &img2->map;
+	uint64_t n = a->nclusters < b->nclusters ? a->nclusters : b->nclusters;
+	uint64_t mismatches = 0;
+	for (uint64_t c = 0; c < n; c++) {
+		enum qcow_cstate sa = qcow_map_state(a, c), sb = qcow_map_state(b, c);
+		bool ra = sa == QCS_REF || sa == QCS_PINNED, rb = sb == QCS_REF || sb == QCS_PINNED;
+		if (ra != rb || (sa == QCS_REF && sb == QCS_REF && qcow_map_slot(a, c) != qcow_map_slot(b, c)) ||
+		    (sa == QCS_PINNED && sb == QCS_PINNED && qcow_map_pincount(a, c) != qcow_map_pincount(b, c))) {
+			if (mismatches++ < 5)
+				fprintf(stderr, "cluster %llu: live %s, rebuilt %s\n", (unsigned long long)c,
+					qcow_map_state_name(sa), qcow_map_state_name(sb));
+		}
+	}
+	for (uint64_t c = n; c < a->nclusters; c++)
+		if (qcow_map_state(a, c) == QCS_REF || qcow_map_state(a, c) == QCS_PINNED)
+			mismatches++;
+	for (uint64_t c = n; c < b->nclusters; c++)
+		if (qcow_map_state(b, c) == QCS_REF || qcow_map_state(b, c) == QCS_PINNED)
+			mismatches++;
+	CHECK(mismatches == 0, "%llu clusters differ between the live and the rebuilt map", (unsigned long long)mismatches);
+	qcow_image_close(img2);
+}
+
+static void verify_all(struct qcow_image *img, const uint8_t *model, uint64_t size)
+{
+	uint8_t *buf = qcow_malloc(size);
+	REQUIRE(qcow_image_read(img, buf, size, 0) == (ssize_t)size, "read all");
+	uint64_t bad = 0;
+	for (uint64_t i = 0; i < size; i++)
+		if (buf[i] != model[i] && bad++ == 0)
+			fprintf(stderr, "first difference at %llu: %02x vs model %02x\n", (unsigned long long)i, buf[i], model[i]);
+	CHECK(bad == 0, "%llu bytes differ from the model", (unsigned long long)bad);
+	qcow_free(buf);
+}
+
+static void random_ops(unsigned cluster_bits, unsigned order, unsigned version, unsigned nops)
+{
+	uint64_t cs = 1ull << cluster_bits;
+	uint64_t size = cluster_bits <= 9 ? (2u << 20) : cluster_bits <= 12 ? (8u << 20) : (32u << 20);
+	uint64_t cap = size * 2;
+	struct qcow_io *io = new_image(size, cluster_bits, order, version);
+	struct qcow_image *img = open_mem(io);
+	uint8_t *model = qcow_calloc(1, cap);
+	uint8_t *buf = qcow_malloc(cap);
+	char what[128];
+
+	for (unsigned op = 0; op < nops; op++) {
+		unsigned kind = (unsigned)(tap_rand(&seed) % 100);
+		uint64_t off = tap_rand(&seed) % size;
+		uint64_t maxlen = size - off;
+		uint64_t len = 1 + tap_rand(&seed) % (tap_rand(&seed) % 4 == 0 ? 8 * cs : cs + 1);
+		if (len > maxlen)
+			len = maxlen;
+		if (kind < 40) {
+			fill_random(buf, len);
+			snprintf(what, sizeof(what), "write %llu+%llu", (unsigned long long)off, (unsigned long long)len);
+			REQUIRE(qcow_image_write(img, buf, len, off) == (ssize_t)len, "%s", what);
+			memcpy(model + off, buf, len);
+		} else if (kind < 60) {
+			snprintf(what, sizeof(what), "read %llu+%llu", (unsigned long long)off, (unsigned long long)len);
+			REQUIRE(qcow_image_read(img, buf, len, off) == (ssize_t)len, "%s", what);
+			CHECK(memcmp(buf, model + off, len) == 0, "%s differs from the model", what);
+		} else if (kind < 72) {
+			snprintf(what, sizeof(what), "discard %llu+%llu", (unsigned long long)off, (unsigned long long)len);
+			REQUIRE(qcow_image_discard(img, off, len) == 0, "%s", what);
+			memset(model + off, 0, len);
+		} else if (kind < 78) {
+			snprintf(what, sizeof(what), "zero %llu+%llu", (unsigned long long)off, (unsigned long long)len);
+			REQUIRE(qcow_image_zero(img, off, len) == 0, "%s", what);
+			memset(model + off, 0, len);
+		} else if (kind < 86) {
+			snprintf(what, sizeof(what), "flush");
+			REQUIRE(qcow_image_flush(img) == 0, "flush");
+		} else if (kind < 93) {
+			snprintf(what, sizeof(what), "compact");
+			REQUIRE(qcow_image_compact(img, NULL, NULL) == 0, "compact");
+		} else if (kind < 95 && size + cs * 64 <= cap) {
+			uint64_t ns = size + cs * (1 + tap_rand(&seed) % 64);
+			snprintf(what, sizeof(what), "resize %llu", (unsigned long long)ns);
+			REQUIRE(qcow_image_resize(img, ns) == 0, "%s", what);
+			size = ns;
+		} else if (kind < 97) {
+			snprintf(what, sizeof(what), "seek");
+			int64_t d = qcow_image_seek(img, off, SEEK_DATA);
+			if (d >= 0) {
+				/* all zero between off and the data offset */
+				uint64_t gap = (uint64_t)d - off;
+				for (uint64_t i = 0; i < gap; i++)
+					if (model[off + i]) {
+						CHECK(0, "SEEK_DATA from %llu skipped data at %llu", (unsigned long long)off,
+						      (unsigned long long)(off + i));
+						break;
+					}
+			}
+		} else {
+			snprintf(what, sizeof(what), "reopen");
+			reopen_and_compare(img);
+		}
+		check_map(img, what);
+	}
+	verify_all(img, model, size);
+	reopen_and_compare(img);
+	/* after a full compaction nothing movable stays above a hole */
+	REQUIRE(qcow_image_compact(img, NULL, NULL) == 0, "final compact");
+	check_map(img, "final compact");
+	verify_all(img, model, size);
+	CHECK(qcow_image_close(img) == 0, "close");
+	qcow_free(model);
+	qcow_free(buf);
+}
+
+/* ---- concurrency: writers on disjoint regions while compaction runs ---- */
+
+struct writer {
+	struct qcow_image *img;
+	uint8_t *model;
+	uint64_t base, span, cs;
+	unsigned long long seed;
+	unsigned ops;
+	int failed;
+};
+
+static void *writer_main(void *arg)
+{
+	struct writer *w = arg;
+	uint8_t *buf = qcow_malloc(4 * w->cs);
+	for (unsigned i = 0; i < w->ops; i++) {
+		uint64_t off = w->base + tap_rand(&w->seed) % w->span;
+		uint64_t len = 1 + tap_rand(&w->seed) % (2 * w->cs);
+		if (off + len > w->base + w->span)
+			len = w->base + w->span - off;
+		if (tap_rand(&w->seed) % 4 == 0) {
+			if (qcow_image_discard(w->img, off, len))
+				w->failed++;
+			memset(w->model + off, 0, len);
+		} else {
+			for (uint64_t k = 0; k < len; k++)
+				buf[k] = (uint8_t)tap_rand(&w->seed);
+			if (qcow_image_write(w->img, buf, len, off) != (ssize_t)len)
+				w->failed++;
+			memcpy(w->model + off, buf, len);
+		}
+		if (tap_rand(&w->seed) % 16 == 0) {
+			if (qcow_image_read(w->img, buf, len, off) != (ssize_t)len || memcmp(buf, w->model + off, len))
+				w->failed++;
+		}
+	}
+	qcow_free(buf);
+	return NULL;
+}
+
+static volatile int stop_compactor;
+
+static void *compactor_main(void *arg)
+{
+	struct qcow_image *img = arg;
+	while (!stop_compactor) {
+		qcow_image_compact(img, NULL, NULL);
+		qcow_image_flush(img);
+	}
+	return NULL;
+}
+
+static void concurrent(unsigned cluster_bits, unsigned nwriters, unsigned ops)
+{
+	uint64_t cs = 1ull << cluster_bits;
+	uint64_t size = 16u << 20;
+	struct qcow_io *io = new_image(size, cluster_bits, 4, 3);
+	struct qcow_image *img = open_mem(io);
+	uint8_t *model = qcow_calloc(1, size);
+	/* start with a fragmented image so compaction has work */
+	uint8_t *buf = qcow_malloc(size);
+	fill_random(buf, size);
+	REQUIRE(qcow_image_write(img, buf, size, 0) == (ssize_t)size, "fill");
+	memcpy(model, buf, size);
+	for (uint64_t off = 0; off < size; off += 4 * cs) {
+		REQUIRE(qcow_image_discard(img, off, cs) == 0, "discard");
+		memset(model + off, 0, cs);
+	}
+	qcow_free(buf);
+
+	pthread_t tw[8], tc;
+	struct writer w[8];
+	stop_compactor = 0;
+	pthread_create(&tc, NULL, compactor_main, img);
+	for (unsigned i = 0; i < nwriters; i++) {
+		w[i] = (struct writer){ .img = img, .model = model, .base = i * (size / nwriters), .span = size / nwriters,
+				       .cs = cs, .seed = 1000 + i, .ops = ops };
+		pthread_create(&tw[i], NULL, writer_main, &w[i]);
+	}
+	int failed = 0;
+	for (unsigned i = 0; i < nwriters; i++) {
+		pthread_join(tw[i], NULL);
+		failed += w[i].failed;
+	}
+	stop_compactor = 1;
+	pthread_join(tc, NULL);
+	CHECK(failed == 0, "%d writer operations failed or read back wrong", failed);
+	check_map(img, "concurrent phase");
+	verify_all(img, model, size);
+	reopen_and_compare(img);
+	CHECK(img->clusters_moved > 0, "compaction moved nothing during the concurrent phase");
+	CHECK(qcow_image_close(img) == 0, "close");
+	qcow_free(model);
+}
+
+int main(void)
+{
+	qcow_log_set_sink(count_repairs, NULL);
+	const char *env = getenv("MODEL_ROUNDS");
+	unsigned scale = env ? (unsigned)atoi(env) : 1;
+	if (scale == 0)
+		scale = 1;
+	static const struct { unsigned cb, order, version; } kinds[] = {
+		{ 16, 4, 3 }, { 9, 4, 3 }, { 12, 0, 3 }, { 12, 6, 3 }, { 16, 4, 2 }, { 14, 3, 3 }, { 21, 4, 3 },
+	};
+	for (unsigned k = 0; k < sizeof(kinds) / sizeof(kinds[0]); k++) {
+		seed = 0x5eed + k;
+		random_ops(kinds[k].cb, kinds[k].order, kinds[k].version, (kinds[k].cb == 21 ? 300 : 1500) * scale);
+	}
+	concurrent(16, 4, 2000 * scale);
+	concurrent(12, 3, 2000 * scale);
+	return tap_done();
+}
