@@ -215,35 +215,33 @@ wait_until() {
 
 # pids_holding FILE: pids of the processes that have FILE open.
 pids_holding() {
-	local f p fd
+	local f
 	f=$(readlink -f "$1")
-	for p in /proc/[0-9]*; do
-		[ "${p#/proc/}" = $$ ] && continue
-		for fd in "$p"/fd/*; do
-			if [ "$(readlink "$fd" 2>/dev/null)" = "$f" ]; then
-				echo "${p#/proc/}"
-				break
-			fi
-		done 2>/dev/null
-	done
+	find /proc/[0-9]*/fd -maxdepth 1 -lname "$f" 2>/dev/null |
+		awk -F/ -v self=$$ '$3 != self { print $3 }' | sort -un
 }
 
-# daemon_pid IMAGE MOUNTPOINT: the qcowfs daemon serving this mount: the
-# process named like qcowfs that holds IMAGE open (falls back to the one
-# whose command line names MOUNTPOINT).
+# daemon_pid IMAGE MOUNTPOINT: the qcowfs daemon serving this mount: the pid
+# in the user.qcowfs.pid attribute of the view, else the process named like
+# qcowfs whose command line names MOUNTPOINT, else one that holds IMAGE
+# open and serves no other mount of ours.
 daemon_pid() {
-	local p comm
-	for p in $(pids_holding "$1"); do
+	local p comm known
+	p=$($PYTHON -c 'import os, sys; print(int(os.getxattr(sys.argv[1], "user.qcowfs.pid")))' "$2" 2>/dev/null) &&
+		[ -n "$p" ] && [ -d "/proc/$p" ] && { echo "$p"; return 0; }
+	for p in $(grep -lzxF -- "$2" /proc/[0-9]*/cmdline 2>/dev/null); do
+		p=${p#/proc/}
+		p=${p%/cmdline}
 		comm=$(cat "/proc/$p/comm" 2>/dev/null) || continue
 		# shellcheck disable=SC2254
 		case $comm in $DAEMON_COMM) echo "$p"; return 0 ;; esac
 	done
-	for p in /proc/[0-9]*; do
-		if tr '\0' '\n' <"$p/cmdline" 2>/dev/null | grep -qxF -- "$2"; then
-			comm=$(cat "$p/comm" 2>/dev/null) || continue
-			# shellcheck disable=SC2254
-			case $comm in $DAEMON_COMM) echo "${p#/proc/}"; return 0 ;; esac
-		fi
+	known=" ${_DAEMON[*]} "
+	for p in $(pids_holding "$1"); do
+		[[ $known == *" $p "* ]] && continue
+		comm=$(cat "/proc/$p/comm" 2>/dev/null) || continue
+		# shellcheck disable=SC2254
+		case $comm in $DAEMON_COMM) echo "$p"; return 0 ;; esac
 	done
 	return 1
 }
@@ -460,13 +458,16 @@ raw_of() {
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 
-# same_file A B WHAT: A and B have the same bytes (and size).
+# same_file A B WHAT: A and B have the same bytes (and size).  Reads go
+# through dd with big blocks: cmp sizes its reads by st_blksize, which
+# a FUSE file may report as 512.
 same_file() {
 	local out sa sb
 	sa=$(stat -c %s "$1")
 	sb=$(stat -c %s "$2")
 	[ "$sa" = "$sb" ] || fail "$3: sizes differ: $1 is $sa bytes, $2 is $sb bytes"
-	out=$(cmp "$1" "$2" 2>&1) || fail "$3: $out ($(cmp -l "$1" "$2" 2>/dev/null | wc -l) bytes differ)"
+	out=$(cmp <(dd if="$1" bs=4M status=none) <(dd if="$2" bs=4M status=none) 2>&1) ||
+		fail "$3: $1 and $2 differ: $out"
 	return 0
 }
 
