@@ -474,24 +474,132 @@ out:
 	return moved ? moved : (b.n ? 1 : 0);
 }
 
+/* Lowest run of n Available clusters that starts below limit, or
+ * UINT64_MAX. */
+static uint64_t available_run_below(const struct qcow_map *m, uint64_t n, uint64_t limit)
+{
+	for (uint64_t c = qcow_bitmap_next(&m->available, 0); c != UINT64_MAX && c < limit;) {
+		uint64_t k = 1;
+		while (k < n && c + k < m->nclusters && qcow_map_state(m, c + k) == QCS_AVAILABLE)
+			k++;
+		if (k == n)
+			return c;
+		c = qcow_bitmap_next(&m->available, c + k);
+	}
+	return UINT64_MAX;
+}
+
+/* Moves the L1 table or the refcount table into a lower free run, so that
+ * neither pins the end of the file: new refcounts durable, new table
+ * written and durable, header switched with one write and made durable,
+ * then the old clusters become Junk.  flush_lock held throughout, so no
+ * flush sees half of it.  Returns 1 if a table moved, 0 if none could,
+ * or -errno. */
+static int relocate_one_table(struct qcow_image *img, bool l1)
+{
+	uint64_t cs = img->cluster_size;
+	int ret;
+	pthread_mutex_lock(&img->flush_lock);
+	pthread_mutex_lock(&img->lock);
+	uint64_t old_off = l1 ? img->hdr.l1_table_offset : img->hdr.refcount_table_offset;
+	uint64_t bytes = l1 ? (uint64_t)img->hdr.l1_size * 8 : (uint64_t)img->hdr.refcount_table_clusters * cs;
+	uint64_t n = (bytes + cs - 1) / cs;
+	uint64_t old_c = old_off >> img->cluster_bits;
+	uint64_t start = n ? available_run_below(&img->map, n, old_c) : UINT64_MAX;
+	if (start == UINT64_MAX || start + n > old_c) {
+		pthread_mutex_unlock(&img->lock);
+		pthread_mutex_unlock(&img->flush_lock);
+		return 0;
+	}
+	for (uint64_t i = 0; i < n; i++)
+		qcow_map_set_pinned(&img->map, start + i, 1);
+	pthread_mutex_unlock(&img->lock);
+
+	ret = qcow_flush_locked(img);   /* the new clusters' refcounts */
+	uint8_t *buf = qcow_calloc(n, cs);
+	if (!ret && !buf)
+		ret = -ENOMEM;
+	if (!ret) {
+		pthread_mutex_lock(&img->lock);
+		uint64_t entries = l1 ? img->hdr.l1_size : img->reftable_entries;
+		for (uint64_t i = 0; i < entries; i++)
+			qcow_put_be64(buf + i * 8, l1 ? img->l1[i] : img->reftable[i]);
+		pthread_mutex_unlock(&img->lock);
+		ret = img->io->ops->pwrite(img->io, buf, n * cs, start << img->cluster_bits);
+	}
+	if (!ret)
+		ret = img->io->ops->flush(img->io);
+	qcow_free(buf);
+	if (ret) {
+		pthread_mutex_lock(&img->lock);
+		for (uint64_t i = 0; i < n; i++)
+			qcow_map_set_state(&img->map, start + i, QCS_JUNK);
+		pthread_mutex_unlock(&img->lock);
+		pthread_mutex_unlock(&img->flush_lock);
+		return ret;
+	}
+	pthread_mutex_lock(&img->lock);
+	uint64_t new_off = start << img->cluster_bits;
+	if (l1) {
+		img->hdr.l1_table_offset = new_off;
+		/* entries changed since the copy reach the new place with the
+		 * next flush */
+		for (uint64_t k = 0; k < n; k++)
+			qcow_bitmap_set(&img->l1_dirty, k);
+		for (uint32_t i = 0; i < img->hdr.l1_size; i++) {
+			uint64_t t = (img->l1[i] & QCOW_L1E_OFFSET_MASK) >> img->cluster_bits;
+			if (t && t < img->map.nclusters && qcow_map_state(&img->map, t) == QCS_REF)
+				qcow_map_set_ref(&img->map, t, new_off + (uint64_t)i * 8);
+		}
+	} else {
+		img->hdr.refcount_table_offset = new_off;
+		for (uint64_t i = 0; i < img->reftable_entries; i++) {
+			uint64_t b = img->reftable[i] >> img->cluster_bits;
+			if (b && b < img->map.nclusters && qcow_map_state(&img->map, b) == QCS_REF)
+				qcow_map_set_ref(&img->map, b, new_off + i * 8);
+		}
+	}
+	pthread_mutex_unlock(&img->lock);
+	ret = qcow_header_write_fields(img->io, &img->hdr, l1 ? QH_L1_SIZE : QH_REFTABLE_OFFSET, 12);
+	if (!ret)
+		ret = img->io->ops->flush(img->io);
+	if (ret) {
+		/* we cannot know which header is on disk: keep both tables */
+		pthread_mutex_unlock(&img->flush_lock);
+		qcow_note_error(img, ret);
+		return ret;
+	}
+	pthread_mutex_lock(&img->lock);
+	for (uint64_t i = 0; i < n; i++)
+		qcow_map_drop_ref(&img->map, old_c + i);
+	assert_map(img);
+	pthread_mutex_unlock(&img->lock);
+	pthread_mutex_unlock(&img->flush_lock);
+	qcow_logf(QCOW_LOG_DEBUG, "%s table moved from 0x%" PRIx64 " to 0x%" PRIx64, l1 ? "L1" : "refcount", old_off, new_off);
+	return 1;
+}
+
+/* Frees the junk a relocation left and makes it available again. */
+static int erase_all_junk(struct qcow_image *img)
+{
+	pthread_mutex_lock(&img->lock);
+	while (img->map.count[QCS_JUNK]) {
+		int64_t n = erase_batch(img);
+		if (n < 0) {
+			pthread_mutex_unlock(&img->lock);
+			return (int)n;
+		}
+	}
+	pthread_mutex_unlock(&img->lock);
+	return qcow_image_flush(img);   /* Erased -> Available */
+}
+
 /* Runs batches until nothing moves.  progress in 0..1 is published in
  * img->compact_progress and passed to cb (if any). */
 int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *opaque)
 {
-	pthread_mutex_lock(&img->lock);
-	if (!img->recycler_running) {
-		/* offline: no thread erases for us, and moves need Available
-		 * destinations */
-		while (img->map.count[QCS_JUNK]) {
-			int64_t n = erase_batch(img);
-			if (n < 0) {
-				pthread_mutex_unlock(&img->lock);
-				return (int)n;
-			}
-		}
-	}
-	pthread_mutex_unlock(&img->lock);
-	int ret = qcow_image_flush(img);   /* Erased -> Available */
+	/* moves need Available destinations; offline no thread erases */
+	int ret = erase_all_junk(img);
 	if (ret)
 		return ret;
 	pthread_mutex_lock(&img->lock);
@@ -499,7 +607,7 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 	img->compacting = true;
 	img->compact_progress = 0;
 	pthread_mutex_unlock(&img->lock);
-	unsigned idle_batches = 0;
+	unsigned idle_batches = 0, relocations = 0;
 	while (ret >= 0 && idle_batches < 3) {
 		int64_t n = compact_batch(img);
 		if (n < 0) {
@@ -507,8 +615,24 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 			break;
 		}
 		idle_batches = n > 1 ? 0 : idle_batches + 1;
-		if (n == 0)
+		if (n == 0 || idle_batches >= 3) {
+			/* clusters are as low as they go: the tables next, then
+			 * another round into the space they leave */
+			int moved = 0;
+			for (int t = 0; t < 2 && relocations < 4 && ret == 0; t++) {
+				int r = relocate_one_table(img, t == 0);
+				if (r < 0)
+					ret = r;
+				moved += r > 0;
+			}
+			if (ret == 0 && moved) {
+				relocations++;
+				ret = erase_all_junk(img);
+				idle_batches = 0;
+				continue;
+			}
 			break;
+		}
 		pthread_mutex_lock(&img->lock);
 		uint64_t gap = free_below_end(img);
 		double p = gap0 ? 1.0 - (double)gap / (double)gap0 : 1.0;
