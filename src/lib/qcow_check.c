@@ -10,6 +10,7 @@
  */
 #include "config.h"
 #include "qcow_internal.h"
+#include "qcow_lock.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -49,6 +50,13 @@ int qcow_check(const char *path, struct qcow_check_result *res, char *err, size_
 	if (ret) {
 		qcow_set_error(err, errlen, "cannot open %s: %s", path, strerror(-ret));
 		return ret;
+	}
+	if (qcow_lock_writer_present(path)) {
+		/* like qemu-img check: the counts of a live image are moving */
+		qcow_set_error(err, errlen, "image %s is open for writing by another process (QEMU lock byte 101 is held); "
+			       "unmount it first", path);
+		qcow_io_close(io);
+		return -EBUSY;
 	}
 	ret = qcow_header_read(io, &h, err, errlen);
 	if (ret) {

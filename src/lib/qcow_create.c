@@ -127,7 +127,7 @@ int qcow_info_read(const char *path, struct qcow_info *info, char *err, size_t e
 		qcow_set_error(err, errlen, "cannot open %s: %s", path, strerror(-ret));
 		return ret;
 	}
-	ret = qcow_header_read(io, &h, err, errlen);
+	ret = qcow_header_read_info(io, &h, err, errlen);
 	if (ret == 0) {
 		memset(info, 0, sizeof(*info));
 		info->version = h.version;

@@ -58,7 +58,19 @@ static int check_table(const char *what, unsigned field_off, uint64_t off, uint6
 	return 0;
 }
 
+static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only, char *err, size_t errlen);
+
 int qcow_header_read(struct qcow_io *io, struct qcow_header *h, char *err, size_t errlen)
+{
+	return header_read(io, h, false, err, errlen);
+}
+
+int qcow_header_read_info(struct qcow_io *io, struct qcow_header *h, char *err, size_t errlen)
+{
+	return header_read(io, h, true, err, errlen);
+}
+
+static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only, char *err, size_t errlen)
 {
 	int ret;
 	uint8_t first[QCOW_V3_NEW_HEADER_LEN];
@@ -138,6 +150,8 @@ int qcow_header_read(struct qcow_io *io, struct qcow_header *h, char *err, size_
 		FAIL(EINVAL, "refcount_order %u (header offset 96) is too large: refcount widths go up to 64 bits (order 6)",
 		     h->refcount_order);
 	uint64_t unknown = h->incompatible_features & ~QCOW_INCOMPAT_SUPPORTED;
+	if (info_only)
+		unknown &= ~0x1full;   /* known to QEMU: report, do not refuse */
 	if (unknown) {
 		char names[256] = "";
 		for (unsigned b = 0; b < 64; b++)
@@ -150,9 +164,9 @@ int qcow_header_read(struct qcow_io *io, struct qcow_header *h, char *err, size_
 		FAIL(ENOTSUP, "unsupported incompatible feature bits 0x%" PRIx64 " (header offset 72): %s",
 		     unknown, names);
 	}
-	if (h->compression_type != 0)
+	if (h->compression_type != 0 && !info_only)
 		FAIL(ENOTSUP, "unsupported compression_type %u (header offset 104)", h->compression_type);
-	if (h->crypt_method != 0)
+	if (h->crypt_method != 0 && !info_only)
 		FAIL(ENOTSUP, "encrypted images are not supported (crypt_method %u at header offset 32)", h->crypt_method);
 
 	/* backing file name: must lie in cluster 0 after the header */
@@ -180,14 +194,14 @@ int qcow_header_read(struct qcow_io *io, struct qcow_header *h, char *err, size_
 		if (pos + 8 + padded > ext_end)
 			FAIL(EINVAL, "header extension 0x%08x at offset %" PRIu64 " with length %u runs past the end of the extension area (%" PRIu64 ")",
 			     type, pos, len, ext_end);
-		if (type == QCOW_EXT_DATA_FILE)
+		if (type == QCOW_EXT_DATA_FILE && !info_only)
 			FAIL(ENOTSUP, "external data files are not supported (header extension at offset %" PRIu64 ")", pos);
-		if (type == QCOW_EXT_CRYPTO)
+		if (type == QCOW_EXT_CRYPTO && !info_only)
 			FAIL(ENOTSUP, "encryption header extension at offset %" PRIu64 " is not supported", pos);
 		pos += 8 + padded;
 	}
 
-	if (h->backing_file_offset) {
+	if (h->backing_file_offset && !info_only) {
 		if (h->backing_file_size == 0)
 			FAIL(EINVAL, "backing_file_offset 0x%" PRIx64 " is set but backing_file_size (header offset 16) is 0",
 			     h->backing_file_offset);

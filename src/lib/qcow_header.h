@@ -47,6 +47,10 @@ struct qcow_header {
 /* Reads cluster 0 and validates every header field and extension against
  * the file size.  Returns 0 or a negative errno with a message in err. */
 int qcow_header_read(struct qcow_io *io, struct qcow_header *h, char *err, size_t errlen);
+/* Same, but only the structure is validated: features this engine does
+ * not implement (backing files, extended L2, zstd, ...) are reported in h
+ * instead of refused.  For `qcowctl info`, never for opening. */
+int qcow_header_read_info(struct qcow_io *io, struct qcow_header *h, char *err, size_t errlen);
 void qcow_header_free(struct qcow_header *h);
 
 /* Patches field bytes [off, off+len) of the raw copy from h and writes them

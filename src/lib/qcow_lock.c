@@ -81,3 +81,13 @@ int qcow_lock_image(int fd, const char *path, bool read_only, char *err, size_t 
 	}
 	return 0;
 }
+
+bool qcow_lock_writer_present(const char *path)
+{
+	int probe = open(path, O_RDONLY | O_CLOEXEC);
+	if (probe < 0)
+		return false;
+	bool held = byte_is_locked(probe, QCOW_LOCK_PERM_BASE + QCOW_PERM_WRITE);
+	close(probe);
+	return held;
+}

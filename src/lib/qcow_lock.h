@@ -12,4 +12,7 @@
  * -EAGAIN with a message naming the lock byte and the likely culprit. */
 int qcow_lock_image(int fd, const char *path, bool read_only, char *err, size_t errlen);
 
+/* True if some process holds QEMU's write permission (lock byte 101). */
+bool qcow_lock_writer_present(const char *path);
+
 #endif
