@@ -191,6 +191,12 @@ void qcow_map_drop_ref(struct qcow_map *m, uint64_t c)
 		qcow_map_set_state(m, c, QCS_JUNK);
 }
 
+uint64_t qcow_map_total_used(const struct qcow_map *m) { return m->count[QCS_REF] + m->count[QCS_PINNED]; }
+uint64_t qcow_map_total_free(const struct qcow_map *m)
+{
+	return m->count[QCS_JUNK] + m->count[QCS_ERASED] + m->count[QCS_AVAILABLE];
+}
+
 uint64_t qcow_map_want_refcount(const struct qcow_map *m, uint64_t c)
 {
 	return c < m->nclusters ? want_of(m->entry[c]) : 0;

@@ -84,6 +84,11 @@ void qcow_map_add_ref(struct qcow_map *m, uint64_t c, uint64_t slot);
 void qcow_map_drop_ref(struct qcow_map *m, uint64_t c);
 
 /* What the on-disk refcount of c must be, derived from its state. */
+/* The seed's total_used / total_free: referenced (REF, PINNED) clusters,
+ * and clusters in Junk, Erased or Available. */
+uint64_t qcow_map_total_used(const struct qcow_map *m);
+uint64_t qcow_map_total_free(const struct qcow_map *m);
+
 uint64_t qcow_map_want_refcount(const struct qcow_map *m, uint64_t c);
 void qcow_map_mark_rc_dirty(struct qcow_map *m, uint64_t c);
 

@@ -40,6 +40,7 @@
 
 #define ERASE_BATCH 4096u
 #define MOVE_BATCH_BYTES (16u << 20)
+#define MOVE_BATCH_MOVES 1024u
 
 /* ---- erase ---------------------------------------------------------------- */
 
@@ -421,9 +422,13 @@ static void phase_hook(struct qcow_image *img, enum qcow_move_state reached)
 static int64_t compact_batch(struct qcow_image *img)
 {
 	struct batch b = { 0 };
+	/* bounded in bytes (guest fsync latency) and in moves (move lookups
+	 * scan the batch) */
 	size_t max = MOVE_BATCH_BYTES >> img->cluster_bits;
 	if (max < 16)
 		max = 16;
+	if (max > MOVE_BATCH_MOVES)
+		max = MOVE_BATCH_MOVES;
 	pthread_mutex_lock(&img->lock);
 	int ret = plan_batch(img, &b, max);
 	uint64_t ticket = qcow_inflight_ticket(img);
