@@ -11,7 +11,7 @@
 # unchanged.
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
-need sha256sum
+need sha256sum stdbuf
 
 B3=$T/base3.qcow2
 B2=$T/base2.qcow2
@@ -95,7 +95,7 @@ qcompare "$img" "$T/base3.raw" "dirty image after unmount"
 # ---- a real lazy-refcounts crash: dirty, refcounts missing ---------------
 img=$T/lazy.qcow2
 mkimg "$img" 256M lazy_refcounts=on
-qemu-io -f qcow2 -c 'write -P 0x33 0 3M' -c 'write -P 0x44 200M 1M' -c flush \
+stdbuf -oL qemu-io -f qcow2 -c 'write -P 0x33 0 3M' -c 'write -P 0x44 200M 1M' -c flush \
 	-c 'sleep 600000' "$img" >"$T/lazy-qemu-io.log" 2>&1 &
 qpid=$!
 _PIDS+=("$qpid")
