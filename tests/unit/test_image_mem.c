@@ -1,0 +1,939 @@
+/*
+ * test_image_mem.c - the whole engine on the memory backend.
+ *
+ * For cluster sizes 512, 4096 and 65536 and refcount orders 0, 4 and 6
+ * (plus one version-2 image): an image made by qcow_create is opened over
+ * a memory backend (wrapped so that its bytes outlive qcow_image_close),
+ * then a random workload runs against a sparse shadow of the raw view:
+ * unaligned writes crossing cluster and L2-table boundaries, reads,
+ * discards and zero ranges of whole and partial clusters, SEEK_DATA /
+ * SEEK_HOLE, flushes (after which the on-disk refcounts must equal the
+ * map's projection), and a resize that grows the virtual size (for
+ * 512-byte clusters past the L1 table's cluster, so the L1 moves) with
+ * writes beyond the old end.  qcow_map_check runs after every step.  At
+ * the end the image is closed, its bytes are reopened (same contents,
+ * same map counts), checked with qcow_check (0 errors, 0 leaks) and with
+ * qemu-img check and qemu-img compare against the shadow.
+ *
+ * Then: qcow_image_compact with the recycler off (write, discard most,
+ * compact: the file shrinks, contents survive, checks stay clean), small
+ * API edge cases, and partial discards of clusters that are holes (they
+ * must stay holes).
+ */
+#include "qcow_internal.h"
+#include "tap.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static unsigned long long seed = 0x1a9e0ull;
+static bool have_qemu_img;
+static unsigned tmp_counter;
+
+/* ---- a backend wrapper whose bytes survive qcow_image_close ------------- */
+
+struct keep_io {
+	struct qcow_io io;
+	struct qcow_io *inner;
+	bool closed;
+};
+
+#define KEEP(x) ((struct keep_io *)(x))
+
+static int k_pread(struct qcow_io *io, void *buf, size_t len, uint64_t off)
+{
+	return KEEP(io)->inner->ops->pread(KEEP(io)->inner, buf, len, off);
+}
+static int k_pwrite(struct qcow_io *io, const void *buf, size_t len, uint64_t off)
+{
+	return KEEP(io)->inner->ops->pwrite(KEEP(io)->inner, buf, len, off);
+}
+static int k_flush(struct qcow_io *io) { return KEEP(io)->inner->ops->flush(KEEP(io)->inner); }
+static int k_punch(struct qcow_io *io, uint64_t off, uint64_t len)
+{
+	return KEEP(io)->inner->ops->punch(KEEP(io)->inner, off, len);
+}
+static int k_truncate(struct qcow_io *io, uint64_t size) { return KEEP(io)->inner->ops->truncate(KEEP(io)->inner, size); }
+static int64_t k_size(struct qcow_io *io) { return KEEP(io)->inner->ops->size(KEEP(io)->inner); }
+static int64_t k_allocated(struct qcow_io *io) { return KEEP(io)->inner->ops->allocated(KEEP(io)->inner); }
+static int k_copy(struct qcow_io *io, uint64_t src, uint64_t dst, uint64_t len)
+{
+	return KEEP(io)->inner->ops->copy(KEEP(io)->inner, src, dst, len);
+}
+static void k_close(struct qcow_io *io) { KEEP(io)->closed = true; }
+
+static const struct qcow_io_ops keep_ops = {
+	.pread = k_pread, .pwrite = k_pwrite, .flush = k_flush, .punch = k_punch, .truncate = k_truncate,
+	.size = k_size, .allocated = k_allocated, .copy = k_copy, .lock = NULL, .close = k_close,
+};
+
+static struct keep_io *keep_new(const void *data, size_t len)
+{
+	struct keep_io *k = calloc(1, sizeof(*k));
+	k->inner = qcow_io_mem_new(data, len);
+	REQUIRE(k->inner != NULL, "memory backend of %zu bytes", len);
+	k->io.ops = &keep_ops;
+	k->io.name = "kept-memory";
+	return k;
+}
+
+static void keep_free(struct keep_io *k)
+{
+	qcow_io_close(k->inner);
+	free(k);
+}
+
+/* ---- images -------------------------------------------------------------- */
+
+static void tmp_path(char *buf, size_t len, const char *what)
+{
+	snprintf(buf, len, "/tmp/qcowfs-test-image-mem-%d-%u-%s.qcow2", (int)getpid(), tmp_counter++, what);
+}
+
+static uint8_t *slurp(const char *path, size_t *len)
+{
+	FILE *f = fopen(path, "rb");
+	REQUIRE(f != NULL, "open %s", path);
+	fseek(f, 0, SEEK_END);
+	long n = ftell(f);
+	fseek(f, 0, SEEK_SET);
+	uint8_t *b = malloc(n ? (size_t)n : 1);
+	REQUIRE(fread(b, 1, (size_t)n, f) == (size_t)n, "read %s", path);
+	fclose(f);
+	*len = (size_t)n;
+	return b;
+}
+
+static void spill(const char *path, const uint8_t *b, size_t len)
+{
+	FILE *f = fopen(path, "wb");
+	REQUIRE(f != NULL, "create %s", path);
+	REQUIRE(fwrite(b, 1, len, f) == len, "write %s", path);
+	fclose(f);
+}
+
+static uint8_t *create_bytes(uint64_t size, unsigned cluster_bits, unsigned order, unsigned version, size_t *len)
+{
+	char path[256], err[256];
+	tmp_path(path, sizeof(path), "create");
+	unlink(path);
+	struct qcow_create_opts o;
+	qcow_create_opts_default(&o);
+	o.size = size;
+	o.cluster_bits = cluster_bits;
+	o.refcount_order = order;
+	o.version = version;
+	int ret = qcow_create(path, &o, err, sizeof(err));
+	REQUIRE(ret == 0, "qcow_create: %s", err);
+	uint8_t *b = slurp(path, len);
+	unlink(path);
+	return b;
+}
+
+static struct qcow_open_opts test_opts(size_t cache_bytes)
+{
+	struct qcow_open_opts o;
+	qcow_open_opts_default(&o);
+	o.no_locking = true;
+	o.runtime_asserts = true;
+	o.recycler = false;
+	o.cache_bytes = cache_bytes;
+	return o;
+}
+
+static struct qcow_image *open_io(struct qcow_io *io, size_t cache_bytes)
+{
+	struct qcow_open_opts o = test_opts(cache_bytes);
+	struct qcow_image *img = NULL;
+	char err[512] = "";
+	int ret = qcow_image_open_io(io, &o, &img, err, sizeof(err));
+	REQUIRE(ret == 0, "qcow_image_open_io: %d %s", ret, err);
+	return img;
+}
+
+static int run(const char *cmd, const char *log)
+{
+	char full[2048];
+	snprintf(full, sizeof(full), "%s > %s 2>&1", cmd, log);
+	int st = system(full);
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void show_log(const char *log)
+{
+	FILE *f = fopen(log, "r");
+	if (!f)
+		return;
+	char line[512];
+	int n = 0;
+	while (fgets(line, sizeof(line), f) && n++ < 30)
+		fprintf(stderr, "  | %s", line);
+	fclose(f);
+}
+
+/* ---- the shadow of the raw view ------------------------------------------- */
+
+#define PAGE 4096u
+
+struct shadow {
+	uint64_t size;
+	unsigned cluster_bits;
+	uint8_t **page;      /* NULL = zeros */
+	uint64_t npages;
+	uint8_t *alloc;      /* guest cluster has data (per the L2 table) */
+	uint64_t nclusters;
+};
+
+static void shadow_resize(struct shadow *s, uint64_t size)
+{
+	uint64_t np = (size + PAGE - 1) / PAGE, nc = (size + (1ull << s->cluster_bits) - 1) >> s->cluster_bits;
+	s->page = realloc(s->page, (np ? np : 1) * sizeof(*s->page));
+	for (uint64_t i = s->npages; i < np; i++)
+		s->page[i] = NULL;
+	s->alloc = realloc(s->alloc, nc ? nc : 1);
+	if (nc > s->nclusters)
+		memset(s->alloc + s->nclusters, 0, nc - s->nclusters);
+	s->npages = np;
+	s->nclusters = nc;
+	s->size = size;
+}
+
+static void shadow_free(struct shadow *s)
+{
+	for (uint64_t i = 0; i < s->npages; i++)
+		free(s->page[i]);
+	free(s->page);
+	free(s->alloc);
+}
+
+static void shadow_write(struct shadow *s, const uint8_t *buf, uint64_t off, uint64_t len)
+{
+	for (uint64_t done = 0; done < len;) {
+		uint64_t p = (off + done) / PAGE, o = (off + done) % PAGE;
+		uint64_t n = PAGE - o < len - done ? PAGE - o : len - done;
+		if (buf) {
+			if (!s->page[p])
+				s->page[p] = calloc(1, PAGE);
+			memcpy(s->page[p] + o, buf + done, n);
+		} else if (s->page[p]) {
+			memset(s->page[p] + o, 0, n);
+		}
+		done += n;
+	}
+}
+
+static void shadow_read(const struct shadow *s, uint8_t *out, uint64_t off, uint64_t len)
+{
+	for (uint64_t done = 0; done < len;) {
+		uint64_t p = (off + done) / PAGE, o = (off + done) % PAGE;
+		uint64_t n = PAGE - o < len - done ? PAGE - o : len - done;
+		if (s->page[p])
+			memcpy(out + done, s->page[p] + o, n);
+		else
+			memset(out + done, 0, n);
+		done += n;
+	}
+}
+
+/* ---- checks -------------------------------------------------------------------- */
+
+static unsigned fails;
+#define ICHECK(cond, ...) do { if (!(cond)) { if (fails++ < 25) CHECK(cond, __VA_ARGS__); } else CHECK(1, "ok"); } while (0)
+
+static const char *cfg_name = "";
+
+static void check_map(struct qcow_image *img, const char *after)
+{
+	const char *bad = qcow_map_check(&img->map);
+	ICHECK(bad == NULL, "%s: map after %s: %s", cfg_name, after, bad);
+}
+
+static bool compare_range(struct qcow_image *img, const struct shadow *s, uint64_t off, uint64_t len, const char *what)
+{
+	uint8_t *a = malloc(len ? len : 1), *b = malloc(len ? len : 1);
+	ssize_t r = qcow_image_read(img, a, len, off);
+	shadow_read(s, b, off, len);
+	bool ok = r == (ssize_t)len && memcmp(a, b, len) == 0;
+	if (!ok) {
+		uint64_t at = 0;
+		while (at < len && a[at] == b[at])
+			at++;
+		ICHECK(ok, "%s: %s: read [%llu, +%llu) returned %zd, first difference at %llu (got %02x want %02x)", cfg_name,
+		       what, (unsigned long long)off, (unsigned long long)len, r, (unsigned long long)(off + at),
+		       at < len ? a[at] : 0, at < len ? b[at] : 0);
+	}
+	free(a);
+	free(b);
+	return ok;
+}
+
+/* Expected SEEK_DATA / SEEK_HOLE from the allocation model. */
+static int64_t expect_seek(const struct shadow *s, uint64_t off, int whence)
+{
+	if (off >= s->size)
+		return -ENXIO;
+	uint64_t cs = 1ull << s->cluster_bits;
+	for (uint64_t gc = off >> s->cluster_bits; gc < s->nclusters; gc++)
+		if ((bool)s->alloc[gc] == (whence == SEEK_DATA)) {
+			uint64_t r = gc * cs;
+			return (int64_t)(r < off ? off : r);
+		}
+	return whence == SEEK_DATA ? -ENXIO : (int64_t)s->size;
+}
+
+static void check_seek(struct qcow_image *img, const struct shadow *s, uint64_t off)
+{
+	for (int w = 0; w < 2; w++) {
+		int whence = w ? SEEK_HOLE : SEEK_DATA;
+		int64_t got = qcow_image_seek(img, off, whence);
+		int64_t want = expect_seek(s, off, whence);
+		ICHECK(got == want, "%s: seek(%llu, %s) = %lld, expected %lld", cfg_name, (unsigned long long)off,
+		       w ? "SEEK_HOLE" : "SEEK_DATA", (long long)got, (long long)want);
+	}
+}
+
+/* Everything: walk data extents with SEEK_DATA/SEEK_HOLE (so no data shows
+ * up where the model has holes) and read every data extent. */
+static void verify_all(struct qcow_image *img, const struct shadow *s, const char *what)
+{
+	ICHECK(qcow_image_size(img) == s->size, "%s: %s: size %llu, shadow %llu", cfg_name, what,
+	       (unsigned long long)qcow_image_size(img), (unsigned long long)s->size);
+	uint64_t pos = 0;
+	unsigned extents = 0;
+	while (pos < s->size && extents < 100000) {
+		int64_t d = qcow_image_seek(img, pos, SEEK_DATA);
+		int64_t wd = expect_seek(s, pos, SEEK_DATA);
+		if (d != wd) {
+			ICHECK(d == wd, "%s: %s: SEEK_DATA from %llu = %lld, expected %lld", cfg_name, what,
+			       (unsigned long long)pos, (long long)d, (long long)wd);
+			break;
+		}
+		if (d < 0)
+			break;
+		int64_t h = qcow_image_seek(img, (uint64_t)d, SEEK_HOLE);
+		int64_t wh = expect_seek(s, (uint64_t)d, SEEK_HOLE);
+		if (h != wh) {
+			ICHECK(h == wh, "%s: %s: SEEK_HOLE from %lld = %lld, expected %lld", cfg_name, what, (long long)d,
+			       (long long)h, (long long)wh);
+			break;
+		}
+		for (uint64_t o = (uint64_t)d; o < (uint64_t)h; o += 1u << 20) {
+			uint64_t n = (uint64_t)h - o < (1u << 20) ? (uint64_t)h - o : (1u << 20);
+			if (!compare_range(img, s, o, n, what))
+				break;
+		}
+		pos = (uint64_t)h;
+		extents++;
+	}
+	/* and the shadow has nothing outside the data extents */
+	uint64_t cs = 1ull << s->cluster_bits;
+	bool stray = false;
+	for (uint64_t p = 0; p < s->npages && !stray; p++) {
+		if (!s->page[p])
+			continue;
+		for (unsigned k = 0; k < PAGE; k++)
+			if (s->page[p][k] && !s->alloc[(p * PAGE + k) / cs]) {
+				ICHECK(false, "%s: %s: shadow has data at %llu in a hole cluster (test bug)", cfg_name, what,
+				       (unsigned long long)(p * PAGE + k));
+				stray = true;
+				break;
+			}
+	}
+}
+
+/* After a flush every refcount on disk is what the map wants. */
+static void check_refcounts(struct qcow_image *img, const char *after)
+{
+	int64_t d = qcow_refcounts_compare(img);
+	ICHECK(d == 0, "%s: after %s, %lld on-disk refcounts differ from the map", cfg_name, after, (long long)d);
+}
+
+static void fill_random(uint8_t *b, size_t n)
+{
+	for (size_t i = 0; i < n; i += 8) {
+		uint64_t r = tap_rand(&seed);
+		memcpy(b + i, &r, n - i < 8 ? n - i : 8);
+	}
+}
+
+/* ---- the workload ------------------------------------------------------------- */
+
+struct cfg {
+	unsigned cluster_bits, order, version;
+	uint64_t size, grow_to;
+	size_t cache_bytes;
+	unsigned ops;
+};
+
+/* A random offset near an interesting place: 0, the end, a cluster or an
+ * L2-table boundary, the old end after a resize. */
+static uint64_t hot_offset(const struct shadow *s, uint64_t old_end)
+{
+	uint64_t cs = 1ull << s->cluster_bits, l2span = (cs / 8) * cs;
+	uint64_t base;
+	switch (tap_rand(&seed) % 6) {
+	case 0: base = 0; break;
+	case 1: base = s->size; break;
+	case 2: base = old_end; break;
+	case 3: base = (tap_rand(&seed) % (s->size / l2span + 1)) * l2span; break;
+	case 4: base = (tap_rand(&seed) % (s->nclusters + 1)) * cs; break;
+	default: base = tap_rand(&seed) % (s->size < 64 * cs ? s->size : 64 * cs); break;
+	}
+	int64_t delta = (int64_t)(tap_rand(&seed) % (4 * cs)) - (int64_t)(2 * cs);
+	int64_t o = (int64_t)base + delta;
+	if (o < 0)
+		o = 0;
+	if ((uint64_t)o >= s->size)
+		o = (int64_t)(s->size - 1 - tap_rand(&seed) % (cs < s->size ? cs : s->size));
+	return (uint64_t)o;
+}
+
+static void do_write(struct qcow_image *img, struct shadow *s, uint64_t off, uint64_t len)
+{
+	if (off + len > s->size)
+		len = s->size - off;
+	if (!len)
+		return;
+	uint8_t *b = malloc(len);
+	fill_random(b, len);
+	if (tap_rand(&seed) % 8 == 0)
+		memset(b, 0, len / 2);   /* zeros inside data are data too */
+	ssize_t r = qcow_image_write(img, b, len, off);
+	ICHECK(r == (ssize_t)len, "%s: write [%llu, +%llu) returned %zd", cfg_name, (unsigned long long)off,
+	       (unsigned long long)len, r);
+	shadow_write(s, b, off, len);
+	uint64_t cs = 1ull << s->cluster_bits;
+	for (uint64_t gc = off / cs; gc <= (off + len - 1) / cs; gc++)
+		s->alloc[gc] = 1;
+	free(b);
+}
+
+/* Discard or zero.  The engine zeroes partially covered clusters in place
+ * (the disk's last cluster counts as partial when the disk size is not a
+ * cluster multiple) and unmaps whole ones.  Partially covered clusters
+ * that are holes are left out of the range here, since zeroing them must
+ * not allocate them (partial_discard_of_holes tests that separately). */
+static void do_discard(struct qcow_image *img, struct shadow *s, uint64_t off, uint64_t len, bool zero)
+{
+	uint64_t cs = 1ull << s->cluster_bits;
+	if (off + len > s->size)
+		len = s->size - off;
+	uint64_t end = off + len;
+	if (off % cs && !s->alloc[off / cs])
+		off = (off / cs + 1) * cs;
+	if (end % cs && end > off && !s->alloc[end / cs])
+		end = end / cs * cs;
+	if (end <= off)
+		return;
+	len = end - off;
+	int r = zero ? qcow_image_zero(img, off, len) : qcow_image_discard(img, off, len);
+	ICHECK(r == 0, "%s: %s [%llu, +%llu) returned %d", cfg_name, zero ? "zero" : "discard", (unsigned long long)off,
+	       (unsigned long long)len, r);
+	shadow_write(s, NULL, off, len);
+	for (uint64_t gc = (off + cs - 1) / cs; gc < end / cs; gc++)
+		s->alloc[gc] = 0;
+}
+
+static void workload(const struct cfg *c)
+{
+	char name[96];
+	snprintf(name, sizeof(name), "v%u cs=%u order=%u", c->version, 1u << c->cluster_bits, c->order);
+	cfg_name = name;
+	uint64_t cs = 1ull << c->cluster_bits;
+	size_t len;
+	uint8_t *bytes = create_bytes(c->size, c->cluster_bits, c->order, c->version, &len);
+	struct keep_io *k = keep_new(bytes, len);
+	free(bytes);
+	struct qcow_image *img = open_io(&k->io, c->cache_bytes);
+	struct shadow s = { .cluster_bits = c->cluster_bits };
+	shadow_resize(&s, c->size);
+	check_map(img, "open");
+	verify_all(img, &s, "fresh image");
+	uint64_t old_end = c->size;
+	uint64_t l1_offset0 = img->hdr.l1_table_offset;
+
+	for (unsigned i = 0; i < c->ops && fails < 25; i++) {
+		char what[64];
+		unsigned op = (unsigned)(tap_rand(&seed) % 100);
+		if (i == c->ops / 2 && c->grow_to) {
+			/* grow; for small clusters the L1 table has to move */
+			uint32_t l1_cap = img->l1_capacity;
+			int r = qcow_image_resize(img, c->grow_to);
+			ICHECK(r == 0, "%s: resize to %llu: %d", cfg_name, (unsigned long long)c->grow_to, r);
+			uint64_t per_l1 = (cs / 8) * cs;
+			uint64_t need = (c->grow_to + per_l1 - 1) / per_l1;
+			if (need > l1_cap)
+				ICHECK(img->hdr.l1_table_offset != l1_offset0 && img->l1_capacity >= need,
+				       "%s: L1 table moved for %llu entries (capacity %u)", cfg_name, (unsigned long long)need,
+				       img->l1_capacity);
+			old_end = s.size;
+			shadow_resize(&s, c->grow_to);
+			check_map(img, "resize");
+			verify_all(img, &s, "after resize");
+			/* write right across the old end and at the new end */
+			do_write(img, &s, old_end - cs / 2 - 3, cs + 100);
+			do_write(img, &s, s.size - 2 * cs - 5, 2 * cs + 5);
+			if (c->cluster_bits == 9) {
+				/* 2.5 MiB more data: with 64-bit refcounts one
+				 * refcount table cluster covers only 2 MiB of file */
+				for (uint64_t o = old_end + cs; o < old_end + (5u << 19); o += 64 * 1024)
+					do_write(img, &s, o + 3, 64 * 1024);
+			}
+			check_map(img, "writes after resize");
+			continue;
+		}
+		if (op < 40) {
+			uint64_t off = hot_offset(&s, old_end);
+			uint64_t n = 1 + tap_rand(&seed) % (3 * cs);
+			do_write(img, &s, off, n);
+			snprintf(what, sizeof(what), "write %u", i);
+		} else if (op < 45) {
+			/* a long write across at least one L2 table boundary */
+			uint64_t l2span = (cs / 8) * cs;
+			uint64_t n = l2span < (1u << 20) ? l2span + cs * 3 + 7 : (1u << 20) + 7;
+			uint64_t b = (tap_rand(&seed) % (s.size / l2span + 1)) * l2span;
+			uint64_t off = b > n / 2 ? b - n / 2 : 0;
+			if (off < s.size)
+				do_write(img, &s, off, n);
+			snprintf(what, sizeof(what), "long write %u", i);
+		} else if (op < 60) {
+			uint64_t off = hot_offset(&s, old_end);
+			uint64_t n = 1 + tap_rand(&seed) % (6 * cs);
+			do_discard(img, &s, off, n, false);
+			snprintf(what, sizeof(what), "discard %u", i);
+		} else if (op < 65) {
+			uint64_t off = hot_offset(&s, old_end);
+			uint64_t n = 1 + tap_rand(&seed) % (3 * cs);
+			do_discard(img, &s, off, n, true);
+			snprintf(what, sizeof(what), "zero %u", i);
+		} else if (op < 80) {
+			uint64_t off = hot_offset(&s, old_end);
+			uint64_t n = 1 + tap_rand(&seed) % (4 * cs);
+			if (off + n > s.size)
+				n = s.size - off;
+			compare_range(img, &s, off, n, "random read");
+			snprintf(what, sizeof(what), "read %u", i);
+		} else if (op < 90) {
+			check_seek(img, &s, hot_offset(&s, old_end));
+			check_seek(img, &s, tap_rand(&seed) % (s.size + 2 * cs));
+			snprintf(what, sizeof(what), "seek %u", i);
+		} else {
+			int r = qcow_image_flush(img);
+			ICHECK(r == 0, "%s: flush: %d", cfg_name, r);
+			check_refcounts(img, "flush");
+			snprintf(what, sizeof(what), "flush %u", i);
+		}
+		check_map(img, what);
+	}
+	verify_all(img, &s, "end of workload");
+	/* edge cases of the range checks */
+	uint8_t byte = 0x5a;
+	ICHECK(qcow_image_write(img, &byte, 1, s.size) == -EINVAL, "%s: write at the end is -EINVAL", cfg_name);
+	ICHECK(qcow_image_write(img, &byte, 2, s.size - 1) == -EINVAL, "%s: write across the end is -EINVAL", cfg_name);
+	ICHECK(qcow_image_read(img, &byte, 1, UINT64_MAX) == -EINVAL, "%s: read at 2^64-1 is -EINVAL", cfg_name);
+	ICHECK(qcow_image_discard(img, s.size, 1) == -EINVAL, "%s: discard past the end is -EINVAL", cfg_name);
+	ICHECK(qcow_image_read(img, &byte, 0, s.size) == 0, "%s: empty read at the end", cfg_name);
+	ICHECK(qcow_image_seek(img, s.size, SEEK_DATA) == -ENXIO && qcow_image_seek(img, s.size, SEEK_HOLE) == -ENXIO,
+	       "%s: seek at the end is -ENXIO", cfg_name);
+	ICHECK(qcow_image_seek(img, 0, SEEK_SET) == -EINVAL, "%s: seek with SEEK_SET is -EINVAL", cfg_name);
+	ICHECK(qcow_image_resize(img, s.size - 512) == -EOPNOTSUPP, "%s: shrinking is -EOPNOTSUPP", cfg_name);
+	ICHECK(qcow_image_resize(img, s.size) == 0, "%s: resize to the same size", cfg_name);
+	do_write(img, &s, s.size - 1, 1);   /* the very last byte */
+	compare_range(img, &s, s.size - 1, 1, "last byte");
+
+	ICHECK(qcow_image_flush(img) == 0, "%s: final flush", cfg_name);
+	check_refcounts(img, "final flush");
+	check_map(img, "final flush");
+
+	/* what the reopened map must show */
+	const struct qcow_map *m = &img->map;
+	uint64_t last = qcow_map_last_block(m);
+	uint64_t free_below = 0;
+	for (uint64_t cl = 0; last != UINT64_MAX && cl < last; cl++) {
+		enum qcow_cstate st = qcow_map_state(m, cl);
+		if (st == QCS_JUNK || st == QCS_ERASED || st == QCS_AVAILABLE)
+			free_below++;
+	}
+	uint64_t n_ref = m->count[QCS_REF], n_pinned = m->count[QCS_PINNED];
+	ICHECK(m->count[QCS_ROOTS] == 0 && m->count[QCS_COPIES] == 0 && m->count[QCS_PENDING] == 0 &&
+	       m->nmoves_active == 0, "%s: nothing in flight after the final flush", cfg_name);
+	struct qcow_stats st;
+	qcow_image_get_stats(img, &st);
+	ICHECK(st.virtual_size == s.size && st.cluster_size == cs && st.clusters_total == m->nclusters,
+	       "%s: stats geometry", cfg_name);
+
+	printf("# %s: %llu clusters in the map (last block %llu), L1 %u entries at 0x%llx, refcount table %u clusters at 0x%llx\n",
+	       cfg_name, (unsigned long long)m->nclusters, (unsigned long long)last, img->hdr.l1_size, (unsigned long long)img->hdr.l1_table_offset,
+	       img->hdr.refcount_table_clusters, (unsigned long long)img->hdr.refcount_table_offset);
+	ICHECK(c->cluster_bits != 9 || c->order != 6 || img->hdr.refcount_table_clusters > 1,
+	       "%s: the refcount table grew (the workload writes more than one table cluster covers)", cfg_name);
+	int r = qcow_image_close(img);
+	ICHECK(r == 0, "%s: close: %d", cfg_name, r);
+	ICHECK(k->closed, "%s: close closed the backend", cfg_name);
+	size_t flen;
+	const uint8_t *fb = qcow_io_mem_data(k->inner, &flen);
+	uint8_t *final = malloc(flen);
+	memcpy(final, fb, flen);
+	ICHECK(last == UINT64_MAX || flen == (last + 1) * cs, "%s: file ends after the last block (%zu bytes, last block %llu)",
+	       cfg_name, flen, (unsigned long long)last);
+
+	/* reopen the bytes */
+	struct keep_io *k2 = keep_new(final, flen);
+	img = open_io(&k2->io, c->cache_bytes);
+	check_map(img, "reopen");
+	m = &img->map;
+	ICHECK(m->count[QCS_REF] == n_ref && m->count[QCS_PINNED] == n_pinned,
+	       "%s: reopened map has %llu referenced / %llu pinned, before close %llu / %llu", cfg_name,
+	       (unsigned long long)m->count[QCS_REF], (unsigned long long)m->count[QCS_PINNED], (unsigned long long)n_ref,
+	       (unsigned long long)n_pinned);
+	ICHECK(m->count[QCS_JUNK] == free_below && m->count[QCS_AVAILABLE] == 0 && m->nclusters == flen / cs,
+	       "%s: reopened map: %llu junk (expected %llu), %llu available, %llu clusters", cfg_name,
+	       (unsigned long long)m->count[QCS_JUNK], (unsigned long long)free_below,
+	       (unsigned long long)m->count[QCS_AVAILABLE], (unsigned long long)m->nclusters);
+	check_refcounts(img, "reopen (no repair needed)");
+	verify_all(img, &s, "reopened");
+	qcow_image_close(img);
+	size_t l2;
+	const uint8_t *after = qcow_io_mem_data(k2->inner, &l2);
+	ICHECK(l2 == flen && memcmp(after, final, flen) == 0, "%s: open + close without writes changes nothing", cfg_name);
+	keep_free(k2);
+
+	/* offline checks on a real file */
+	char path[256], raw[256], log[256], cmd[1024], err[256] = "";
+	tmp_path(path, sizeof(path), "final");
+	tmp_path(raw, sizeof(raw), "raw");
+	tmp_path(log, sizeof(log), "log");
+	spill(path, final, flen);
+	struct qcow_check_result res;
+	r = qcow_check(path, &res, err, sizeof(err));
+	ICHECK(r == 0 && res.errors == 0 && res.leaks == 0, "%s: qcow_check: ret %d, %llu errors, %llu leaks %s", cfg_name, r,
+	       (unsigned long long)res.errors, (unsigned long long)res.leaks, err);
+	uint64_t data_clusters = 0;
+	for (uint64_t gc = 0; gc < s.nclusters; gc++)
+		data_clusters += s.alloc[gc];
+	ICHECK(r != 0 || res.allocated_clusters == data_clusters, "%s: qcow_check counts %llu data clusters, model %llu",
+	       cfg_name, (unsigned long long)res.allocated_clusters, (unsigned long long)data_clusters);
+	if (have_qemu_img) {
+		snprintf(cmd, sizeof(cmd), "qemu-img check -f qcow2 '%s'", path);
+		int q = run(cmd, log);
+		ICHECK(q == 0, "%s: qemu-img check exited %d", cfg_name, q);
+		if (q)
+			show_log(log);
+		/* qemu reads the same bytes as the shadow */
+		int fd = open(raw, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+		REQUIRE(fd >= 0, "create %s", raw);
+		for (uint64_t p = 0; p < s.npages; p++)
+			if (s.page[p]) {
+				uint64_t n = s.size - p * PAGE < PAGE ? s.size - p * PAGE : PAGE;
+				REQUIRE(pwrite(fd, s.page[p], n, (off_t)(p * PAGE)) == (ssize_t)n, "write raw");
+			}
+		REQUIRE(ftruncate(fd, (off_t)s.size) == 0, "truncate raw");
+		close(fd);
+		snprintf(cmd, sizeof(cmd), "qemu-img compare -f raw -F qcow2 '%s' '%s'", raw, path);
+		q = run(cmd, log);
+		ICHECK(q == 0, "%s: qemu-img compare with the shadow exited %d", cfg_name, q);
+		if (q)
+			show_log(log);
+	}
+	unlink(path);
+	unlink(raw);
+	unlink(log);
+	free(final);
+	keep_free(k);
+	shadow_free(&s);
+}
+
+/* ---- compaction ------------------------------------------------------------------ */
+
+struct prog {
+	double last;
+	unsigned calls;
+	bool out_of_range;
+};
+
+static void progress(double p, void *opaque)
+{
+	struct prog *q = opaque;
+	if (p < 0 || p > 1)
+		q->out_of_range = true;
+	q->last = p;
+	q->calls++;
+}
+
+static void compaction(unsigned cluster_bits, unsigned order)
+{
+	char name[96];
+	snprintf(name, sizeof(name), "compact cs=%u order=%u", 1u << cluster_bits, order);
+	cfg_name = name;
+	uint64_t cs = 1ull << cluster_bits;
+	uint64_t nclusters = cluster_bits == 9 ? 6000 : cluster_bits == 12 ? 1500 : 160;
+	uint64_t size = nclusters * cs + cs / 2;   /* a partial last cluster */
+	size_t len;
+	uint8_t *bytes = create_bytes(size, cluster_bits, order, 3, &len);
+	struct keep_io *k = keep_new(bytes, len);
+	free(bytes);
+	struct qcow_image *img = open_io(&k->io, 0);
+	struct shadow s = { .cluster_bits = cluster_bits };
+	shadow_resize(&s, size);
+
+	/* fill everything in a scattered order so L2 tables and refcount
+	 * blocks end up in the middle of the data */
+	for (uint64_t i = 0; i < s.nclusters; i++) {
+		uint64_t gc = (i * 7919) % s.nclusters;
+		uint64_t off = gc * cs, n = off + cs > size ? size - off : cs;
+		do_write(img, &s, off, n);
+	}
+	ICHECK(qcow_image_flush(img) == 0, "%s: flush after filling", cfg_name);
+	check_refcounts(img, "filling");
+	/* discard about 85 %: keep every 7th cluster and a few runs */
+	for (uint64_t gc = 0; gc < s.nclusters; gc++) {
+		if (gc % 7 == 3 || (gc > s.nclusters / 2 && gc < s.nclusters / 2 + 5))
+			continue;
+		uint64_t off = gc * cs, n = off + cs > size ? size - off : cs;
+		do_discard(img, &s, off, n, false);
+	}
+	ICHECK(qcow_image_flush(img) == 0, "%s: flush after discarding", cfg_name);
+	check_map(img, "discarding");
+	verify_all(img, &s, "before compaction");
+	int64_t before = k->inner->ops->size(k->inner);
+	struct qcow_stats st0;
+	qcow_image_get_stats(img, &st0);
+
+	struct prog pg = { -1, 0, false };
+	int r = qcow_image_compact(img, progress, &pg);
+	ICHECK(r == 0, "%s: qcow_image_compact: %d", cfg_name, r);
+	ICHECK(pg.calls > 0 && pg.last == 1.0 && !pg.out_of_range, "%s: progress reported %u times, last %f%s", cfg_name,
+	       pg.calls, pg.last, pg.out_of_range ? ", some out of 0..1" : "");
+	check_map(img, "compaction");
+	int64_t after = k->inner->ops->size(k->inner);
+	struct qcow_stats st;
+	qcow_image_get_stats(img, &st);
+	/* what must remain: data kept, its L2 tables, refcount blocks, header structures */
+	uint64_t used = st.clusters_header + st.clusters_referenced;
+	ICHECK(after < before / 2, "%s: the file shrank from %lld to %lld bytes", cfg_name, (long long)before, (long long)after);
+	ICHECK((uint64_t)after <= (used + 2) * cs, "%s: after compaction %lld bytes for %llu used clusters (%llu moved)",
+	       cfg_name, (long long)after, (unsigned long long)used, (unsigned long long)st.clusters_moved);
+	ICHECK(st.compactions_done == st0.compactions_done + 1 && st.clusters_moved > 0 && !st.compacting,
+	       "%s: stats after compaction: done %llu moved %llu", cfg_name, (unsigned long long)st.compactions_done,
+	       (unsigned long long)st.clusters_moved);
+	verify_all(img, &s, "after compaction");
+	/* the image stays fully usable */
+	for (int i = 0; i < 40; i++)
+		do_write(img, &s, tap_rand(&seed) % size, 1 + tap_rand(&seed) % (2 * cs));
+	check_map(img, "writes after compaction");
+	ICHECK(qcow_image_flush(img) == 0, "%s: flush after compaction", cfg_name);
+	ICHECK(qcow_image_flush(img) == 0, "%s: second flush after compaction", cfg_name);
+	check_refcounts(img, "flushes after compaction");
+	verify_all(img, &s, "writes after compaction");
+	r = qcow_image_close(img);
+	ICHECK(r == 0, "%s: close after compaction: %d", cfg_name, r);
+
+	size_t flen;
+	const uint8_t *fb = qcow_io_mem_data(k->inner, &flen);
+	struct keep_io *k2 = keep_new(fb, flen);
+	img = open_io(&k2->io, 0);
+	check_map(img, "reopen after compaction");
+	check_refcounts(img, "reopen after compaction");
+	verify_all(img, &s, "reopened after compaction");
+	qcow_image_close(img);
+
+	char path[256], log[256], cmd[512], err[256] = "";
+	tmp_path(path, sizeof(path), "compacted");
+	tmp_path(log, sizeof(log), "log");
+	spill(path, fb, flen);
+	struct qcow_check_result res;
+	r = qcow_check(path, &res, err, sizeof(err));
+	ICHECK(r == 0 && res.errors == 0 && res.leaks == 0, "%s: qcow_check: ret %d, %llu errors, %llu leaks %s", cfg_name, r,
+	       (unsigned long long)res.errors, (unsigned long long)res.leaks, err);
+	if (have_qemu_img) {
+		snprintf(cmd, sizeof(cmd), "qemu-img check -f qcow2 '%s'", path);
+		int q = run(cmd, log);
+		ICHECK(q == 0, "%s: qemu-img check exited %d", cfg_name, q);
+		if (q)
+			show_log(log);
+	}
+	unlink(path);
+	unlink(log);
+	keep_free(k2);
+	keep_free(k);
+	shadow_free(&s);
+}
+
+/* ---- partial discards of holes ---------------------------------------------------- */
+
+/* Zeroing part of a cluster that is a hole has nothing to do: the range
+ * already reads zeros.  It must not allocate the cluster (that would grow
+ * the file on every unaligned fstrim and turn holes into data). */
+static void partial_discard_of_holes(void)
+{
+	cfg_name = "partial discard of holes";
+	uint64_t cs = 65536;
+	size_t len;
+	uint8_t *bytes = create_bytes(64 * cs, 16, 4, 3, &len);
+	struct keep_io *k = keep_new(bytes, len);
+	free(bytes);
+	struct qcow_image *img = open_io(&k->io, 0);
+	ICHECK(qcow_image_flush(img) == 0, "flush");
+	int64_t size0 = k->inner->ops->size(k->inner);
+	struct qcow_stats st0, st;
+	qcow_image_get_stats(img, &st0);
+
+	int r = qcow_image_discard(img, 100, 1000);              /* inside cluster 0 */
+	ICHECK(r == 0, "discard inside a hole cluster: %d", r);
+	r = qcow_image_discard(img, 3 * cs - 100, 200);          /* across two hole clusters */
+	ICHECK(r == 0, "discard across two hole clusters: %d", r);
+	r = qcow_image_zero(img, 10 * cs + 512, 3 * cs);         /* partial head and tail, holes */
+	ICHECK(r == 0, "zero with partial head and tail over holes: %d", r);
+	ICHECK(qcow_image_flush(img) == 0, "flush");
+	check_map(img, "partial discards of holes");
+	qcow_image_get_stats(img, &st);
+	int64_t d = qcow_image_seek(img, 0, SEEK_DATA);
+	ICHECK(d == -ENXIO, "partial discard of holes allocated clusters: SEEK_DATA(0) = %lld, expected -ENXIO (no data)",
+	       (long long)d);
+	ICHECK(st.clusters_referenced == st0.clusters_referenced,
+	       "partial discard of holes allocated %lld clusters (referenced %llu -> %llu)",
+	       (long long)(st.clusters_referenced - st0.clusters_referenced), (unsigned long long)st0.clusters_referenced,
+	       (unsigned long long)st.clusters_referenced);
+	ICHECK(k->inner->ops->size(k->inner) == size0, "partial discard of holes grew the file from %lld to %lld bytes",
+	       (long long)size0, (long long)k->inner->ops->size(k->inner));
+	uint8_t buf[4096];
+	ICHECK(qcow_image_read(img, buf, sizeof(buf), 0) == (ssize_t)sizeof(buf), "read");
+	bool zero = true;
+	for (size_t i = 0; i < sizeof(buf); i++)
+		zero &= buf[i] == 0;
+	ICHECK(zero, "holes read zeros");
+	qcow_image_close(img);
+	keep_free(k);
+}
+
+/* Discarding the last guest cluster of a disk whose size is not a cluster
+ * multiple, from that cluster's start to the end of the disk, covers the
+ * whole guest cluster: it must be released like any whole cluster (QEMU
+ * does so too), not kept allocated and zero-filled. */
+static void discard_of_the_partial_last_cluster(void)
+{
+	cfg_name = "discard of the partial last cluster";
+	uint64_t cs = 4096, size = 10 * cs + 1536;
+	size_t len;
+	uint8_t *bytes = create_bytes(size, 12, 4, 3, &len);
+	struct keep_io *k = keep_new(bytes, len);
+	free(bytes);
+	struct qcow_image *img = open_io(&k->io, 0);
+	uint8_t *buf = malloc(size);
+	memset(buf, 0x77, size);
+	ICHECK(qcow_image_write(img, buf, size, 0) == (ssize_t)size, "fill the disk");
+	ICHECK(qcow_image_discard(img, 8 * cs, size - 8 * cs) == 0, "discard the last 2.4 clusters");
+	ICHECK(qcow_image_read(img, buf, size, 0) == (ssize_t)size, "read back");
+	bool ok = true;
+	for (uint64_t i = 0; i < size; i++)
+		ok &= buf[i] == (i < 8 * cs ? 0x77 : 0);
+	ICHECK(ok, "contents after the discard");
+	int64_t h = qcow_image_seek(img, 0, SEEK_HOLE);
+	ICHECK(h == (int64_t)(8 * cs), "SEEK_HOLE(0) = %lld, expected %llu: the last cluster [%llu, %llu) is still allocated",
+	       (long long)h, (unsigned long long)(8 * cs), (unsigned long long)(10 * cs), (unsigned long long)size);
+	ICHECK(qcow_image_seek(img, 8 * cs, SEEK_DATA) == -ENXIO, "SEEK_DATA after the discard finds nothing (got %lld)",
+	       (long long)qcow_image_seek(img, 8 * cs, SEEK_DATA));
+	check_map(img, "tail discard");
+	free(buf);
+	qcow_image_close(img);
+	keep_free(k);
+}
+
+/* ---- small things ----------------------------------------------------------------- */
+
+static void misc(void)
+{
+	cfg_name = "misc";
+	/* opening garbage fails and leaves the caller owning the backend */
+	uint8_t junk[4096];
+	memset(junk, 0x41, sizeof(junk));
+	struct qcow_io *io = qcow_io_mem_new(junk, sizeof(junk));
+	struct qcow_open_opts o = test_opts(0);
+	struct qcow_image *img = NULL;
+	char err[256] = "";
+	int r = qcow_image_open_io(io, &o, &img, err, sizeof(err));
+	ICHECK(r < 0 && strstr(err, "magic"), "garbage refused: %d %s", r, err);
+	size_t n;
+	const uint8_t *d = qcow_io_mem_data(io, &n);
+	ICHECK(n == sizeof(junk) && memcmp(d, junk, n) == 0, "garbage untouched");
+	qcow_io_close(io);
+
+	/* a read-only open refuses writes */
+	size_t len;
+	uint8_t *bytes = create_bytes(1 << 20, 12, 4, 3, &len);
+	io = qcow_io_mem_new(bytes, len);
+	o.read_only = true;
+	r = qcow_image_open_io(io, &o, &img, err, sizeof(err));
+	REQUIRE(r == 0, "read-only open: %s", err);
+	uint8_t b[10] = { 1 };
+	ICHECK(qcow_image_write(img, b, 10, 0) == -EROFS, "read-only write is -EROFS");
+	ICHECK(qcow_image_discard(img, 0, 4096) == -EROFS, "read-only discard is -EROFS");
+	ICHECK(qcow_image_resize(img, 2 << 20) == -EROFS, "read-only resize is -EROFS");
+	ICHECK(qcow_image_compact(img, NULL, NULL) == -EROFS, "read-only compact is -EROFS");
+	ICHECK(qcow_image_read(img, b, 10, 100) == 10 && b[0] == 0, "read-only read works");
+	ICHECK(qcow_image_close(img) == 0, "read-only close");
+
+	/* the corrupt bit: read-write open refused, read-only allowed */
+	qcow_put_be64(bytes + QH_INCOMPAT, QCOW_INCOMPAT_CORRUPT);
+	io = qcow_io_mem_new(bytes, len);
+	o.read_only = false;
+	r = qcow_image_open_io(io, &o, &img, err, sizeof(err));
+	ICHECK(r == -EACCES && strstr(err, "corrupt"), "corrupt image refused read-write: %d %s", r, err);
+	d = qcow_io_mem_data(io, &n);
+	ICHECK(n == len && memcmp(d, bytes, len) == 0, "refused image untouched");
+	o.read_only = true;
+	r = qcow_image_open_io(io, &o, &img, err, sizeof(err));
+	ICHECK(r == 0, "corrupt image opens read-only: %s", err);
+	if (r == 0)
+		qcow_image_close(img);
+	else
+		qcow_io_close(io);
+
+	/* the dirty bit: cleared by a read-write open, refcounts rebuilt */
+	qcow_put_be64(bytes + QH_INCOMPAT, QCOW_INCOMPAT_DIRTY);
+	struct keep_io *k = keep_new(bytes, len);
+	img = open_io(&k->io, 0);
+	check_map(img, "dirty open");
+	qcow_image_close(img);
+	d = qcow_io_mem_data(k->inner, &n);
+	ICHECK(n >= 112 && qcow_get_be64(d + QH_INCOMPAT) == 0, "dirty bit cleared on disk");
+	keep_free(k);
+	free(bytes);
+}
+
+int main(void)
+{
+	have_qemu_img = system("qemu-img --version > /dev/null 2>&1") == 0;
+	if (!have_qemu_img)
+		printf("# qemu-img not found: its checks are skipped\n");
+	qcow_log_set_verbosity(QCOW_LOG_WARNING);
+
+	static const struct cfg cfgs[] = {
+		/* 512-byte clusters: the L1 cluster holds 64 entries (2 MiB); growing to 6 MiB moves it */
+		{ 9, 0, 3, (2u << 20) - 1536, (6u << 20) + 512, 16 * 512, 700 },
+		{ 9, 4, 3, (2u << 20) - 1536, (6u << 20) + 512, 0, 700 },
+		{ 9, 6, 3, (2u << 20) - 1536, (6u << 20) + 512, 64 * 512, 900 },
+		/* 4 KiB: one L1 cluster maps 1 GiB; growing to 1 GiB + 1 MiB moves it */
+		{ 12, 0, 3, (8u << 20) + 1536, (1u << 30) + (1u << 20), 8 * 4096, 500 },
+		{ 12, 4, 3, (8u << 20) + 1536, (16u << 20) + 512, 0, 500 },
+		{ 12, 6, 3, (8u << 20) + 1536, (1u << 30) + (1u << 20) + 512, 0, 500 },
+		/* 64 KiB: an L2 table maps 512 MiB; the L1 grows inside its cluster */
+		{ 16, 0, 3, (1u << 30) + 3584, (1u << 30) + (700u << 20), 4 * 65536, 300 },
+		{ 16, 4, 3, (600u << 20) + 512, (1u << 30) + 512, 0, 300 },
+		{ 16, 6, 3, (1u << 30) + 3584, (2ull << 30), 0, 300 },
+		/* version 2 */
+		{ 16, 4, 2, (600u << 20) + 512, (700u << 20), 0, 300 },
+	};
+	for (size_t i = 0; i < sizeof(cfgs) / sizeof(cfgs[0]); i++)
+		workload(&cfgs[i]);
+	compaction(12, 4);
+	compaction(9, 0);
+	compaction(16, 6);
+	misc();
+	partial_discard_of_holes();
+	discard_of_the_partial_last_cluster();
+	return tap_done();
+}
