@@ -210,7 +210,7 @@ engine_unmount() {
 		# makes it unmount, flush and close.
 		kill -TERM "$pid" 2>/dev/null || true
 	elif [[ -n $QCOWCTL ]]; then
-		"$QCOWCTL" unmount "$view" || log "warning: qcowctl unmount $view failed"
+		"$QCOWCTL" unmount "$view" >/dev/null || log "warning: qcowctl unmount $view failed"
 	else
 		fusermount3 -u "$view" || log "warning: fusermount3 -u $view failed"
 	fi

@@ -17,7 +17,8 @@ usage: ${0##*/} [options]
   --qcowctl PATH     qcowctl binary (same search; optional, used to unmount)
   --qcowfs-opts OPTS extra -o options for qcowfs
   --out DIR          results directory (default /tmp/qcowfs-bench-DATE)
-  --workdir DIR      where images are created (default: a new dir in /var/tmp)
+  --workdir DIR      where images are created (default: a new dir in /dev/shm
+                     when it has room, else in /var/tmp)
   --repeat N         run every workload N times per engine, report the median (1)
   --only LIST        comma-separated subset of workloads:
                      seqwrite,seqread,randread,randwrite,randwrite-unalloc
@@ -77,7 +78,14 @@ OUT=${OUT:-/tmp/qcowfs-bench-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 if [[ -z $WORKDIR ]]; then
-	WORKDIR=$(mktemp -d /var/tmp/qcowfs-bench.XXXXXX)
+	# Images in memory by default: the workloads fit in the host page cache
+	# anyway, and on a disk-backed file system the writeback of one
+	# workload's dirty pages (and the deletion of its image) would slow
+	# down the next one and the whole run.
+	base=/var/tmp
+	avail=$(df -k --output=avail /dev/shm 2>/dev/null | tail -1 || echo 0)
+	((avail * 1024 > 3 * SIZE_B + (2 << 30))) && base=/dev/shm
+	WORKDIR=$(mktemp -d "$base/qcowfs-bench.XXXXXX")
 	CLEAN_FILES+=("$WORKDIR")
 else
 	mkdir -p "$WORKDIR"; WORKDIR=$(cd "$WORKDIR" && pwd)
@@ -167,7 +175,6 @@ run_one() {   # run_one WORKLOAD ENGINE IMAGEKIND FIOARGS REP
 	else
 		new_image "$img" "$SIZE_B"
 	fi
-	sync   # no writeback of an earlier step during this one
 	engine_mount "$e" "$img" "$view" "$QCOWFS_OPTS"
 	pid=$MOUNT_PID
 	record "$wl" "$e" "mount_s_$r" "$MOUNT_SECS"
@@ -235,9 +242,10 @@ T_END=$(now)
 QCOWFS_DESC=$QCOWFS
 if ((BENCH_STANDIN)); then
 	QCOWFS_DESC="STAND-IN: qemu-storage-daemon (not qcowfs)"
-elif [[ -d $SRC_ROOT/.git ]]; then
-	QCOWFS_DESC="$QCOWFS ($(git -C "$SRC_ROOT" describe --always --dirty 2>/dev/null || echo '?'))"
+elif rev=$(git -C "$(dirname "$QCOWFS")" describe --always --dirty 2>/dev/null); then
+	QCOWFS_DESC="$QCOWFS (commit $rev)"
 fi
+FS_DESC="$WORKDIR ($(stat -f -c %T "$WORKDIR"))"
 WL_ENV=()
 for w in "${WORKLOADS[@]}"; do
 	IFS='|' read -r wl _ _ metric dir <<<"$w"
@@ -245,12 +253,12 @@ for w in "${WORKLOADS[@]}"; do
 done
 
 python3 - "$OUT" "$SUMMARY" "$SIZE" "$RUNTIME" "$MOUNT_SIZE" "$IO_MODE" "$QCOWFS_DESC" \
-	"$(qemu-storage-daemon --version | head -1)" "$(elapsed "$T_START" "$T_END")" "$REPEAT" \
+	"$(qemu-storage-daemon --version | head -1)" "$(elapsed "$T_START" "$T_END")" "$REPEAT" "$FS_DESC" \
 	"$ARGS" "${WL_ENV[@]}" <<'EOF' | tee "$OUT/results.md"
 import json, os, statistics, sys
-out, summary, size, runtime, msize, iomode, qdesc, qemuver, total, repeat, args = sys.argv[1:12]
+out, summary, size, runtime, msize, iomode, qdesc, qemuver, total, repeat, fsdesc, args = sys.argv[1:13]
 repeat = int(repeat)
-workloads = [w.split('|', 3) for w in sys.argv[12:]]
+workloads = [w.split('|', 3) for w in sys.argv[13:]]
 rec = {}
 for line in open(summary):
     wl, e, k, v = line.rstrip('\n').split('\t')
@@ -330,7 +338,7 @@ print()
 print('- qcowfs: %s' % qdesc)
 print('- QEMU: %s, `--blockdev driver=file,cache.direct=off,discard=unmap --blockdev driver=qcow2,discard=unmap --export type=fuse,writable=on`' % qemuver)
 print('- images: qcow2, 64 KiB clusters, %s virtual, a fresh one per engine per workload; '
-      'read and allocated-write workloads use copies of one template pre-filled by sequential 1 MiB writes' % size)
+      'read and allocated-write workloads use copies of one template pre-filled by sequential 1 MiB writes; in %s' % (size, fsdesc))
 print('- fio: %s, %s s per workload (sequential write: one pass over the image, capped at that time), same random seed for both engines' % (iomode, runtime))
 if repeat > 1:
     print('- %d runs per workload and engine, median shown; all runs: %s' % (repeat, '; '.join(spread)))
