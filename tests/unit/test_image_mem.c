@@ -18,7 +18,8 @@
  * Then: qcow_image_compact with the recycler off (write, discard most,
  * compact: the file shrinks, contents survive, checks stay clean), small
  * API edge cases, and partial discards of clusters that are holes (they
- * must stay holes).
+ * must stay holes).  IMAGE_MEM_SEED and IMAGE_MEM_ROUNDS (environment)
+ * replay another random sequence or scale it up.
  */
 #include "qcow_internal.h"
 #include "tap.h"
@@ -344,11 +345,70 @@ static void verify_all(struct qcow_image *img, const struct shadow *s, const cha
 	}
 }
 
-/* After a flush every refcount on disk is what the map wants. */
+/* Compares the on-disk refcounts with what the map wants: *low counts
+ * clusters whose refcount is below it (corruption), *high those above (a
+ * leak).  With show, lists the first differences on stderr. */
+static void refcount_diff(struct qcow_image *img, uint64_t *low, uint64_t *high, bool show)
+{
+	uint64_t cs = img->cluster_size, per = 1ull << img->rb_shift;
+	uint8_t *blk = malloc(cs);
+	unsigned shown = 0;
+	*low = *high = 0;
+	uint64_t nblocks = (img->map.nclusters + per - 1) / per;
+	if (nblocks < img->reftable_entries)
+		nblocks = img->reftable_entries;
+	for (uint64_t b = 0; b < nblocks; b++) {
+		uint64_t host = b < img->reftable_entries ? img->reftable[b] : 0;
+		if (!host && b * per >= img->map.nclusters)
+			continue;
+		if (host)
+			img->io->ops->pread(img->io, blk, cs, host);
+		else
+			memset(blk, 0, cs);
+		for (uint64_t i = 0; i < per; i++) {
+			uint64_t c = b * per + i;
+			uint64_t disk = qcow_rc_get(blk, img->hdr.refcount_order, i);
+			uint64_t want = qcow_map_want_refcount(&img->map, c);
+			if (disk == want)
+				continue;
+			if (disk < want)
+				(*low)++;
+			else
+				(*high)++;
+			if (show && shown++ < 8)
+				fprintf(stderr, "  cluster %llu (0x%llx): on disk %llu, map wants %llu, state %s\n",
+					(unsigned long long)c, (unsigned long long)(c * cs), (unsigned long long)disk,
+					(unsigned long long)want,
+					c < img->map.nclusters ? qcow_map_state_name(qcow_map_state(&img->map, c)) : "past the map");
+		}
+	}
+	if (show)
+		fprintf(stderr, "  refcount table: %u clusters at 0x%llx\n", img->hdr.refcount_table_clusters,
+			(unsigned long long)img->hdr.refcount_table_offset);
+	free(blk);
+}
+
+/* Called right after a flush: no refcount on disk may be below what the
+ * map wants.  A flush may leave leaks behind (a refcount table it replaced
+ * is freed only when it ends), but the next flush must leave the disk
+ * exactly equal to the map's projection. */
 static void check_refcounts(struct qcow_image *img, const char *after)
 {
+	uint64_t low, high;
+	refcount_diff(img, &low, &high, false);
+	ICHECK(low == 0, "%s: after %s, %llu on-disk refcounts are below the references", cfg_name, after,
+	       (unsigned long long)low);
+	if (low)
+		refcount_diff(img, &low, &high, true);
+	int r = qcow_image_flush(img);
+	ICHECK(r == 0, "%s: second flush after %s: %d", cfg_name, after, r);
+	refcount_diff(img, &low, &high, false);
+	ICHECK(low == 0 && high == 0, "%s: after %s and one more flush, %llu refcounts too low and %llu too high", cfg_name,
+	       after, (unsigned long long)low, (unsigned long long)high);
+	if (low || high)
+		refcount_diff(img, &low, &high, true);
 	int64_t d = qcow_refcounts_compare(img);
-	ICHECK(d == 0, "%s: after %s, %lld on-disk refcounts differ from the map", cfg_name, after, (long long)d);
+	ICHECK(d == 0, "%s: after %s, qcow_refcounts_compare finds %lld differences", cfg_name, after, (long long)d);
 }
 
 static void fill_random(uint8_t *b, size_t n)
@@ -906,6 +966,15 @@ static void misc(void)
 
 int main(void)
 {
+	/* IMAGE_MEM_SEED replays another sequence; IMAGE_MEM_ROUNDS scales the
+	 * number of operations (soak runs) */
+	const char *e = getenv("IMAGE_MEM_SEED");
+	if (e)
+		seed = strtoull(e, NULL, 0);
+	e = getenv("IMAGE_MEM_ROUNDS");
+	unsigned rounds = e ? (unsigned)strtoul(e, NULL, 0) : 1;
+	if (rounds < 1)
+		rounds = 1;
 	have_qemu_img = system("qemu-img --version > /dev/null 2>&1") == 0;
 	if (!have_qemu_img)
 		printf("# qemu-img not found: its checks are skipped\n");
@@ -927,8 +996,11 @@ int main(void)
 		/* version 2 */
 		{ 16, 4, 2, (600u << 20) + 512, (700u << 20), 0, 300 },
 	};
-	for (size_t i = 0; i < sizeof(cfgs) / sizeof(cfgs[0]); i++)
-		workload(&cfgs[i]);
+	for (size_t i = 0; i < sizeof(cfgs) / sizeof(cfgs[0]); i++) {
+		struct cfg c = cfgs[i];
+		c.ops *= rounds;
+		workload(&c);
+	}
 	compaction(12, 4);
 	compaction(9, 0);
 	compaction(16, 6);
