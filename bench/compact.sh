@@ -6,8 +6,8 @@
 #      size that "qemu-img convert -O qcow2" would give
 #  (b) compaction throughput (bytes moved / time) next to a plain cp of the
 #      same number of bytes on the same disk
-#  (c) 4 KiB random-read latency p50/p99, idle and while "qcowctl compact"
-#      runs (target: p99 during <= 2x idle)
+#  (c) 4 KiB random-read latency p50/p99, idle and while a compaction runs
+#      (target: p99 during <= 2x idle)
 #  (d) map memory per cluster (an estimate from daemon RSS)
 #
 # Prints a table and writes it to $OUT/compact.md.  See bench/README.md.
@@ -240,6 +240,37 @@ EOF
 	done
 }
 
+# compact_now VIEW: asks the daemon for a compaction through the xattr
+# user.qcowfs.compact (what "qcowctl compact" does) and polls the status
+# every 5 ms until it is over: finer than qcowctl's 200 ms progress polling,
+# which would round a sub-second compaction up.  Prints the Unix times in ms
+# of the request and of the end.
+compact_now() {
+	python3 - "$1" <<'EOF'
+import os, sys, time
+view = sys.argv[1]
+def status():
+    text = os.getxattr(view, 'user.qcowfs.status').decode()
+    return dict(l.split('=', 1) for l in text.splitlines() if '=' in l)
+def busy(st):
+    return st.get('compacting', '0') not in ('0', 'false')
+done0 = int(status().get('compactions_done', 0))
+t0 = time.time()
+os.setxattr(view, 'user.qcowfs.compact', b'1')
+seen = False
+while True:
+    st = status()
+    if busy(st):
+        seen = True
+    elif int(st.get('compactions_done', 0)) > done0:
+        break
+    elif not seen and time.time() - t0 > 5:
+        break      # never started: nothing to do
+    time.sleep(0.005)
+print('%d %d' % (t0 * 1000, time.time() * 1000))
+EOF
+}
+
 # Automatic compaction off (a threshold nobody reaches), so it runs only when
 # asked for.
 NO_AUTO=compact_threshold=$((1 << 50))
@@ -257,13 +288,11 @@ fig_b() {
 	m0=$(status_get "$view" clusters_moved)
 	qcowfs_status "$view" >"$OUT/b.status-before"
 	sync
-	t0=$(now)
-	"$QCOWCTL" compact "$view" >"$OUT/b.qcowctl" 2>&1 || die "qcowctl compact failed: $(tail -1 "$OUT/b.qcowctl")"
-	t1=$(now)
+	read -r t0 t1 < <(compact_now "$view")
 	qcowfs_status "$view" >"$OUT/b.status-after"
 	m1=$(status_get "$view" clusters_moved)
 	moved=$(((m1 - m0) * CLUSTER_SIZE))
-	record b secs "$(elapsed "$t0" "$t1")"
+	record b secs "$(((t1 - t0) / 1000)).$(printf %03d $(((t1 - t0) % 1000)))"
 	record b moved "$moved"
 	record b after "$(file_size "$img")"
 	engine_unmount qcowfs "$view" "$pid"
@@ -285,7 +314,7 @@ fig_b() {
 }
 
 # (c): one fio run of 4 KiB random reads at queue depth 1 logs every I/O with
-# its Unix time; IDLE_S seconds idle, then qcowctl compact, then 1 s more.
+# its Unix time; IDLE_S seconds idle, then a compaction, then 1 s more.
 # Percentiles are computed per window from that log.
 fig_c() {
 	local bytes img view pid fiopid t0 t1
@@ -305,9 +334,8 @@ fig_c() {
 	fiopid=$!
 	CLEAN_PIDS+=("$fiopid")
 	sleep "$IDLE_S"
-	t0=$(date +%s%3N)
-	"$QCOWCTL" compact "$view" >"$OUT/c.qcowctl" 2>&1 || log "warning: qcowctl compact failed: $(tail -1 "$OUT/c.qcowctl")"
-	t1=$(date +%s%3N)
+	read -r t0 t1 < <(compact_now "$view")
+	record c moved $(($(status_get "$view" clusters_moved) * CLUSTER_SIZE))
 	sleep 1
 	kill -INT "$fiopid"
 	wait "$fiopid" || true
@@ -385,11 +413,14 @@ selected d && fig_d
 T_END=$(now)
 
 QCOWFS_DESC=$QCOWFS
-[[ -d $SRC_ROOT/.git ]] && QCOWFS_DESC="$QCOWFS ($(git -C "$SRC_ROOT" describe --always --dirty 2>/dev/null || echo '?'))"
+if rev=$(git -C "$(dirname "$QCOWFS")" describe --always --dirty 2>/dev/null); then
+	QCOWFS_DESC="$QCOWFS (commit $rev)"
+fi
+FS_DESC="$WORKDIR ($(findmnt -n -o FSTYPE,SOURCE --target "$WORKDIR" 2>/dev/null | tr -s ' ' || stat -f -c %T "$WORKDIR"))"
 python3 - "$RES" "$SIZES" "$FRAG_SIZE" "$MAP_SIZE" "$QCOWFS_DESC" "$ARGS" \
-	"$(elapsed "$T_START" "$T_END")" "$IDLE_S" <<'EOF' | tee "$OUT/compact.md"
+	"$(elapsed "$T_START" "$T_END")" "$IDLE_S" "$FS_DESC" <<'EOF' | tee "$OUT/compact.md"
 import os, sys
-res, sizes, frag, mapsize, qdesc, args, total, idle_s = sys.argv[1:9]
+res, sizes, frag, mapsize, qdesc, args, total, idle_s, fsdesc = sys.argv[1:10]
 r = {}
 for line in open(res):
     s, k, v = line.rstrip('\n').split('\t')
@@ -431,7 +462,7 @@ if b:
     cpthr = moved / 1e6 / cps if cps else None
     print('| %s image, every other MiB punched | bytes moved (MiB) | time (s) | MB/s |' % frag)
     print('|---|---:|---:|---:|')
-    print('| `qcowctl compact` (file %s → %s MiB; check %s) | %s | %s | %s |' % (
+    print('| compaction on request (file %s → %s MiB; check %s) | %s | %s | %s |' % (
         mib(b.get('before')), mib(b.get('after')), b.get('check'), mib(moved), f(secs, 2), f(thr, 0)))
     print('| `cp` of the same number of bytes + sync, same disk | %s | %s | %s |' % (
         mib(moved), f(cps, 2), f(cpthr, 0)))
@@ -445,7 +476,8 @@ if c:
     print('|---|---:|---:|---:|---:|')
     for name in ('idle', 'during'):
         print('| %s | %s | %s | %s | %s |' % (
-            'idle (%s s before compaction)' % idle_s if name == 'idle' else 'during `qcowctl compact` (%s ms)' % c.get('compact_ms'),
+            'idle (%s s before compaction)' % idle_s if name == 'idle' else
+            'during compaction (%s ms, %s MiB moved)' % (c.get('compact_ms'), mib(c.get('moved'))),
             c.get(name + '_n'), c.get(name + '_iops'), c.get(name + '_p50'), c.get(name + '_p99')))
     try:
         q = float(c['during_p99']) / float(c['idle_p99'])
@@ -473,7 +505,7 @@ if d:
         print('\nEstimate not available (clusters_total missing from the status).')
     print()
 print('- qcowfs: %s' % qdesc)
-print('- images: qcow2, 64 KiB clusters, on %s' % os.popen('stat -f -c %T /var/tmp').read().strip())
+print('- images: qcow2, 64 KiB clusters, in %s' % fsdesc)
 print('- command: `bench/compact.sh%s`, total %s s, %s' % ((' ' + args) if args else '', total, os.uname().nodename))
 EOF
 log "results: $OUT/compact.md"
