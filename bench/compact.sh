@@ -22,6 +22,7 @@ usage: ${0##*/} [options]
   --map-size SIZE     virtual size of the preallocated image for (d) (default 64G)
   --only LIST         subset of a,b,c,d (default all)
   --timeout SECONDS   longest wait for the file to stop shrinking in (a) (300)
+  --no-qemu-ref       skip (a) through QEMU's FUSE export (the reference row)
   --qcowfs PATH       qcowfs binary (default: build dir of this checkout, then PATH)
   --qcowctl PATH      qcowctl binary (same search)
   --qcowfs-opts OPTS  extra -o options for every qcowfs mount
@@ -36,7 +37,7 @@ source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
 ARGS="$*"
 SIZES=2G:40,8G:80 FRAG_SIZE=4G MAP_SIZE=64G ONLY=a,b,c,d TIMEOUT=300
 QUICK=0 OUT= WORKDIR= QCOWFS_OPT= QCOWCTL_OPT= QCOWFS_OPTS=
-SIZES_SET=0 FRAG_SET=0 MAP_SET=0
+SIZES_SET=0 FRAG_SET=0 MAP_SET=0 QEMU_REF=1
 while (($#)); do
 	case $1 in
 	--quick) QUICK=1 ;;
@@ -45,6 +46,7 @@ while (($#)); do
 	--map-size) MAP_SIZE=$2; MAP_SET=1; shift ;;
 	--only) ONLY=$2; shift ;;
 	--timeout) TIMEOUT=$2; shift ;;
+	--no-qemu-ref) QEMU_REF=0 ;;
 	--qcowfs) QCOWFS_OPT=$2; shift ;;
 	--qcowctl) QCOWCTL_OPT=$2; shift ;;
 	--qcowfs-opts) QCOWFS_OPTS=$2; shift ;;
@@ -148,14 +150,19 @@ print('%.2f %d' % (t_last - t0, last))
 EOF
 }
 
-fig_a() {   # fig_a SIZE FILL_PERCENT
-	local size=$1 fill=$2 bytes img view loop dir nfiles keep i t0 t1 before after secs
-	local conv kept_ok=yes fsck=clean check=clean
+fig_a() {   # fig_a ENGINE SIZE FILL_PERCENT
+	local engine=$1 size=$2 fill=$3 bytes img view loop dir nfiles keep i t0 t1 before after secs
+	local conv kept_ok=yes fsck=clean check=clean key
 	bytes=$(parse_size "$size")
-	img=$WORKDIR/a-$size.qcow2 view=$WORKDIR/a-$size.raw dir=$WORKDIR/a-$size.mnt
-	log "(a) $size image: ext4 over the view, fill ${fill}%, delete most, fstrim"
+	key=a-$size; [[ $engine == qemu ]] && key=q-$size
+	img=$WORKDIR/$key.qcow2 view=$WORKDIR/$key.raw dir=$WORKDIR/$key.mnt
+	log "(a) $size image on $engine: ext4 over the view, fill ${fill}%, delete most, fstrim"
 	new_image "$img" "$bytes"
-	mount_qcowfs "$img" "$view"
+	if [[ $engine == qemu ]]; then
+		engine_mount qemu "$img" "$view"
+	else
+		mount_qcowfs "$img" "$view"
+	fi
 	local pid=$MOUNT_PID
 	loop=$(losetup -f --show "$view")
 	CLEAN_LOOPS+=("$loop")
@@ -169,8 +176,8 @@ fig_a() {   # fig_a SIZE FILL_PERCENT
 	for ((i = 0; i < nfiles; i++)); do cp "$SRC" "$dir/f$i"; done
 	sync -f "$dir"
 	t1=$(now)
-	record "a-$size" fill_mb $((nfiles * 64 * 1048576 / 1000000))
-	record "a-$size" fill_s "$(elapsed "$t0" "$t1")"
+	record "$key" fill_mb $((nfiles * 64 * 1048576 / 1000000))
+	record "$key" fill_s "$(elapsed "$t0" "$t1")"
 	# Keep one file in eight, spread over the file system.
 	keep=0
 	for ((i = 0; i < nfiles; i++)); do
@@ -179,30 +186,40 @@ fig_a() {   # fig_a SIZE FILL_PERCENT
 	sync -f "$dir"
 	sleep 1
 	before=$(file_size "$img")
-	record "a-$size" kept_mb $((keep * 64 * 1048576 / 1000000))
-	record "a-$size" before "$before"
-	qcowfs_status "$view" >"$OUT/a-$size.status-before"
+	record "$key" kept_mb $((keep * 64 * 1048576 / 1000000))
+	record "$key" before "$before"
+	[[ $engine == qemu ]] || qcowfs_status "$view" >"$OUT/$key.status-before"
 	t0=$(now)
 	fstrim "$dir"
 	t1=$(now)
-	record "a-$size" fstrim_s "$(elapsed "$t0" "$t1")"
-	read -r secs after < <(poll_shrink "$view" "$img" "$t0" "$TIMEOUT" "$OUT/a-$size.poll")
-	record "a-$size" secs "$secs"
-	record "a-$size" after "$after"
-	qcowfs_status "$view" >"$OUT/a-$size.status-after"
-	grep -q timeout "$OUT/a-$size.poll" && record "a-$size" timeout 1
+	record "$key" fstrim_s "$(elapsed "$t0" "$t1")"
+	if [[ $engine == qemu ]]; then
+		# QEMU only punches holes: the file keeps its length.  Wait a
+		# moment for the record and take the size as it is.
+		sleep 2
+		sync "$img"
+		after=$(file_size "$img")
+	else
+		read -r secs after < <(poll_shrink "$view" "$img" "$t0" "$TIMEOUT" "$OUT/$key.poll")
+		record "$key" secs "$secs"
+		qcowfs_status "$view" >"$OUT/$key.status-after"
+		grep -q timeout "$OUT/$key.poll" && record "$key" timeout 1
+	fi
+	record "$key" after "$after"
+	record "$key" after_alloc $(($(stat -c '%b * %B' "$img")))
 	for ((i = 3; i < nfiles; i += 8)); do cmp -s "$SRC" "$dir/f$i" || kept_ok=no; done
-	record "a-$size" kept_ok "$kept_ok"
+	record "$key" kept_ok "$kept_ok"
 	umount "$dir"
-	e2fsck -fn "$loop" >"$OUT/a-$size.fsck" 2>&1 || fsck=errors
-	record "a-$size" fsck "$fsck"
+	e2fsck -fn "$loop" >"$OUT/$key.fsck" 2>&1 || fsck=errors
+	record "$key" fsck "$fsck"
 	losetup -d "$loop"
-	engine_unmount qcowfs "$view" "$pid"
-	qemu-img check "$img" >"$OUT/a-$size.check" 2>&1 || check="not clean"
-	record "a-$size" check "$check"
-	conv=$WORKDIR/a-$size.convert.qcow2
+	forget CLEAN_LOOPS "$loop"
+	engine_unmount "$engine" "$view" "$pid"
+	qemu-img check "$img" >"$OUT/$key.check" 2>&1 || check="not clean"
+	record "$key" check "$check"
+	conv=$WORKDIR/$key.convert.qcow2
 	qemu-img convert -O qcow2 -o cluster_size=$CLUSTER_SIZE "$img" "$conv"
-	record "a-$size" convert "$(file_size "$conv")"
+	record "$key" convert "$(file_size "$conv")"
 	rm -f "$conv" "$img" "$view"
 }
 
@@ -404,8 +421,11 @@ T_START=$(now)
 if selected a; then
 	IFS=, read -r -a specs <<<"$SIZES"
 	for spec in "${specs[@]}"; do
-		fig_a "${spec%%:*}" "${spec#*:}"
+		fig_a qcowfs "${spec%%:*}" "${spec#*:}"
 	done
+	# The same steps through QEMU's FUSE export, for the smallest size
+	# only: what a user gets without qcowfs.
+	((QEMU_REF)) && fig_a qemu "${specs[0]%%:*}" "${specs[0]#*:}"
 fi
 selected b && fig_b
 selected c && fig_c
@@ -435,22 +455,28 @@ def mib(v):
     return f(float(v) / MiB, 1) if v not in (None, '') else 'n/a'
 
 print('## qcowfs online compaction\n')
-rows = [s for s in r if s.startswith('a-')]
+rows = [s for s in r if s.startswith('a-')] + [s for s in r if s.startswith('q-')]
 if rows:
     print('### (a) time from fstrim to the compacted image file\n')
-    print('| image | written, kept (MB) | file before fstrim (MiB) | after (MiB) | fstrim→final size (s) | fstrim itself (s) | `qemu-img convert` (MiB) | after / convert | fsck, kept files, check |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|---|')
+    print('| image | written, kept (MB) | file before fstrim (MiB) | after (MiB) | allocated after (MiB) | fstrim→final size (s) | fstrim itself (s) | `qemu-img convert` (MiB) | after / convert | fsck, kept files, check |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---|')
     for s in rows:
         a = r[s]
         conv = a.get('convert')
         ratio = f(float(a['after']) / float(conv), 2) if conv and a.get('after') else 'n/a'
-        secs = f(a.get('secs'), 2) + (' (timeout)' if a.get('timeout') else '')
-        print('| %s | %s, %s | %s | %s | %s | %s | %s | %s | %s, %s, %s |' % (
-            s[2:], a.get('fill_mb'), a.get('kept_mb'), mib(a.get('before')), mib(a.get('after')),
-            secs, f(a.get('fstrim_s'), 2), mib(conv), ratio,
+        if s.startswith('q-'):
+            label = '%s, QEMU FUSE export (reference)' % s[2:]
+            secs = 'never shrinks'
+        else:
+            label = '%s, qcowfs' % s[2:]
+            secs = f(a.get('secs'), 2) + (' (timeout)' if a.get('timeout') else '')
+        print('| %s | %s, %s | %s | %s | %s | %s | %s | %s | %s | %s, %s, %s |' % (
+            label, a.get('fill_mb'), a.get('kept_mb'), mib(a.get('before')), mib(a.get('after')),
+            mib(a.get('after_alloc')), secs, f(a.get('fstrim_s'), 2), mib(conv), ratio,
             a.get('fsck'), 'intact' if a.get('kept_ok') == 'yes' else 'CHANGED', a.get('check')))
     print('\nFill rate through ext4/loop/view: ' + ', '.join(
-        '%s %s MB/s' % (s[2:], f(float(r[s]['fill_mb']) / float(r[s]['fill_s']), 0)) for s in rows if r[s].get('fill_s')))
+        '%s %s MB/s' % (s[2:] + (' QEMU' if s.startswith('q-') else ''),
+                        f(float(r[s]['fill_mb']) / float(r[s]['fill_s']), 0)) for s in rows if r[s].get('fill_s')))
     print()
 b = r.get('b')
 if b:

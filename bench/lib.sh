@@ -81,6 +81,15 @@ CLEAN_VIEWS=()    # FUSE mount points (fusermount3 -u)
 CLEAN_PIDS=()     # daemons we started (SIGTERM, then SIGKILL)
 CLEAN_FILES=()    # work directories to remove
 
+# forget ARRAY VALUE: drops VALUE from a cleanup list once it is undone, so
+# that a loop device or pid reused by somebody else is never touched.
+forget() {
+	local -n arr=$1
+	local i
+	for i in "${!arr[@]}"; do [[ ${arr[$i]} == "$2" ]] && unset 'arr[$i]'; done
+	return 0
+}
+
 pid_alive() { [[ -n ${1:-} && -d /proc/$1 ]] && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
 
 # wait_pid_exit PID SECONDS: 0 when the process is gone.
@@ -217,7 +226,9 @@ engine_unmount() {
 	if [[ -n $pid ]] && ! wait_pid_exit "$pid" 120; then
 		log "warning: daemon $pid still running 120 s after unmount; killing"
 		kill -KILL "$pid" 2>/dev/null || true
+		wait_pid_exit "$pid" 10 || true
 	fi
+	[[ -z $pid ]] || forget CLEAN_PIDS "$pid"
 	if is_mounted "$view"; then fusermount3 -u "$view" 2>/dev/null || true; fi
 }
 
