@@ -514,6 +514,7 @@ static void workload(const struct cfg *c)
 	verify_all(img, &s, "fresh image");
 	uint64_t old_end = c->size;
 	uint64_t l1_offset0 = img->hdr.l1_table_offset;
+	unsigned compactions = 0;
 
 	for (unsigned i = 0; i < c->ops && fails < 25; i++) {
 		char what[64];
@@ -580,15 +581,30 @@ static void workload(const struct cfg *c)
 			check_seek(img, &s, hot_offset(&s, old_end));
 			check_seek(img, &s, tap_rand(&seed) % (s.size + 2 * cs));
 			snprintf(what, sizeof(what), "seek %u", i);
-		} else {
+		} else if (op < 98) {
 			int r = qcow_image_flush(img);
 			ICHECK(r == 0, "%s: flush: %d", cfg_name, r);
 			check_refcounts(img, "flush");
 			snprintf(what, sizeof(what), "flush %u", i);
+		} else {
+			/* compaction in the middle of the workload (recycler off:
+			 * it runs here and now) */
+			int64_t before = k->inner->ops->size(k->inner);
+			int r = qcow_image_compact(img, NULL, NULL);
+			ICHECK(r == 0, "%s: compact at step %u: %d", cfg_name, i, r);
+			int64_t after = k->inner->ops->size(k->inner);
+			ICHECK(after <= before, "%s: compaction grew the file from %lld to %lld", cfg_name, (long long)before,
+			       (long long)after);
+			snprintf(what, sizeof(what), "compact %u", i);
+			check_map(img, what);
+			verify_all(img, &s, what);
+			check_refcounts(img, what);
+			compactions++;
 		}
 		check_map(img, what);
 	}
 	verify_all(img, &s, "end of workload");
+	printf("# %s: %u compactions during the workload\n", cfg_name, compactions);
 	/* edge cases of the range checks */
 	uint8_t byte = 0x5a;
 	ICHECK(qcow_image_write(img, &byte, 1, s.size) == -EINVAL, "%s: write at the end is -EINVAL", cfg_name);
@@ -904,6 +920,118 @@ static void discard_of_the_partial_last_cluster(void)
 
 /* ---- small things ----------------------------------------------------------------- */
 
+/* The guest cluster whose L2 entry is the slot at byte offset slot, or
+ * UINT64_MAX. */
+static uint64_t guest_cluster_of_slot(struct qcow_image *img, uint64_t slot)
+{
+	uint64_t l2 = slot >> img->cluster_bits << img->cluster_bits;
+	for (uint32_t i = 0; i < img->hdr.l1_size; i++)
+		if ((img->l1[i] & QCOW_L1E_OFFSET_MASK) == l2)
+			return ((uint64_t)i << img->l2_bits) + (slot - l2) / 8;
+	return UINT64_MAX;
+}
+
+/* A flush that writes a refcount block cancels a move of that block (its
+ * copy would be stale).  The cancel turns the move's destination from
+ * Copies (refcount 1) back into Junk (0) and marks the destination's
+ * refcount block dirty; when that block was already computed earlier in
+ * the same flush, the mark must survive so the next flush writes the 0.
+ * Here the compactor's situation is set up by hand: refcount block B
+ * (high in the file) is moving into a cluster of refcount block 0, and
+ * block B has a change to write when the Copied -> Flushed flush runs. */
+static void refblock_move_cancelled_by_flush(void)
+{
+	cfg_name = "refcount block move cancelled by a flush";
+	uint64_t cs = 512;
+	size_t len;
+	uint8_t *bytes = create_bytes(4u << 20, 9, 4, 3, &len);
+	struct keep_io *k = keep_new(bytes, len);
+	free(bytes);
+	struct qcow_image *img = open_io(&k->io, 0);
+	uint8_t *buf = malloc(1500 * cs);
+	fill_random(buf, 1500 * cs);
+	ICHECK(qcow_image_write(img, buf, 1500 * cs, 0) == (ssize_t)(1500 * cs), "write 1500 clusters");
+	free(buf);
+	ICHECK(qcow_image_discard(img, 0, 4 * cs) == 0, "discard the first 4 guest clusters");
+	ICHECK(qcow_image_flush(img) == 0, "flush");
+	ICHECK(qcow_image_flush(img) == 0, "flush");
+
+	/* the refcount block with the highest index, and a Junk cluster in block 0 */
+	uint64_t per = 1ull << img->rb_shift, bidx = 0, src = 0;
+	for (uint64_t b = 1; b < img->reftable_entries; b++)
+		if (img->reftable[b]) {
+			bidx = b;
+			src = img->reftable[b] >> img->cluster_bits;
+		}
+	uint64_t dst = qcow_map_next_junk(&img->map, 0);
+	REQUIRE(bidx >= 1 && src > dst && dst < per && qcow_map_state(&img->map, src) == QCS_REF,
+		"layout: refcount block %llu at cluster %llu, junk cluster %llu", (unsigned long long)bidx,
+		(unsigned long long)src, (unsigned long long)dst);
+	/* a data cluster counted by block bidx, to discard while the block moves */
+	uint64_t victim = UINT64_MAX;
+	for (uint64_t c = bidx * per; c < (bidx + 1) * per && c < img->map.nclusters; c++)
+		if (c != src && qcow_map_state(&img->map, c) == QCS_REF &&
+		    guest_cluster_of_slot(img, qcow_map_slot(&img->map, c)) != UINT64_MAX) {
+			victim = guest_cluster_of_slot(img, qcow_map_slot(&img->map, c));
+			break;
+		}
+	REQUIRE(victim != UINT64_MAX, "a data cluster counted by refcount block %llu", (unsigned long long)bidx);
+
+	/* the compactor: plan, copy, Copied */
+	pthread_mutex_lock(&img->lock);
+	struct qcow_move *mv = qcow_map_move_start(&img->map, src, dst);
+	pthread_mutex_unlock(&img->lock);
+	REQUIRE(mv != NULL, "move start");
+	uint8_t blk[512];
+	REQUIRE(img->io->ops->pread(img->io, blk, cs, src * cs) == 0 && img->io->ops->pwrite(img->io, blk, cs, dst * cs) == 0,
+		"copy the refcount block");
+	pthread_mutex_lock(&img->lock);
+	qcow_map_move_set_state(&img->map, mv, QMOVE_COPIED);
+	pthread_mutex_unlock(&img->lock);
+	/* meanwhile the guest frees a cluster that block bidx counts */
+	ICHECK(qcow_image_discard(img, victim * cs, cs) == 0, "discard guest cluster %llu", (unsigned long long)victim);
+
+	/* the Copied -> Flushed flush writes block bidx, so the move is cancelled */
+	ICHECK(qcow_image_flush(img) == 0, "flush");
+	ICHECK(mv->cancelled && qcow_map_state(&img->map, dst) == QCS_JUNK, "the move was cancelled, dst back to Junk");
+	pthread_mutex_lock(&img->lock);
+	qcow_map_move_complete(&img->map, mv);
+	pthread_mutex_unlock(&img->lock);
+	check_map(img, "cancelled move");
+	ICHECK(qcow_image_flush(img) == 0, "second flush");
+	uint64_t low, high;
+	refcount_diff(img, &low, &high, false);
+	ICHECK(low == 0 && high == 0,
+	       "after two flushes %llu refcounts too low, %llu too high: the destination's refcount (cluster %llu) "
+	       "went 0 -> 1 -> 0 in the map but its 0 is never written",
+	       (unsigned long long)low, (unsigned long long)high, (unsigned long long)dst);
+	if (high)
+		refcount_diff(img, &low, &high, true);
+	ICHECK(qcow_image_close(img) == 0, "close");
+
+	size_t flen;
+	const uint8_t *fb = qcow_io_mem_data(k->inner, &flen);
+	char path[256], err[256] = "";
+	tmp_path(path, sizeof(path), "refblock-move");
+	spill(path, fb, flen);
+	struct qcow_check_result res;
+	int r = qcow_check(path, &res, err, sizeof(err));
+	ICHECK(r == 0 && res.errors == 0 && res.leaks == 0, "after close: qcow_check: ret %d, %llu errors, %llu leaks %s", r,
+	       (unsigned long long)res.errors, (unsigned long long)res.leaks, err);
+	if (have_qemu_img) {
+		char cmd[512], log[256];
+		tmp_path(log, sizeof(log), "log");
+		snprintf(cmd, sizeof(cmd), "qemu-img check -f qcow2 '%s'", path);
+		int q = run(cmd, log);
+		ICHECK(q == 0, "after close: qemu-img check exited %d (3 = leaked clusters)", q);
+		if (q)
+			show_log(log);
+		unlink(log);
+	}
+	unlink(path);
+	keep_free(k);
+}
+
 static void misc(void)
 {
 	cfg_name = "misc";
@@ -1007,5 +1135,6 @@ int main(void)
 	misc();
 	partial_discard_of_holes();
 	discard_of_the_partial_last_cluster();
+	refblock_move_cancelled_by_flush();
 	return tap_done();
 }
