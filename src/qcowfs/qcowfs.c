@@ -170,7 +170,8 @@ static void fuse_log_sink(enum fuse_log_level level, const char *fmt, va_list ap
 	char msg[1024];
 
 	vsnprintf(msg, sizeof(msg), fmt, ap);
-	msg[strcspn(msg, "\n")] = '\0';
+	for (size_t len = strlen(msg); len && msg[len - 1] == '\n'; len--)
+		msg[len - 1] = '\0';
 	if (qcowfs.capture_fuse_log) {
 		if (level <= FUSE_LOG_WARNING) {
 			size_t used = strlen(qcowfs.startup_log);

@@ -61,7 +61,10 @@ static const char *const ignored_words[] = {
 	"defaults", "auto", "noauto", "user", "nouser", "users", "owner",
 	"group", "_netdev", "nofail", "relatime", "norelatime", "strictatime",
 	"nostrictatime", "diratime", "nodiratime", "lazytime", "nolazytime",
-	"iversion", "noiversion", "loud", "silent", NULL
+	"iversion", "noiversion", "loud", "silent",
+	/* libfuse 2 options whose behaviour is always on in libfuse 3 */
+	"nonempty", "big_writes",
+	NULL
 };
 static const char *const ignored_prefixes[] = {
 	"x-", "comment=", "user=", NULL
@@ -485,7 +488,8 @@ void qcowfs_print_usage(FILE *out, const char *progname)
 "Accepted and ignored (fstab and mount(8) words):\n"
 "  defaults, auto, noauto, user, nouser, users, owner, group, _netdev,\n"
 "  nofail, relatime, norelatime, strictatime, nostrictatime, diratime,\n"
-"  nodiratime, lazytime, nolazytime, iversion, noiversion, x-*, comment=*\n"
+"  nodiratime, lazytime, nolazytime, iversion, noiversion, nonempty,\n"
+"  big_writes, x-*, comment=*, user=*\n"
 "\n"
 "Status and control through extended attributes of MOUNTPOINT:\n"
 "  getfattr -n user.qcowfs.status MOUNTPOINT   engine statistics\n"
