@@ -113,8 +113,9 @@ struct qcowfs {
 	 * because writers on several threads update it. */
 	int64_t mtime_ns;
 
-	/* Logging.  log_to_syslog is set once, when the daemon detaches,
-	 * before any worker thread exists.  While capture_fuse_log is set
+	/* Logging.  log_to_syslog flips once, when the daemon detaches;
+	 * the engine's recycler thread may already be logging then, hence
+	 * atomic accesses.  While capture_fuse_log is set
 	 * (daemon startup), libfuse's own error messages are collected in
 	 * startup_log so the parent can print them; after a failed startup
 	 * nobody would see them otherwise. */
@@ -132,7 +133,7 @@ static struct qcowfs qcowfs;
 
 static void log_message(int priority, const char *msg)
 {
-	if (qcowfs.log_to_syslog)
+	if (__atomic_load_n(&qcowfs.log_to_syslog, __ATOMIC_ACQUIRE))
 		syslog(priority, "%s", msg);
 	else
 		fprintf(stderr, "qcowfs: %s\n", msg);
@@ -911,7 +912,7 @@ static void detach(void)
 		if (fd > STDERR_FILENO)
 			close(fd);
 	}
-	qcowfs.log_to_syslog = true;
+	__atomic_store_n(&qcowfs.log_to_syslog, true, __ATOMIC_RELEASE);
 }
 
 /* Started with stdin, stdout or stderr closed (possible from some boot
