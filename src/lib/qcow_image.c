@@ -554,7 +554,18 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 		uint64_t gc = g >> img->cluster_bits, o = g & (img->cluster_size - 1);
 		size_t n = (size_t)(img->cluster_size - o) < len - pos ? (size_t)(img->cluster_size - o) : len - pos;
 		uint64_t host = 0;
-		ret = prepare_write(img, gc, o, n, &host);
+		if (!buf) {
+			/* zeroing part of a cluster that reads zero already must
+			 * not allocate it */
+			uint64_t e;
+			ret = lookup(img, gc, &e);
+			if (ret == 0 && entry_reads_zero(img, e)) {
+				pos += n;
+				continue;
+			}
+		}
+		if (ret == 0)
+			ret = prepare_write(img, gc, o, n, &host);
 		if (ret == 0)
 			ret = segs_add(&segs, SEG_DATA, host + o, 0, n, pos);
 		pos += n;
@@ -643,7 +654,9 @@ static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
 	uint64_t cs = img->cluster_size;
 	uint64_t first = (off + cs - 1) & ~(cs - 1);
 	uint64_t end = off + len;
-	uint64_t last = end & ~(cs - 1);
+	/* the disk's last cluster may be partial: reaching the end of the
+	 * disk covers it whole */
+	uint64_t last = end == img->virtual_size ? (end + cs - 1) & ~(cs - 1) : end & ~(cs - 1);
 	int ret = 0;
 	if (first >= last) {   /* inside one cluster */
 		ssize_t w = write_common(img, NULL, (size_t)len, off);
