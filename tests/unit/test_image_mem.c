@@ -471,30 +471,27 @@ static void do_write(struct qcow_image *img, struct shadow *s, uint64_t off, uin
 	free(b);
 }
 
-/* Discard or zero.  The engine zeroes partially covered clusters in place
- * (the disk's last cluster counts as partial when the disk size is not a
- * cluster multiple) and unmaps whole ones.  Partially covered clusters
- * that are holes are left out of the range here, since zeroing them must
- * not allocate them (partial_discard_of_holes tests that separately). */
+/* Discard or zero.  Whole clusters become holes; the disk's last cluster
+ * counts as whole when the range covers it from its start to the end of
+ * the disk.  Partially covered clusters are zeroed in place: one with data
+ * keeps it (zeros now), a hole stays a hole. */
 static void do_discard(struct qcow_image *img, struct shadow *s, uint64_t off, uint64_t len, bool zero)
 {
 	uint64_t cs = 1ull << s->cluster_bits;
 	if (off + len > s->size)
 		len = s->size - off;
-	uint64_t end = off + len;
-	if (off % cs && !s->alloc[off / cs])
-		off = (off / cs + 1) * cs;
-	if (end % cs && end > off && !s->alloc[end / cs])
-		end = end / cs * cs;
-	if (end <= off)
+	if (!len)
 		return;
-	len = end - off;
+	uint64_t end = off + len;
 	int r = zero ? qcow_image_zero(img, off, len) : qcow_image_discard(img, off, len);
 	ICHECK(r == 0, "%s: %s [%llu, +%llu) returned %d", cfg_name, zero ? "zero" : "discard", (unsigned long long)off,
 	       (unsigned long long)len, r);
 	shadow_write(s, NULL, off, len);
-	for (uint64_t gc = (off + cs - 1) / cs; gc < end / cs; gc++)
-		s->alloc[gc] = 0;
+	for (uint64_t gc = off / cs; gc <= (end - 1) / cs; gc++) {
+		uint64_t a = gc * cs, b = a + cs < s->size ? a + cs : s->size;
+		if (off <= a && end >= b)
+			s->alloc[gc] = 0;
+	}
 }
 
 static void workload(const struct cfg *c)
