@@ -3,7 +3,8 @@
  *
  * Covers: init and resize (grow adds Available clusters; shrink refuses
  * busy clusters with -EBUSY and changes nothing then), every transition
- * (set_ref, set_pinned, set_state, add_ref, drop_ref) with the counters,
+ * (set_ref, set_pinned, set_state, add_ref, drop_ref) with the counters
+ * and total_used / total_free,
  * want_refcount per state, the refcount-dirty marks (set exactly when a
  * cluster's wanted refcount changes), the searches (lowest_available,
  * next_junk, highest_movable, last_block, is_immovable), the move state
@@ -140,6 +141,10 @@ static void compare(const struct qcow_map *map, const struct model *m, const cha
 	for (int s = 0; s < QCS_NSTATES; s++)
 		MCHECK(map->count[s] == count[s], "%s step %lu: count[%s] = %llu, model %llu", ctx, step_no,
 		       qcow_map_state_name(s), (unsigned long long)map->count[s], (unsigned long long)count[s]);
+	MCHECK(qcow_map_total_used(map) == count[QCS_REF] + count[QCS_PINNED], "%s step %lu: total_used %llu", ctx, step_no,
+	       (unsigned long long)qcow_map_total_used(map));
+	MCHECK(qcow_map_total_free(map) == count[QCS_JUNK] + count[QCS_ERASED] + count[QCS_AVAILABLE],
+	       "%s step %lu: total_free %llu", ctx, step_no, (unsigned long long)qcow_map_total_free(map));
 	MCHECK(qcow_map_lowest_available(map) == lowest_avail, "%s step %lu: lowest_available %llu, model %llu", ctx,
 	       step_no, (unsigned long long)qcow_map_lowest_available(map), (unsigned long long)lowest_avail);
 	MCHECK(qcow_map_last_block(map) == last, "%s step %lu: last_block %llu, model %llu", ctx, step_no,
