@@ -62,7 +62,8 @@ void qcow_open_opts_default(struct qcow_open_opts *opts);
 
 /* Opens and fully validates the image at path (one scan of all metadata).
  * On failure returns a negative errno, writes a message into err (if
- * errlen > 0) and leaves the file byte-for-byte unchanged. */
+ * errlen > 0; it does not repeat the path, callers name the image) and
+ * leaves the file byte-for-byte unchanged. */
 int qcow_image_open(const char *path, const struct qcow_open_opts *opts,
 		    struct qcow_image **out, char *err, size_t errlen);
 

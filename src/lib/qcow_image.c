@@ -1181,7 +1181,7 @@ int qcow_image_open(const char *path, const struct qcow_open_opts *opts_in, stru
 	struct qcow_io *io;
 	int ret = qcow_io_file_open(path, opts.read_only, &io);
 	if (ret) {
-		qcow_set_error(err, errlen, "cannot open image %s: %s", path, strerror(-ret));
+		qcow_set_error(err, errlen, "%s", strerror(-ret));
 		return ret;
 	}
 	if (!opts.no_locking && io->ops->lock) {

@@ -75,7 +75,7 @@ int qcow_lock_image(int fd, const char *path, bool read_only, char *err, size_t 
 		if (ret == -EINVAL || ret == -ENOLCK || ret == -EOPNOTSUPP)
 			return 0;   /* no OFD locks on this file system: QEMU cannot lock either */
 		if (ret) {
-			qcow_set_error(err, errlen, "cannot lock image %s (byte %d): %s", path, hold[i], strerror(-ret));
+			qcow_set_error(err, errlen, "cannot take QEMU lock byte %d on the image: %s", hold[i], strerror(-ret));
 			return ret;
 		}
 	}
