@@ -331,8 +331,10 @@ fig_b() {
 }
 
 # (c): one fio run of 4 KiB random reads at queue depth 1 logs every I/O with
-# its Unix time; IDLE_S seconds idle, then a compaction, then 1 s more.
-# Percentiles are computed per window from that log.
+# its Unix time; IDLE_S seconds idle, then a compaction, then IDLE_S seconds
+# idle again.  Percentiles are computed per window from that log; the idle
+# figure takes both idle windows, so that a change of the machine's load
+# during the run (other work on a shared host) does not land on one side.
 fig_c() {
 	local bytes img view pid fiopid t0 t1
 	bytes=$(parse_size "$FRAG_SIZE")
@@ -353,38 +355,48 @@ fig_c() {
 	sleep "$IDLE_S"
 	read -r t0 t1 < <(compact_now "$view")
 	record c moved $(($(status_get "$view" clusters_moved) * CLUSTER_SIZE))
-	sleep 1
+	sleep "$IDLE_S"
 	kill -INT "$fiopid"
 	wait "$fiopid" || true
 	record c compact_ms $((t1 - t0))
 	python3 - "$OUT/c-lat_clat.1.log" "$t0" "$t1" "$IDLE_S" <<'EOF' >>"$RES"
 import sys
 path, c0, c1, idle = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-idle_v, during_v = [], []
+idle_v, during_v, before_v, after_v = [], [], [], []
 first = None
+last = 0
 for line in open(path):
     f = line.split(',')
     t, ns = int(f[0]), int(f[1])
     if first is None:
         first = t
+    last = max(last, t)
     if first + 500 <= t < c0:         # skip the first 0.5 s (warm-up)
-        idle_v.append(ns)
+        before_v.append(ns)
     elif c0 <= t <= c1:
         during_v.append(ns)
+    elif t > c1 + 200:                # let the end of the compaction settle
+        after_v.append(ns)
+idle_v = before_v + after_v
+idle_s = max(0.001, (c0 - first - 500 + max(0, last - c1 - 200)) / 1000.0)
 def pct(v, p):
     if not v:
         return ''
     v = sorted(v)
     return '%.1f' % (v[min(len(v) - 1, int(len(v) * p / 100))] / 1000.0)
-for name, v in (('idle', idle_v), ('during', during_v)):
+secs = {'idle': idle_s, 'during': max(0.001, (c1 - c0) / 1000.0),
+        'before': max(0.001, (c0 - first - 500) / 1000.0),
+        'after': max(0.001, (last - c1 - 200) / 1000.0)}
+for name, v in (('idle', idle_v), ('during', during_v), ('before', before_v), ('after', after_v)):
     print('c\t%s_n\t%d' % (name, len(v)))
     print('c\t%s_p50\t%s' % (name, pct(v, 50)))
     print('c\t%s_p99\t%s' % (name, pct(v, 99)))
-    print('c\t%s_iops\t%s' % (name, '%.0f' % (len(v) / max(0.001, ((c1 - c0) if name == 'during' else (c0 - first - 500)) / 1000.0)) if v else ''))
+    print('c\t%s_iops\t%s' % (name, '%.0f' % (len(v) / secs[name]) if v else ''))
 EOF
 	engine_unmount qcowfs "$view" "$pid"
 	qemu-img check "$img" >"$OUT/c.check" 2>&1 && record c check clean || record c check "not clean"
-	gzip -f "$OUT"/c-lat_*.log
+	rm -f "$OUT/c-lat_lat.1.log" "$OUT/c-lat_slat.1.log"
+	gzip -f "$OUT"/c-lat_clat.1.log
 	rm -f "$img" "$view"
 }
 
@@ -500,10 +512,11 @@ if c:
     print('### (c) 4 KiB random-read latency, QD1, O_DIRECT (µs)\n')
     print('| | samples | IOPS | p50 | p99 |')
     print('|---|---:|---:|---:|---:|')
-    for name in ('idle', 'during'):
-        print('| %s | %s | %s | %s | %s |' % (
-            'idle (%s s before compaction)' % idle_s if name == 'idle' else
-            'during compaction (%s ms, %s MiB moved)' % (c.get('compact_ms'), mib(c.get('moved'))),
+    labels = {'idle': '**idle** (%s s before + %s s after)' % (idle_s, idle_s),
+              'during': '**during compaction** (%s ms, %s MiB moved)' % (c.get('compact_ms'), mib(c.get('moved'))),
+              'before': 'idle before only', 'after': 'idle after only'}
+    for name in ('idle', 'during', 'before', 'after'):
+        print('| %s | %s | %s | %s | %s |' % (labels[name],
             c.get(name + '_n'), c.get(name + '_iops'), c.get(name + '_p50'), c.get(name + '_p99')))
     try:
         q = float(c['during_p99']) / float(c['idle_p99'])

@@ -9,7 +9,8 @@ set -euo pipefail
 usage() {
 	cat <<EOF
 usage: ${0##*/} [options]
-  --quick            3 s per workload, 1 GiB images (default 10 s, 2 GiB)
+  --quick            3 s per workload, 1 GiB images, one run each
+                     (default 10 s, 2 GiB, two runs each)
   --size SIZE        virtual size of the workload images (e.g. 2G)
   --runtime SECONDS  fio runtime per workload
   --mount-size SIZE  virtual size of the image used for time to mount (8G)
@@ -19,7 +20,8 @@ usage: ${0##*/} [options]
   --out DIR          results directory (default /tmp/qcowfs-bench-DATE)
   --workdir DIR      where images are created (default: a new dir in /dev/shm
                      when it has room, else in /var/tmp)
-  --repeat N         run every workload N times per engine, report the median (1)
+  --repeat N         run every workload N times per engine, report the median
+                     (default 2, 1 with --quick)
   --only LIST        comma-separated subset of workloads:
                      seqwrite,seqread,randread,randwrite,randwrite-unalloc
   --standin          play qcowfs with qemu-storage-daemon too (tests this
@@ -32,7 +34,7 @@ source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
 
 ARGS="$*"
 SIZE=2G SIZE_SET=0 RUNTIME=10 RUNTIME_SET=0 MOUNT_SIZE=8G QUICK=0
-REPEAT=1 OUT= WORKDIR= QCOWFS_OPT= QCOWCTL_OPT= QCOWFS_OPTS= ONLY=
+REPEAT=2 REPEAT_SET=0 OUT= WORKDIR= QCOWFS_OPT= QCOWCTL_OPT= QCOWFS_OPTS= ONLY=
 while (($#)); do
 	case $1 in
 	--quick) QUICK=1 ;;
@@ -45,7 +47,7 @@ while (($#)); do
 	--out) OUT=$2; shift ;;
 	--workdir) WORKDIR=$2; shift ;;
 	--only) ONLY=$2; shift ;;
-	--repeat) REPEAT=$2; shift ;;
+	--repeat) REPEAT=$2; REPEAT_SET=1; shift ;;
 	--standin) BENCH_STANDIN=1 ;;
 	-h|--help) usage; exit 0 ;;
 	*) usage >&2; die "unknown argument: $1" ;;
@@ -55,6 +57,7 @@ done
 if ((QUICK)); then
 	((SIZE_SET)) || SIZE=1G
 	((RUNTIME_SET)) || RUNTIME=3
+	((REPEAT_SET)) || REPEAT=1
 fi
 [[ $RUNTIME =~ ^[0-9]+$ && $RUNTIME -gt 0 ]] || die "bad --runtime: $RUNTIME"
 [[ $REPEAT =~ ^[0-9]+$ && $REPEAT -gt 0 ]] || die "bad --repeat: $REPEAT"
