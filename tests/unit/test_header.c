@@ -8,8 +8,11 @@
  * refcount order; every hostile field the parser must refuse, each with a
  * negative errno and a message naming the field, with the file left
  * byte-for-byte unchanged; flags the parser must accept (dirty, corrupt);
- * and qcow_header_write_fields patching only the bytes asked for, so
- * unknown extensions and additional fields survive.
+ * qcow_header_read_info reporting unimplemented features (backing file,
+ * extended L2, zstd, encryption, data file) instead of refusing them while
+ * still refusing broken structure; and qcow_header_write_fields patching
+ * only the bytes asked for, so unknown extensions and additional fields
+ * survive.
  */
 #include "qcow_internal.h"
 #include "tap.h"
@@ -114,6 +117,7 @@ static uint8_t *hb_build(const struct hb *b, size_t *len)
 /* ---- helpers --------------------------------------------------------------- */
 
 static char err[1024];
+static bool info_mode;   /* parse with qcow_header_read_info */
 
 /* Parses b; returns the result, with the header in *h (freed by caller on success). */
 static int parse(const struct hb *b, struct qcow_header *h, struct qcow_io **io_out)
@@ -123,7 +127,7 @@ static int parse(const struct hb *b, struct qcow_header *h, struct qcow_io **io_
 	struct qcow_io *io = qcow_io_mem_new(f, len);
 	REQUIRE(io != NULL, "memory backend");
 	err[0] = 0;
-	int ret = qcow_header_read(io, h, err, sizeof(err));
+	int ret = info_mode ? qcow_header_read_info(io, h, err, sizeof(err)) : qcow_header_read(io, h, err, sizeof(err));
 	/* the parser never writes */
 	size_t len2;
 	const uint8_t *d = qcow_io_mem_data(io, &len2);
@@ -461,6 +465,98 @@ static void hostile(void)
 	expect_fail(&b, "v2 file that is just the header", "offset", EINVAL);
 }
 
+/* ---- qcow_header_read_info ------------------------------------------------- */
+
+/* The info variant reports features the engine does not implement instead
+ * of refusing them, but validates the structure just as strictly. */
+static void info(void)
+{
+	struct hb base = hb_default(3, 16, 4, 1ull << 30);
+	base.ext[0] = (struct ext){ QCOW_EXT_FEATURE_TABLE, 48, 0x11 };
+	uint64_t cs = 1ull << 16;
+	struct hb b;
+	struct qcow_header h;
+	int ret;
+
+	info_mode = true;
+	expect_ok(&base, "info: a plain image");
+
+	b = base; b.backing = "base.qcow2"; b.backing_off = cs - 64; b.backing_size = 10;
+	ret = parse(&b, &h, NULL);
+	CHECK(ret == 0, "info: backing file accepted (%d %s)", ret, err);
+	if (ret == 0) {
+		CHECK(strcmp(h.backing_file, "base.qcow2") == 0 && h.backing_file_size == 10 && h.backing_file_offset == cs - 64,
+		      "info: backing file reported as \"%s\"", h.backing_file);
+		qcow_header_free(&h);
+	}
+	b = base; b.backing = "memory"; b.backing_off = cs - 64; b.backing_size = 6;
+	expect_ok(&b, "info: backing file named like the image");
+	static const uint64_t bits[] = { QCOW_INCOMPAT_DATA_FILE, QCOW_INCOMPAT_COMPRESSION, QCOW_INCOMPAT_EXTL2,
+					 QCOW_INCOMPAT_DIRTY | QCOW_INCOMPAT_CORRUPT | QCOW_INCOMPAT_EXTL2 };
+	for (int i = 0; i < 4; i++) {
+		b = base; b.incompat = bits[i];
+		ret = parse(&b, &h, NULL);
+		CHECK(ret == 0, "info: incompatible bits 0x%llx accepted (%d %s)", (unsigned long long)bits[i], ret, err);
+		if (ret == 0) {
+			CHECK(h.incompatible_features == bits[i], "info: incompatible bits reported");
+			qcow_header_free(&h);
+		}
+	}
+	b = base; b.incompat = QCOW_INCOMPAT_COMPRESSION; b.compression_type = 1;
+	ret = parse(&b, &h, NULL);
+	CHECK(ret == 0, "info: zstd accepted (%d %s)", ret, err);
+	if (ret == 0) {
+		CHECK(h.compression_type == 1, "info: compression_type reported");
+		qcow_header_free(&h);
+	}
+	for (uint32_t c = 1; c <= 2; c++) {
+		b = base; b.crypt = c;
+		ret = parse(&b, &h, NULL);
+		CHECK(ret == 0, "info: crypt_method %u accepted (%d %s)", c, ret, err);
+		if (ret == 0) {
+			CHECK(h.crypt_method == c, "info: crypt_method reported");
+			qcow_header_free(&h);
+		}
+	}
+	b = base; b.ext[1] = (struct ext){ QCOW_EXT_DATA_FILE, 16, 'x' };
+	expect_ok(&b, "info: data file extension");
+	b = base; b.ext[1] = (struct ext){ QCOW_EXT_CRYPTO, 16, 'x' };
+	expect_ok(&b, "info: crypto extension");
+
+	/* structure: still refused */
+	b = base; b.incompat = 1ull << 5;
+	expect_fail(&b, "info: incompatible bit 5", "incompatible", ENOTSUP);
+	b = base; b.incompat = QCOW_INCOMPAT_EXTL2 | (1ull << 63);
+	expect_fail(&b, "info: extended L2 plus bit 63", "incompatible", ENOTSUP);
+	b = base; b.magic = 0;
+	expect_fail(&b, "info: bad magic", "magic", EINVAL);
+	b = base; b.version = 4;
+	expect_fail(&b, "info: version 4", "version", 0);
+	b = base; b.cluster_bits = 22;
+	expect_fail(&b, "info: cluster_bits 22", "cluster_bits", EINVAL);
+	b = base; b.header_length = 108;
+	expect_fail(&b, "info: header_length 108", "header_length", EINVAL);
+	b = base; b.refcount_order = 7;
+	expect_fail(&b, "info: refcount_order 7", "refcount_order", EINVAL);
+	b = base; b.l1_off = 3 * cs + 8;
+	expect_fail(&b, "info: L1 offset unaligned", "l1_table_offset", EINVAL);
+	b = base; b.l1_size -= 1;
+	expect_fail(&b, "info: l1_size too small", "l1_size", EINVAL);
+	b = base; b.rt_clusters = 0;
+	expect_fail(&b, "info: refcount_table_clusters 0", "refcount_table_clusters", EINVAL);
+	b = base; b.l1_off = b.rt_off;
+	expect_fail(&b, "info: L1 on the refcount table", "overlap", EINVAL);
+	b = base; b.ext[1] = (struct ext){ 0x77777777, (uint32_t)cs, 0x1 };
+	expect_fail(&b, "info: extension past the cluster", "extension", EINVAL);
+	b = base; b.backing_off = cs - 64; b.backing_size = 1024;
+	expect_fail(&b, "info: backing_file_size 1024", "backing_file_size", EINVAL);
+	b = base; b.backing_off = cs - 4; b.backing_size = 10;
+	expect_fail(&b, "info: backing name past the cluster", "backing_file_offset", EINVAL);
+	b = base; b.file_len = 50;
+	expect_fail(&b, "info: file of 50 bytes", "short", EINVAL);
+	info_mode = false;
+}
+
 /* ---- rewriting fields ---------------------------------------------------------- */
 
 static void write_fields(unsigned version)
@@ -559,6 +655,7 @@ int main(void)
 {
 	valid();
 	hostile();
+	info();
 	write_fields(2);
 	write_fields(3);
 	return tap_done();
