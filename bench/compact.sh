@@ -31,12 +31,12 @@ usage: ${0##*/} [options]
 EOF
 }
 
-# shellcheck source=bench/lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
 
 ARGS="$*"
 SIZES=2G:40,8G:80 FRAG_SIZE=4G MAP_SIZE=64G ONLY=a,b,c,d TIMEOUT=300
-QUICK=0 OUT= WORKDIR= QCOWFS_OPT= QCOWCTL_OPT= QCOWFS_OPTS=
+QUICK=0 OUT='' WORKDIR='' QCOWFS_OPT='' QCOWCTL_OPT='' QCOWFS_OPTS=''
 SIZES_SET=0 FRAG_SET=0 MAP_SET=0 QEMU_REF=1
 while (($#)); do
 	case $1 in
@@ -218,7 +218,7 @@ fig_a() {   # fig_a ENGINE SIZE FILL_PERCENT
 	qemu-img check "$img" >"$OUT/$key.check" 2>&1 || check="not clean"
 	record "$key" check "$check"
 	conv=$WORKDIR/$key.convert.qcow2
-	qemu-img convert -O qcow2 -o cluster_size=$CLUSTER_SIZE "$img" "$conv"
+	qemu-img convert -O qcow2 -o "cluster_size=$CLUSTER_SIZE" "$img" "$conv"
 	record "$key" convert "$(file_size "$conv")"
 	rm -f "$conv" "$img" "$view"
 }
@@ -313,7 +313,7 @@ fig_b() {
 	record b moved "$moved"
 	record b after "$(file_size "$img")"
 	engine_unmount qcowfs "$view" "$pid"
-	qemu-img check "$img" >"$OUT/b.check" 2>&1 && record b check clean || record b check "not clean"
+	if qemu-img check "$img" >"$OUT/b.check" 2>&1; then record b check clean; else record b check "not clean"; fi
 	# The same number of bytes copied by cp on the same file system: the
 	# source is in the page cache, like the image data compaction reads.
 	if ((moved > 0)); then
@@ -394,7 +394,7 @@ for name, v in (('idle', idle_v), ('during', during_v), ('before', before_v), ('
     print('c\t%s_iops\t%s' % (name, '%.0f' % (len(v) / secs[name]) if v else ''))
 EOF
 	engine_unmount qcowfs "$view" "$pid"
-	qemu-img check "$img" >"$OUT/c.check" 2>&1 && record c check clean || record c check "not clean"
+	if qemu-img check "$img" >"$OUT/c.check" 2>&1; then record c check clean; else record c check "not clean"; fi
 	rm -f "$OUT/c-lat_lat.1.log" "$OUT/c-lat_slat.1.log"
 	gzip -f "$OUT"/c-lat_clat.1.log
 	rm -f "$img" "$view"

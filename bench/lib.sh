@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # bench/lib.sh: helpers shared by bench/run.sh and bench/compact.sh.
 #
 # Sourced, not run.  Owns: finding the programs under test, mounting and
@@ -12,6 +13,7 @@
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SRC_ROOT=$(cd "$BENCH_DIR/.." && pwd)
 
+# shellcheck disable=SC2034  # used by the scripts that source this file
 CLUSTER_SIZE=65536
 
 # ---- messages ---------------------------------------------------------------
@@ -132,8 +134,9 @@ install_cleanup() { trap cleanup EXIT; trap 'exit 130' INT; trap 'exit 143' TERM
 QCOWFS=${QCOWFS:-}
 QCOWCTL=${QCOWCTL:-}
 BENCH_STANDIN=${BENCH_STANDIN:-0}
-MOUNT_PID=
-MOUNT_SECS=
+MOUNT_PID=''
+# shellcheck disable=SC2034  # results of engine_mount, read by the callers
+MOUNT_SECS=''
 
 qsd_start() {
 	local img=$1 view=$2 pidf
@@ -202,6 +205,7 @@ engine_mount() {
 	fi
 	wait_view_usable "$view"
 	t1=$(now)
+	# shellcheck disable=SC2034  # read by the callers
 	MOUNT_SECS=$(elapsed "$t0" "$t1")
 	if [[ -z $MOUNT_PID ]]; then
 		MOUNT_PID=$(find_daemon_pid "$QCOWFS" "$view")

@@ -29,12 +29,12 @@ usage: ${0##*/} [options]
 EOF
 }
 
-# shellcheck source=bench/lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
 
 ARGS="$*"
 SIZE=2G SIZE_SET=0 RUNTIME=10 RUNTIME_SET=0 MOUNT_SIZE=8G QUICK=0
-REPEAT=2 REPEAT_SET=0 OUT= WORKDIR= QCOWFS_OPT= QCOWCTL_OPT= QCOWFS_OPTS= ONLY=
+REPEAT=2 REPEAT_SET=0 OUT='' WORKDIR='' QCOWFS_OPT='' QCOWCTL_OPT='' QCOWFS_OPTS='' ONLY=''
 while (($#)); do
 	case $1 in
 	--quick) QUICK=1 ;;
