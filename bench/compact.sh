@@ -22,6 +22,8 @@ usage: ${0##*/} [options]
   --map-size SIZE     virtual size of the preallocated image for (d) (default 64G)
   --only LIST         subset of a,b,c,d (default all)
   --timeout SECONDS   longest wait for the file to stop shrinking in (a) (300)
+  --settle SECONDS    (a) is over when nothing changed for this long (5);
+                      raise it above compact_quiet_ms if that is set higher
   --no-qemu-ref       skip (a) through QEMU's FUSE export (the reference row)
   --qcowfs PATH       qcowfs binary (default: build dir of this checkout, then PATH)
   --qcowctl PATH      qcowctl binary (same search)
@@ -35,7 +37,7 @@ EOF
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
 
 ARGS="$*"
-SIZES=2G:40,8G:80 FRAG_SIZE=4G MAP_SIZE=64G ONLY=a,b,c,d TIMEOUT=300
+SIZES=2G:40,8G:80 FRAG_SIZE=4G MAP_SIZE=64G ONLY=a,b,c,d TIMEOUT=300 SETTLE=5
 QUICK=0 OUT='' WORKDIR='' QCOWFS_OPT='' QCOWCTL_OPT='' QCOWFS_OPTS=''
 SIZES_SET=0 FRAG_SET=0 MAP_SET=0 QEMU_REF=1
 while (($#)); do
@@ -46,6 +48,7 @@ while (($#)); do
 	--map-size) MAP_SIZE=$2; MAP_SET=1; shift ;;
 	--only) ONLY=$2; shift ;;
 	--timeout) TIMEOUT=$2; shift ;;
+	--settle) SETTLE=$2; shift ;;
 	--no-qemu-ref) QEMU_REF=0 ;;
 	--qcowfs) QCOWFS_OPT=$2; shift ;;
 	--qcowctl) QCOWCTL_OPT=$2; shift ;;
@@ -112,13 +115,15 @@ head -c $((64 << 20)) /dev/urandom >"$SRC"
 # ---- (a) time from fstrim to the compacted file ---------------------------------
 
 # poll_shrink VIEW IMG T0 TIMEOUT OUTFILE: polls the file size and the status
-# every 0.1 s until compaction is idle and the size has not changed for 5 s.
+# every 0.1 s until the recycler is idle (no compaction, no junk or erased
+# clusters waiting) and the size has not changed for SETTLE seconds.
 # Prints "seconds_to_final_size final_size polls"; the time is that of the
 # last change of the size, from T0 (the start of fstrim).
 poll_shrink() {
 	python3 - "$@" <<'EOF'
 import os, sys, time
 view, img, t0, timeout, logf = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+settle = float(sys.argv[6])
 def status():
     try:
         text = os.getxattr(view, 'user.qcowfs.status').decode()
@@ -133,14 +138,15 @@ while True:
     now = time.time()
     size = os.stat(img).st_size
     st = status()
-    busy = st.get('compacting', '0') not in ('0', 'false') or st.get('moves_in_flight', '0') != '0'
+    busy = (st.get('compacting', '0') not in ('0', 'false') or st.get('moves_in_flight', '0') != '0'
+            or st.get('clusters_junk', '0') != '0' or st.get('clusters_erased', '0') != '0')
     log.write('%.3f %d %s %s %s\n' % (now - t0, size, st.get('compacting'),
               st.get('compact_progress'), st.get('clusters_junk')))
     if size != last:
         last, t_last, stable_since = size, now, now
     if busy:
         stable_since = now
-    if now - stable_since >= 5:
+    if now - stable_since >= settle:
         break
     if now - t0 > timeout:
         log.write('timeout\n')
@@ -200,7 +206,7 @@ fig_a() {   # fig_a ENGINE SIZE FILL_PERCENT
 		sync "$img"
 		after=$(file_size "$img")
 	else
-		read -r secs after < <(poll_shrink "$view" "$img" "$t0" "$TIMEOUT" "$OUT/$key.poll")
+		read -r secs after < <(poll_shrink "$view" "$img" "$t0" "$TIMEOUT" "$OUT/$key.poll" "$SETTLE")
 		record "$key" secs "$secs"
 		qcowfs_status "$view" >"$OUT/$key.status-after"
 		grep -q timeout "$OUT/$key.poll" && record "$key" timeout 1
