@@ -81,9 +81,9 @@ EOF
 
 n=0
 done_cases=0 # (bash abandons a function silently on some expansion errors)
-# run_kind OPTS SIZE NOPS MAXLEN [prefill]: one image kind
+# run_kind OPTS SIZE NOPS MAXLEN [prefill] [MOUNT_OPTS]: one image kind
 run_kind() {
-	local opts=$1 size nops=$3 maxlen=$4 prefill=${5:-} img shadow cs seed
+	local opts=$1 size nops=$3 maxlen=$4 prefill=${5:-} mopts=${6:-} img shadow cs seed
 	size=$(numfmt --from=iec "$2")
 	n=$((n + 1))
 	img=$T/w$n.qcow2
@@ -96,7 +96,11 @@ run_kind() {
 	fi
 	raw_of "$img" "$shadow"
 	seed=$((1000 + n))
-	qmount "$img" "$MNT"
+	if [ -n "$mopts" ]; then
+		qmount "$img" "$MNT" -o "$mopts"
+	else
+		qmount "$img" "$MNT"
+	fi
 	$PYTHON "$T/randwrite.py" "$MNT" "$shadow" "$seed" "$nops" "$maxlen" "$cs" grow ||
 		fail "random writes on image $n ($opts) failed (seed $seed)"
 	same_file "$MNT" "$shadow" "image $n ($opts): view vs shadow while mounted"
@@ -107,7 +111,7 @@ run_kind() {
 	qmount "$img" "$MNT" -o ro
 	same_file "$MNT" "$shadow" "image $n ($opts): remounted view vs shadow"
 	qumount "$MNT"
-	log "image $n ($opts): $nops random ops, identical to the shadow"
+	log "image $n ($opts${mopts:+, -o $mopts}): $nops random ops, identical to the shadow"
 	done_cases=$((done_cases + 1))
 	rm -f "$shadow"
 }
@@ -123,6 +127,9 @@ run_kind refcount_bits=1 64M 400 $((256 << 10))
 run_kind refcount_bits=64,cluster_size=4096 16M 400 $((32 << 10))
 run_kind lazy_refcounts=on 64M 400 $((256 << 10)) prefill
 run_kind preallocation=metadata 32M 400 $((256 << 10)) prefill
+# the engine checks every cluster-map invariant after each change
+run_kind cluster_size=4096 16M 300 $((64 << 10)) prefill runtime_asserts
+run_kind "" 64M 200 $((1 << 20)) "" runtime_asserts
 
 # ---- writes past the L1 table's coverage after truncate -s --------------
 # grow_case OPTS SIZE NEWSIZE: grow the view, write near the new end and in
