@@ -157,8 +157,8 @@ static struct qcow_image *open_io(struct qcow_io *io, size_t cache_bytes)
 
 static int run(const char *cmd, const char *log)
 {
-	char full[2048];
-	snprintf(full, sizeof(full), "%s > %s 2>&1", cmd, log);
+	char full[4200];
+	snprintf(full, sizeof(full), "( %s ) > %s 2>&1", cmd, log);
 	int st = system(full);
 	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
@@ -1029,6 +1029,143 @@ static void refblock_move_cancelled_by_flush(void)
 	keep_free(k);
 }
 
+/* ---- images with internal snapshots (made by QEMU) ------------------------------ */
+
+static bool files_equal(const char *a, const char *b)
+{
+	size_t la, lb;
+	uint8_t *x = slurp(a, &la), *y = slurp(b, &lb);
+	bool eq = la == lb && memcmp(x, y, la) == 0;
+	free(x);
+	free(y);
+	return eq;
+}
+
+/* QEMU writes an image, takes a snapshot and writes more; the engine then
+ * overwrites and discards clusters and L2 tables shared with the snapshot
+ * (copy-on-write), compacts and closes.  Afterwards qemu-img check is
+ * clean, the active view equals the shadow and the snapshot still reads
+ * exactly as before. */
+static void snapshots(unsigned cluster_bits)
+{
+	char name[64];
+	snprintf(name, sizeof(name), "snapshots cs=%u", 1u << cluster_bits);
+	cfg_name = name;
+	if (!have_qemu_img || system("qemu-io --version > /dev/null 2>&1") != 0) {
+		printf("# %s: qemu-img/qemu-io missing, skipped\n", name);
+		return;
+	}
+	uint64_t cs = 1ull << cluster_bits, size = 4u << 20;
+	char img_path[256], active[256], snap0[256], snap1[256], out_raw[256], log[256], cmd[4096];
+	tmp_path(img_path, sizeof(img_path), "snap");
+	tmp_path(active, sizeof(active), "active");
+	tmp_path(snap0, sizeof(snap0), "snap0");
+	tmp_path(snap1, sizeof(snap1), "snap1");
+	tmp_path(out_raw, sizeof(out_raw), "shadow");
+	tmp_path(log, sizeof(log), "log");
+	snprintf(cmd, sizeof(cmd),
+		 "qemu-img create -q -f qcow2 -o cluster_size=%llu '%s' %llu && "
+		 "qemu-io -f qcow2 -c 'write -P 0x11 0 1M' -c 'write -P 0x22 2M 512k' -c 'write -P 0x44 %llu 1000' '%s' && "
+		 "qemu-img snapshot -c s1 '%s' && "
+		 "qemu-io -f qcow2 -c 'write -P 0x33 512k 256k' -c 'write -P 0x55 3M 64k' '%s' && "
+		 "qemu-img snapshot -c s2 '%s' && "
+		 "qemu-img convert -O raw -l snapshot.name=s1 '%s' '%s' && "
+		 "qemu-img convert -O raw '%s' '%s'",
+		 (unsigned long long)cs, img_path, (unsigned long long)size, (unsigned long long)(size - 1000), img_path,
+		 img_path, img_path, img_path, img_path, snap0, img_path, active);
+	int q = run(cmd, log);
+	REQUIRE(q == 0, "%s: QEMU setup failed (%d)", name, q);
+
+	size_t len, alen;
+	uint8_t *bytes = slurp(img_path, &len);
+	uint8_t *act = slurp(active, &alen);
+	REQUIRE(alen == size, "active view size");
+	struct shadow s = { .cluster_bits = cluster_bits };
+	shadow_resize(&s, size);
+	shadow_write(&s, act, 0, size);
+	free(act);
+	struct keep_io *k = keep_new(bytes, len);
+	free(bytes);
+	struct qcow_image *img = open_io(&k->io, 0);
+	check_map(img, "open with snapshots");
+	ICHECK(img->map.count[QCS_PINNED] > 10, "%s: shared clusters are pinned (%llu)", name,
+	       (unsigned long long)img->map.count[QCS_PINNED]);
+	for (uint64_t gc = 0; gc < s.nclusters; gc++) {
+		int64_t d = qcow_image_seek(img, gc * cs, SEEK_DATA);
+		s.alloc[gc] = d == (int64_t)(gc * cs);   /* what QEMU allocated */
+	}
+	verify_all(img, &s, "QEMU's active view");
+	printf("# %s: opened with %llu pinned (shared or header) and %llu referenced clusters\n", name,
+	       (unsigned long long)img->map.count[QCS_PINNED], (unsigned long long)img->map.count[QCS_REF]);
+
+	/* overwrite inside shared clusters (partial: the old contents are copied) */
+	do_write(img, &s, 100, 200);
+	do_write(img, &s, cs * 3 + 5, cs * 2);
+	do_write(img, &s, (2u << 20) + cs / 2, 3 * cs);
+	/* discard shared clusters, whole and partial */
+	do_discard(img, &s, 8 * cs, 16 * cs, false);
+	do_discard(img, &s, (3u << 20) + 7, 3 * cs, true);
+	do_discard(img, &s, size - 2 * cs, 2 * cs, false);
+	check_map(img, "copy-on-write");
+	ICHECK(qcow_image_flush(img) == 0, "%s: flush", name);
+	check_refcounts(img, "flush with snapshots");
+	for (int i = 0; i < 150; i++) {
+		uint64_t off = tap_rand(&seed) % size, n = 1 + tap_rand(&seed) % (3 * cs);
+		if (tap_rand(&seed) % 3)
+			do_write(img, &s, off, off + n > size ? size - off : n);
+		else
+			do_discard(img, &s, off, n, false);
+	}
+	check_map(img, "random writes over snapshots");
+	ICHECK(qcow_image_compact(img, NULL, NULL) == 0, "%s: compact", name);
+	check_map(img, "compaction with snapshots");
+	check_refcounts(img, "compaction with snapshots");
+	verify_all(img, &s, "after copy-on-write and compaction");
+	printf("# %s: before close %llu pinned, %llu referenced, %llu moved by compaction\n", name,
+	       (unsigned long long)img->map.count[QCS_PINNED], (unsigned long long)img->map.count[QCS_REF],
+	       (unsigned long long)img->clusters_moved);
+	ICHECK(qcow_image_close(img) == 0, "%s: close", name);
+
+	size_t flen;
+	const uint8_t *fb = qcow_io_mem_data(k->inner, &flen);
+	spill(img_path, fb, flen);
+	struct qcow_check_result res;
+	char err[256] = "";
+	int r = qcow_check(img_path, &res, err, sizeof(err));
+	ICHECK(r == 0 && res.errors == 0 && res.leaks == 0, "%s: qcow_check: ret %d, %llu errors, %llu leaks %s", name, r,
+	       (unsigned long long)res.errors, (unsigned long long)res.leaks, err);
+	snprintf(cmd, sizeof(cmd), "qemu-img check -f qcow2 '%s'", img_path);
+	q = run(cmd, log);
+	ICHECK(q == 0, "%s: qemu-img check exited %d", name, q);
+	if (q)
+		show_log(log);
+	/* the snapshot is untouched, the active view is the shadow */
+	snprintf(cmd, sizeof(cmd), "qemu-img convert -O raw -l snapshot.name=s1 '%s' '%s'", img_path, snap1);
+	q = run(cmd, log);
+	ICHECK(q == 0 && files_equal(snap0, snap1), "%s: snapshot s1 reads as before (convert %d)", name, q);
+	uint8_t *sh = malloc(size);
+	shadow_read(&s, sh, 0, size);
+	spill(out_raw, sh, size);
+	free(sh);
+	snprintf(cmd, sizeof(cmd), "qemu-img compare -q -f raw -F qcow2 '%s' '%s'", out_raw, img_path);
+	q = run(cmd, log);
+	ICHECK(q == 0, "%s: QEMU reads the shadow from the active view (compare %d)", name, q);
+	if (q)
+		show_log(log);
+	snprintf(cmd, sizeof(cmd), "qemu-img snapshot -l '%s'", img_path);
+	q = run(cmd, log);
+	ICHECK(q == 0, "%s: snapshots still listed", name);
+
+	unlink(img_path);
+	unlink(active);
+	unlink(snap0);
+	unlink(snap1);
+	unlink(out_raw);
+	unlink(log);
+	keep_free(k);
+	shadow_free(&s);
+}
+
 static void misc(void)
 {
 	cfg_name = "misc";
@@ -1133,5 +1270,7 @@ int main(void)
 	partial_discard_of_holes();
 	discard_of_the_partial_last_cluster();
 	refblock_move_cancelled_by_flush();
+	snapshots(16);
+	snapshots(12);
 	return tap_done();
 }
