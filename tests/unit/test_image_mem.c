@@ -1029,6 +1029,117 @@ static void refblock_move_cancelled_by_flush(void)
 	keep_free(k);
 }
 
+/* ---- compressed clusters (made by QEMU) ------------------------------------------- */
+
+/* qemu-img convert -c writes compressed clusters, several per host
+ * cluster.  The engine reads them, overwrites some partially (the cluster
+ * is inflated, copied and rewritten uncompressed), discards others (the
+ * shared host clusters keep their other users), compacts and closes. */
+static void compressed(unsigned cluster_bits)
+{
+	char name[64];
+	snprintf(name, sizeof(name), "compressed cs=%u", 1u << cluster_bits);
+	cfg_name = name;
+	if (!have_qemu_img) {
+		printf("# %s: qemu-img missing, skipped\n", name);
+		return;
+	}
+	uint64_t cs = 1ull << cluster_bits, size = 2u << 20;
+	char raw[256], img_path[256], out_raw[256], log[256], cmd[2048];
+	tmp_path(raw, sizeof(raw), "craw");
+	tmp_path(img_path, sizeof(img_path), "cimg");
+	tmp_path(out_raw, sizeof(out_raw), "cshadow");
+	tmp_path(log, sizeof(log), "log");
+	/* random letters from a 16-letter alphabet: compress to about half,
+	 * so compressed clusters straddle host cluster boundaries; every
+	 * fifth cluster zero */
+	uint8_t *data = calloc(1, size);
+	for (uint64_t i = 0; i < size; i++) {
+		uint64_t c = i / cs;
+		if (c % 5 == 4)
+			continue;
+		data[i] = (uint8_t)('a' + (tap_rand(&seed) & 15));
+	}
+	spill(raw, data, size);
+	snprintf(cmd, sizeof(cmd), "qemu-img convert -c -f raw -O qcow2 -o cluster_size=%llu '%s' '%s'",
+		 (unsigned long long)cs, raw, img_path);
+	int q = run(cmd, log);
+	REQUIRE(q == 0, "%s: qemu-img convert -c failed (%d)", name, q);
+
+	size_t len;
+	uint8_t *bytes = slurp(img_path, &len);
+	ICHECK(len < size * 3 / 4, "%s: the image is compressed (%zu bytes)", name, len);
+	struct keep_io *k = keep_new(bytes, len);
+	free(bytes);
+	struct qcow_image *img = open_io(&k->io, 0);
+	check_map(img, "open compressed");
+	struct shadow s = { .cluster_bits = cluster_bits };
+	shadow_resize(&s, size);
+	shadow_write(&s, data, 0, size);
+	free(data);
+	for (uint64_t gc = 0; gc < s.nclusters; gc++)
+		s.alloc[gc] = qcow_image_seek(img, gc * cs, SEEK_DATA) == (int64_t)(gc * cs);
+	/* QEMU's convert leaves zero clusters unallocated: the shadow agrees */
+	for (uint64_t gc = 0; gc < s.nclusters; gc++)
+		if (!s.alloc[gc] && gc % 5 != 4) {
+			ICHECK(false, "%s: data cluster %llu is not allocated", name, (unsigned long long)gc);
+			break;
+		}
+	verify_all(img, &s, "compressed image as QEMU wrote it");
+	printf("# %s: opened %zu bytes, %llu pinned clusters (compressed hosts and header)\n", name, len,
+	       (unsigned long long)img->map.count[QCS_PINNED]);
+
+	do_write(img, &s, 10, 100);                 /* partial: inflate, patch, rewrite */
+	do_write(img, &s, 5 * cs, cs);               /* whole: no need to inflate */
+	do_write(img, &s, 7 * cs - 3, 6);            /* across two compressed clusters */
+	do_discard(img, &s, 11 * cs, 3 * cs, false); /* whole compressed clusters */
+	do_discard(img, &s, 20 * cs + 1, cs, true);  /* partial */
+	check_map(img, "writes over compressed clusters");
+	verify_all(img, &s, "after writes over compressed clusters");
+	ICHECK(qcow_image_flush(img) == 0, "%s: flush", name);
+	check_refcounts(img, "flush over compressed clusters");
+	for (int i = 0; i < 120; i++) {
+		uint64_t off = tap_rand(&seed) % size, n = 1 + tap_rand(&seed) % (2 * cs);
+		if (tap_rand(&seed) % 2)
+			do_write(img, &s, off, off + n > size ? size - off : n);
+		else
+			do_discard(img, &s, off, n, false);
+	}
+	check_map(img, "random writes over compressed clusters");
+	ICHECK(qcow_image_compact(img, NULL, NULL) == 0, "%s: compact", name);
+	check_map(img, "compaction of a compressed image");
+	check_refcounts(img, "compaction of a compressed image");
+	verify_all(img, &s, "compressed image after compaction");
+	ICHECK(qcow_image_close(img) == 0, "%s: close", name);
+
+	size_t flen;
+	const uint8_t *fb = qcow_io_mem_data(k->inner, &flen);
+	spill(img_path, fb, flen);
+	struct qcow_check_result res;
+	char err[256] = "";
+	int r = qcow_check(img_path, &res, err, sizeof(err));
+	ICHECK(r == 0 && res.errors == 0 && res.leaks == 0, "%s: qcow_check: ret %d, %llu errors, %llu leaks %s", name, r,
+	       (unsigned long long)res.errors, (unsigned long long)res.leaks, err);
+	snprintf(cmd, sizeof(cmd), "qemu-img check -f qcow2 '%s'", img_path);
+	q = run(cmd, log);
+	ICHECK(q == 0, "%s: qemu-img check exited %d", name, q);
+	if (q)
+		show_log(log);
+	uint8_t *sh = malloc(size);
+	shadow_read(&s, sh, 0, size);
+	spill(out_raw, sh, size);
+	free(sh);
+	snprintf(cmd, sizeof(cmd), "qemu-img compare -q -f raw -F qcow2 '%s' '%s'", out_raw, img_path);
+	q = run(cmd, log);
+	ICHECK(q == 0, "%s: QEMU reads the shadow (compare %d)", name, q);
+	unlink(raw);
+	unlink(img_path);
+	unlink(out_raw);
+	unlink(log);
+	keep_free(k);
+	shadow_free(&s);
+}
+
 /* ---- images with internal snapshots (made by QEMU) ------------------------------ */
 
 static bool files_equal(const char *a, const char *b)
@@ -1272,5 +1383,7 @@ int main(void)
 	refblock_move_cancelled_by_flush();
 	snapshots(16);
 	snapshots(12);
+	compressed(16);
+	compressed(12);
 	return tap_done();
 }
