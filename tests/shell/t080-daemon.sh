@@ -11,7 +11,9 @@
 #    refused), st_blocks follows the image's allocation, SEEK_DATA and
 #    SEEK_HOLE, fallocate mode 0 succeeds, collapse/insert range fail with
 #    EOPNOTSUPP, a ro mount fails writes with EROFS;
-#  - the user.qcowfs.status attribute and qcowctl status.
+#  - the user.qcowfs.status attribute and qcowctl status;
+#  - a full host file system: ENOSPC to the writer, the daemon keeps
+#    serving, and once there is room again everything ends clean.
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
 need fallocate truncate stat dd cmp mount umount mount.fuse3
@@ -254,4 +256,30 @@ sys.exit(0 if kv.get("read_only", "").strip() in ("1", "true") else 1)
 EOF
 qumount "$MNT"
 [ "$(sha "$IMG")" = "$SUM" ] || fail "a ro mount changed the image"
+
+# ---- host file system full: ENOSPC reaches the writer, the daemon lives ----
+SMALL=$T/small
+mkdir -p "$SMALL"
+mount -t tmpfs -o size=40M tmpfs "$SMALL" || fail "cannot mount a small tmpfs"
+_FSMOUNTS+=("$SMALL")
+mkimg "$SMALL/full.qcow2" 1G
+head -c $((6 << 20)) /dev/zero >"$SMALL/filler"
+qmount "$SMALL/full.qcow2" "$MNT"
+rc=0
+dd if=/dev/urandom of="$MNT" bs=1M count=64 conv=notrunc,fsync status=none 2>"$T/out" || rc=$?
+[ $rc != 0 ] || fail "writing 64 MiB into an image on a 40 MiB file system succeeded"
+grep -q 'No space left on device' "$T/out" || fail "a full host file system gave: $(cat "$T/out") (expected ENOSPC)"
+is_mounted "$MNT" || fail "the mount is gone after ENOSPC"
+dd if="$MNT" of=/dev/null bs=1M count=64 status=none || fail "reads fail after ENOSPC"
+rm -f "$SMALL/filler"
+printf 'after ENOSPC' | dd of="$MNT" bs=1 seek=$((900 << 20)) conv=notrunc,fsync status=none ||
+	fail "a write with room again fails after ENOSPC"
+dd if="$MNT" bs=1M status=none | cmp - <(dd if="$MNT" bs=1M status=none) || fail "the view reads inconsistently after ENOSPC"
+cp --sparse=always "$MNT" "$T/full-view.raw"
+qumount "$MNT"
+qcheck "$SMALL/full.qcow2"
+qcompare "$SMALL/full.qcow2" "$T/full-view.raw" "image vs view after ENOSPC"
+rm -f "$T/full-view.raw"
+umount "$SMALL"
+_forget _FSMOUNTS "$SMALL"
 log "ok"
