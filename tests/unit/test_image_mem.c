@@ -1140,6 +1140,121 @@ static void compressed(unsigned cluster_bits)
 	shadow_free(&s);
 }
 
+/* ---- hostile metadata below the header ------------------------------------------- */
+
+static unsigned log_lines;
+
+static void count_log(enum qcow_log_level level, const char *msg, void *opaque)
+{
+	log_lines++;
+}
+
+/* Opening an image whose tables point to the wrong places fails with a
+ * message naming the problem and leaves the bytes alone; qcow_check
+ * counts the problem as an error instead of stopping. */
+static void hostile_tables(void)
+{
+	cfg_name = "hostile tables";
+	uint64_t cs = 4096;
+	size_t len;
+	uint8_t *bytes = create_bytes(8u << 20, 12, 4, 3, &len);
+	struct keep_io *k = keep_new(bytes, len);
+	free(bytes);
+	struct qcow_image *img = open_io(&k->io, 0);
+	uint8_t *buf = malloc(20 * cs);
+	fill_random(buf, 20 * cs);
+	ICHECK(qcow_image_write(img, buf, 20 * cs, 0) == (ssize_t)(20 * cs), "write");
+	ICHECK(qcow_image_write(img, buf, cs, 4u << 20) == (ssize_t)cs, "write in the third L2 table");
+	free(buf);
+	ICHECK(qcow_image_close(img) == 0, "close");
+	size_t glen;
+	const uint8_t *g = qcow_io_mem_data(k->inner, &glen);
+	uint8_t *good = malloc(glen);
+	memcpy(good, g, glen);
+	keep_free(k);
+
+	uint64_t l1 = qcow_get_be64(good + QH_L1_OFFSET), rt = qcow_get_be64(good + QH_REFTABLE_OFFSET);
+	uint64_t l2 = qcow_get_be64(good + l1) & QCOW_L1E_OFFSET_MASK;
+	uint64_t d0 = qcow_get_be64(good + l2) & QCOW_L2E_OFFSET_MASK;
+	REQUIRE(l2 && d0 && l2 < glen && d0 < glen, "layout: L1 0x%llx, L2 0x%llx, data 0x%llx", (unsigned long long)l1,
+		(unsigned long long)l2, (unsigned long long)d0);
+	/* (an entry with offset 0 is an unallocated table or cluster, so the
+	 * header itself cannot be pointed at) */
+	uint64_t rb = qcow_get_be64(good + rt) & QCOW_REFT_OFFSET_MASK;
+	REQUIRE(rb && rb < glen, "refcount block 0 at 0x%llx", (unsigned long long)rb);
+	struct { const char *what; uint64_t at; uint64_t value; const char *keyword; uint64_t at2; uint16_t v2; } cases[] = {
+		{ "L1 entry unaligned", l1, QCOW_OFLAG_COPIED | (l2 + 512), "unaligned", 0, 0 },
+		{ "L1 entry past the end", l1, QCOW_OFLAG_COPIED | (glen + 100 * cs), "past the end", 0, 0 },
+		{ "L1 entry pointing at the L1 table", l1, QCOW_OFLAG_COPIED | l1, "inside a header structure", 0, 0 },
+		{ "L1 entry pointing at the refcount table", l1, QCOW_OFLAG_COPIED | rt, "inside a header structure", 0, 0 },
+		{ "L2 entry past the end", l2 + 8, QCOW_OFLAG_COPIED | (glen + 10 * cs), "past the end", 0, 0 },
+		{ "L2 entry unaligned", l2 + 8, QCOW_OFLAG_COPIED | (d0 + 1024), "unaligned", 0, 0 },
+		{ "two L2 entries, one data cluster", l2 + 8, QCOW_OFLAG_COPIED | d0, "referenced twice", 0, 0 },
+		/* refcount 2 matches the two references, but COPIED says 1 */
+		{ "two L2 entries with COPIED, one data cluster with refcount 2", l2 + 8, QCOW_OFLAG_COPIED | d0,
+		  "referenced twice", rb + 2 * (d0 / cs), 2 },
+		{ "L2 entry pointing at its own L2 table", l2 + 8, QCOW_OFLAG_COPIED | l2, "referenced twice", 0, 0 },
+		{ "L2 entry pointing at the L1 table", l2 + 8, QCOW_OFLAG_COPIED | l1, "inside a header structure", 0, 0 },
+		{ "refcount table entry pointing at the L1 table", rt, l1, "inside a header structure", 0, 0 },
+		{ "refcount table entry pointing at a data cluster", rt, d0, "referenced twice", 0, 0 },
+		{ "refcount table entry past the end", rt, glen + 50 * cs, "past the end", 0, 0 },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		uint8_t *bad = malloc(glen);
+		memcpy(bad, good, glen);
+		qcow_put_be64(bad + cases[i].at, cases[i].value);
+		if (cases[i].at2) {   /* a 16-bit refcount */
+			bad[cases[i].at2] = (uint8_t)(cases[i].v2 >> 8);
+			bad[cases[i].at2 + 1] = (uint8_t)cases[i].v2;
+		}
+		struct qcow_io *io = qcow_io_mem_new(bad, glen);
+		struct qcow_open_opts o = test_opts(0);
+		char err[512] = "";
+		struct qcow_image *im = NULL;
+		int r = qcow_image_open_io(io, &o, &im, err, sizeof(err));
+		ICHECK(r < 0, "%s: open accepted it", cases[i].what);
+		if (getenv("SHOW_MESSAGES"))
+			printf("# %s: %d %s\n", cases[i].what, r, err);
+		ICHECK(r >= 0 || (err[0] && strstr(err, cases[i].keyword)), "%s: message lacks '%s': %s", cases[i].what,
+		       cases[i].keyword, err);
+		size_t n;
+		const uint8_t *d = qcow_io_mem_data(io, &n);
+		ICHECK(n == glen && memcmp(d, bad, glen) == 0, "%s: bytes unchanged by the failed open", cases[i].what);
+		if (r == 0)
+			qcow_image_close(im);
+		else
+			qcow_io_close(io);
+		/* the offline check runs to the end and counts it */
+		char path[256];
+		tmp_path(path, sizeof(path), "hostile");
+		spill(path, bad, glen);
+		struct qcow_check_result res;
+		err[0] = 0;
+		log_lines = 0;
+		qcow_log_set_sink(count_log, NULL);
+		r = qcow_check(path, &res, err, sizeof(err));
+		qcow_log_set_sink(NULL, NULL);
+		ICHECK(r == 0 && res.errors > 0, "%s: qcow_check returns %d with %llu errors and %llu leaks (%s)", cases[i].what,
+		       r, (unsigned long long)res.errors, (unsigned long long)res.leaks, err);
+		ICHECK(log_lines > 0, "%s: qcow_check logged the problem", cases[i].what);
+		if (have_qemu_img) {
+			/* QEMU's verdict (2 = corruption, 3 = leaks only) and ours agree */
+			char cmd[512], log[256];
+			tmp_path(log, sizeof(log), "log");
+			snprintf(cmd, sizeof(cmd), "qemu-img check -f qcow2 '%s'", path);
+			int q = run(cmd, log);
+			ICHECK(q != 2 || res.errors > 0, "%s: qemu-img check finds corruption (exit 2), qcow_check %llu errors",
+			       cases[i].what, (unsigned long long)res.errors);
+			ICHECK(q != 3 || (res.errors == 0 && res.leaks > 0), "%s: qemu-img check finds only leaks, qcow_check %llu errors %llu leaks",
+			       cases[i].what, (unsigned long long)res.errors, (unsigned long long)res.leaks);
+			unlink(log);
+		}
+		unlink(path);
+		free(bad);
+	}
+	free(good);
+}
+
 /* ---- images with internal snapshots (made by QEMU) ------------------------------ */
 
 static bool files_equal(const char *a, const char *b)
@@ -1385,5 +1500,6 @@ int main(void)
 	snapshots(12);
 	compressed(16);
 	compressed(12);
+	hostile_tables();
 	return tap_done();
 }
