@@ -7,19 +7,27 @@
  * then a random workload runs against a sparse shadow of the raw view:
  * unaligned writes crossing cluster and L2-table boundaries, reads,
  * discards and zero ranges of whole and partial clusters, SEEK_DATA /
- * SEEK_HOLE, flushes (after which the on-disk refcounts must equal the
- * map's projection), and a resize that grows the virtual size (for
- * 512-byte clusters past the L1 table's cluster, so the L1 moves) with
- * writes beyond the old end.  qcow_map_check runs after every step.  At
- * the end the image is closed, its bytes are reopened (same contents,
- * same map counts), checked with qcow_check (0 errors, 0 leaks) and with
- * qemu-img check and qemu-img compare against the shadow.
+ * SEEK_HOLE, flushes (no on-disk refcount below the map's projection, and
+ * exactly the projection after one more flush), compactions, and a resize
+ * that grows the virtual size (for 512-byte clusters past the L1 table's
+ * cluster, so the L1 moves; for 512-byte clusters with 64-bit refcounts
+ * far enough that the refcount table grows) with writes beyond the old
+ * end.  qcow_map_check runs after every step.  At the end the image is
+ * closed, its bytes are reopened (same contents, same map counts), checked
+ * with qcow_check (0 errors, 0 leaks) and with qemu-img check and
+ * qemu-img compare against the shadow.
  *
  * Then: qcow_image_compact with the recycler off (write, discard most,
- * compact: the file shrinks, contents survive, checks stay clean), small
- * API edge cases, and partial discards of clusters that are holes (they
- * must stay holes).  IMAGE_MEM_SEED and IMAGE_MEM_ROUNDS (environment)
- * replay another random sequence or scale it up.
+ * compact: the file shrinks, contents survive, checks stay clean); partial
+ * discards of holes (they stay holes) and of the disk's partial last
+ * cluster (released); a refcount block move cancelled by a flush (no
+ * leak may survive); QEMU-made images with internal snapshots and with
+ * compressed clusters (copy-on-write, discards, compaction; QEMU still
+ * reads the snapshot and the shadow); hostile L1/L2/refcount-table
+ * pointers (open refuses them by name without writing; qcow_check agrees
+ * with qemu-img check); read-only, corrupt and dirty images.
+ * IMAGE_MEM_SEED and IMAGE_MEM_ROUNDS (environment) replay another random
+ * sequence or scale it up.
  */
 #include "qcow_internal.h"
 #include "tap.h"
