@@ -303,10 +303,16 @@ qumount() {
 	pid=${_DAEMON[$mnt]:-}
 	case $how in
 	fusermount)
+		# (retried: a loop device or reader may let go a moment late)
+		rc=1
 		for n in 1 2 3 4 5 6 7 8 9 10; do
-			fusermount3 -u "$mnt" 2>>"$T/qcowfs.log" && break
+			if fusermount3 -u "$mnt" 2>"$T/fusermount.err"; then
+				rc=0
+				break
+			fi
 			sleep 0.5
 		done
+		[ $rc = 0 ] || fail "fusermount3 -u $mnt failed 10 times: $(cat "$T/fusermount.err")"
 		;;
 	qcowctl)
 		timeout 120 "$QCOWCTL" unmount "$mnt" >>"$T/qcowfs.log" 2>&1 || rc=$?

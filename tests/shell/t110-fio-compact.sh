@@ -13,9 +13,12 @@ need_qcowfs
 need_loop
 need fio
 
+# storm QEMU_IMG_OPTS: one image kind through the whole storm
+storm() {
 IMG=$T/fio.qcow2
 MNT=$T/view.raw
-mkimg "$IMG" 1G
+rm -f "$IMG" "$T/stop" "$T/compact-fail.log" "$T/compact-count"
+mkimg "$IMG" 1G "$1"
 qmount "$IMG" "$MNT" -o compact_threshold=1M,compact_quiet_ms=100
 loop_attach "$MNT"
 DEV=$LOOPDEV
@@ -101,7 +104,7 @@ fi
 [ ! -s "$T/compact-fail.log" ] || fail "qcowctl compact failed during fio: $(cat "$T/compact-fail.log") $(tail -n 5 "$T/compact.log")"
 moved=$(status_field "$MNT" clusters_moved)
 done_=$(status_field "$MNT" compactions_done)
-log "fio done; $(cat "$T/compact-count") qcowctl compact runs; compactions_done=$done_ clusters_moved=$moved"
+log "${1:-default image}: fio done; $(cat "$T/compact-count") qcowctl compact runs; compactions_done=$done_ clusters_moved=$moved"
 [ "$done_" -ge 3 ] || fail "only $done_ compactions ran during fio"
 [ "$moved" -gt 0 ] || fail "compaction never moved a cluster during fio: the test did not test anything"
 
@@ -111,4 +114,8 @@ cmp <(dd if="$DEV" bs=1M skip=768 iflag=direct status=none) "$T/high" ||
 loop_detach "$DEV"
 qumount "$MNT"
 qcheck "$IMG"
+}
+
+storm ""
+storm cluster_size=4096
 log "ok"
