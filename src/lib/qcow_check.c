@@ -16,28 +16,70 @@
 #include <inttypes.h>
 #include <string.h>
 
+struct copied_ref {
+	uint64_t c, slot;
+	bool flag;
+};
+
 struct count_ctx {
 	uint32_t *refs;
+	uint8_t *fixed;          /* 1: header structure or refcount block */
 	uint64_t n;
 	uint64_t data_clusters;
+	struct copied_ref *copied;
+	size_t ncopied, copied_cap;
 };
+
+static int grow_counts(struct count_ctx *k, uint64_t c)
+{
+	uint64_t n = c + 1 > k->n * 2 ? c + 1 : k->n * 2;
+	uint32_t *r = qcow_realloc(k->refs, n * sizeof(*r));
+	if (!r)
+		return -ENOMEM;
+	k->refs = r;
+	uint8_t *f = qcow_realloc(k->fixed, n);
+	if (!f)
+		return -ENOMEM;
+	k->fixed = f;
+	memset(r + k->n, 0, (n - k->n) * sizeof(*r));
+	memset(f + k->n, 0, n - k->n);
+	k->n = n;
+	return 0;
+}
 
 static int count_visit(void *opaque, enum qcow_ref_kind kind, uint64_t c, uint64_t slot)
 {
 	struct count_ctx *k = opaque;
-	if (c >= k->n) {
-		uint64_t n = c + 1 > k->n * 2 ? c + 1 : k->n * 2;
-		uint32_t *r = qcow_realloc(k->refs, n * sizeof(*r));
-		if (!r)
-			return -ENOMEM;
-		memset(r + k->n, 0, (n - k->n) * sizeof(*r));
-		k->refs = r;
-		k->n = n;
-	}
+	if (c >= k->n && grow_counts(k, c))
+		return -ENOMEM;
 	if (k->refs[c] != UINT32_MAX)
 		k->refs[c]++;
-	if (kind == QREF_DATA)
+	switch (kind) {
+	case QREF_HEADER: case QREF_L1: case QREF_REFTABLE: case QREF_REFBLOCK:
+	case QREF_SNAPSHOT_TABLE: case QREF_SNAPSHOT_L1:
+		k->fixed[c] = 1;
+		break;
+	case QREF_DATA:
 		k->data_clusters++;
+		break;
+	default:
+		break;
+	}
+	return 0;
+}
+
+static int copied_visit(void *opaque, uint64_t c, bool flag, uint64_t slot)
+{
+	struct count_ctx *k = opaque;
+	if (k->ncopied == k->copied_cap) {
+		size_t cap = k->copied_cap ? k->copied_cap * 2 : 1024;
+		struct copied_ref *p = qcow_realloc(k->copied, cap * sizeof(*p));
+		if (!p)
+			return -ENOMEM;
+		k->copied = p;
+		k->copied_cap = cap;
+	}
+	k->copied[k->ncopied++] = (struct copied_ref){ .c = c, .slot = slot, .flag = flag };
 	return 0;
 }
 
@@ -67,14 +109,16 @@ int qcow_check(const char *path, struct qcow_check_result *res, char *err, size_
 	uint64_t file_clusters = (h.file_size + cs - 1) / cs;
 	struct count_ctx k = { .n = file_clusters ? file_clusters : 1 };
 	k.refs = qcow_calloc(k.n, sizeof(*k.refs));
+	k.fixed = qcow_calloc(k.n, 1);
+	uint64_t *disk_rc = NULL;
 	uint8_t *rt = qcow_malloc((size_t)h.refcount_table_clusters * cs);
 	uint8_t *block = qcow_malloc(cs);
-	if (!k.refs || !rt || !block) {
+	if (!k.refs || !k.fixed || !rt || !block) {
 		ret = -ENOMEM;
 		goto out;
 	}
 	struct qcow_scan_geometry g = { .io = io, .hdr = &h, .file_clusters = file_clusters, .check_mode = true };
-	struct qcow_scan_visitor v = { .visit = count_visit, .opaque = &k };
+	struct qcow_scan_visitor v = { .visit = count_visit, .copied = copied_visit, .opaque = &k };
 	ret = qcow_scan(&g, &v, err, errlen);
 	if (ret)
 		goto out;
@@ -99,6 +143,11 @@ int qcow_check(const char *path, struct qcow_check_result *res, char *err, size_
 	for (uint64_t b = 0; b < entries; b++)
 		if (qcow_get_be64(rt + b * 8) && ((b + 1) << rb_shift) > limit)
 			limit = (b + 1) << rb_shift;
+	disk_rc = qcow_calloc(limit, sizeof(*disk_rc));
+	if (!disk_rc) {
+		ret = -ENOMEM;
+		goto out;
+	}
 	for (uint64_t b = 0; (b << rb_shift) < limit; b++) {
 		uint64_t host = b < entries ? qcow_get_be64(rt + b * 8) & QCOW_REFT_OFFSET_MASK : 0;
 		bool readable = host && !(host & (cs - 1)) && host < h.file_size;
@@ -115,6 +164,12 @@ int qcow_check(const char *path, struct qcow_check_result *res, char *err, size_
 				break;
 			uint64_t disk = qcow_rc_get(block, order, i);
 			uint64_t refs = c < k.n ? k.refs[c] : 0;
+			disk_rc[c] = disk;
+			if (c < k.n && k.fixed[c] && refs > 1) {
+				qcow_logf(QCOW_LOG_ERROR, "ERROR cluster %" PRIu64 " is a header structure or refcount block but is referenced %" PRIu64 " times",
+					  c, refs);
+				res->errors++;
+			}
 			if (refs && refs > disk) {
 				qcow_logf(QCOW_LOG_ERROR, "ERROR cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64, c, disk, refs);
 				res->errors++;
@@ -128,10 +183,24 @@ int qcow_check(const char *path, struct qcow_check_result *res, char *err, size_
 				res->clusters_free++;
 		}
 	}
+	/* COPIED must say exactly "refcount is 1" in the active tables:
+	 * set with a higher count lets writes leak into snapshots */
+	for (size_t i = 0; i < k.ncopied; i++) {
+		struct copied_ref *r = &k.copied[i];
+		uint64_t disk = r->c < limit ? disk_rc[r->c] : 0;
+		if ((disk == 1) != r->flag) {
+			qcow_logf(QCOW_LOG_ERROR, "ERROR OFLAG_COPIED: entry at offset 0x%" PRIx64 " for cluster %" PRIu64
+				  " has COPIED %s but refcount=%" PRIu64, r->slot, r->c, r->flag ? "set" : "clear", disk);
+			res->errors++;
+		}
+	}
 	res->image_end_offset = any_used ? (last_used + 1) * cs : cs;
 	ret = 0;
 out:
 	qcow_free(k.refs);
+	qcow_free(k.fixed);
+	qcow_free(k.copied);
+	qcow_free(disk_rc);
 	qcow_free(rt);
 	qcow_free(block);
 	qcow_header_free(&h);

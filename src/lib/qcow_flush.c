@@ -205,6 +205,24 @@ static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 	if (ret)
 		return ret;
 
+	/* The blocks about to be written change on disk, so a move copying one
+	 * of them is stale.  Cancelling a move changes its destination's
+	 * wanted refcount (and may dirty another block), so cancel first,
+	 * until nothing more is cancelled, and only then compute the blocks. */
+	for (bool cancelled = true; cancelled;) {
+		cancelled = false;
+		for (uint64_t b = qcow_bitmap_next(&img->map.rc_dirty, 0); b != UINT64_MAX;
+		     b = qcow_bitmap_next(&img->map.rc_dirty, b + 1)) {
+			if (b >= img->reftable_entries || !img->reftable[b])
+				continue;
+			struct qcow_move *mv = qcow_map_move_find(&img->map, img->reftable[b] >> img->cluster_bits);
+			if (mv && mv->state != QMOVE_REFERENCED) {
+				qcow_map_move_cancel(&img->map, mv->src);
+				cancelled = true;
+			}
+		}
+	}
+
 	/* refcount blocks */
 	size_t cap = (size_t)img->map.rc_dirty.count;
 	p->rb = qcow_calloc(cap ? cap : 1, sizeof(*p->rb));
@@ -229,8 +247,6 @@ static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 			if (v)
 				qcow_rc_set(want, img->hdr.refcount_order, i, v);
 		}
-		/* the block is about to change on disk: a copy of it is stale */
-		qcow_map_move_cancel(&img->map, img->reftable[b] >> img->cluster_bits);
 		p->rb[p->nrb++] = (struct rb_item){ .index = b, .host = img->reftable[b], .want = want };
 	}
 	for (size_t i = 0; i < p->nrb; i++)

@@ -759,27 +759,33 @@ static int grow_l1(struct qcow_image *img, uint32_t new_entries)
 
 	pthread_mutex_lock(&img->lock);
 	ret = qcow_alloc_contiguous(img, nclusters, &start);
-	uint8_t *buf = ret ? NULL : qcow_calloc(nclusters, cs);
-	if (!ret && !buf)
-		ret = -ENOMEM;
-	if (!ret)
-		for (uint32_t i = 0; i < img->hdr.l1_size; i++)
-			qcow_put_be64(buf + i * 8, img->l1[i]);
+	if (ret == 0)
+		for (uint64_t i = 0; i < nclusters; i++)
+			qcow_map_set_pinned(&img->map, start + i, 1);
 	pthread_mutex_unlock(&img->lock);
 	if (ret)
 		return ret;
-	/* refcounts for the new clusters go out with the flush below */
-	pthread_mutex_lock(&img->lock);
-	for (uint64_t i = 0; i < nclusters; i++)
-		qcow_map_set_pinned(&img->map, start + i, 1);
-	pthread_mutex_unlock(&img->lock);
+	/* The new table is a copy of the old one as it is on disk after this
+	 * flush: those entries point to tables whose refcounts are durable.
+	 * Entries changed in memory since reach the new table with the next
+	 * flush, in protocol order (all its clusters are marked dirty below).
+	 * flush_lock is held, so no other flush writes the old table meanwhile. */
 	ret = qcow_flush_locked(img);
+	uint8_t *buf = qcow_calloc(nclusters, cs);
+	if (!ret && !buf)
+		ret = -ENOMEM;
+	if (!ret)
+		ret = img->io->ops->pread(img->io, buf, (size_t)img->hdr.l1_size * 8, img->hdr.l1_table_offset);
 	if (!ret)
 		ret = img->io->ops->pwrite(img->io, buf, nclusters * cs, start << img->cluster_bits);
 	if (!ret)
 		ret = img->io->ops->flush(img->io);
+	qcow_free(buf);
 	if (ret) {
-		qcow_free(buf);
+		pthread_mutex_lock(&img->lock);
+		for (uint64_t i = 0; i < nclusters; i++)
+			qcow_map_set_state(&img->map, start + i, QCS_JUNK);
+		pthread_mutex_unlock(&img->lock);
 		return ret;
 	}
 	pthread_mutex_lock(&img->lock);
@@ -787,7 +793,6 @@ static int grow_l1(struct qcow_image *img, uint32_t new_entries)
 	if (!l1 || qcow_bitmap_resize(&img->l1_dirty, nclusters)) {
 		pthread_mutex_unlock(&img->lock);
 		qcow_free(l1);
-		qcow_free(buf);
 		return -ENOMEM;
 	}
 	memcpy(l1, img->l1, (size_t)img->hdr.l1_size * 8);
@@ -798,19 +803,23 @@ static int grow_l1(struct qcow_image *img, uint32_t new_entries)
 	qcow_free(img->l1);
 	img->l1 = l1;
 	img->l1_capacity = (uint32_t)(nclusters * cs / 8);
+	for (uint64_t k = 0; k < nclusters; k++)
+		qcow_bitmap_set(&img->l1_dirty, k);
 	/* every L2 table's reverse reference now lives in the new table */
 	for (uint32_t i = 0; i < new_entries; i++) {
 		uint64_t t = (l1[i] & QCOW_L1E_OFFSET_MASK) >> img->cluster_bits;
-		if (t && qcow_map_state(&img->map, t) == QCS_REF)
+		if (t && t < img->map.nclusters && qcow_map_state(&img->map, t) == QCS_REF)
 			qcow_map_set_ref(&img->map, t, img->hdr.l1_table_offset + (uint64_t)i * 8);
 	}
 	pthread_mutex_unlock(&img->lock);
-	qcow_free(buf);
 	ret = qcow_header_write_fields(img->io, &img->hdr, QH_L1_SIZE, 12);
 	if (!ret)
 		ret = img->io->ops->flush(img->io);
-	if (ret)
+	if (ret) {
+		/* which header is on disk is unknown: keep both tables */
+		qcow_note_error(img, ret);
 		return ret;
+	}
 	pthread_mutex_lock(&img->lock);
 	for (uint64_t i = 0; old_off && i < old_clusters; i++)
 		qcow_map_drop_ref(&img->map, (old_off >> img->cluster_bits) + i);

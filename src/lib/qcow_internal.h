@@ -140,6 +140,9 @@ struct qcow_scan_visitor {
 	/* one reference to host cluster c from the slot at byte offset slot
 	 * (0 for header structures); return a negative errno to stop */
 	int (*visit)(void *opaque, enum qcow_ref_kind kind, uint64_t c, uint64_t slot);
+	/* optional: every pointer of the active L1 and L2 tables to an
+	 * allocated cluster, with its COPIED flag (for qcow_check) */
+	int (*copied)(void *opaque, uint64_t c, bool copied_flag, uint64_t slot);
 	void *opaque;
 };
 struct qcow_scan_geometry {

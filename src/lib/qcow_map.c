@@ -11,7 +11,9 @@
  *    2. only Available clusters are handed out (the allocator in
  *       qcow_image.c takes qcow_map_lowest_available);
  *    4. a move source stays REF until its pointer is rewritten, then
- *       PENDING until the completing flush (never Junk before);
+ *       PENDING until the completing flush (never Junk before); the
+ *       destination is Copies until the rewrite, then REF (or free, if
+ *       the guest discarded it since);
  *    7. last_block counts every state but Junk/Erased/Available.
  *    Moves: a non-cancelled move's dst is Copies (before Referenced) or
  *    REF (Referenced); its src is REF with the moving bit (before
@@ -347,7 +349,8 @@ const char *qcow_map_check(const struct qcow_map *m)
 			return msg;
 		}
 		if (mv->state == QMOVE_REFERENCED) {
-			if (ss != QCS_PENDING || ds != QCS_REF) {
+			/* the guest may have discarded the new copy since */
+			if (ss != QCS_PENDING || (ds != QCS_REF && !is_free_state(ds) && ds != QCS_ERASING)) {
 				snprintf(msg, sizeof(msg), "inv4: referenced move %llu->%llu has src %s dst %s",
 					 (unsigned long long)mv->src, (unsigned long long)mv->dst,
 					 qcow_map_state_name(ss), qcow_map_state_name(ds));

@@ -520,18 +520,18 @@ static int relocate_one_table(struct qcow_image *img, bool l1)
 		qcow_map_set_pinned(&img->map, start + i, 1);
 	pthread_mutex_unlock(&img->lock);
 
-	ret = qcow_flush_locked(img);   /* the new clusters' refcounts */
+	/* the new clusters' refcounts; then copy the table as it is on disk:
+	 * its entries point to structures whose refcounts are durable, while
+	 * entries changed in memory since reach the new place with the next
+	 * flush (all its clusters are marked dirty after the switch) */
+	ret = qcow_flush_locked(img);
 	uint8_t *buf = qcow_calloc(n, cs);
 	if (!ret && !buf)
 		ret = -ENOMEM;
-	if (!ret) {
-		pthread_mutex_lock(&img->lock);
-		uint64_t entries = l1 ? img->hdr.l1_size : img->reftable_entries;
-		for (uint64_t i = 0; i < entries; i++)
-			qcow_put_be64(buf + i * 8, l1 ? img->l1[i] : img->reftable[i]);
-		pthread_mutex_unlock(&img->lock);
+	if (!ret)
+		ret = img->io->ops->pread(img->io, buf, (size_t)bytes, old_off);
+	if (!ret)
 		ret = img->io->ops->pwrite(img->io, buf, n * cs, start << img->cluster_bits);
-	}
 	if (!ret)
 		ret = img->io->ops->flush(img->io);
 	qcow_free(buf);
@@ -558,6 +558,8 @@ static int relocate_one_table(struct qcow_image *img, bool l1)
 		}
 	} else {
 		img->hdr.refcount_table_offset = new_off;
+		for (uint64_t k = 0; k < n; k++)
+			qcow_bitmap_set(&img->reftable_dirty, k);
 		for (uint64_t i = 0; i < img->reftable_entries; i++) {
 			uint64_t b = img->reftable[i] >> img->cluster_bits;
 			if (b && b < img->map.nclusters && qcow_map_state(&img->map, b) == QCS_REF)

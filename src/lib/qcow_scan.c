@@ -128,6 +128,8 @@ static int walk_l2(struct walk *w, uint64_t l2_off, bool snapshot, uint8_t *buf)
 			continue;
 		}
 		ret = visit(w, snapshot ? QREF_SNAPSHOT_DATA : QREF_DATA, target >> w->cb, slot);
+		if (ret == 0 && !snapshot && w->v->copied)
+			ret = w->v->copied(w->v->opaque, target >> w->cb, e & QCOW_OFLAG_COPIED, slot);
 		if (ret)
 			return ret;
 	}
@@ -158,6 +160,8 @@ static int walk_l1(struct walk *w, uint64_t l1_off, uint64_t entries, bool snaps
 			continue;
 		}
 		ret = visit(w, snapshot ? QREF_SNAPSHOT_L2 : QREF_L2, target >> w->cb, slot);
+		if (ret == 0 && !snapshot && w->v->copied)
+			ret = w->v->copied(w->v->opaque, target >> w->cb, e & QCOW_OFLAG_COPIED, slot);
 		if (ret == 1) {   /* visitor asks not to walk this table (already broken) */
 			ret = 0;
 			continue;
