@@ -505,5 +505,112 @@ sys.exit("no key %s in user.qcowfs.status:\n%s" % (sys.argv[2], text))
 EOF
 }
 
+# write_crash_tools: puts two python programs into $T for crash tests.
+#   $T/workload.py VIEW JOURNAL SEED GEN LO HI: random sector-aligned writes
+#     into sectors [LO, HI) of VIEW, fsync now and then, until an I/O error;
+#     journal lines "W sector count gen" before each write, "S" after each
+#     completed fsync.  Every 512-byte sector written carries (sector
+#     number, generation) 32 times, so a reader knows exactly which write
+#     each sector came from.  Generations start after GEN.
+#   $T/verify.py RAW BASELINE|- JOURNAL...: checks RAW (the disk after the
+#     crash) sector by sector: a sector whose last write was fsynced shows
+#     exactly that write; one with later writes shows the durable version
+#     or one of the later ones; untouched sectors equal BASELINE (a raw
+#     file, or - for zeros).  Exit 1 with details on any other content.
+write_crash_tools() {
+cat >"$T/workload.py" <<'EOF'
+import os, random, struct, sys
+view, journal, seed, gen, lo, hi = sys.argv[1:7]
+seed, gen, lo, hi = int(seed), int(gen), int(lo), int(hi)
+r = random.Random(seed)
+fd = os.open(view, os.O_RDWR)
+j = open(journal, "w", buffering=1)
+todo = r.randint(3, 40)
+try:
+    while True:
+        gen += 1
+        n = r.choice((1, 1, 3, 8, 8, 64, 128, 300, 512))
+        s = r.randrange(lo, hi - n)
+        if r.random() < 0.5:
+            s -= s % 128              # 64 KiB aligned now and then
+        data = b"".join(struct.pack(">QQ", x, gen) * 32 for x in range(s, s + n))
+        j.write("W %d %d %d\n" % (s, n, gen))
+        if os.pwrite(fd, data, s * 512) != len(data):
+            j.write("short\n")
+            break
+        todo -= 1
+        if todo == 0:
+            os.fsync(fd)
+            j.write("S\n")
+            todo = r.randint(3, 40)
+except OSError as e:
+    j.write("stopped %s\n" % e)
+EOF
+
+cat >"$T/verify.py" <<'EOF'
+import struct, sys
+# verify.py RAW BASELINE|- JOURNAL...
+raw, baseline, journals = sys.argv[1], sys.argv[2], sys.argv[3:]
+committed = {}   # sector -> gen durable by the last fsync (0: the baseline)
+allowed = {}     # sector -> set of gens it may show
+nw = ns = 0
+for jn in journals:
+    pending = []                  # (sector, n, gen) since the last S
+    for line in open(jn):
+        w = line.split()
+        if not w:
+            continue
+        if w[0] == "W":
+            pending.append((int(w[1]), int(w[2]), int(w[3])))
+            nw += 1
+        elif w[0] == "S":
+            ns += 1
+            for s, n, g in pending:
+                for x in range(s, s + n):
+                    committed[x] = g
+                    allowed[x] = {g}
+            pending = []
+    for s, n, g in pending:       # not known durable: may or may not be there
+        for x in range(s, s + n):
+            allowed.setdefault(x, {committed.get(x, 0)}).add(g)
+zero = bytes(512)
+bad = 0
+rf = open(raw, "rb")
+bf = open(baseline, "rb") if baseline != "-" else None
+sector = 0
+CH = 1 << 20
+while True:
+    a = rf.read(CH)
+    if not a:
+        break
+    b = bf.read(len(a)) if bf else bytes(len(a))
+    for i in range(0, len(a), 512):
+        x = sector + i // 512
+        got = a[i:i + 512]
+        if x not in allowed:
+            if got != b[i:i + 512]:
+                bad += 1
+                if bad <= 10:
+                    print("sector %d: never written this round, but changed" % x)
+            continue
+        if got == b[i:i + 512]:
+            g = 0
+        else:
+            s2, g = struct.unpack(">QQ", got[:16])
+            if s2 != x or got != got[:16] * 32:
+                g = -1
+        if g not in allowed[x]:
+            bad += 1
+            if bad <= 10:
+                what = "the baseline" if g == 0 else "garbage" if g < 0 else "generation %d" % g
+                print("sector %d: shows %s, allowed %s (durable: %s)"
+                      % (x, what, sorted(allowed[x]), committed.get(x, "baseline")))
+    sector += len(a) // 512
+print("%d writes, %d fsyncs, %d sectors durable, %d sectors checked, %d bad"
+      % (nw, ns, len(committed), len(allowed), bad))
+sys.exit(1 if bad else 0)
+EOF
+}
+
 file_size() { stat -c %s "$1"; }
 file_blocks() { stat -c %b "$1"; }
