@@ -7,7 +7,7 @@
 # that gets the same treatment); st_blocks of the view and the image's
 # allocation drop within seconds after a big discard; after unmount
 # qemu-img check is clean and qemu-img compare finds the shadow.  On a
-# default image, a 4 KiB-cluster image and a compat 0.10 image.
+# default image, 4 KiB, 2 MiB and 512 B clusters, and a compat 0.10 image.
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
 need_loop
@@ -119,7 +119,9 @@ done_cases=0
 run ""
 run cluster_size=4096
 run compat=0.10
+run cluster_size=2M
+run cluster_size=512
 # the engine checks every cluster-map invariant after each change
 run cluster_size=65536 runtime_asserts
-[ $done_cases = 4 ] || fail "only $done_cases of 4 image kinds ran to the end"
+[ $done_cases = 6 ] || fail "only $done_cases of 6 image kinds ran to the end"
 log "ok"
