@@ -5,7 +5,8 @@
 # qemu-img check is clean (no errors, no leaks) and qemu-img compare finds
 # the image identical to the shadow.  Then writes past the end of the L1
 # table's coverage after growing the view with truncate -s (L1 growth and
-# relocation), at 512 B, 4 KiB and 64 KiB clusters.
+# relocation), at 512 B, 4 KiB and 64 KiB clusters; and two writers racing
+# a third process that grows the disk step by step.
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
 need cmp truncate
@@ -175,4 +176,56 @@ grow_case "" 64M 6T
 grow_case "" 1G 1100M
 
 [ $done_cases = $n ] || fail "only $done_cases of $n cases ran to the end"
+
+# ---- writers racing a growing disk ---------------------------------------------
+# Two writers fill their own halves of the first 32 MiB (new L2 tables, so
+# new L1 entries) while a third process grows the disk 1 MiB at a time and
+# writes at each new end: with 512 B clusters the L1 table is relocated
+# again and again under the writers' feet.  Nothing may be lost.
+cat >"$T/race.py" <<'EOF'
+import os, random, sys
+view, shadow, role = sys.argv[1], sys.argv[2], sys.argv[3]
+fv, fs = os.open(view, os.O_RDWR), os.open(shadow, os.O_RDWR)
+if role == "grow":
+    size = os.fstat(fv).st_size
+    for i in range(100):
+        size += 1 << 20
+        os.ftruncate(fv, size)
+        os.ftruncate(fs, size)
+        mark = ("end of %d " % size).encode() * 10
+        os.pwrite(fv, mark, size - len(mark))
+        os.pwrite(fs, mark, size - len(mark))
+        if i % 10 == 0:
+            os.fsync(fv)
+else:
+    base = int(role) * (16 << 20)
+    r = random.Random(int(role) + 77)
+    for i in range(3000):
+        off = base + r.randrange(16 << 20)
+        data = r.randbytes(r.randint(1, 3000))
+        data = data[:base + (16 << 20) - off]
+        os.pwrite(fv, data, off)
+        os.pwrite(fs, data, off)
+os.fsync(fv)
+EOF
+img=$T/race.qcow2
+shadow=$T/race.shadow
+mkimg "$img" 32M cluster_size=512
+truncate -s 32M "$shadow"
+qmount "$img" "$MNT"
+pids=()
+for role in 0 1 grow; do
+	bg_start $PYTHON "$T/race.py" "$MNT" "$shadow" "$role"
+	pids+=("$BG_PID")
+done
+for p in "${pids[@]}"; do
+	wait "$p" || fail "a racing writer failed"
+	_forget _PIDS "$p"
+done
+[ "$(file_size "$MNT")" = $((132 << 20)) ] || fail "after the race the view has $(file_size "$MNT") bytes, not 132 MiB"
+same_file "$MNT" "$shadow" "writers racing a growing disk: view vs shadow"
+qumount "$MNT"
+qcheck "$img"
+qcompare "$img" "$shadow" "writers racing a growing disk, after unmount"
+log "two writers racing 100 grows of a 512 B-cluster disk: identical to the shadow"
 log "ok"
