@@ -6,7 +6,7 @@
  *   create    make a new qcow2 image (qcow_create)
  *   info      show the header of an image, like "qemu-img info"
  *   check     full consistency check, output and exit codes like "qemu-img check"
- *   status    live statistics of a mount, read from the xattr user.qcowfs.status
+ *   status    live statistics of a mount, read with the QCOWFS_IOC_STATUS ioctl
  *   compact   shrink an image now: through a live mount, or offline
  *   unmount   unmount, wait for the daemon, verify the image closed cleanly
  *
@@ -44,21 +44,18 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
-#include <sys/xattr.h>
+#include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "qcow.h"
+#include "qcowfs_ioctl.h"
 
 #ifndef PACKAGE_VERSION
 #define PACKAGE_VERSION "unknown"
 #endif
 
 /* The daemon's side of the channel; names shared with src/qcowfs. */
-#define XATTR_STATUS  "user.qcowfs.status"
-#define XATTR_COMPACT "user.qcowfs.compact"
-#define XATTR_PID     "user.qcowfs.pid"
-#define XATTR_IMAGE   "user.qcowfs.image"
 
 #define DEFAULT_VIRTUAL_SIZE (8ULL << 30)
 
@@ -508,55 +505,67 @@ static void json_string(struct json_writer *j, const char *key, const char *valu
 
 /* ---- talking to a live mount ------------------------------------------- */
 
-/* ENODATA: a plain file; ENOTSUP: a file system without user xattrs; in
- * both cases no qcowfs answers on that path. */
+/* ENOTTY: a file that knows no such ioctl (not a qcowfs mount); EINVAL,
+ * ENOSYS: file systems that refuse unknown ioctls that way. */
 static bool errno_means_not_qcowfs(int err)
 {
-	return err == ENODATA || err == ENOTSUP || err == EOPNOTSUPP;
+	return err == ENOTTY || err == EINVAL || err == ENOSYS || err == ENODATA || err == ENOTSUP || err == EOPNOTSUPP;
 }
 
-/*
- * Reads an extended attribute as a NUL-terminated string (malloc'ed).
- * Grows the buffer on ERANGE instead of asking for the size first, so a
- * value that changes between two calls (the status does) is still read
- * whole.  Returns 0 or a negative errno.
- */
-static int xattr_read_text(const char *path, const char *name, char **out)
+/* Sends one control ioctl (qcowfs_ioctl.h) to the raw view at path.
+ * Returns 0 or a negative errno. */
+static int mount_ioctl(const char *path, unsigned long cmd, void *arg)
 {
-	size_t capacity = 4096;
-
-	for (;;) {
-		char *buf = malloc(capacity + 1);
-		ssize_t got;
-
-		if (!buf)
-			return -ENOMEM;
-		got = getxattr(path, name, buf, capacity);
-		if (got >= 0) {
-			buf[got] = '\0';
-			*out = buf;
-			return 0;
-		}
-		free(buf);
-		if (errno != ERANGE || capacity >= (1u << 20))
-			return -errno;
-		capacity *= 4;
-	}
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+	if (fd < 0)
+		return -errno;
+	int ret = ioctl(fd, cmd, arg) < 0 ? -errno : 0;
+	close(fd);
+	return ret;
 }
 
-/* Reads and parses user.qcowfs.status.  Returns 0, -ENODATA-like errors
- * untouched (the caller decides whether that is "not a mount"), or
- * -EPROTO for text that does not parse. */
+/* The daemon's status text (NUL-terminated, malloc'ed). */
+static int mount_read_status_text(const char *mountpoint, char **out)
+{
+	struct qcowfs_status_text *st = calloc(1, sizeof(*st));
+	if (!st)
+		return -ENOMEM;
+	int ret = mount_ioctl(mountpoint, QCOWFS_IOC_STATUS, st);
+	if (ret < 0) {
+		free(st);
+		return ret;
+	}
+	st->text[sizeof(st->text) - 1] = '\0';
+	*out = st->text;   /* text is the first member: free(*out) frees st */
+	return 0;
+}
+
+/* Reads and parses the status.  Returns 0, "not a qcowfs" errors
+ * untouched (the caller decides what that means), or -EPROTO for text
+ * that does not parse. */
 static int mount_read_status(const char *mountpoint, struct qcow_stats *st)
 {
 	char *text;
-	int ret = xattr_read_text(mountpoint, XATTR_STATUS, &text);
+	int ret = mount_read_status_text(mountpoint, &text);
 
 	if (ret < 0)
 		return ret;
 	ret = qcow_stats_parse(text, st);
 	free(text);
 	return ret < 0 ? -EPROTO : 0;
+}
+
+/* The value of "key=" in a status text, malloc'ed, or NULL. */
+static char *status_value(const char *text, const char *key)
+{
+	size_t klen = strlen(key);
+	for (const char *line = text; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+		if (!strncmp(line, key, klen) && line[klen] == '=') {
+			const char *v = line + klen + 1;
+			return strndup(v, strcspn(v, "\n"));
+		}
+	}
+	return NULL;
 }
 
 /* The message for a status read that failed, naming the path. */
@@ -1058,11 +1067,12 @@ static int cmd_status(const struct command *self, int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{ "json", no_argument, NULL, 'j' },
+		{ "raw", no_argument, NULL, 'r' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct qcow_stats st;
-	bool json = false;
+	bool json = false, raw = false;
 	const char *mountpoint;
 	int opt, ret;
 
@@ -1070,6 +1080,9 @@ static int cmd_status(const struct command *self, int argc, char **argv)
 		switch (opt) {
 		case 'j':
 			json = true;
+			break;
+		case 'r':
+			raw = true;
 			break;
 		case 'h':
 			print_command_help(self, stdout);
@@ -1082,6 +1095,18 @@ static int cmd_status(const struct command *self, int argc, char **argv)
 	if (ret)
 		return ret;
 
+	if (raw) {
+		/* the daemon's key=value text as is, for scripts */
+		char *text;
+		ret = mount_read_status_text(mountpoint, &text);
+		if (ret < 0) {
+			report_status_error(mountpoint, ret);
+			return EXIT_FAILURE;
+		}
+		fputs(text, stdout);
+		free(text);
+		return EXIT_SUCCESS;
+	}
 	ret = mount_read_status(mountpoint, &st);
 	if (ret < 0) {
 		report_status_error(mountpoint, ret);
@@ -1140,8 +1165,9 @@ static int compact_mount(const char *mountpoint, const struct qcow_stats *before
 		print_error("cannot compact %s: the mount is read-only", mountpoint);
 		return EXIT_FAILURE;
 	}
-	if (setxattr(mountpoint, XATTR_COMPACT, "1", 1, 0) < 0) {
-		print_error("cannot request a compaction on %s: %s", mountpoint, strerror(errno));
+	ret = mount_ioctl(mountpoint, QCOWFS_IOC_COMPACT, NULL);
+	if (ret < 0) {
+		print_error("cannot request a compaction on %s: %s", mountpoint, strerror(-ret));
 		return EXIT_FAILURE;
 	}
 	start = monotonic_ms();
@@ -1225,15 +1251,20 @@ static int compact_image(const char *image)
 static int cmd_compact(const struct command *self, int argc, char **argv)
 {
 	static const struct option longopts[] = {
+		{ "no-wait", no_argument, NULL, 'n' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct qcow_stats st;
 	const char *target;
+	bool no_wait = false;
 	int opt, ret;
 
 	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
 		switch (opt) {
+		case 'n':
+			no_wait = true;
+			break;
 		case 'h':
 			print_command_help(self, stdout);
 			return EXIT_SUCCESS;
@@ -1245,10 +1276,22 @@ static int cmd_compact(const struct command *self, int argc, char **argv)
 	if (ret)
 		return ret;
 
-	/* A live mount answers the status attribute; an image file does not. */
+	/* A live mount answers the status ioctl; an image file does not. */
 	ret = mount_read_status(target, &st);
+	if (ret == 0 && no_wait) {
+		ret = mount_ioctl(target, QCOWFS_IOC_COMPACT, NULL);
+		if (ret < 0) {
+			print_error("cannot request a compaction on %s: %s", target, strerror(-ret));
+			return EXIT_FAILURE;
+		}
+		return EXIT_SUCCESS;
+	}
 	if (ret == 0)
 		return compact_mount(target, &st);
+	if (no_wait) {
+		print_error("--no-wait needs a qcowfs mountpoint; %s is not one", target);
+		return EXIT_FAILURE;
+	}
 	if (errno_means_not_qcowfs(-ret))
 		return compact_image(target);
 	if (ret == -ENOENT)
@@ -1315,25 +1358,13 @@ static bool process_running(pid_t pid)
 	return !(after_name && after_name[1] == ' ' && after_name[2] == 'Z');
 }
 
-/* Reads the daemon's pid and image path from the mountpoint. */
+/* Reads the daemon's pid and image path from the mountpoint's status. */
 static int unmount_identify(const char *mountpoint, pid_t *pid, char **image)
 {
-	char *pid_text = NULL;
+	char *text = NULL, *pid_text = NULL;
 	uint64_t value;
-	int ret;
+	int ret = mount_read_status_text(mountpoint, &text);
 
-	ret = xattr_read_text(mountpoint, XATTR_PID, &pid_text);
-	if (ret == 0) {
-		pid_text[strcspn(pid_text, "\n")] = '\0';
-		if (parse_unsigned(pid_text, &value) < 0 || value < 2 || value > INT_MAX) {
-			print_error("%s: qcowfs reported an invalid pid '%s'", mountpoint, pid_text);
-			free(pid_text);
-			return -EPROTO;
-		}
-		*pid = (pid_t)value;
-		free(pid_text);
-		ret = xattr_read_text(mountpoint, XATTR_IMAGE, image);
-	}
 	if (ret < 0) {
 		if (errno_means_not_qcowfs(-ret) || ret == -ENOTCONN)
 			report_status_error(mountpoint, ret);
@@ -1341,7 +1372,18 @@ static int unmount_identify(const char *mountpoint, pid_t *pid, char **image)
 			print_error("cannot query %s: %s", mountpoint, strerror(-ret));
 		return ret;
 	}
-	(*image)[strcspn(*image, "\n")] = '\0';
+	pid_text = status_value(text, "pid");
+	*image = status_value(text, "image");
+	free(text);
+	if (!pid_text || !*image || parse_unsigned(pid_text, &value) < 0 || value < 2 || value > INT_MAX) {
+		print_error("%s: qcowfs reported no valid pid and image path", mountpoint);
+		free(pid_text);
+		free(*image);
+		*image = NULL;
+		return -EPROTO;
+	}
+	*pid = (pid_t)value;
+	free(pid_text);
 	return 0;
 }
 
@@ -1485,12 +1527,13 @@ static const struct command commands[] = {
 	  "      --json               print a JSON object\n",
 	  "Exit status: 0 clean, 1 the check could not run, 2 corruptions found,\n"
 	  "3 leaked clusters only (as qemu-img check).\n" },
-	{ "status", cmd_status, "status [--json] MOUNTPOINT",
+	{ "status", cmd_status, "status [--json|--raw] MOUNTPOINT",
 	  "show the live statistics of a qcowfs mount",
-	  "      --json               print a JSON object\n", NULL },
-	{ "compact", cmd_compact, "compact MOUNTPOINT|IMAGE",
+	  "      --json               print a JSON object\n"
+	  "      --raw                print the daemon's key=value lines as they are (for scripts)\n", NULL },
+	{ "compact", cmd_compact, "compact [--no-wait] MOUNTPOINT|IMAGE",
 	  "shrink an image file now, through its live mount or offline",
-	  "",
+	  "      --no-wait            on a mountpoint: request the compaction and return at once\n",
 	  "On a mountpoint, asks the running qcowfs to compact and follows its progress.\n"
 	  "On an image that is not in use, compacts it in place.\n" },
 	{ "unmount", cmd_unmount, "unmount MOUNTPOINT",

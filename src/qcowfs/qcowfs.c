@@ -34,6 +34,7 @@
 #endif
 
 #include "qcowfs.h"
+#include "qcowfs_ioctl.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -79,17 +80,6 @@
  * use at least 128 KiB and the kernel merges pages up to QCOWFS_MAX_IO. */
 #define QCOWFS_BLOCK_SIZE 4096
 
-#define XATTR_STATUS  "user.qcowfs.status"
-#define XATTR_PID     "user.qcowfs.pid"
-#define XATTR_IMAGE   "user.qcowfs.image"
-#define XATTR_COMPACT "user.qcowfs.compact"
-
-/* Extra bytes announced for XATTR_STATUS, see reply_status_xattr(). */
-#define STATUS_SIZE_SLACK 256
-
-/* Names listxattr shows; XATTR_COMPACT is write-only and not listed. */
-static const char xattr_names[] = XATTR_STATUS "\0" XATTR_PID "\0" XATTR_IMAGE;
-
 /* File handle flag (fi->fh): the handle may write, so close() flushes. */
 #define FH_WRITABLE 1
 
@@ -106,7 +96,7 @@ struct qcowfs {
 	bool read_only;
 	uid_t uid;               /* owner shown for the file */
 	gid_t gid;
-	pid_t pid;               /* of the serving process, for XATTR_PID */
+	pid_t pid;               /* of the serving process, for the status text */
 
 	/* Modification time in ns since the epoch: starts as the image
 	 * file's mtime, moves on every change of the raw view.  Atomic
@@ -593,94 +583,56 @@ static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
 		fuse_reply_lseek(req, (off_t)ret);
 }
 
-/* Answers a getxattr/listxattr with value[0..len): the length when the
- * caller asks for it (size 0), ERANGE when its buffer is too small. */
-static void reply_xattr_value(fuse_req_t req, const char *value, size_t len, size_t size)
-{
-	if (size == 0)
-		fuse_reply_xattr(req, len);
-	else if (size < len)
-		fuse_reply_err(req, ERANGE);
-	else
-		fuse_reply_buf(req, value, len);
-}
-
-static void reply_status_xattr(fuse_req_t req, size_t size)
+/* The status text of QCOWFS_IOC_STATUS: the engine's counters, then who
+ * serves the mount and for which image. */
+static int status_text(char *buf, size_t cap)
 {
 	struct qcow_stats stats;
-	size_t cap = 4096;
-	char *text = NULL;
-	int len;
-
 	qcow_image_get_stats(qcowfs.img, &stats);
-	do {
-		char *bigger = realloc(text, cap);
-		if (!bigger) {
-			free(text);
-			fuse_reply_err(req, ENOMEM);
-			return;
-		}
-		text = bigger;
-		len = qcow_stats_format(&stats, text, cap);
-		cap *= 4;
-	} while (len == -ERANGE && cap <= 1024 * 1024);
-
-	/* The counters move between a caller's size query and its read, and
-	 * a number that gains a digit would make the read fail with ERANGE:
-	 * announce some room to spare (a read may return less than the size
-	 * query said). */
+	int len = qcow_stats_format(&stats, buf, cap);
 	if (len < 0)
-		fuse_reply_err(req, -len);
-	else if (size == 0)
-		fuse_reply_xattr(req, (size_t)len + STATUS_SIZE_SLACK);
-	else
-		reply_xattr_value(req, text, (size_t)len, size);
-	free(text);
+		return len;
+	int more = snprintf(buf + len, cap - (size_t)len, "pid=%ld\nimage=%s\n", (long)qcowfs.pid, qcowfs.image_path);
+	if (more < 0 || (size_t)more >= cap - (size_t)len)
+		return -ERANGE;
+	return len + more;
 }
 
 /*
- * The status and control channel of qcowctl: a few "user.qcowfs.*"
- * attributes of the file.  Everything else has no value (ENODATA), which
- * is also the fast answer to the "security.capability" lookup the kernel
- * makes before writes.
+ * The control channel of qcowctl (qcowfs_ioctl.h).  There is deliberately
+ * no xattr operation: see the comment there.
  */
-static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+static void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
+		     struct fuse_file_info *fi, unsigned flags, const void *in_buf,
+		     size_t in_bufsz, size_t out_bufsz)
 {
-	char text[64];
-
-	if (!strcmp(name, XATTR_STATUS)) {
-		reply_status_xattr(req, size);
-	} else if (!strcmp(name, XATTR_PID)) {
-		int len = snprintf(text, sizeof(text), "%ld", (long)qcowfs.pid);
-		reply_xattr_value(req, text, (size_t)len, size);
-	} else if (!strcmp(name, XATTR_IMAGE)) {
-		reply_xattr_value(req, qcowfs.image_path, strlen(qcowfs.image_path), size);
-	} else {
-		fuse_reply_err(req, ENODATA);
-	}
-}
-
-static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
-{
-	reply_xattr_value(req, xattr_names, sizeof(xattr_names), size);
-}
-
-static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name,
-			const char *value, size_t size, int flags)
-{
-	if (strcmp(name, XATTR_COMPACT)) {
-		fuse_reply_err(req, ENOTSUP);
+	if (flags & FUSE_IOCTL_COMPAT) {
+		fuse_reply_err(req, ENOTTY);
 		return;
 	}
-	/* Any value: the write itself is the request.  The compaction runs
-	 * on the recycler thread; qcowctl follows it through XATTR_STATUS. */
-	qcow_image_request_compact(qcowfs.img);
-	fuse_reply_err(req, 0);
-}
-
-static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
-{
-	fuse_reply_err(req, ENOTSUP);
+	switch (cmd) {
+	case QCOWFS_IOC_STATUS: {
+		struct qcowfs_status_text *st = calloc(1, sizeof(*st));
+		if (!st) {
+			fuse_reply_err(req, ENOMEM);
+			return;
+		}
+		int len = status_text(st->text, sizeof(st->text));
+		if (len < 0)
+			fuse_reply_err(req, -len);
+		else
+			fuse_reply_ioctl(req, 0, st, sizeof(*st));
+		free(st);
+		return;
+	}
+	case QCOWFS_IOC_COMPACT:
+		/* the compaction runs on the recycler thread */
+		qcow_image_request_compact(qcowfs.img);
+		fuse_reply_ioctl(req, 0, NULL, 0);
+		return;
+	default:
+		fuse_reply_err(req, ENOTTY);
+	}
 }
 
 static const struct fuse_lowlevel_ops qcowfs_ops = {
@@ -695,10 +647,7 @@ static const struct fuse_lowlevel_ops qcowfs_ops = {
 	.release = op_release,
 	.fsync = op_fsync,
 	.statfs = op_statfs,
-	.setxattr = op_setxattr,
-	.getxattr = op_getxattr,
-	.listxattr = op_listxattr,
-	.removexattr = op_removexattr,
+	.ioctl = op_ioctl,
 	.fallocate = op_fallocate,
 	.lseek = op_lseek,
 };

@@ -1,0 +1,34 @@
+/*
+ * qcowfs_ioctl.h - the control channel between the qcowfs daemon and
+ * qcowctl (or any program): ioctls on the mounted raw view.
+ *
+ * Why ioctls and not extended attributes: a FUSE file system that answers
+ * getxattr is asked for "security.capability" before every single write
+ * (the kernel's check whether a write must drop privileges), which costs
+ * one extra round trip per write and halved random-write throughput.
+ * The daemon implements no xattr operation at all, so the kernel stops
+ * asking after the first ENOSYS.
+ *
+ * Both ioctls work on a descriptor opened read-only.  FUSE passes them in
+ * "restricted" mode: the size and direction come from the command number.
+ */
+#ifndef QCOWFS_IOCTL_H
+#define QCOWFS_IOCTL_H
+#include <sys/ioctl.h>
+
+#define QCOWFS_IOC_MAGIC 'Q'
+#define QCOWFS_STATUS_MAX 4096
+
+/* The status as NUL-terminated text: the key=value lines of
+ * qcow_stats_format (fields of struct qcow_stats), then "pid=" (the
+ * daemon's process id) and "image=" (the absolute image path). */
+struct qcowfs_status_text {
+	char text[QCOWFS_STATUS_MAX];
+};
+#define QCOWFS_IOC_STATUS _IOR(QCOWFS_IOC_MAGIC, 1, struct qcowfs_status_text)
+
+/* Asks the recycler for a compaction pass and returns at once; follow it
+ * with QCOWFS_IOC_STATUS (compacting, compact_progress, compactions_done). */
+#define QCOWFS_IOC_COMPACT _IO(QCOWFS_IOC_MAGIC, 2)
+
+#endif
