@@ -124,12 +124,12 @@ poll_shrink() {
 import os, sys, time
 view, img, t0, timeout, logf = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 settle = float(sys.argv[6])
+import qcowfs_ctl
 def status():
     try:
-        text = os.getxattr(view, 'user.qcowfs.status').decode()
+        return qcowfs_ctl.status(view)
     except OSError:
         return {}
-    return dict(l.split('=', 1) for l in text.splitlines() if '=' in l)
 log = open(logf, 'w')
 last = os.stat(img).st_size
 t_last = time.time()
@@ -263,8 +263,8 @@ EOF
 	done
 }
 
-# compact_now VIEW: asks the daemon for a compaction through the xattr
-# user.qcowfs.compact (what "qcowctl compact" does) and polls the status
+# compact_now VIEW: asks the daemon for a compaction through the
+# QCOWFS_IOC_COMPACT ioctl (what "qcowctl compact" does) and polls the status
 # every 5 ms until it is over: finer than qcowctl's 200 ms progress polling,
 # which would round a sub-second compaction up.  Prints the Unix times in ms
 # of the request and of the end.
@@ -272,14 +272,14 @@ compact_now() {
 	python3 - "$1" <<'EOF'
 import os, sys, time
 view = sys.argv[1]
+import qcowfs_ctl
 def status():
-    text = os.getxattr(view, 'user.qcowfs.status').decode()
-    return dict(l.split('=', 1) for l in text.splitlines() if '=' in l)
+    return qcowfs_ctl.status(view)
 def busy(st):
     return st.get('compacting', '0') not in ('0', 'false')
 done0 = int(status().get('compactions_done', 0))
 t0 = time.time()
-os.setxattr(view, 'user.qcowfs.compact', b'1')
+qcowfs_ctl.request_compact(view)
 seen = False
 while True:
     st = status()

@@ -12,6 +12,8 @@
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SRC_ROOT=$(cd "$BENCH_DIR/.." && pwd)
+# the Python side of the qcowfs control ioctls (status, compact)
+export PYTHONPATH="$SRC_ROOT/tests/shell${PYTHONPATH:+:$PYTHONPATH}"
 
 # shellcheck disable=SC2034  # used by the scripts that source this file
 CLUSTER_SIZE=65536
@@ -155,16 +157,17 @@ qsd_start() {
 }
 
 # find_daemon_pid PROGRAM VIEW: pid of the detached daemon serving VIEW:
-# the xattr user.qcowfs.pid, else the process whose exact argument list has
+# the pid in its status (QCOWFS_IOC_STATUS), else the process whose exact argument list has
 # PROGRAM as argv[0] and VIEW as an argument (never a pattern match).
 find_daemon_pid() {
 	python3 - "$1" "$2" <<'EOF'
 import os, sys
 prog, view = os.path.basename(sys.argv[1]), sys.argv[2]
-try:    # qcowfs tells its pid through an xattr of the mountpoint
-    print(int(os.getxattr(view, 'user.qcowfs.pid').decode().strip()))
+try:    # qcowfs tells its pid in its status
+    import qcowfs_ctl
+    print(int(qcowfs_ctl.status(view)['pid']))
     sys.exit(0)
-except (OSError, ValueError):
+except (ImportError, OSError, ValueError, KeyError):
     pass
 for p in os.listdir('/proc'):
     if not p.isdigit() or int(p) == os.getpid():
@@ -242,7 +245,7 @@ proc_kb() {
 	awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null || true
 }
 
-# qcowfs_status VIEW: the key=value lines of the status xattr
+# qcowfs_status VIEW: the key=value lines of the daemon's status
 qcowfs_status() {
-	python3 -c 'import os, sys; sys.stdout.write(os.getxattr(sys.argv[1], "user.qcowfs.status").decode())' "$1"
+	python3 -c 'import sys, qcowfs_ctl; sys.stdout.write(qcowfs_ctl.status_text(sys.argv[1]))' "$1"
 }

@@ -222,12 +222,12 @@ pids_holding() {
 }
 
 # daemon_pid IMAGE MOUNTPOINT: the qcowfs daemon serving this mount: the pid
-# in the user.qcowfs.pid attribute of the view, else the process named like
+# in the status of the view (qcowfs_ctl.py), else the process named like
 # qcowfs whose command line names MOUNTPOINT, else one that holds IMAGE
 # open and serves no other mount of ours.
 daemon_pid() {
 	local p comm known
-	p=$($PYTHON -c 'import os, sys; print(int(os.getxattr(sys.argv[1], "user.qcowfs.pid")))' "$2" 2>/dev/null) &&
+	p=$(PYTHONPATH=$TESTDIR $PYTHON -c 'import sys, qcowfs_ctl; print(int(qcowfs_ctl.status(sys.argv[1])["pid"]))' "$2" 2>/dev/null) &&
 		[ -n "$p" ] && [ -d "/proc/$p" ] && { echo "$p"; return 0; }
 	for p in $(grep -lzxF -- "$2" /proc/[0-9]*/cmdline 2>/dev/null); do
 		p=${p#/proc/}
@@ -490,18 +490,18 @@ qcompare() {
 	[ $rc = 0 ] || fail "$3: qemu-img compare $1 $2 (exit $rc): $out"
 }
 
-# status_field MOUNTPOINT KEY: one key=value of the user.qcowfs.status
-# extended attribute of the view.
+# status_field MOUNTPOINT KEY: one key=value of the view's status (the
+# QCOWFS_IOC_STATUS ioctl, through qcowfs_ctl.py).
 status_field() {
-	$PYTHON - "$1" "$2" <<'EOF'
-import os, sys
-text = os.getxattr(sys.argv[1], "user.qcowfs.status").decode()
+	PYTHONPATH=$TESTDIR $PYTHON - "$1" "$2" <<'EOF'
+import sys, qcowfs_ctl
+text = qcowfs_ctl.status_text(sys.argv[1])
 for line in text.splitlines():
     k, _, v = line.partition("=")
     if k.strip() == sys.argv[2]:
         print(v.strip())
         sys.exit(0)
-sys.exit("no key %s in user.qcowfs.status:\n%s" % (sys.argv[2], text))
+sys.exit("no key %s in the status:\n%s" % (sys.argv[2], text))
 EOF
 }
 

@@ -11,7 +11,7 @@
 #    refused), st_blocks follows the image's allocation, SEEK_DATA and
 #    SEEK_HOLE, fallocate mode 0 succeeds, collapse/insert range fail with
 #    EOPNOTSUPP, a ro mount fails writes with EROFS;
-#  - the user.qcowfs.status attribute and qcowctl status;
+#  - the status ioctl (QCOWFS_IOC_STATUS) and qcowctl status;
 #  - a full host file system: ENOSPC to the writer, the daemon keeps
 #    serving, and once there is room again everything ends clean.
 . "$(dirname "$0")/lib.sh"
@@ -199,10 +199,10 @@ done
 fallocate -o 2M -l 4096 "$MNT" 2>"$T/out" || fail "fallocate mode 0 fails after the refused modes: $(cat "$T/out")"
 same_file "$MNT" "$T/d.raw" "view after fallocate calls"
 
-# status attribute
-$PYTHON - "$MNT" "$IMG" <<'EOF' || fail "user.qcowfs.status is wrong"
-import os, sys
-text = os.getxattr(sys.argv[1], "user.qcowfs.status").decode()
+# status ioctl
+PYTHONPATH=$TESTDIR $PYTHON - "$MNT" "$IMG" <<'EOF' || fail "the status is wrong"
+import os, sys, qcowfs_ctl
+text = qcowfs_ctl.status_text(sys.argv[1])
 kv = dict(l.split("=", 1) for l in text.splitlines() if "=" in l)
 need = ("virtual_size cluster_size file_size file_allocated clusters_total clusters_header "
         "clusters_referenced clusters_junk clusters_erased clusters_available clusters_copies "
@@ -210,7 +210,7 @@ need = ("virtual_size cluster_size file_size file_allocated clusters_total clust
         "compactions_done clusters_moved compacting compact_progress punch_supported read_only").split()
 missing = [k for k in need if k not in kv]
 if missing:
-    sys.exit("user.qcowfs.status lacks %s:\n%s" % (missing, text))
+    sys.exit("the status lacks %s:\n%s" % (missing, text))
 if int(kv["virtual_size"]) != os.stat(sys.argv[1]).st_size:
     sys.exit("status virtual_size %s, view size %d" % (kv["virtual_size"], os.stat(sys.argv[1]).st_size))
 if int(kv["cluster_size"]) != 65536:
@@ -249,9 +249,9 @@ same_file "$MNT" "$T/d.raw" "ro view"
 expect_fail "write to a ro view" 'Read-only file system' dd if=/dev/zero of="$MNT" bs=512 count=1 conv=notrunc
 expect_fail "truncate of a ro view" 'Read-only file system' truncate -s 200M "$MNT"
 expect_fail "fallocate on a ro view" 'Read-only file system|Bad file descriptor' fallocate -o 0 -l 4096 "$MNT"
-$PYTHON - "$MNT" <<'EOF' || fail "ro view: status attribute does not say read_only=1"
-import os, sys
-kv = dict(l.split("=", 1) for l in os.getxattr(sys.argv[1], "user.qcowfs.status").decode().splitlines() if "=" in l)
+PYTHONPATH=$TESTDIR $PYTHON - "$MNT" <<'EOF' || fail "ro view: the status does not say read_only=1"
+import sys, qcowfs_ctl
+kv = qcowfs_ctl.status(sys.argv[1])
 sys.exit(0 if kv.get("read_only", "").strip() in ("1", "true") else 1)
 EOF
 qumount "$MNT"

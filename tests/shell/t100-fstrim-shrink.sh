@@ -58,7 +58,7 @@ done
 live=$(file_size "$IMG")
 elapsed=$(($(date +%s) - t0))
 log "image file: $((full >> 20)) MiB before fstrim, $((live >> 20)) MiB after ${elapsed} s; allocation $(($(file_blocks "$IMG") / 2048)) MiB"
-log "status: $($PYTHON -c 'import os, sys; print(os.getxattr(sys.argv[1], "user.qcowfs.status").decode().replace("\n", " "))' "$MNT")"
+log "status: $("$QCOWCTL" status --raw "$MNT" | tr '\n' ' ')"
 
 fs_umount "$DIR"
 e2fsck -fn "$DEV" >"$T/e2fsck.log" 2>&1 || fail "e2fsck -fn not clean after fstrim: $(tail -n 10 "$T/e2fsck.log")"

@@ -60,12 +60,13 @@ EOF
 # wanted progress.
 cat >"$T/killer.py" <<'EOF'
 import os, signal, sys, time
+import qcowfs_ctl
 mnt, pid, want = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 seen = False
 end = time.time() + 30
 while time.time() < end:
     try:
-        kv = dict(l.split("=", 1) for l in os.getxattr(mnt, "user.qcowfs.status").decode().splitlines() if "=" in l)
+        kv = qcowfs_ctl.status(mnt)
     except OSError as e:
         print("status unreadable: %s" % e)
         sys.exit(0)
@@ -105,7 +106,7 @@ for want in 0 0.1 0.3 0.5 0.7 0.9; do
 	fresh_slot $(((5 + round) % 8))
 	drop_slot $(((round - 1) % 8))
 	pid=${_DAEMON[$MNT]}
-	$PYTHON "$T/killer.py" "$MNT" "$pid" "$want" >"$T/killer.out" 2>&1 &
+	PYTHONPATH=$TESTDIR $PYTHON "$T/killer.py" "$MNT" "$pid" "$want" >"$T/killer.out" 2>&1 &
 	kpid=$!
 	_PIDS+=("$kpid")
 	"$QCOWCTL" compact "$MNT" >"$T/compact.log" 2>&1 || true
@@ -135,7 +136,7 @@ for want in 0 0.2 0.5 0.8; do
 	bg_start $PYTHON "$T/workload.py" "$MNT" "$T/w$round.j" "$round" $((round * 10000000)) 0 $(((512 << 20) / 512))
 	wpid=$BG_PID
 	sleep 0.2
-	$PYTHON "$T/killer.py" "$MNT" "$pid" "$want" >"$T/killer.out" 2>&1 &
+	PYTHONPATH=$TESTDIR $PYTHON "$T/killer.py" "$MNT" "$pid" "$want" >"$T/killer.out" 2>&1 &
 	kpid=$!
 	_PIDS+=("$kpid")
 	"$QCOWCTL" compact "$MNT" >"$T/compact.log" 2>&1 || true
