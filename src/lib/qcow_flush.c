@@ -128,13 +128,7 @@ static int grow_reftable(struct qcow_image *img, uint64_t need, struct flush_pla
 	img->hdr.refcount_table_clusters = (uint32_t)clusters;
 	for (uint64_t i = 0; i < clusters; i++)
 		qcow_map_set_pinned(&img->map, start + i, 1);
-	for (uint64_t i = 0; i < entries; i++) {
-		uint64_t rb = t[i] >> img->cluster_bits;
-		if (rb && qcow_map_state(&img->map, rb) == QCS_REF)
-			qcow_map_set_ref(&img->map, rb, img->hdr.refcount_table_offset + i * 8);
-	}
-	for (uint64_t i = 0; i < clusters; i++)
-		qcow_bitmap_set(&img->reftable_dirty, i);
+	qcow_reftable_rehome(img, clusters);
 	qcow_logf(QCOW_LOG_DEBUG, "refcount table grows to %" PRIu64 " clusters at 0x%" PRIx64,
 		  clusters, img->hdr.refcount_table_offset);
 	return 0;

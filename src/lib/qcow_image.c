@@ -201,6 +201,51 @@ int qcow_alloc_contiguous(struct qcow_image *img, uint64_t n, uint64_t *out)
 	return 0;
 }
 
+/* ---- relocating the L1 and refcount tables ---------------------------- */
+
+int qcow_table_copy_durable(struct qcow_image *img, uint64_t old_off, uint64_t bytes, uint64_t start, uint64_t n)
+{
+	uint64_t cs = img->cluster_size;
+	uint8_t *buf = qcow_calloc(n, cs);
+	int ret = buf ? 0 : -ENOMEM;
+	if (!ret)
+		ret = img->io->ops->pread(img->io, buf, (size_t)bytes, old_off);
+	if (!ret)
+		ret = img->io->ops->pwrite(img->io, buf, n * cs, start << img->cluster_bits);
+	if (!ret)
+		ret = img->io->ops->flush(img->io);
+	qcow_free(buf);
+	if (ret) {
+		pthread_mutex_lock(&img->lock);
+		for (uint64_t i = 0; i < n; i++)
+			qcow_map_set_state(&img->map, start + i, QCS_JUNK);
+		pthread_mutex_unlock(&img->lock);
+	}
+	return ret;
+}
+
+void qcow_l1_rehome(struct qcow_image *img, uint64_t clusters)
+{
+	for (uint64_t k = 0; k < clusters; k++)
+		qcow_bitmap_set(&img->l1_dirty, k);
+	for (uint32_t i = 0; i < img->hdr.l1_size; i++) {
+		uint64_t t = (img->l1[i] & QCOW_L1E_OFFSET_MASK) >> img->cluster_bits;
+		if (t && t < img->map.nclusters && qcow_map_state(&img->map, t) == QCS_REF)
+			qcow_map_set_ref(&img->map, t, img->hdr.l1_table_offset + (uint64_t)i * 8);
+	}
+}
+
+void qcow_reftable_rehome(struct qcow_image *img, uint64_t clusters)
+{
+	for (uint64_t k = 0; k < clusters; k++)
+		qcow_bitmap_set(&img->reftable_dirty, k);
+	for (uint64_t i = 0; i < img->reftable_entries; i++) {
+		uint64_t b = img->reftable[i] >> img->cluster_bits;
+		if (b && b < img->map.nclusters && qcow_map_state(&img->map, b) == QCS_REF)
+			qcow_map_set_ref(&img->map, b, img->hdr.refcount_table_offset + i * 8);
+	}
+}
+
 /* ---- guest address translation ------------------------------------- */
 
 enum seg_kind { SEG_ZERO, SEG_DATA, SEG_COMPRESSED };
@@ -328,6 +373,16 @@ static int read_compressed(struct qcow_image *img, uint64_t e, uint8_t *out)
 
 /* ---- reads ------------------------------------------------------------ */
 
+/* The part of a request at guest offset g (left bytes to go) that lies in
+ * one cluster: its guest cluster, offset inside it, and length. */
+static size_t cluster_piece(const struct qcow_image *img, uint64_t g, size_t left, uint64_t *gc, uint64_t *o)
+{
+	*gc = g >> img->cluster_bits;
+	*o = g & (img->cluster_size - 1);
+	uint64_t room = img->cluster_size - *o;
+	return room < left ? (size_t)room : left;
+}
+
 static int check_range(struct qcow_image *img, size_t len, uint64_t off)
 {
 	if (off > img->virtual_size || len > img->virtual_size - off)
@@ -345,9 +400,8 @@ ssize_t qcow_image_read(struct qcow_image *img, void *buf, size_t len, uint64_t 
 	segs_init(&segs);
 	pthread_mutex_lock(&img->lock);
 	for (size_t pos = 0; pos < len && ret == 0;) {
-		uint64_t g = off + pos;
-		uint64_t gc = g >> img->cluster_bits, o = g & (img->cluster_size - 1);
-		size_t n = (size_t)(img->cluster_size - o) < len - pos ? (size_t)(img->cluster_size - o) : len - pos;
+		uint64_t gc, o;
+		size_t n = cluster_piece(img, off + pos, len - pos, &gc, &o);
 		uint64_t e;
 		ret = lookup(img, gc, &e);
 		if (ret)
@@ -550,9 +604,8 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 	segs_init(&segs);
 	pthread_mutex_lock(&img->lock);
 	for (size_t pos = 0; pos < len && ret == 0;) {
-		uint64_t g = off + pos;
-		uint64_t gc = g >> img->cluster_bits, o = g & (img->cluster_size - 1);
-		size_t n = (size_t)(img->cluster_size - o) < len - pos ? (size_t)(img->cluster_size - o) : len - pos;
+		uint64_t gc, o;
+		size_t n = cluster_piece(img, off + pos, len - pos, &gc, &o);
 		uint64_t host = 0;
 		if (!buf) {
 			/* zeroing part of a cluster that reads zero already must
@@ -771,23 +824,10 @@ static int grow_l1(struct qcow_image *img, uint32_t new_entries)
 	 * flush, in protocol order (all its clusters are marked dirty below).
 	 * flush_lock is held, so no other flush writes the old table meanwhile. */
 	ret = qcow_flush_locked(img);
-	uint8_t *buf = qcow_calloc(nclusters, cs);
-	if (!ret && !buf)
-		ret = -ENOMEM;
 	if (!ret)
-		ret = img->io->ops->pread(img->io, buf, (size_t)img->hdr.l1_size * 8, img->hdr.l1_table_offset);
-	if (!ret)
-		ret = img->io->ops->pwrite(img->io, buf, nclusters * cs, start << img->cluster_bits);
-	if (!ret)
-		ret = img->io->ops->flush(img->io);
-	qcow_free(buf);
-	if (ret) {
-		pthread_mutex_lock(&img->lock);
-		for (uint64_t i = 0; i < nclusters; i++)
-			qcow_map_set_state(&img->map, start + i, QCS_JUNK);
-		pthread_mutex_unlock(&img->lock);
+		ret = qcow_table_copy_durable(img, img->hdr.l1_table_offset, (uint64_t)img->hdr.l1_size * 8, start, nclusters);
+	if (ret)
 		return ret;
-	}
 	pthread_mutex_lock(&img->lock);
 	uint64_t *l1 = qcow_calloc(nclusters * cs / 8, 8);
 	if (!l1 || qcow_bitmap_resize(&img->l1_dirty, nclusters)) {
@@ -803,14 +843,7 @@ static int grow_l1(struct qcow_image *img, uint32_t new_entries)
 	qcow_free(img->l1);
 	img->l1 = l1;
 	img->l1_capacity = (uint32_t)(nclusters * cs / 8);
-	for (uint64_t k = 0; k < nclusters; k++)
-		qcow_bitmap_set(&img->l1_dirty, k);
-	/* every L2 table's reverse reference now lives in the new table */
-	for (uint32_t i = 0; i < new_entries; i++) {
-		uint64_t t = (l1[i] & QCOW_L1E_OFFSET_MASK) >> img->cluster_bits;
-		if (t && t < img->map.nclusters && qcow_map_state(&img->map, t) == QCS_REF)
-			qcow_map_set_ref(&img->map, t, img->hdr.l1_table_offset + (uint64_t)i * 8);
-	}
+	qcow_l1_rehome(img, nclusters);
 	pthread_mutex_unlock(&img->lock);
 	ret = qcow_header_write_fields(img->io, &img->hdr, QH_L1_SIZE, 12);
 	if (!ret)

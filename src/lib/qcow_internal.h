@@ -23,6 +23,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "qcow.h"
 #include "qcow_alloc.h"
@@ -164,6 +165,30 @@ void qcow_l2_set_entry(struct qcow_image *img, struct qcow_cached *t, uint64_t i
 int qcow_alloc_cluster(struct qcow_image *img, uint64_t *out);
 int qcow_alloc_contiguous(struct qcow_image *img, uint64_t n, uint64_t *out);
 void qcow_note_error(struct qcow_image *img, int err);
+
+/* Relocating a table (qcow_image.c), flush_lock held: copy_durable copies
+ * bytes of the table at old_off as they are on disk into the n clusters at
+ * start and syncs (on failure the new clusters become Junk); rehome marks
+ * the table's first `clusters` clusters dirty (entries changed in memory
+ * since reach the new place with the next flush) and points the reverse
+ * references of what the table holds at its new slots. */
+int qcow_table_copy_durable(struct qcow_image *img, uint64_t old_off, uint64_t bytes, uint64_t start, uint64_t n);
+void qcow_l1_rehome(struct qcow_image *img, uint64_t clusters);
+void qcow_reftable_rehome(struct qcow_image *img, uint64_t clusters);
+
+/* Waits on cond for at most ms milliseconds (mutex held). */
+static inline void qcow_cond_wait_ms(pthread_cond_t *cond, pthread_mutex_t *mutex, unsigned ms)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_sec += ms / 1000;
+	ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+	if (ts.tv_nsec >= 1000000000L) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000L;
+	}
+	pthread_cond_timedwait(cond, mutex, &ts);
+}
 
 /* in-flight tracking (qcow_image.c) */
 void qcow_inflight_begin(struct qcow_image *img, struct qcow_inflight *req);

@@ -525,21 +525,9 @@ static int relocate_one_table(struct qcow_image *img, bool l1)
 	 * entries changed in memory since reach the new place with the next
 	 * flush (all its clusters are marked dirty after the switch) */
 	ret = qcow_flush_locked(img);
-	uint8_t *buf = qcow_calloc(n, cs);
-	if (!ret && !buf)
-		ret = -ENOMEM;
 	if (!ret)
-		ret = img->io->ops->pread(img->io, buf, (size_t)bytes, old_off);
-	if (!ret)
-		ret = img->io->ops->pwrite(img->io, buf, n * cs, start << img->cluster_bits);
-	if (!ret)
-		ret = img->io->ops->flush(img->io);
-	qcow_free(buf);
+		ret = qcow_table_copy_durable(img, old_off, bytes, start, n);
 	if (ret) {
-		pthread_mutex_lock(&img->lock);
-		for (uint64_t i = 0; i < n; i++)
-			qcow_map_set_state(&img->map, start + i, QCS_JUNK);
-		pthread_mutex_unlock(&img->lock);
 		pthread_mutex_unlock(&img->flush_lock);
 		return ret;
 	}
@@ -547,24 +535,10 @@ static int relocate_one_table(struct qcow_image *img, bool l1)
 	uint64_t new_off = start << img->cluster_bits;
 	if (l1) {
 		img->hdr.l1_table_offset = new_off;
-		/* entries changed since the copy reach the new place with the
-		 * next flush */
-		for (uint64_t k = 0; k < n; k++)
-			qcow_bitmap_set(&img->l1_dirty, k);
-		for (uint32_t i = 0; i < img->hdr.l1_size; i++) {
-			uint64_t t = (img->l1[i] & QCOW_L1E_OFFSET_MASK) >> img->cluster_bits;
-			if (t && t < img->map.nclusters && qcow_map_state(&img->map, t) == QCS_REF)
-				qcow_map_set_ref(&img->map, t, new_off + (uint64_t)i * 8);
-		}
+		qcow_l1_rehome(img, n);
 	} else {
 		img->hdr.refcount_table_offset = new_off;
-		for (uint64_t k = 0; k < n; k++)
-			qcow_bitmap_set(&img->reftable_dirty, k);
-		for (uint64_t i = 0; i < img->reftable_entries; i++) {
-			uint64_t b = img->reftable[i] >> img->cluster_bits;
-			if (b && b < img->map.nclusters && qcow_map_state(&img->map, b) == QCS_REF)
-				qcow_map_set_ref(&img->map, b, new_off + i * 8);
-		}
+		qcow_reftable_rehome(img, n);
 	}
 	pthread_mutex_unlock(&img->lock);
 	ret = qcow_header_write_fields(img->io, &img->hdr, l1 ? QH_L1_SIZE : QH_REFTABLE_OFFSET, 12);
@@ -705,10 +679,7 @@ static void *recycler_main(void *arg)
 			busy = n > 0;
 			if (n < 0) {
 				/* a failing disk: back off instead of spinning */
-				struct timespec ts;
-				clock_gettime(CLOCK_REALTIME, &ts);
-				ts.tv_sec += 1;
-				pthread_cond_timedwait(&img->recycler_wake, &img->lock, &ts);
+				qcow_cond_wait_ms(&img->recycler_wake, &img->lock, 1000);
 				continue;
 			}
 		}
@@ -734,16 +705,8 @@ static void *recycler_main(void *arg)
 			pthread_cond_broadcast(&img->compact_done);
 			continue;
 		}
-		if (!busy) {
-			struct timespec ts;
-			clock_gettime(CLOCK_REALTIME, &ts);
-			ts.tv_nsec += 250 * 1000000L;
-			if (ts.tv_nsec >= 1000000000L) {
-				ts.tv_sec++;
-				ts.tv_nsec -= 1000000000L;
-			}
-			pthread_cond_timedwait(&img->recycler_wake, &img->lock, &ts);
-		}
+		if (!busy)
+			qcow_cond_wait_ms(&img->recycler_wake, &img->lock, 250);
 	}
 	pthread_mutex_unlock(&img->lock);
 	return NULL;
@@ -801,14 +764,7 @@ int qcow_image_compact(struct qcow_image *img, void (*progress)(double, void *),
 	img->compact_requested = true;
 	pthread_cond_broadcast(&img->recycler_wake);
 	while (img->compact_generation == gen && img->recycler_running) {
-		struct timespec ts;
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_nsec += 200 * 1000000L;
-		if (ts.tv_nsec >= 1000000000L) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000L;
-		}
-		pthread_cond_timedwait(&img->compact_done, &img->lock, &ts);
+		qcow_cond_wait_ms(&img->compact_done, &img->lock, 200);
 		double p = img->compacting ? img->compact_progress : 0;
 		pthread_mutex_unlock(&img->lock);
 		if (progress)

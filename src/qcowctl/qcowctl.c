@@ -144,6 +144,33 @@ static int bad_option(const struct command *cmd, int opt, char **argv)
 	return usage_error(cmd, "unknown option '%s'", typed);
 }
 
+/* Options of the commands that take only --json and --help (info, check).
+ * Returns -1 to go on, or the exit status to return: EXIT_SUCCESS after
+ * --help, a usage error's status otherwise. */
+static int parse_json_only(const struct command *self, int argc, char **argv, bool *json)
+{
+	static const struct option longopts[] = {
+		{ "json", no_argument, NULL, 'j' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	int opt;
+
+	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'j':
+			*json = true;
+			break;
+		case 'h':
+			print_command_help(self, stdout);
+			return EXIT_SUCCESS;
+		default:
+			return bad_option(self, opt, argv);
+		}
+	}
+	return -1;
+}
+
 /* The one positional argument every command takes. */
 static int single_operand(const struct command *cmd, int argc, char **argv,
 			  const char *what, const char **out)
@@ -846,29 +873,14 @@ static void info_print_json(const char *image, const struct qcow_info *info)
 
 static int cmd_info(const struct command *self, int argc, char **argv)
 {
-	static const struct option longopts[] = {
-		{ "json", no_argument, NULL, 'j' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
-	};
 	struct qcow_info info;
 	bool json = false;
 	const char *image;
 	char err[1024] = "", what[PATH_MAX + 32];
-	int opt, ret;
+	int ret = parse_json_only(self, argc, argv, &json);
 
-	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
-		switch (opt) {
-		case 'j':
-			json = true;
-			break;
-		case 'h':
-			print_command_help(self, stdout);
-			return EXIT_SUCCESS;
-		default:
-			return bad_option(self, opt, argv);
-		}
-	}
+	if (ret >= 0)
+		return ret;
 	ret = single_operand(self, argc, argv, "IMAGE", &image);
 	if (ret)
 		return ret;
@@ -947,30 +959,16 @@ static enum check_exit check_exit_status(const struct qcow_check_result *res)
 
 static int cmd_check(const struct command *self, int argc, char **argv)
 {
-	static const struct option longopts[] = {
-		{ "json", no_argument, NULL, 'j' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
-	};
 	struct qcow_check_result res;
 	bool json = false;
 	const char *image;
 	char err[1024] = "", what[PATH_MAX + 32];
-	int opt, ret;
+	int ret = parse_json_only(self, argc, argv, &json);
 
-	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
-		switch (opt) {
-		case 'j':
-			json = true;
-			break;
-		case 'h':
-			print_command_help(self, stdout);
-			return EXIT_SUCCESS;
-		default:
-			bad_option(self, opt, argv);
-			return CHECK_EXIT_FAILED;
-		}
-	}
+	if (ret == EXIT_SUCCESS)
+		return ret;
+	if (ret >= 0)
+		return CHECK_EXIT_FAILED;   /* usage errors: "could not run", as qemu-img */
 	ret = single_operand(self, argc, argv, "IMAGE", &image);
 	if (ret)
 		return CHECK_EXIT_FAILED;

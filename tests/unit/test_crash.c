@@ -17,6 +17,7 @@
  */
 #include "qcow_internal.h"
 #include "tap.h"
+#include "test_image.h"
 
 #include <errno.h>
 #include <string.h>
@@ -31,8 +32,6 @@ static void quiet_sink(enum qcow_log_level level, const char *msg, void *opaque)
 /* qcow_create syncs: make each kind of image once and copy it */
 static struct template { uint64_t size; unsigned cb, order; uint8_t *bytes; size_t len; } templates[32];
 
-static uint8_t *create_bytes(uint64_t size, unsigned cb, unsigned order, size_t *len);
-
 static uint8_t *image_bytes(uint64_t size, unsigned cb, unsigned order, size_t *len)
 {
 	struct template *t = NULL;
@@ -41,7 +40,7 @@ static uint8_t *image_bytes(uint64_t size, unsigned cb, unsigned order, size_t *
 			t = &templates[i];
 	REQUIRE(t, "template table full");
 	if (!t->bytes) {
-		t->bytes = create_bytes(size, cb, order, &t->len);
+		t->bytes = create_bytes(size, cb, order, 3, &t->len);
 		t->size = size;
 		t->cb = cb;
 		t->order = order;
@@ -50,28 +49,6 @@ static uint8_t *image_bytes(uint64_t size, unsigned cb, unsigned order, size_t *
 	memcpy(copy, t->bytes, t->len);
 	*len = t->len;
 	return copy;
-}
-
-static uint8_t *create_bytes(uint64_t size, unsigned cb, unsigned order, size_t *len)
-{
-	char path[] = "/tmp/qcow-crash-XXXXXX";
-	int fd = mkstemp(path);
-	REQUIRE(fd >= 0, "mkstemp");
-	close(fd);
-	unlink(path);
-	struct qcow_create_opts o;
-	qcow_create_opts_default(&o);
-	o.size = size;
-	o.cluster_bits = cb;
-	o.refcount_order = order;
-	char err[256];
-	REQUIRE(qcow_create(path, &o, err, sizeof(err)) == 0, "create: %s", err);
-	FILE *f = fopen(path, "rb");
-	uint8_t *buf = qcow_malloc(1 << 20);
-	*len = fread(buf, 1, 1 << 20, f);
-	fclose(f);
-	unlink(path);
-	return buf;
 }
 
 static struct qcow_image *open_io(struct qcow_io *io, char *err, size_t errlen, int *ret)

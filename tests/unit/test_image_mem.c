@@ -31,6 +31,7 @@
  */
 #include "qcow_internal.h"
 #include "tap.h"
+#include "test_image.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -122,24 +123,6 @@ static void spill(const char *path, const uint8_t *b, size_t len)
 	REQUIRE(f != NULL, "create %s", path);
 	REQUIRE(fwrite(b, 1, len, f) == len, "write %s", path);
 	fclose(f);
-}
-
-static uint8_t *create_bytes(uint64_t size, unsigned cluster_bits, unsigned order, unsigned version, size_t *len)
-{
-	char path[256], err[256];
-	tmp_path(path, sizeof(path), "create");
-	unlink(path);
-	struct qcow_create_opts o;
-	qcow_create_opts_default(&o);
-	o.size = size;
-	o.cluster_bits = cluster_bits;
-	o.refcount_order = order;
-	o.version = version;
-	int ret = qcow_create(path, &o, err, sizeof(err));
-	REQUIRE(ret == 0, "qcow_create: %s", err);
-	uint8_t *b = slurp(path, len);
-	unlink(path);
-	return b;
 }
 
 static struct qcow_open_opts test_opts(size_t cache_bytes)

@@ -16,6 +16,7 @@
  */
 #include "qcow_internal.h"
 #include "tap.h"
+#include "test_image.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -34,29 +35,14 @@ static void count_repairs(enum qcow_log_level level, const char *msg, void *opaq
 		fprintf(stderr, "engine: %s\n", msg);
 }
 
-/* Makes a fresh image with qcow_create and returns a memory backend. */
+/* A fresh image on a memory backend. */
 static struct qcow_io *new_image(uint64_t size, unsigned cluster_bits, unsigned order, unsigned version)
 {
-	char path[] = "/tmp/qcow-model-XXXXXX";
-	int fd = mkstemp(path);
-	REQUIRE(fd >= 0, "mkstemp");
-	close(fd);
-	unlink(path);
-	struct qcow_create_opts o;
-	qcow_create_opts_default(&o);
-	o.size = size;
-	o.cluster_bits = cluster_bits;
-	o.refcount_order = order;
-	o.version = version;
-	char err[256];
-	REQUIRE(qcow_create(path, &o, err, sizeof(err)) == 0, "create: %s", err);
-	FILE *f = fopen(path, "rb");
-	REQUIRE(f, "open created image");
-	static uint8_t buf[64 << 20];
-	size_t n = fread(buf, 1, sizeof(buf), f);
-	fclose(f);
-	unlink(path);
-	return qcow_io_mem_new(buf, n);
+	size_t len;
+	uint8_t *bytes = create_bytes(size, cluster_bits, order, version, &len);
+	struct qcow_io *io = qcow_io_mem_new(bytes, len);
+	free(bytes);
+	return io;
 }
 
 static struct qcow_image *open_mem(struct qcow_io *io)
