@@ -1251,15 +1251,7 @@ int qcow_image_close(struct qcow_image *img)
 		 * rewritten, the second writes the refcounts that frees */
 		ret = qcow_flush_locked(img);
 		pthread_mutex_lock(&img->lock);
-		for (unsigned i = 0; i < img->map.nmoves_cap; i++) {
-			struct qcow_move *mv = &img->map.moves[i];
-			if (!mv->in_use)
-				continue;
-			if (!mv->cancelled && mv->state != QMOVE_REFERENCED)
-				qcow_map_move_cancel(&img->map, mv->src);
-			if (mv->cancelled)
-				qcow_map_move_complete(&img->map, mv);
-		}
+		qcow_retire_moves(img);
 		pthread_mutex_unlock(&img->lock);
 		int r = qcow_flush_locked(img);
 		if (!ret)

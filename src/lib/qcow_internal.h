@@ -210,6 +210,9 @@ int qcow_recycler_start(struct qcow_image *img);
 void qcow_recycler_stop(struct qcow_image *img);
 void qcow_recycler_kick(struct qcow_image *img);
 int qcow_compact_run(struct qcow_image *img, void (*progress)(double, void *), void *opaque);
+/* Frees every move slot that is finished or cancelled and cancels every
+ * move short of Referenced (img->lock held). */
+void qcow_retire_moves(struct qcow_image *img);
 /* truncates the file after the last block; flush_lock held */
 int qcow_truncate_tail(struct qcow_image *img);
 

@@ -386,8 +386,7 @@ static void rewrite_flushed(struct qcow_image *img)
 		}
 }
 
-/* Frees every move slot that is finished or cancelled; cancels the rest. */
-static void retire_moves(struct qcow_image *img)
+void qcow_retire_moves(struct qcow_image *img)
 {
 	for (unsigned i = 0; i < img->map.nmoves_cap; i++) {
 		struct qcow_move *mv = &img->map.moves[i];
@@ -459,7 +458,7 @@ static int64_t compact_batch(struct qcow_image *img)
 		pthread_mutex_unlock(&img->flush_lock);
 	}
 	pthread_mutex_lock(&img->lock);
-	retire_moves(img);
+	qcow_retire_moves(img);
 	assert_map(img);
 	pthread_mutex_unlock(&img->lock);
 	if (ret == 0) {
