@@ -239,7 +239,7 @@ static void *writer_main(void *arg)
 	return NULL;
 }
 
-static volatile int stop_compactor;
+static _Atomic int stop_compactor;
 
 static void *compactor_main(void *arg)
 {
