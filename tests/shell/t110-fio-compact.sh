@@ -87,7 +87,8 @@ bg_start bash "$T/compact-loop.sh"
 cpid=$BG_PID
 
 rc=0
-timeout 600 fio --output="$T/fio.log" "$T/job.fio" 2>"$T/fio.err" || rc=$?
+# fio saves verify state files in its working directory: keep them in $T
+(cd "$T" && timeout 600 fio --output="$T/fio.log" "$T/job.fio" 2>"$T/fio.err") || rc=$?
 touch "$T/stop"
 wait "$cpid" || true
 _forget _PIDS "$cpid"
