@@ -628,7 +628,6 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 		segs_free(&segs);
 		return ret;
 	}
-	img->data_dirty = true;
 	qcow_inflight_begin(img, &req);
 	pthread_mutex_unlock(&img->lock);
 
@@ -647,6 +646,10 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 	}
 
 	pthread_mutex_lock(&img->lock);
+	/* Only now: a flush that started while the data was still in flight
+	 * has already taken (and cleared) the flag, and the fsync that follows
+	 * this write's completion must still sync it. */
+	img->data_dirty = true;
 	qcow_inflight_end(img, &req);
 	bool over = qcow_cache_over_budget(&img->cache);
 	pthread_mutex_unlock(&img->lock);
