@@ -165,6 +165,12 @@ int qcow_check(const char *path, struct qcow_check_result *res, char *err, size_
 			uint64_t disk = qcow_rc_get(block, order, i);
 			uint64_t refs = c < k.n ? k.refs[c] : 0;
 			disk_rc[c] = disk;
+			if (disk && c >= last_used) {
+				/* like qemu-img: the image ends after the last
+				 * cluster in use by either count, leaks included */
+				last_used = c;
+				any_used = true;
+			}
 			if (c < k.n && k.fixed[c] && refs > 1) {
 				qcow_logf(QCOW_LOG_ERROR, "ERROR cluster %" PRIu64 " is a header structure or refcount block but is referenced %" PRIu64 " times",
 					  c, refs);
