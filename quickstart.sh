@@ -103,8 +103,8 @@ Next steps (as root):
   # fill, delete, trim: the image file shrinks while mounted
   cp -a /usr/share/doc /mnt/demo/ && sync
   ls -l $image; $qcowctl status $mnt
-  rm -rf /mnt/demo/doc && fstrim -v /mnt/demo
-  sleep 5; ls -l $image; $qcowctl status $mnt   # compaction needs a few seconds
+  rm -rf /mnt/demo/doc && sync && fstrim -v /mnt/demo   # sync: ext4 frees blocks at its next commit
+  sleep 3; ls -l $image; $qcowctl status $mnt   # compaction needs a second or two
 
   # done: unmount both, then check the image with QEMU's own tool
   umount /mnt/demo
