@@ -631,6 +631,8 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 	qcow_inflight_begin(img, &req);
 	pthread_mutex_unlock(&img->lock);
 
+	if (img->write_io_hook)
+		img->write_io_hook(img, img->write_io_opaque);
 	for (size_t i = 0; i < segs.n && ret == 0; i++) {
 		struct seg *s = &segs.v[i];
 		if (buf) {

@@ -117,6 +117,10 @@ struct qcow_image {
 	 * state the batch's moves reached (crash tests arm the simulator) */
 	void (*move_phase_hook)(struct qcow_image *img, enum qcow_move_state reached, void *opaque);
 	void *move_phase_opaque;
+	/* test hook: called by a guest write after it resolved its extents and
+	 * before its data I/O (tests run a compaction in that window) */
+	void (*write_io_hook)(struct qcow_image *img, void *opaque);
+	void *write_io_opaque;
 
 	/* statistics */
 	uint64_t bytes_reclaimed;

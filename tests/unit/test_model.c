@@ -294,6 +294,89 @@ static void concurrent(unsigned cluster_bits, unsigned nwriters, unsigned ops)
 	qcow_free(model);
 }
 
+/* ---- compaction between a write's lookup and its data write -------- */
+
+struct window {
+	pthread_t compactor;
+	bool fired;
+	uint64_t moved_before, moved_while_waiting;
+};
+
+static void *compact_thread(void *arg)
+{
+	qcow_image_compact(arg, NULL, NULL);
+	return NULL;
+}
+
+/* Runs inside the write, after it resolved its host cluster: a compaction
+ * started now plans to move that very cluster, and must wait for the write
+ * (grace period) before copying it, or the copy would miss the new data. */
+static void in_write_window(struct qcow_image *img, void *opaque)
+{
+	struct window *w = opaque;
+	if (w->fired)
+		return;
+	w->fired = true;
+	pthread_create(&w->compactor, NULL, compact_thread, img);
+	usleep(200 * 1000);
+	pthread_mutex_lock(&img->lock);
+	w->moved_while_waiting = img->clusters_moved - w->moved_before;
+	pthread_mutex_unlock(&img->lock);
+}
+
+static void compaction_inside_write_window(void)
+{
+	uint64_t cs = 65536, size = 64 * cs;
+	struct qcow_io *io = new_image(size, 16, 4, 3);
+	/* the recycler erases the holes (no automatic compaction), so the
+	 * compaction started in the window plans moves at once */
+	struct qcow_open_opts o;
+	qcow_open_opts_default(&o);
+	o.no_locking = true;
+	o.runtime_asserts = true;
+	o.compact = false;
+	struct qcow_image *img;
+	char err[256];
+	REQUIRE(qcow_image_open_io(io, &o, &img, err, sizeof(err)) == 0, "open: %s", err);
+	uint8_t *model = qcow_calloc(1, size), *buf = qcow_malloc(size);
+	fill_random(buf, size);
+	REQUIRE(qcow_image_write(img, buf, size, 0) == (ssize_t)size, "fill");
+	memcpy(model, buf, size);
+	REQUIRE(qcow_image_discard(img, 0, size / 2) == 0, "discard");
+	memset(model, 0, size / 2);
+	struct qcow_stats st;
+	for (int i = 0; i < 100; i++) {
+		qcow_image_get_stats(img, &st);
+		if (st.clusters_available >= 32)
+			break;
+		usleep(50 * 1000);
+	}
+	REQUIRE(st.clusters_available >= 32, "the recycler made the holes available (%llu)",
+		(unsigned long long)st.clusters_available);
+
+	struct window w = { .moved_before = img->clusters_moved };
+	img->write_io_hook = in_write_window;
+	img->write_io_opaque = &w;
+	/* the last cluster of the disk: among the first compaction moves */
+	uint8_t newdata[4096];
+	memset(newdata, 0x5a, sizeof(newdata));
+	uint64_t off = size - cs + 1000;
+	REQUIRE(qcow_image_write(img, newdata, sizeof(newdata), off) == (ssize_t)sizeof(newdata), "write in window");
+	memcpy(model + off, newdata, sizeof(newdata));
+	REQUIRE(w.fired, "hook ran");
+	pthread_join(w.compactor, NULL);
+	img->write_io_hook = NULL;
+	CHECK(w.moved_while_waiting == 0, "compaction moved %llu clusters while a write into them was in flight",
+	      (unsigned long long)w.moved_while_waiting);
+	CHECK(img->clusters_moved > w.moved_before, "the compaction moved nothing afterwards");
+	check_map(img, "compaction in a write window");
+	verify_all(img, model, size);
+	reopen_and_compare(img);
+	CHECK(qcow_image_close(img) == 0, "close");
+	qcow_free(model);
+	qcow_free(buf);
+}
+
 int main(void)
 {
 	qcow_log_set_sink(count_repairs, NULL);
@@ -308,6 +391,7 @@ int main(void)
 		seed = 0x5eed + k;
 		random_ops(kinds[k].cb, kinds[k].order, kinds[k].version, (kinds[k].cb == 21 ? 300 : 1500) * scale);
 	}
+	compaction_inside_write_window();
 	concurrent(16, 4, 2000 * scale);
 	concurrent(12, 3, 2000 * scale);
 	return tap_done();
