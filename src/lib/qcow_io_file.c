@@ -169,10 +169,14 @@ int qcow_io_file_open(const char *path, bool read_only, struct qcow_io **out)
 	if (fd < 0)
 		return -errno;
 	struct stat st;
-	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-		int e = S_ISREG(st.st_mode) ? errno : EINVAL;
+	if (fstat(fd, &st) < 0) {
+		int e = errno;
 		close(fd);
 		return -e;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		close(fd);
+		return -EINVAL;
 	}
 	struct file_io *f = qcow_calloc(1, sizeof(*f));
 	if (!f || !(f->path = qcow_strdup(path))) {
