@@ -49,7 +49,9 @@ struct flush_plan {
 	size_t nrb;
 	struct l2_item *l2;
 	size_t nl2;
-	struct { uint64_t off; uint8_t *copy; size_t len; } *meta;  /* L1 / reftable clusters */
+	/* L1 and refcount table clusters; reftable ones go out in step 1,
+	 * L1 ones (pointers) in step 3 */
+	struct { uint64_t off; uint8_t *copy; size_t len; bool reftable; } *meta;
 	size_t nmeta;
 	uint8_t header[QCOW_V3_MIN_HEADER_LEN];
 	unsigned header_len;
@@ -172,8 +174,8 @@ static int ensure_refblocks(struct qcow_image *img, struct flush_plan *p)
 	return 0;
 }
 
-static int plan_meta(struct flush_plan *p, uint64_t off, const uint64_t *table, uint64_t first_entry,
-		     uint64_t entries, size_t len)
+static int plan_meta(struct flush_plan *p, bool reftable, uint64_t off, const uint64_t *table,
+		     uint64_t first_entry, uint64_t entries, size_t len)
 {
 	void *m = qcow_realloc(p->meta, (p->nmeta + 1) * sizeof(*p->meta));
 	if (!m)
@@ -187,6 +189,7 @@ static int plan_meta(struct flush_plan *p, uint64_t off, const uint64_t *table, 
 	p->meta[p->nmeta].off = off;
 	p->meta[p->nmeta].copy = copy;
 	p->meta[p->nmeta].len = len;
+	p->meta[p->nmeta].reftable = reftable;
 	p->nmeta++;
 	return 0;
 }
@@ -243,9 +246,7 @@ static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 		}
 		p->rb[p->nrb++] = (struct rb_item){ .index = b, .host = img->reftable[b], .want = want };
 	}
-	for (size_t i = 0; i < p->nrb; i++)
-		qcow_bitmap_clear(&img->map.rc_dirty, p->rb[i].index);
-	/* blocks skipped above had nothing to count */
+	/* all taken (blocks skipped above had nothing to count) */
 	for (uint64_t b = qcow_bitmap_next(&img->map.rc_dirty, 0); b != UINT64_MAX;
 	     b = qcow_bitmap_next(&img->map.rc_dirty, b + 1))
 		qcow_bitmap_clear(&img->map.rc_dirty, b);
@@ -253,7 +254,7 @@ static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 	/* refcount table clusters */
 	for (uint64_t k = qcow_bitmap_next(&img->reftable_dirty, 0); k != UINT64_MAX;
 	     k = qcow_bitmap_next(&img->reftable_dirty, k + 1)) {
-		ret = plan_meta(p, img->hdr.refcount_table_offset + k * cs, img->reftable, k * cs / 8, cs / 8, cs);
+		ret = plan_meta(p, true, img->hdr.refcount_table_offset + k * cs, img->reftable, k * cs / 8, cs / 8, cs);
 		if (ret)
 			return ret;
 		qcow_bitmap_clear(&img->reftable_dirty, k);
@@ -266,7 +267,7 @@ static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 		uint64_t n = cs / 8;
 		if (first + n > img->l1_capacity)
 			n = img->l1_capacity - first;
-		ret = plan_meta(p, img->hdr.l1_table_offset + k * cs, img->l1, first, n, cs);
+		ret = plan_meta(p, false, img->hdr.l1_table_offset + k * cs, img->l1, first, n, cs);
 		if (ret)
 			return ret;
 		qcow_bitmap_clear(&img->l1_dirty, k);
@@ -326,10 +327,10 @@ static void undo_snapshot(struct qcow_image *img, struct flush_plan *p)
 	}
 	for (size_t i = 0; i < p->nmeta; i++) {
 		uint64_t off = p->meta[i].off;
-		if (off >= img->hdr.l1_table_offset && off < img->hdr.l1_table_offset + (uint64_t)img->l1_capacity * 8)
-			qcow_bitmap_set(&img->l1_dirty, (off - img->hdr.l1_table_offset) >> img->cluster_bits);
-		else if (off >= img->hdr.refcount_table_offset)
+		if (p->meta[i].reftable)
 			qcow_bitmap_set(&img->reftable_dirty, (off - img->hdr.refcount_table_offset) >> img->cluster_bits);
+		else
+			qcow_bitmap_set(&img->l1_dirty, (off - img->hdr.l1_table_offset) >> img->cluster_bits);
 	}
 	if (p->write_header)
 		img->header_dirty = true;
@@ -413,11 +414,9 @@ int qcow_flush_locked(struct qcow_image *img)
 	}
 	ret = write_refblocks_up(img, &p, finals, &wrote);
 	for (size_t i = 0; ret == 0 && i < p.nmeta; i++) {
-		uint64_t off = p.meta[i].off;
-		if (off < img->hdr.refcount_table_offset ||
-		    off >= img->hdr.refcount_table_offset + (uint64_t)img->hdr.refcount_table_clusters * img->cluster_size)
+		if (!p.meta[i].reftable)
 			continue;
-		ret = io->ops->pwrite(io, p.meta[i].copy, p.meta[i].len, off);
+		ret = io->ops->pwrite(io, p.meta[i].copy, p.meta[i].len, p.meta[i].off);
 		wrote = true;
 	}
 	if (ret == 0 && p.new_reftable) {
@@ -428,21 +427,16 @@ int qcow_flush_locked(struct qcow_image *img)
 	/* 2. everything the pointers will point to is durable */
 	bool pointers = p.nl2 || p.write_header;
 	for (size_t i = 0; i < p.nmeta; i++)
-		if (p.meta[i].off < img->hdr.refcount_table_offset ||
-		    p.meta[i].off >= img->hdr.refcount_table_offset + (uint64_t)img->hdr.refcount_table_clusters * img->cluster_size)
+		if (!p.meta[i].reftable)
 			pointers = true;
 	if (ret == 0 && (wrote || p.data_dirty || pointers || p.new_reftable))
 		ret = io->ops->flush(io);
 	/* 3. pointers */
 	for (size_t i = 0; ret == 0 && i < p.nl2; i++)
 		ret = io->ops->pwrite(io, p.l2[i].copy, img->cluster_size, p.l2[i].host);
-	for (size_t i = 0; ret == 0 && i < p.nmeta; i++) {
-		uint64_t off = p.meta[i].off;
-		if (off >= img->hdr.refcount_table_offset &&
-		    off < img->hdr.refcount_table_offset + (uint64_t)img->hdr.refcount_table_clusters * img->cluster_size)
-			continue;
-		ret = io->ops->pwrite(io, p.meta[i].copy, p.meta[i].len, off);
-	}
+	for (size_t i = 0; ret == 0 && i < p.nmeta; i++)
+		if (!p.meta[i].reftable)
+			ret = io->ops->pwrite(io, p.meta[i].copy, p.meta[i].len, p.meta[i].off);
 	if (ret == 0 && p.write_header)
 		ret = io->ops->pwrite(io, p.header, p.header_len, 0);
 	/* 4. pointers durable */

@@ -638,12 +638,7 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 		if (buf) {
 			ret = img->io->ops->pwrite(img->io, (const uint8_t *)buf + s->buf_off, s->len, s->host);
 		} else {
-			static const uint8_t zeros[65536];
-			for (size_t done = 0; done < s->len && ret == 0;) {
-				size_t k = s->len - done < sizeof(zeros) ? s->len - done : sizeof(zeros);
-				ret = img->io->ops->pwrite(img->io, zeros, k, s->host + done);
-				done += k;
-			}
+			ret = qcow_io_write_zeros(img->io, s->host, s->len);
 		}
 	}
 
@@ -1048,7 +1043,6 @@ static void image_free(struct qcow_image *img)
 	qcow_bitmap_free(&img->reftable_dirty);
 	qcow_free(img->l1);
 	qcow_free(img->reftable);
-	qcow_free(img->snap_l1);
 	qcow_free(img->erased_list);
 	qcow_header_free(&img->hdr);
 	pthread_mutex_destroy(&img->lock);
@@ -1136,12 +1130,6 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 	ret = load_tables(img, err, errlen);
 	if (ret)
 		goto fail;
-	if (img->hdr.nb_snapshots) {
-		ret = qcow_scan_snapshot_l1s(io, &img->hdr, img->hdr.file_size, &img->snap_l1, err, errlen);
-		if (ret)
-			goto fail;
-		img->nb_snap_l1 = img->hdr.nb_snapshots;
-	}
 
 	uint64_t file_clusters = (img->hdr.file_size + img->cluster_size - 1) >> img->cluster_bits;
 	ret = qcow_map_init(&img->map, file_clusters, img->rb_shift);

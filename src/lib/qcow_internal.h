@@ -43,11 +43,6 @@ struct qcow_inflight {
 	struct qcow_inflight *prev, *next;
 };
 
-struct qcow_snapshot_l1 {
-	uint64_t offset;
-	uint32_t entries;
-};
-
 struct qcow_image {
 	struct qcow_io *io;
 	struct qcow_header hdr;
@@ -109,10 +104,6 @@ struct qcow_image {
 	uint64_t last_discard_ms;
 	int last_error;                  /* sticky error from background work */
 
-	/* snapshots (their tables are pinned, never moved) */
-	struct qcow_snapshot_l1 *snap_l1;
-	uint32_t nb_snap_l1;
-
 	/* test hook: called by the compactor after each move phase with the
 	 * state the batch's moves reached (crash tests arm the simulator) */
 	void (*move_phase_hook)(struct qcow_image *img, enum qcow_move_state reached, void *opaque);
@@ -158,9 +149,6 @@ struct qcow_scan_geometry {
 	uint64_t problems;
 };
 int qcow_scan(struct qcow_scan_geometry *g, const struct qcow_scan_visitor *v, char *err, size_t errlen);
-/* Reads the snapshot table's L1 locations (validated). */
-int qcow_scan_snapshot_l1s(struct qcow_io *io, const struct qcow_header *h, uint64_t file_size,
-			   struct qcow_snapshot_l1 **out, char *err, size_t errlen);
 
 /* qcow_image.c */
 struct qcow_cached *qcow_l2_get(struct qcow_image *img, uint64_t l2_cluster, int *ret);

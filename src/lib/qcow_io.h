@@ -66,4 +66,7 @@ void qcow_io_crash_die_after(struct qcow_io *io, uint64_t writes);
 
 static inline void qcow_io_close(struct qcow_io *io) { if (io) io->ops->close(io); }
 
+/* Writes len zero bytes at off (qcow_io_mem.c). */
+int qcow_io_write_zeros(struct qcow_io *io, uint64_t off, uint64_t len);
+
 #endif

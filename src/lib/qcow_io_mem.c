@@ -3,7 +3,8 @@
  * and the crash simulator built on it.
  *
  * Owns: the byte buffer of a memory file; for the simulator, the log of
- * writes since the last barrier.  Rules: one mutex per backend makes every
+ * writes since the last barrier; and qcow_io_write_zeros, which works on
+ * any backend.  Rules: one mutex per backend makes every
  * call atomic; punch writes zeros; the simulator's crash keeps, for each
  * unflushed write in order, a random subset of its 512-byte sectors.
  */
@@ -339,4 +340,17 @@ struct qcow_io *qcow_io_crash_crash(struct qcow_io *io, uint64_t seed)
 	m->dead = true;
 	pthread_mutex_unlock(&m->lock);
 	return out ? &out->io : NULL;
+}
+
+int qcow_io_write_zeros(struct qcow_io *io, uint64_t off, uint64_t len)
+{
+	static const uint8_t zeros[65536];
+	for (uint64_t done = 0; done < len;) {
+		size_t k = len - done < sizeof(zeros) ? (size_t)(len - done) : sizeof(zeros);
+		int ret = io->ops->pwrite(io, zeros, k, off + done);
+		if (ret)
+			return ret;
+		done += k;
+	}
+	return 0;
 }

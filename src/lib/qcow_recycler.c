@@ -68,15 +68,7 @@ static int erase_run(struct qcow_image *img, uint64_t first, uint64_t n)
 			return ret;
 		img->punch_supported = false;
 	}
-	static const uint8_t zeros[65536];
-	for (uint64_t done = 0; done < len;) {
-		size_t k = len - done < sizeof(zeros) ? (size_t)(len - done) : sizeof(zeros);
-		int ret = img->io->ops->pwrite(img->io, zeros, k, off + done);
-		if (ret)
-			return ret;
-		done += k;
-	}
-	return 0;
+	return qcow_io_write_zeros(img->io, off, len);
 }
 
 /* Erases up to ERASE_BATCH junk clusters, lowest first.  Called and

@@ -178,15 +178,23 @@ out:
 	return ret;
 }
 
-int qcow_scan_snapshot_l1s(struct qcow_io *io, const struct qcow_header *h, uint64_t file_size,
-			   struct qcow_snapshot_l1 **out, char *err, size_t errlen)
+struct snapshot_l1 {
+	uint64_t offset;
+	uint32_t entries;
+};
+
+/* Reads and validates the snapshot table: each snapshot's L1 location,
+ * and in *table_len the bytes up to the end of its last entry. */
+static int read_snapshot_table(struct qcow_io *io, const struct qcow_header *h, uint64_t file_size,
+			       struct snapshot_l1 **out, uint64_t *table_len, char *err, size_t errlen)
 {
 	uint64_t cs = 1ull << h->cluster_bits;
 	uint64_t pos = h->snapshots_offset;
 	*out = NULL;
+	*table_len = 0;
 	if (!h->nb_snapshots)
 		return 0;
-	struct qcow_snapshot_l1 *s = qcow_calloc(h->nb_snapshots, sizeof(*s));
+	struct snapshot_l1 *s = qcow_calloc(h->nb_snapshots, sizeof(*s));
 	if (!s)
 		return -ENOMEM;
 	for (uint32_t i = 0; i < h->nb_snapshots; i++) {
@@ -216,6 +224,7 @@ int qcow_scan_snapshot_l1s(struct qcow_io *io, const struct qcow_header *h, uint
 		pos += (40 + (uint64_t)extra + id_len + name_len + 7) & ~7ull;
 	}
 	*out = s;
+	*table_len = pos - h->snapshots_offset;
 	return 0;
 }
 
@@ -223,7 +232,7 @@ int qcow_scan(struct qcow_scan_geometry *g, const struct qcow_scan_visitor *v, c
 {
 	const struct qcow_header *h = g->hdr;
 	struct walk w = { .g = g, .v = v, .err = err, .errlen = errlen, .cs = 1ull << h->cluster_bits, .cb = h->cluster_bits };
-	struct qcow_snapshot_l1 *snaps = NULL;
+	struct snapshot_l1 *snaps = NULL;
 	uint8_t *buf = NULL, *l2buf = NULL;
 	int ret;
 
@@ -237,19 +246,11 @@ int qcow_scan(struct qcow_scan_geometry *g, const struct qcow_scan_visitor *v, c
 	if (ret)
 		goto out;
 	if (h->nb_snapshots) {
-		ret = qcow_scan_snapshot_l1s(g->io, h, h->file_size, &snaps, err, errlen);
+		uint64_t table_len;
+		ret = read_snapshot_table(g->io, h, h->file_size, &snaps, &table_len, err, errlen);
 		if (ret)
 			goto out;
-		/* the snapshot table spans up to the end of its last entry */
-		uint64_t pos = h->snapshots_offset;
-		for (uint32_t i = 0; i < h->nb_snapshots; i++) {
-			uint8_t e[40];
-			ret = g->io->ops->pread(g->io, e, sizeof(e), pos);
-			if (ret)
-				goto out;
-			pos += (40 + (uint64_t)qcow_get_be32(e + 36) + qcow_get_be16(e + 12) + qcow_get_be16(e + 14) + 7) & ~7ull;
-		}
-		ret = visit_table(&w, QREF_SNAPSHOT_TABLE, h->snapshots_offset, pos - h->snapshots_offset);
+		ret = visit_table(&w, QREF_SNAPSHOT_TABLE, h->snapshots_offset, table_len);
 		for (uint32_t i = 0; !ret && i < h->nb_snapshots; i++)
 			ret = visit_table(&w, QREF_SNAPSHOT_L1, snaps[i].offset, (uint64_t)snaps[i].entries * 8);
 		if (ret)
