@@ -129,11 +129,22 @@ struct qcow_stats {
 	double compact_progress;       /* 0..1 of the current compaction, 1 when idle */
 	bool punch_supported;          /* host file system can punch holes */
 	bool read_only;
+	/* errors and compaction outcome */
+	int last_error;                /* negative errno of the background error not yet
+	                                  recovered from (0: none; cleared by the next
+	                                  successful flush) */
+	bool failed;                   /* the engine could not be sure of its state after
+	                                  an I/O error: writes return -EIO until the image
+	                                  is opened again, and close reports the error */
+	uint64_t compactions_failed;   /* compaction passes that ended in an error */
+	uint64_t min_file_size;        /* the file size compaction could reach now (bytes) */
+	char blocker[160];             /* why the file cannot get below its current size,
+	                                  when it is above min_file_size ("" otherwise) */
 };
 void qcow_image_get_stats(struct qcow_image *img, struct qcow_stats *st);
 
 /* The status channel between the daemon and qcowctl: the daemon answers
- * getxattr("user.qcowfs.status") on the mountpoint with the text made by
+ * the QCOWFS_IOC_STATUS ioctl on the mounted view with the text made by
  * qcow_stats_format (one "key=value" line per field of struct qcow_stats,
  * keys are the field names); qcowctl parses it back.  format returns the
  * text length (excluding the NUL) or -ERANGE if len is too small; parse

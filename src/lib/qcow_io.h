@@ -64,6 +64,31 @@ uint64_t qcow_io_crash_barriers(struct qcow_io *io);
  * -EIO and be lost (the disk dies); 0 disables. */
 void qcow_io_crash_die_after(struct qcow_io *io, uint64_t writes);
 
+/* The fault injector (qcow_io_fault.c): wraps another backend (and owns
+ * it) and makes chosen calls fail, for the error-path tests.
+ *  - arm: the nth call (1 = the next) of any kind in ops from now fails
+ *    once with err (a negative errno), then calls work again; nth 0
+ *    disarms.  With QFAULT_TORN in ops a failing pwrite or copy first
+ *    writes a prefix of its range (a torn, failed write).
+ *  - space limit: every pwrite, copy or truncate that would make the file
+ *    longer than limit bytes fails with -ENOSPC (a full host disk) until
+ *    the limit is raised; UINT64_MAX = no limit.
+ *  - count: calls of the kinds in ops seen so far (failed ones included). */
+enum qcow_fault_op {
+	QFAULT_PREAD = 1, QFAULT_PWRITE = 2, QFAULT_FLUSH = 4, QFAULT_PUNCH = 8,
+	QFAULT_TRUNCATE = 16, QFAULT_COPY = 32,
+	QFAULT_ALL = 63,
+	QFAULT_TORN = 64,
+};
+struct qcow_io *qcow_io_fault_new(struct qcow_io *inner);
+void qcow_io_fault_arm(struct qcow_io *io, unsigned ops, uint64_t nth, int err);
+void qcow_io_fault_set_space_limit(struct qcow_io *io, uint64_t limit);
+uint64_t qcow_io_fault_count(struct qcow_io *io, unsigned ops);
+/* True once the armed fault has fired (and until the next arm). */
+bool qcow_io_fault_fired(struct qcow_io *io);
+/* The wrapped backend (to read its bytes in tests). */
+struct qcow_io *qcow_io_fault_inner(struct qcow_io *io);
+
 static inline void qcow_io_close(struct qcow_io *io) { if (io) io->ops->close(io); }
 
 /* Writes len zero bytes at off (qcow_io_mem.c). */
