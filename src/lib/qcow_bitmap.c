@@ -6,7 +6,7 @@
  */
 #include "config.h"
 #include "qcow_bitmap.h"
-#include "qcow_alloc.h"
+#include "qcow_mem.h"
 
 #include <errno.h>
 #include <string.h>

@@ -389,7 +389,7 @@ static int write_refblocks_up(struct qcow_image *img, struct flush_plan *p, uint
 	return ret;
 }
 
-int qcow_flush_locked(struct qcow_image *img)
+int qcow_flush_holding_flush_lock(struct qcow_image *img)
 {
 	struct flush_plan p;
 	struct qcow_io *io = img->io;
@@ -467,6 +467,16 @@ fail:
 	pthread_mutex_unlock(&img->lock);
 	qcow_free(finals);
 	plan_free(&p);
+	return ret;
+}
+
+int qcow_flush(struct qcow_image *img)
+{
+	if (img->read_only)
+		return 0;
+	pthread_mutex_lock(&img->flush_lock);
+	int ret = qcow_flush_holding_flush_lock(img);
+	pthread_mutex_unlock(&img->flush_lock);
 	return ret;
 }
 

@@ -587,7 +587,7 @@ static int maybe_autoflush(struct qcow_image *img, bool over)
 {
 	if (!over)
 		return 0;
-	return qcow_image_flush(img);
+	return qcow_flush(img);
 }
 
 /* Writes buf (NULL = zeros) at off; the shared body of write and of the
@@ -823,7 +823,7 @@ static int grow_l1(struct qcow_image *img, uint32_t new_entries)
 	 * Entries changed in memory since reach the new table with the next
 	 * flush, in protocol order (all its clusters are marked dirty below).
 	 * flush_lock is held, so no other flush writes the old table meanwhile. */
-	ret = qcow_flush_locked(img);
+	ret = qcow_flush_holding_flush_lock(img);
 	if (!ret)
 		ret = qcow_table_copy_durable(img, img->hdr.l1_table_offset, (uint64_t)img->hdr.l1_size * 8, start, nclusters);
 	if (ret)
@@ -884,7 +884,7 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 			img->hdr.l1_size = (uint32_t)need;
 			img->header_dirty = true;
 			pthread_mutex_unlock(&img->lock);
-			ret = qcow_flush_locked(img);
+			ret = qcow_flush_holding_flush_lock(img);
 		} else {
 			ret = grow_l1(img, (uint32_t)need);
 		}
@@ -895,7 +895,7 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 		img->virtual_size = new_size;
 		img->header_dirty = true;
 		pthread_mutex_unlock(&img->lock);
-		ret = qcow_flush_locked(img);
+		ret = qcow_flush_holding_flush_lock(img);
 	}
 	pthread_mutex_unlock(&img->flush_lock);
 	return ret;
@@ -905,12 +905,7 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 
 int qcow_image_flush(struct qcow_image *img)
 {
-	if (img->read_only)
-		return 0;
-	pthread_mutex_lock(&img->flush_lock);
-	int ret = qcow_flush_locked(img);
-	pthread_mutex_unlock(&img->flush_lock);
-	return ret;
+	return qcow_flush(img);
 }
 
 uint64_t qcow_image_size(struct qcow_image *img) { return img->virtual_size; }
@@ -1180,7 +1175,7 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 		}
 		if (repair) {
 			pthread_mutex_lock(&img->flush_lock);
-			ret = qcow_flush_locked(img);
+			ret = qcow_flush_holding_flush_lock(img);
 			pthread_mutex_unlock(&img->flush_lock);
 			if (ret) {
 				qcow_set_error(err, errlen, "cannot repair the image: %s", strerror(-ret));
@@ -1242,11 +1237,11 @@ int qcow_image_close(struct qcow_image *img)
 		pthread_mutex_lock(&img->flush_lock);
 		/* two flushes: the first completes moves whose pointers were
 		 * rewritten, the second writes the refcounts that frees */
-		ret = qcow_flush_locked(img);
+		ret = qcow_flush_holding_flush_lock(img);
 		pthread_mutex_lock(&img->lock);
 		qcow_retire_moves(img);
 		pthread_mutex_unlock(&img->lock);
-		int r = qcow_flush_locked(img);
+		int r = qcow_flush_holding_flush_lock(img);
 		if (!ret)
 			ret = r;
 		if (!ret)

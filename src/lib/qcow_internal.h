@@ -26,7 +26,7 @@
 #include <time.h>
 
 #include "qcow.h"
-#include "qcow_alloc.h"
+#include "qcow_mem.h"
 #include "qcow_cache.h"
 #include "qcow_format.h"
 #include "qcow_header.h"
@@ -192,7 +192,10 @@ uint64_t qcow_inflight_ticket(struct qcow_image *img);
 void qcow_inflight_wait_before(struct qcow_image *img, uint64_t ticket);
 
 /* qcow_flush.c */
-int qcow_flush_locked(struct qcow_image *img);   /* flush_lock held, img->lock not */
+/* The flush protocol.  qcow_flush takes flush_lock itself; the other is
+ * for callers that already hold flush_lock (and not img->lock). */
+int qcow_flush(struct qcow_image *img);
+int qcow_flush_holding_flush_lock(struct qcow_image *img);
 /* Compares the on-disk refcounts with the map; marks differing blocks
  * dirty.  Returns the number of clusters that differ, or -errno. */
 int64_t qcow_refcounts_compare(struct qcow_image *img);

@@ -435,7 +435,7 @@ static int64_t compact_batch(struct qcow_image *img)
 	phase_hook(img, QMOVE_COPIED);
 
 	if (ret == 0)
-		ret = qcow_image_flush(img);      /* Copied -> Flushed */
+		ret = qcow_flush(img);      /* Copied -> Flushed */
 	if (ret == 0) {
 		phase_hook(img, QMOVE_FLUSHED);
 		pthread_mutex_lock(&img->flush_lock);
@@ -446,7 +446,7 @@ static int64_t compact_batch(struct qcow_image *img)
 		assert_map(img);
 		pthread_mutex_unlock(&img->lock);
 		phase_hook(img, QMOVE_REFERENCED);
-		ret = qcow_flush_locked(img);     /* Referenced -> complete */
+		ret = qcow_flush_holding_flush_lock(img);     /* Referenced -> complete */
 		pthread_mutex_unlock(&img->flush_lock);
 	}
 	pthread_mutex_lock(&img->lock);
@@ -515,7 +515,7 @@ static int relocate_one_table(struct qcow_image *img, bool l1)
 	 * its entries point to structures whose refcounts are durable, while
 	 * entries changed in memory since reach the new place with the next
 	 * flush (all its clusters are marked dirty after the switch) */
-	ret = qcow_flush_locked(img);
+	ret = qcow_flush_holding_flush_lock(img);
 	if (!ret)
 		ret = qcow_table_copy_durable(img, old_off, bytes, start, n);
 	if (ret) {
@@ -563,7 +563,7 @@ static int erase_all_junk(struct qcow_image *img)
 		}
 	}
 	pthread_mutex_unlock(&img->lock);
-	return qcow_image_flush(img);   /* Erased -> Available */
+	return qcow_flush(img);   /* Erased -> Available */
 }
 
 /* Runs batches until nothing moves.  progress in 0..1 is published in
@@ -620,7 +620,7 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 		pthread_mutex_lock(&img->flush_lock);
 		ret = qcow_truncate_tail(img);
 		if (ret == 0)
-			ret = qcow_flush_locked(img);
+			ret = qcow_flush_holding_flush_lock(img);
 		pthread_mutex_unlock(&img->flush_lock);
 	}
 	pthread_mutex_lock(&img->lock);
@@ -679,7 +679,7 @@ static void *recycler_main(void *arg)
 		if (img->map.count[QCS_ERASED] && !busy) {
 			/* make erased clusters allocatable */
 			pthread_mutex_unlock(&img->lock);
-			int ret = qcow_image_flush(img);
+			int ret = qcow_flush(img);
 			pthread_mutex_lock(&img->lock);
 			if (ret)
 				qcow_note_error(img, ret);

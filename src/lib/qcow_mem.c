@@ -1,10 +1,10 @@
 /*
- * qcow_alloc.c - allocation wrapper: jemalloc when configured, else libc.
+ * qcow_mem.c - allocation wrapper: jemalloc when configured, else libc.
  *
  * Owns: the choice of allocator.  Rule: no other file calls malloc/free.
  */
 #include "config.h"
-#include "qcow_alloc.h"
+#include "qcow_mem.h"
 #include "qcow.h"
 
 #include <stdlib.h>

@@ -1,5 +1,5 @@
 /*
- * qcow_alloc.h - the one allocation wrapper of libqcow.
+ * qcow_mem.h - the one allocation wrapper of libqcow.
  *
  * Every allocation of the engine goes through these functions so that a
  * build can switch between jemalloc (production: low fragmentation for the
@@ -7,8 +7,8 @@
  * and Valgrind).  They return NULL on failure; callers turn that into
  * -ENOMEM.  Nothing here aborts.
  */
-#ifndef QCOW_ALLOC_H
-#define QCOW_ALLOC_H
+#ifndef QCOW_MEM_H
+#define QCOW_MEM_H
 #include <stddef.h>
 
 void *qcow_malloc(size_t n);
