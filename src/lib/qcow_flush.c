@@ -457,9 +457,10 @@ int qcow_flush_holding_flush_lock(struct qcow_image *img)
 	pthread_mutex_unlock(&img->lock);
 	qcow_free(finals);
 	plan_free(&p);
+	qcow_health_flush_ok(img);
 	return 0;
 fail:
-	qcow_logf(QCOW_LOG_ERROR, "%s: flush failed: %s", io->name, strerror(-ret));
+	qcow_note_error(img, ret, "flush");
 	pthread_mutex_lock(&img->lock);
 	for (size_t i = 0; i < p.nl2; i++)
 		qcow_cache_writeback_end(&img->cache, p.l2[i].entry);

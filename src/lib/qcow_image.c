@@ -67,12 +67,6 @@ void qcow_inflight_wait_before(struct qcow_image *img, uint64_t ticket)
 	pthread_mutex_unlock(&img->lock);
 }
 
-void qcow_note_error(struct qcow_image *img, int err)
-{
-	if (err < 0 && !img->last_error)
-		img->last_error = err;
-}
-
 /* ---- metadata access ----------------------------------------------- */
 
 struct qcow_cached *qcow_l2_get(struct qcow_image *img, uint64_t l2_cluster, int *ret)
@@ -850,7 +844,7 @@ static int grow_l1(struct qcow_image *img, uint32_t new_entries)
 		ret = img->io->ops->flush(img->io);
 	if (ret) {
 		/* which header is on disk is unknown: keep both tables */
-		qcow_note_error(img, ret);
+		qcow_note_error(img, ret, "switching to the grown L1 table");
 		return ret;
 	}
 	pthread_mutex_lock(&img->lock);
@@ -942,6 +936,7 @@ void qcow_image_get_stats(struct qcow_image *img, struct qcow_stats *st)
 	st->punch_supported = img->punch_supported;
 	st->read_only = img->read_only;
 	pthread_mutex_unlock(&img->lock);
+	qcow_health_get(img, &st->last_error, &st->failed);
 }
 
 /* ---- open and close ----------------------------------------------------- */
@@ -1042,6 +1037,7 @@ static void image_free(struct qcow_image *img)
 	qcow_header_free(&img->hdr);
 	pthread_mutex_destroy(&img->lock);
 	pthread_mutex_destroy(&img->flush_lock);
+	pthread_mutex_destroy(&img->err_lock);
 	pthread_cond_destroy(&img->inflight_done);
 	pthread_cond_destroy(&img->truncate_done);
 	pthread_cond_destroy(&img->recycler_wake);
@@ -1101,6 +1097,7 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 	img->read_only = opts.read_only;
 	pthread_mutex_init(&img->lock, NULL);
 	pthread_mutex_init(&img->flush_lock, NULL);
+	pthread_mutex_init(&img->err_lock, NULL);
 	pthread_cond_init(&img->inflight_done, NULL);
 	pthread_cond_init(&img->truncate_done, NULL);
 	pthread_cond_init(&img->recycler_wake, NULL);
@@ -1249,8 +1246,9 @@ int qcow_image_close(struct qcow_image *img)
 		if (!ret)
 			ret = img->io->ops->flush(img->io);
 		pthread_mutex_unlock(&img->flush_lock);
-		if (!ret && img->last_error)
-			ret = img->last_error;
+		int failed = qcow_health_failed(img);
+		if (failed)
+			ret = failed;
 	}
 	qcow_io_close(img->io);
 	img->io = NULL;

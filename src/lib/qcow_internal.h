@@ -9,7 +9,9 @@
  *                        metadata cache, the in-flight list and the
  *                        counters; held only for short sections (the one
  *                        exception: a metadata cache miss reads one cluster)
- *   3. backend locks     inside struct qcow_io, never held across calls
+ *   3. img->err_lock     the health fields (qcow_health.c); held for a few
+ *                        instructions, nothing is taken under it
+ *   4. backend locks     inside struct qcow_io, never held across calls
  * Guest data I/O is done with no engine lock held.  Instead every guest
  * request registers itself in the in-flight list while its physical
  * extents are in use; the recycler waits for a grace period
@@ -102,7 +104,12 @@ struct qcow_image {
 	double compact_progress;
 	uint64_t compact_generation;     /* bumped when a requested pass ends */
 	uint64_t last_discard_ms;
-	int last_error;                  /* sticky error from background work */
+	/* health (qcow_health.c, under err_lock) */
+	pthread_mutex_t err_lock;
+	int last_error;                  /* background error not yet cleared by a flush */
+	const char *last_error_what;     /* what failed (a string literal), for the log */
+	bool failed;                     /* state uncertain: writes refused until reopened */
+	int failed_error;
 
 	/* test hook: called by the compactor after each move phase with the
 	 * state the batch's moves reached (crash tests arm the simulator) */
@@ -156,7 +163,14 @@ struct qcow_cached *qcow_l2_get(struct qcow_image *img, uint64_t l2_cluster, int
 void qcow_l2_set_entry(struct qcow_image *img, struct qcow_cached *t, uint64_t idx, uint64_t v);
 int qcow_alloc_cluster(struct qcow_image *img, uint64_t *out);
 int qcow_alloc_contiguous(struct qcow_image *img, uint64_t n, uint64_t *out);
-void qcow_note_error(struct qcow_image *img, int err);
+
+/* qcow_health.c: background errors and the failed state (see there).
+ * what is a string literal naming the operation ("compaction"). */
+void qcow_note_error(struct qcow_image *img, int err, const char *what);
+void qcow_set_failed(struct qcow_image *img, int err, const char *what);
+int qcow_health_failed(struct qcow_image *img);    /* 0, or the error that failed it */
+void qcow_health_flush_ok(struct qcow_image *img);
+void qcow_health_get(struct qcow_image *img, int *last_error, bool *failed);
 
 /* Relocating a table (qcow_image.c), flush_lock held: copy_durable copies
  * bytes of the table at old_off as they are on disk into the n clusters at

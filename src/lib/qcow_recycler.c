@@ -117,8 +117,7 @@ static int64_t erase_batch(struct qcow_image *img)
 	}
 	qcow_free(taken);
 	if (ret) {
-		qcow_logf(QCOW_LOG_ERROR, "%s: erasing junk clusters failed: %s", img->io->name, strerror(-ret));
-		qcow_note_error(img, ret);
+		qcow_note_error(img, ret, "erasing junk clusters");
 		return ret;
 	}
 	return (int64_t)n;
@@ -462,7 +461,7 @@ out:
 	qcow_free(b.src);
 	qcow_free(b.dst);
 	if (ret) {
-		qcow_note_error(img, ret);
+		qcow_note_error(img, ret, "compaction");
 		return ret;
 	}
 	/* a batch whose moves were all cancelled still made progress
@@ -538,7 +537,7 @@ static int relocate_one_table(struct qcow_image *img, bool l1)
 	if (ret) {
 		/* we cannot know which header is on disk: keep both tables */
 		pthread_mutex_unlock(&img->flush_lock);
-		qcow_note_error(img, ret);
+		qcow_note_error(img, ret, "switching to a moved table");
 		return ret;
 	}
 	pthread_mutex_lock(&img->lock);
@@ -682,7 +681,7 @@ static void *recycler_main(void *arg)
 			int ret = qcow_flush(img);
 			pthread_mutex_lock(&img->lock);
 			if (ret)
-				qcow_note_error(img, ret);
+				qcow_note_error(img, ret, "flushing erased clusters");
 			busy = ret == 0;
 		}
 		if (!busy && should_compact(img)) {
@@ -691,7 +690,7 @@ static void *recycler_main(void *arg)
 			int ret = qcow_compact_run(img, NULL, NULL);
 			pthread_mutex_lock(&img->lock);
 			if (ret)
-				qcow_logf(QCOW_LOG_ERROR, "%s: compaction failed: %s", img->io->name, strerror(-ret));
+				qcow_note_error(img, ret, "compaction");
 			img->compact_generation++;
 			pthread_cond_broadcast(&img->compact_done);
 			continue;
@@ -762,8 +761,10 @@ int qcow_image_compact(struct qcow_image *img, void (*progress)(double, void *),
 			progress(p, opaque);
 		pthread_mutex_lock(&img->lock);
 	}
-	int ret = img->last_error;
 	pthread_mutex_unlock(&img->lock);
+	int ret;
+	bool failed;
+	qcow_health_get(img, &ret, &failed);
 	if (progress)
 		progress(1.0, opaque);
 	return ret;
