@@ -94,8 +94,8 @@ void qcow_cache_remove(struct qcow_cache *c, struct qcow_cached *e)
 	unlink_entry(c, e);
 	e->valid = false;
 	c->nvalid--;
-	if (e->writeback) {
-		/* a flush still holds it: recycle it when the flush lets go */
+	if (e->pins) {
+		/* someone still holds it: recycle it at the last unpin */
 		e->zombie = true;
 		return;
 	}
@@ -103,14 +103,15 @@ void qcow_cache_remove(struct qcow_cache *c, struct qcow_cached *e)
 	c->free_list = e;
 }
 
-void qcow_cache_writeback_begin(struct qcow_cache *c, struct qcow_cached *e)
+void qcow_cache_pin(struct qcow_cache *c, struct qcow_cached *e)
 {
-	e->writeback++;
+	(void)c;
+	e->pins++;
 }
 
-void qcow_cache_writeback_end(struct qcow_cache *c, struct qcow_cached *e)
+void qcow_cache_unpin(struct qcow_cache *c, struct qcow_cached *e)
 {
-	if (--e->writeback == 0 && e->zombie) {
+	if (--e->pins == 0 && e->zombie) {
 		e->zombie = false;
 		e->hash_next = c->free_list;
 		c->free_list = e;
@@ -138,7 +139,7 @@ static struct qcow_cached *free_entry(struct qcow_cache *c)
 		for (size_t n = 0; n < 2 * c->nslots; n++) {
 			struct qcow_cached *e = c->slots[c->clock_hand];
 			c->clock_hand = (c->clock_hand + 1) % c->nslots;
-			if (!e->valid || e->dirty || e->writeback)
+			if (!e->valid || e->dirty || e->pins)
 				continue;
 			if (e->recently_used) {
 				e->recently_used = false;
@@ -176,7 +177,7 @@ struct qcow_cached *qcow_cache_insert(struct qcow_cache *c, uint64_t cluster)
 	e->cluster = cluster;
 	e->valid = true;
 	e->dirty = false;
-	e->writeback = 0;
+	e->pins = 0;
 	e->recently_used = true;
 	c->nvalid++;
 	link_entry(c, e);

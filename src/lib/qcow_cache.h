@@ -2,12 +2,21 @@
  * qcow_cache.h - the metadata cache: L2 tables by host cluster.
  *
  * Owns: cluster-sized buffers in on-disk (big-endian) format, keyed by the
- * host cluster index, with a dirty flag and a writeback pin.  Rules:
+ * host cluster index, with a dirty flag and a pin count.  Rules:
  *  - Only used under the image lock; buffers are never handed out of it.
- *  - Dirty entries and entries whose old contents a flush is writing
- *    (writeback > 0) are never evicted: a reload from disk would be stale.
- *  - When every entry is pinned the cache grows past its budget instead of
- *    failing; the image flushes soon after (qcow_cache_over_budget).
+ *  - PINNED HANDLES: code that keeps an entry across a call that may
+ *    insert, evict, allocate a cluster or drop img->lock pins it first
+ *    (qcow_cache_pin) and unpins it after.  Eviction never reuses a pinned
+ *    entry, and removing a pinned entry only unhashes it (a zombie): its
+ *    buffer stays valid and is recycled when the last pin goes (as
+ *    SQLite's pager never recycles a referenced page).  A handle held only
+ *    inside one critical section with no such call needs no pin.
+ *  - Dirty entries are never evicted (a reload from disk would be stale);
+ *    a flush pins the entries whose old contents it is writing, for the
+ *    same reason.
+ *  - When every entry is pinned or dirty the cache grows past its budget
+ *    instead of failing; the image flushes soon after
+ *    (qcow_cache_over_budget).
  */
 #ifndef QCOW_CACHE_H
 #define QCOW_CACHE_H
@@ -21,8 +30,8 @@ struct qcow_cached {
 	bool valid;
 	bool dirty;
 	bool recently_used;
-	bool zombie;          /* removed while a flush still writes its old contents */
-	unsigned writeback;
+	bool zombie;          /* removed while pinned: recycled at the last unpin */
+	unsigned pins;
 	struct qcow_cached *hash_next;   /* chain in the bucket, or the free list */
 };
 
@@ -48,8 +57,8 @@ void qcow_cache_remove(struct qcow_cache *c, struct qcow_cached *e);
 void qcow_cache_rekey(struct qcow_cache *c, struct qcow_cached *e, uint64_t cluster);
 void qcow_cache_set_dirty(struct qcow_cache *c, struct qcow_cached *e, bool dirty);
 bool qcow_cache_over_budget(const struct qcow_cache *c);
-/* A flush took a copy of e to write it: pin / unpin it. */
-void qcow_cache_writeback_begin(struct qcow_cache *c, struct qcow_cached *e);
-void qcow_cache_writeback_end(struct qcow_cache *c, struct qcow_cached *e);
+/* Pins e against eviction and reuse (see the rules above) / lets it go. */
+void qcow_cache_pin(struct qcow_cache *c, struct qcow_cached *e);
+void qcow_cache_unpin(struct qcow_cache *c, struct qcow_cached *e);
 
 #endif

@@ -42,8 +42,15 @@ int qcow_create(const char *path, const struct qcow_create_opts *o, char *err, s
 	}
 	uint64_t cs = 1ull << o->cluster_bits;
 	uint64_t per_l1 = (cs / 8) * cs;
-	uint64_t l1_entries = o->size / per_l1 + (o->size % per_l1 != 0);
-	if (l1_entries * 8 > QCOW_MAX_L1_BYTES || o->size > (1ull << 62)) {
+	if (o->size > (1ull << 62)) {
+		qcow_set_error(err, errlen, "virtual size %" PRIu64 " is too large", o->size);
+		return -EFBIG;
+	}
+	/* rounded up to whole 512-byte sectors, as qemu-img create does: QEMU
+	 * would not see a partial sector */
+	uint64_t size = (o->size + 511) & ~511ull;
+	uint64_t l1_entries = size / per_l1 + (size % per_l1 != 0);
+	if (l1_entries * 8 > QCOW_MAX_L1_BYTES) {
 		qcow_set_error(err, errlen, "virtual size %" PRIu64 " is too large for %" PRIu64 "-byte clusters", o->size, cs);
 		return -EFBIG;
 	}
@@ -73,7 +80,7 @@ int qcow_create(const char *path, const struct qcow_create_opts *o, char *err, s
 	qcow_put_be32(f + QH_MAGIC, QCOW_MAGIC);
 	qcow_put_be32(f + QH_VERSION, o->version);
 	qcow_put_be32(f + QH_CLUSTER_BITS, o->cluster_bits);
-	qcow_put_be64(f + QH_SIZE, o->size);
+	qcow_put_be64(f + QH_SIZE, size);
 	qcow_put_be32(f + QH_L1_SIZE, (uint32_t)l1_entries);
 	qcow_put_be64(f + QH_L1_OFFSET, l1_off);
 	qcow_put_be64(f + QH_REFTABLE_OFFSET, rt_off);

@@ -57,9 +57,11 @@ struct flush_plan {
 	unsigned header_len;
 	bool write_header;
 	bool data_dirty;
-	/* refcount table relocation */
-	bool new_reftable;
-	uint64_t old_reftable_off, old_reftable_clusters;
+	/* the header's refcount table fields must be written in step 1 */
+	bool switch_reftable;
+	/* old table clusters to free once the header written here is durable */
+	struct qcow_extent *pending_free;
+	size_t npending_free;
 	uint64_t *erased;
 	size_t nerased;
 };
@@ -76,6 +78,7 @@ static void plan_free(struct flush_plan *p)
 	qcow_free(p->l2);
 	qcow_free(p->meta);
 	qcow_free(p->erased);
+	qcow_free(p->pending_free);
 }
 
 static bool block_has_refs(struct qcow_image *img, uint64_t b)
@@ -88,8 +91,10 @@ static bool block_has_refs(struct qcow_image *img, uint64_t b)
 	return false;
 }
 
-/* Replaces the refcount table by a bigger one covering `need` blocks. */
-static int grow_reftable(struct qcow_image *img, uint64_t need, struct flush_plan *p)
+/* Replaces the refcount table by a bigger one covering `need` blocks.
+ * The switch is pending until a flush has written it (step 1); the old
+ * table stays allocated until then. */
+static int grow_reftable(struct qcow_image *img, uint64_t need)
 {
 	uint64_t cs = img->cluster_size;
 	uint64_t old_clusters = img->hdr.refcount_table_clusters;
@@ -112,17 +117,14 @@ static int grow_reftable(struct qcow_image *img, uint64_t need, struct flush_pla
 			qcow_map_set_state(&img->map, start + i, QCS_AVAILABLE);
 		return -ENOMEM;
 	}
-	memcpy(t, img->reftable, img->reftable_entries * 8);
-	if (!p->new_reftable) {
-		p->new_reftable = true;
-		p->old_reftable_off = img->hdr.refcount_table_offset;
-		p->old_reftable_clusters = old_clusters;
-	} else {
-		/* grown twice before the first switch: the intermediate table
-		 * was never published, give it back */
-		for (uint64_t i = 0; i < old_clusters; i++)
-			qcow_map_set_state(&img->map, (img->hdr.refcount_table_offset >> img->cluster_bits) + i, QCS_JUNK);
+	if (qcow_pending_free_add(img, img->hdr.refcount_table_offset >> img->cluster_bits, old_clusters)) {
+		qcow_free(t);
+		for (uint64_t i = 0; i < clusters; i++)
+			qcow_map_set_state(&img->map, start + i, QCS_AVAILABLE);
+		return -ENOMEM;
 	}
+	memcpy(t, img->reftable, img->reftable_entries * 8);
+	img->reftable_switch_pending = true;
 	qcow_free(img->reftable);
 	img->reftable = t;
 	img->reftable_entries = entries;
@@ -139,7 +141,7 @@ static int grow_reftable(struct qcow_image *img, uint64_t need, struct flush_pla
 /* Gives every dirty refcount block with something to count a home,
  * growing the refcount table if needed; repeats until nothing changes,
  * since new blocks and tables need counting themselves. */
-static int ensure_refblocks(struct qcow_image *img, struct flush_plan *p)
+static int ensure_refblocks(struct qcow_image *img)
 {
 	bool changed = true;
 	while (changed) {
@@ -165,7 +167,7 @@ static int ensure_refblocks(struct qcow_image *img, struct flush_plan *p)
 			changed = true;
 		}
 		if (need) {
-			int ret = grow_reftable(img, need, p);
+			int ret = grow_reftable(img, need);
 			if (ret)
 				return ret;
 			changed = true;
@@ -198,7 +200,7 @@ static int plan_meta(struct flush_plan *p, bool reftable, uint64_t off, const ui
 static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 {
 	uint64_t cs = img->cluster_size;
-	int ret = ensure_refblocks(img, p);
+	int ret = ensure_refblocks(img);
 	if (ret)
 		return ret;
 
@@ -272,6 +274,16 @@ static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 			return ret;
 		qcow_bitmap_clear(&img->l1_dirty, k);
 	}
+	/* a refcount table switch still to be written, and the old tables
+	 * that may be freed once the header written here is durable */
+	p->switch_reftable = img->reftable_switch_pending;
+	img->reftable_switch_pending = false;
+	if (img->pending_free_len && (img->header_dirty || p->switch_reftable)) {
+		p->pending_free = img->pending_free;
+		p->npending_free = img->pending_free_len;
+		img->pending_free = NULL;
+		img->pending_free_len = 0;
+	}
 	/* header fields */
 	if (img->header_dirty) {
 		qcow_header_encode(&img->hdr);
@@ -294,7 +306,9 @@ static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 			return -ENOMEM;
 		memcpy(copy, e->data, cs);
 		qcow_cache_set_dirty(&img->cache, e, false);
-		qcow_cache_writeback_begin(&img->cache, e);
+		/* a miss must not reload it from disk while the old contents
+		 * are being written */
+		qcow_cache_pin(&img->cache, e);
 		p->l2[p->nl2++] = (struct l2_item){ .entry = e, .host = e->cluster << img->cluster_bits, .copy = copy };
 	}
 	/* erased clusters become available when this flush ends */
@@ -334,6 +348,12 @@ static void undo_snapshot(struct qcow_image *img, struct flush_plan *p)
 	}
 	if (p->write_header)
 		img->header_dirty = true;
+	if (p->switch_reftable)
+		img->reftable_switch_pending = true;
+	for (size_t i = 0; i < p->npending_free; i++)
+		if (qcow_pending_free_add(img, p->pending_free[i].first, p->pending_free[i].n))
+			qcow_logf(QCOW_LOG_WARNING, "out of memory: an old table at cluster %" PRIu64 " stays allocated (a leak)",
+				  p->pending_free[i].first);
 	if (p->data_dirty)
 		img->data_dirty = true;
 	for (size_t i = 0; i < p->nerased; i++) {
@@ -361,9 +381,20 @@ static void finish_flush(struct qcow_image *img, struct flush_plan *p)
 		else if (mv->state == QMOVE_REFERENCED)
 			qcow_map_move_complete(&img->map, mv);
 	}
-	if (p->new_reftable)
-		for (uint64_t i = 0; i < p->old_reftable_clusters; i++)
-			qcow_map_drop_ref(&img->map, (p->old_reftable_off >> img->cluster_bits) + i);
+	for (size_t i = 0; i < p->npending_free; i++)
+		for (uint64_t k = 0; k < p->pending_free[i].n; k++)
+			qcow_map_drop_ref(&img->map, p->pending_free[i].first + k);
+}
+
+/* A sync that fails may have lost writes the kernel already dropped
+ * (a later sync can then succeed without them): the engine can no longer
+ * be sure of the image and stops writing (qcow_health.c). */
+static int sync_or_fail(struct qcow_image *img)
+{
+	int ret = img->io->ops->flush(img->io);
+	if (ret)
+		qcow_set_failed(img, ret, "sync");
+	return ret;
 }
 
 static int write_refblocks_up(struct qcow_image *img, struct flush_plan *p, uint8_t **finals_needed, bool *wrote)
@@ -400,6 +431,8 @@ int qcow_flush_holding_flush_lock(struct qcow_image *img)
 	if (img->read_only)
 		return 0;
 	memset(&p, 0, sizeof(p));
+	if (qcow_health_failed(img))
+		return -EIO;   /* nothing more may be written: see qcow_health.c */
 	pthread_mutex_lock(&img->lock);
 	ret = take_snapshot(img, &p);
 	pthread_mutex_unlock(&img->lock);
@@ -419,8 +452,9 @@ int qcow_flush_holding_flush_lock(struct qcow_image *img)
 		ret = io->ops->pwrite(io, p.meta[i].copy, p.meta[i].len, p.meta[i].off);
 		wrote = true;
 	}
-	if (ret == 0 && p.new_reftable) {
-		ret = io->ops->flush(io);
+	if (ret == 0 && p.switch_reftable) {
+		/* the new table and its blocks durable, then the header */
+		ret = sync_or_fail(img);
 		if (ret == 0)
 			ret = qcow_header_write_fields(io, &img->hdr, QH_REFTABLE_OFFSET, 12);
 	}
@@ -429,8 +463,8 @@ int qcow_flush_holding_flush_lock(struct qcow_image *img)
 	for (size_t i = 0; i < p.nmeta; i++)
 		if (!p.meta[i].reftable)
 			pointers = true;
-	if (ret == 0 && (wrote || p.data_dirty || pointers || p.new_reftable))
-		ret = io->ops->flush(io);
+	if (ret == 0 && (wrote || p.data_dirty || pointers || p.switch_reftable))
+		ret = sync_or_fail(img);
 	/* 3. pointers */
 	for (size_t i = 0; ret == 0 && i < p.nl2; i++)
 		ret = io->ops->pwrite(io, p.l2[i].copy, img->cluster_size, p.l2[i].host);
@@ -441,7 +475,7 @@ int qcow_flush_holding_flush_lock(struct qcow_image *img)
 		ret = io->ops->pwrite(io, p.header, p.header_len, 0);
 	/* 4. pointers durable */
 	if (ret == 0 && pointers)
-		ret = io->ops->flush(io);
+		ret = sync_or_fail(img);
 	/* 5. lower refcounts: a crash from here on only leaks */
 	for (size_t i = 0; ret == 0 && i < p.nrb; i++)
 		if (finals[i])
@@ -451,7 +485,7 @@ int qcow_flush_holding_flush_lock(struct qcow_image *img)
 
 	pthread_mutex_lock(&img->lock);
 	for (size_t i = 0; i < p.nl2; i++)
-		qcow_cache_writeback_end(&img->cache, p.l2[i].entry);
+		qcow_cache_unpin(&img->cache, p.l2[i].entry);
 	finish_flush(img, &p);
 	pthread_cond_broadcast(&img->recycler_wake);
 	pthread_mutex_unlock(&img->lock);
@@ -463,7 +497,7 @@ fail:
 	qcow_note_error(img, ret, "flush");
 	pthread_mutex_lock(&img->lock);
 	for (size_t i = 0; i < p.nl2; i++)
-		qcow_cache_writeback_end(&img->cache, p.l2[i].entry);
+		qcow_cache_unpin(&img->cache, p.l2[i].entry);
 	undo_snapshot(img, &p);
 	pthread_mutex_unlock(&img->lock);
 	qcow_free(finals);

@@ -1,246 +1,45 @@
 /*
- * qcow_image.c - the engine API: open/close, guest reads and writes,
- * discard and zero, resize, SEEK_DATA/SEEK_HOLE and statistics.
+ * qcow_image.c - the engine API: guest reads and writes, discard and
+ * zero, resize, SEEK_DATA/SEEK_HOLE and statistics.  (Opening and closing
+ * are in qcow_open.c.)
  *
- * Owns: the translation of guest byte ranges into physical extents, the
- * active L1/L2 tables (through the cache), allocation, and the in-flight
- * registry.  Rules (DESIGN.md sections 3, 5 and 7; lock order in
- * qcow_internal.h):
- *  - A request resolves its extents under img->lock, registers itself in
- *    the in-flight list in the same critical section, drops the lock for
- *    the data I/O, and unregisters afterwards.
- *  - New clusters come only from Available (or a grown file tail) and are
- *    linked into their L2 table at once, so two writers of one guest
- *    cluster always share one host cluster, and a crash leaves zeros, not
- *    stale data, behind a durable pointer (invariant 2).
+ * Owns: the translation of guest byte ranges into physical extents and
+ * the order of a guest write.  Layering: this file is the top of the
+ * engine; it calls the recycler (kick), relocation, flush and the
+ * services (tables, allocation, in-flight registry, compressed clusters),
+ * and nothing below calls back up into it.  Rules (doc/design.md, "guest
+ * I/O"; lock order in qcow_internal.h):
+ *  - A request resolves its extents under img->lock, registers in the
+ *    in-flight list in the same critical section, drops the lock for the
+ *    data I/O, and unregisters afterwards.
+ *  - No waits inside a resolved request: when a request must wait (for a
+ *    truncation to end, or for another write that is filling the same new
+ *    guest cluster), it gives back everything it resolved, waits, and
+ *    resolves again from the start.
+ *  - A write that needs a new host cluster (the guest cluster is
+ *    unallocated, zero, compressed, or shared with a snapshot) writes the
+ *    new cluster first and links it into its L2 entry only after the data
+ *    is written: if the write fails, the entry still points at the old
+ *    contents, and the new cluster goes to Junk.  The write claims the
+ *    guest cluster meanwhile (qcow_inflight.c), so a second writer of the
+ *    same guest cluster waits instead of filling a cluster of its own.  If
+ *    the entry changed before the link (a discard, a move), the request
+ *    starts again.
  *  - A write to a move source cancels the move; any change to an L2 table
  *    cancels a move of that table.
- *  - Copy-on-write (shared, compressed or zero-allocated clusters) fills
- *    the new cluster under the lock before linking it: rare, and it keeps
- *    concurrent writers of the same guest cluster from racing the fill.
  */
 #include "config.h"
 #include "qcow_internal.h"
-#include "qcow_lock.h"
 
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
-#include <zlib.h>
 
 #define DISCARD_BATCH_CLUSTERS 4096u
 
-/* ---- in-flight registry ------------------------------------------- */
-
-void qcow_inflight_begin(struct qcow_image *img, struct qcow_inflight *req)
-{
-	struct qcow_inflight *head = &img->inflight_head;
-	req->ticket = ++img->next_ticket;
-	req->next = head;
-	req->prev = head->prev;
-	head->prev->next = req;
-	head->prev = req;
-}
-
-void qcow_inflight_end(struct qcow_image *img, struct qcow_inflight *req)
-{
-	req->prev->next = req->next;
-	req->next->prev = req->prev;
-	if (img->inflight_waiters)
-		pthread_cond_broadcast(&img->inflight_done);
-}
-
-uint64_t qcow_inflight_ticket(struct qcow_image *img)
-{
-	return ++img->next_ticket;
-}
-
-void qcow_inflight_wait_before(struct qcow_image *img, uint64_t ticket)
-{
-	pthread_mutex_lock(&img->lock);
-	img->inflight_waiters++;
-	while (img->inflight_head.next != &img->inflight_head && img->inflight_head.next->ticket < ticket)
-		pthread_cond_wait(&img->inflight_done, &img->lock);
-	img->inflight_waiters--;
-	pthread_mutex_unlock(&img->lock);
-}
-
-/* ---- metadata access ----------------------------------------------- */
-
-struct qcow_cached *qcow_l2_get(struct qcow_image *img, uint64_t l2_cluster, int *ret)
-{
-	struct qcow_cached *e = qcow_cache_find(&img->cache, l2_cluster);
-	*ret = 0;
-	if (e)
-		return e;
-	e = qcow_cache_insert(&img->cache, l2_cluster);
-	if (!e) {
-		*ret = -ENOMEM;
-		return NULL;
-	}
-	/* A miss reads under the lock: no flush can be writing this table
-	 * (tables being written are pinned in the cache), so the disk copy is
-	 * current. */
-	*ret = img->io->ops->pread(img->io, e->data, img->cluster_size, l2_cluster << img->cluster_bits);
-	if (*ret < 0) {
-		qcow_logf(QCOW_LOG_ERROR, "cannot read L2 table at 0x%" PRIx64 ": %s",
-			  l2_cluster << img->cluster_bits, strerror(-*ret));
-		qcow_cache_remove(&img->cache, e);
-		return NULL;
-	}
-	return e;
-}
-
-static uint64_t l2_entry(const struct qcow_cached *t, uint64_t idx)
-{
-	return qcow_get_be64(t->data + idx * 8);
-}
-
-void qcow_l2_set_entry(struct qcow_image *img, struct qcow_cached *t, uint64_t idx, uint64_t v)
-{
-	qcow_put_be64(t->data + idx * 8, v);
-	qcow_cache_set_dirty(&img->cache, t, true);
-	/* the table's contents changed: a copy made by a move is stale */
-	qcow_map_move_cancel(&img->map, t->cluster);
-}
-
-static void l1_set(struct qcow_image *img, uint64_t idx, uint64_t v)
-{
-	img->l1[idx] = v;
-	qcow_bitmap_set(&img->l1_dirty, (idx * 8) >> img->cluster_bits);
-}
-
-/* ---- allocation ------------------------------------------------------ */
-
-/* Grows the file (and the map) so that at least n new clusters exist at
- * its end; they read as zeros and are Available.  The size change becomes
- * durable with the next flush's first sync, before any pointer to the new
- * clusters is written (so no durable pointer ever lies past the end of the
- * file). */
-static int grow_file(struct qcow_image *img, uint64_t n)
-{
-	while (img->truncating)
-		pthread_cond_wait(&img->truncate_done, &img->lock);
-	uint64_t old = img->map.nclusters;
-	uint64_t chunk = (old / 16) ?: 1;
-	uint64_t min_chunk = (1u << 20) >> img->cluster_bits, max_chunk = (64u << 20) >> img->cluster_bits;
-	if (chunk < min_chunk)
-		chunk = min_chunk;
-	if (chunk > max_chunk && max_chunk)
-		chunk = max_chunk;
-	if (chunk < n)
-		chunk = n;
-	if ((old + chunk) > (QCOW_MAX_HOST_OFFSET >> img->cluster_bits))
-		return -EFBIG;
-	int ret = img->io->ops->truncate(img->io, (old + chunk) << img->cluster_bits);
-	if (ret < 0)
-		return ret;
-	ret = qcow_map_resize(&img->map, old + chunk);
-	if (ret < 0)
-		return ret;
-	img->data_dirty = true;
-	return 0;
-}
-
-int qcow_alloc_cluster(struct qcow_image *img, uint64_t *out)
-{
-	uint64_t c = qcow_map_lowest_available(&img->map);
-	if (c == UINT64_MAX) {
-		int ret = grow_file(img, 1);
-		if (ret < 0)
-			return ret;
-		c = qcow_map_lowest_available(&img->map);
-		if (c == UINT64_MAX)
-			return -ENOSPC;
-	}
-	qcow_map_set_state(&img->map, c, QCS_ROOTS);
-	*out = c;
-	return 0;
-}
-
-int qcow_alloc_contiguous(struct qcow_image *img, uint64_t n, uint64_t *out)
-{
-	/* lowest run of n Available clusters, else at the end of the file */
-	uint64_t c = qcow_map_lowest_available(&img->map);
-	while (c != UINT64_MAX) {
-		uint64_t k = 1;
-		while (k < n && c + k < img->map.nclusters && qcow_map_state(&img->map, c + k) == QCS_AVAILABLE)
-			k++;
-		if (k == n)
-			break;
-		c = qcow_bitmap_next(&img->map.available, c + k);
-	}
-	if (c == UINT64_MAX) {
-		uint64_t end = img->map.nclusters;
-		uint64_t last = qcow_map_last_block(&img->map);
-		int ret = grow_file(img, n + 1);
-		if (ret < 0)
-			return ret;
-		/* the run starts after the last busy cluster: everything
-		 * from there to the new end is Available */
-		c = last == UINT64_MAX ? 0 : last + 1;
-		if (c < end) {
-			uint64_t k = 0;
-			while (k < n && qcow_map_state(&img->map, c + k) == QCS_AVAILABLE)
-				k++;
-			if (k < n)
-				c = end;
-		}
-	}
-	for (uint64_t i = 0; i < n; i++)
-		qcow_map_set_state(&img->map, c + i, QCS_ROOTS);
-	*out = c;
-	return 0;
-}
-
-/* ---- relocating the L1 and refcount tables ---------------------------- */
-
-int qcow_table_copy_durable(struct qcow_image *img, uint64_t old_off, uint64_t bytes, uint64_t start, uint64_t n)
-{
-	uint64_t cs = img->cluster_size;
-	uint8_t *buf = qcow_calloc(n, cs);
-	int ret = buf ? 0 : -ENOMEM;
-	if (!ret)
-		ret = img->io->ops->pread(img->io, buf, (size_t)bytes, old_off);
-	if (!ret)
-		ret = img->io->ops->pwrite(img->io, buf, n * cs, start << img->cluster_bits);
-	if (!ret)
-		ret = img->io->ops->flush(img->io);
-	qcow_free(buf);
-	if (ret) {
-		pthread_mutex_lock(&img->lock);
-		for (uint64_t i = 0; i < n; i++)
-			qcow_map_set_state(&img->map, start + i, QCS_JUNK);
-		pthread_mutex_unlock(&img->lock);
-	}
-	return ret;
-}
-
-void qcow_l1_rehome(struct qcow_image *img, uint64_t clusters)
-{
-	for (uint64_t k = 0; k < clusters; k++)
-		qcow_bitmap_set(&img->l1_dirty, k);
-	for (uint32_t i = 0; i < img->hdr.l1_size; i++) {
-		uint64_t t = (img->l1[i] & QCOW_L1E_OFFSET_MASK) >> img->cluster_bits;
-		if (t && t < img->map.nclusters && qcow_map_state(&img->map, t) == QCS_REF)
-			qcow_map_set_ref(&img->map, t, img->hdr.l1_table_offset + (uint64_t)i * 8);
-	}
-}
-
-void qcow_reftable_rehome(struct qcow_image *img, uint64_t clusters)
-{
-	for (uint64_t k = 0; k < clusters; k++)
-		qcow_bitmap_set(&img->reftable_dirty, k);
-	for (uint64_t i = 0; i < img->reftable_entries; i++) {
-		uint64_t b = img->reftable[i] >> img->cluster_bits;
-		if (b && b < img->map.nclusters && qcow_map_state(&img->map, b) == QCS_REF)
-			qcow_map_set_ref(&img->map, b, img->hdr.refcount_table_offset + i * 8);
-	}
-}
-
-/* ---- guest address translation ------------------------------------- */
+/* ---- extents ------------------------------------------------------------ */
 
 enum seg_kind { SEG_ZERO, SEG_DATA, SEG_COMPRESSED };
 
@@ -269,6 +68,21 @@ static void segs_free(struct seg_list *s)
 {
 	if (s->v != s->inline_v)
 		qcow_free(s->v);
+	segs_init(s);
+}
+
+/* Grows a vector that starts in an inline array; 0 or -ENOMEM. */
+static int vec_grow(void **v, size_t *cap, void *inline_v, size_t elem)
+{
+	size_t ncap = *cap * 2;
+	void *p = *v == inline_v ? qcow_malloc(ncap * elem) : qcow_realloc(*v, ncap * elem);
+	if (!p)
+		return -ENOMEM;
+	if (*v == inline_v)
+		memcpy(p, inline_v, *cap * elem);
+	*v = p;
+	*cap = ncap;
+	return 0;
 }
 
 static int segs_add(struct seg_list *s, enum seg_kind kind, uint64_t host, uint64_t in_cluster, size_t len, size_t buf_off)
@@ -281,35 +95,9 @@ static int segs_add(struct seg_list *s, enum seg_kind kind, uint64_t host, uint6
 			return 0;
 		}
 	}
-	if (s->n == s->cap) {
-		size_t cap = s->cap * 2;
-		struct seg *v = s->v == s->inline_v ? qcow_malloc(cap * sizeof(*v)) : qcow_realloc(s->v, cap * sizeof(*v));
-		if (!v)
-			return -ENOMEM;
-		if (s->v == s->inline_v)
-			memcpy(v, s->inline_v, sizeof(s->inline_v));
-		s->v = v;
-		s->cap = cap;
-	}
+	if (s->n == s->cap && vec_grow((void **)&s->v, &s->cap, s->inline_v, sizeof(*s->v)))
+		return -ENOMEM;
 	s->v[s->n++] = (struct seg){ .kind = kind, .host = host, .in_cluster = in_cluster, .len = len, .buf_off = buf_off };
-	return 0;
-}
-
-/* The L2 entry for guest cluster gc (0 when there is no L2 table). */
-static int lookup(struct qcow_image *img, uint64_t gc, uint64_t *entry)
-{
-	uint64_t l1i = gc >> img->l2_bits;
-	*entry = 0;
-	if (l1i >= img->hdr.l1_size)
-		return 0;
-	uint64_t l2off = img->l1[l1i] & QCOW_L1E_OFFSET_MASK;
-	if (!l2off)
-		return 0;
-	int ret;
-	struct qcow_cached *t = qcow_l2_get(img, l2off >> img->cluster_bits, &ret);
-	if (!t)
-		return ret;
-	*entry = l2_entry(t, gc & ((1ull << img->l2_bits) - 1));
 	return 0;
 }
 
@@ -321,51 +109,6 @@ static bool entry_reads_zero(const struct qcow_image *img, uint64_t e)
 		return true;
 	return (e & QCOW_L2E_OFFSET_MASK) == 0;
 }
-
-/* Host byte range of a compressed cluster's stream. */
-static void compressed_range(const struct qcow_image *img, uint64_t e, uint64_t *off, uint64_t *len)
-{
-	unsigned x = 62 - (img->cluster_bits - 8);
-	uint64_t o = e & ((1ull << x) - 1);
-	uint64_t sectors = ((e >> x) & ((1ull << (img->cluster_bits - 8)) - 1)) + 1;
-	*off = o;
-	*len = sectors * 512 - (o & 511);
-}
-
-/* Inflates one compressed cluster into out (cluster_size bytes). */
-static int read_compressed(struct qcow_image *img, uint64_t e, uint8_t *out)
-{
-	uint64_t off, len;
-	compressed_range(img, e, &off, &len);
-	uint8_t *in = qcow_malloc((size_t)len);
-	if (!in)
-		return -ENOMEM;
-	int ret = img->io->ops->pread(img->io, in, (size_t)len, off);
-	if (ret == 0) {
-		z_stream zs;
-		memset(&zs, 0, sizeof(zs));
-		if (inflateInit2(&zs, -15) != Z_OK) {
-			ret = -ENOMEM;
-		} else {
-			zs.next_in = in;
-			zs.avail_in = (uInt)len;
-			zs.next_out = out;
-			zs.avail_out = (uInt)img->cluster_size;
-			int zr = inflate(&zs, Z_FINISH);
-			/* the stream may end early or be followed by padding;
-			 * what matters is one full cluster of output */
-			if ((zr != Z_STREAM_END && zr != Z_BUF_ERROR && zr != Z_OK) || zs.avail_out != 0) {
-				qcow_logf(QCOW_LOG_ERROR, "corrupt compressed cluster at 0x%" PRIx64, off);
-				ret = -EIO;
-			}
-			inflateEnd(&zs);
-		}
-	}
-	qcow_free(in);
-	return ret;
-}
-
-/* ---- reads ------------------------------------------------------------ */
 
 /* The part of a request at guest offset g (left bytes to go) that lies in
  * one cluster: its guest cluster, offset inside it, and length. */
@@ -384,20 +127,34 @@ static int check_range(struct qcow_image *img, size_t len, uint64_t off)
 	return 0;
 }
 
+/* Reads what guest cluster entry e currently shows into buf. */
+static int read_entry_contents(struct qcow_image *img, uint64_t e, uint8_t *buf)
+{
+	if (e & QCOW_OFLAG_COMPRESSED)
+		return qcow_compressed_read(img, e, buf);
+	if (entry_reads_zero(img, e)) {
+		memset(buf, 0, img->cluster_size);
+		return 0;
+	}
+	return img->io->ops->pread(img->io, buf, img->cluster_size, e & QCOW_L2E_OFFSET_MASK);
+}
+
+/* ---- reads ------------------------------------------------------------ */
+
 ssize_t qcow_image_read(struct qcow_image *img, void *buf, size_t len, uint64_t off)
 {
 	struct seg_list segs;
 	struct qcow_inflight req;
+	uint8_t *cbuf = NULL;
 	int ret = check_range(img, len, off);
 	if (ret || len == 0)
 		return ret ? ret : 0;
 	segs_init(&segs);
-	pthread_mutex_lock(&img->lock);
+	qcow_lock(img);
 	for (size_t pos = 0; pos < len && ret == 0;) {
-		uint64_t gc, o;
+		uint64_t gc, o, e;
 		size_t n = cluster_piece(img, off + pos, len - pos, &gc, &o);
-		uint64_t e;
-		ret = lookup(img, gc, &e);
+		ret = qcow_l2_lookup(img, gc, &e);
 		if (ret)
 			break;
 		if (e & QCOW_OFLAG_COMPRESSED)
@@ -409,14 +166,12 @@ ssize_t qcow_image_read(struct qcow_image *img, void *buf, size_t len, uint64_t 
 		pos += n;
 	}
 	if (ret) {
-		pthread_mutex_unlock(&img->lock);
-		segs_free(&segs);
-		return ret;
+		qcow_unlock(img);
+		goto out;
 	}
 	qcow_inflight_begin(img, &req);
-	pthread_mutex_unlock(&img->lock);
+	qcow_unlock(img);
 
-	uint8_t *cbuf = NULL;
 	for (size_t i = 0; i < segs.n && ret == 0; i++) {
 		struct seg *s = &segs.v[i];
 		uint8_t *dst = (uint8_t *)buf + s->buf_off;
@@ -429,84 +184,76 @@ ssize_t qcow_image_read(struct qcow_image *img, void *buf, size_t len, uint64_t 
 				ret = -ENOMEM;
 				break;
 			}
-			ret = read_compressed(img, s->host, cbuf);
+			ret = qcow_compressed_read(img, s->host, cbuf);
 			if (ret == 0)
 				memcpy(dst, cbuf + s->in_cluster, s->len);
 		}
 	}
-	qcow_free(cbuf);
 
-	pthread_mutex_lock(&img->lock);
+	qcow_lock(img);
 	qcow_inflight_end(img, &req);
-	pthread_mutex_unlock(&img->lock);
+	qcow_unlock(img);
+out:
+	qcow_free(cbuf);
 	segs_free(&segs);
 	return ret ? ret : (ssize_t)len;
 }
 
 /* ---- writes ----------------------------------------------------------- */
 
-/* Makes the L2 table of L1 index l1i exist and be writable in place (its
- * L1 entry has COPIED); returns it. */
-static struct qcow_cached *l2_for_write(struct qcow_image *img, uint64_t l1i, int *ret)
-{
-	uint64_t l1e = img->l1[l1i];
-	uint64_t old = l1e & QCOW_L1E_OFFSET_MASK;
-	uint64_t slot = img->hdr.l1_table_offset + l1i * 8;
-	struct qcow_cached *t;
-	*ret = 0;
-	if (old && (l1e & QCOW_OFLAG_COPIED) && qcow_map_state(&img->map, old >> img->cluster_bits) == QCS_REF)
-		return qcow_l2_get(img, old >> img->cluster_bits, ret);
+/* One guest cluster that a write fills in a new host cluster. */
+struct new_cluster {
+	uint64_t gc;          /* guest cluster (claimed) */
+	uint64_t host;        /* new host cluster, Roots until linked */
+	uint64_t old;         /* the L2 entry it replaces, as resolved */
+	uint64_t o, n;        /* the part this request writes */
+	size_t buf_off;
+	bool fill;            /* the rest comes from the old contents */
+};
 
-	struct qcow_cached *src = NULL;
-	if (old) {
-		src = qcow_l2_get(img, old >> img->cluster_bits, ret);
-		if (!src)
-			return NULL;
-	}
-	uint64_t c;
-	*ret = qcow_alloc_cluster(img, &c);
-	if (*ret)
-		return NULL;
-	t = qcow_cache_insert(&img->cache, c);
-	if (!t) {
-		qcow_map_set_state(&img->map, c, QCS_AVAILABLE);
-		*ret = -ENOMEM;
-		return NULL;
-	}
-	if (src) {
-		/* copy-on-write of a shared L2 table: the data clusters keep
-		 * their counts (each L1 path counts once); those that had a
-		 * single reference from the old table now hang off the new one */
-		memcpy(t->data, src->data, img->cluster_size);
-		uint64_t oldc = old >> img->cluster_bits;
-		for (uint64_t i = 0; i < (1ull << img->l2_bits); i++) {
-			uint64_t e = l2_entry(t, i);
-			uint64_t h = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
-			if (!h || (e & QCOW_OFLAG_COMPRESSED) || h >= img->map.nclusters)
-				continue;
-			if (qcow_map_state(&img->map, h) == QCS_REF &&
-			    qcow_map_slot(&img->map, h) >> img->cluster_bits == oldc)
-				qcow_map_set_ref(&img->map, h, (c << img->cluster_bits) + i * 8);
-		}
-		qcow_map_move_cancel(&img->map, oldc);
-		qcow_map_drop_ref(&img->map, oldc);
-		if (qcow_map_state(&img->map, oldc) == QCS_JUNK)
-			qcow_cache_remove(&img->cache, src);
-	} else {
-		memset(t->data, 0, img->cluster_size);
-	}
-	qcow_cache_set_dirty(&img->cache, t, true);
-	qcow_map_set_ref(&img->map, c, slot);
-	l1_set(img, l1i, (c << img->cluster_bits) | QCOW_OFLAG_COPIED);
-	return t;
+struct write_plan {
+	struct seg_list in_place;
+	struct new_cluster *nc;
+	size_t nnc, nc_cap;
+	struct new_cluster inline_nc[8];
+	uint64_t wait_gc;     /* -EAGAIN: wait for this claim (UINT64_MAX: for a truncation) */
+};
+
+static void plan_init(struct write_plan *p)
+{
+	segs_init(&p->in_place);
+	p->nc = p->inline_nc;
+	p->nnc = 0;
+	p->nc_cap = sizeof(p->inline_nc) / sizeof(p->inline_nc[0]);
+	p->wait_gc = UINT64_MAX;
 }
 
-/* Releases the host clusters an L2 entry holds (before it is replaced). */
+static void plan_free(struct write_plan *p)
+{
+	segs_free(&p->in_place);
+	if (p->nc != p->inline_nc)
+		qcow_free(p->nc);
+	plan_init(p);
+}
+
+/* Gives back the new clusters from index `from` on, unlinked: never
+ * written ones are Available again, written (or possibly torn) ones are
+ * Junk, to be erased. */
+static void give_back(struct qcow_image *img, struct write_plan *p, size_t from, bool written)
+{
+	for (size_t i = from; i < p->nnc; i++) {
+		qcow_claims_drop(img, p->nc[i].gc);
+		qcow_map_set_state(&img->map, p->nc[i].host, written ? QCS_JUNK : QCS_AVAILABLE);
+	}
+	p->nnc = from;
+}
+
+/* Releases the host clusters an L2 entry holds (when it is replaced). */
 static void release_entry(struct qcow_image *img, uint64_t e)
 {
 	if (e & QCOW_OFLAG_COMPRESSED) {
 		uint64_t off, len;
-		compressed_range(img, e, &off, &len);
+		qcow_compressed_range(img, e, &off, &len);
 		for (uint64_t c = off >> img->cluster_bits; c <= (off + len - 1) >> img->cluster_bits; c++)
 			if (c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_PINNED)
 				qcow_map_drop_ref(&img->map, c);
@@ -522,28 +269,21 @@ static void release_entry(struct qcow_image *img, uint64_t e)
 	qcow_map_drop_ref(&img->map, h);
 }
 
-/* Reads what guest cluster entry e currently shows into buf. */
-static int read_entry_contents(struct qcow_image *img, uint64_t e, uint8_t *buf)
-{
-	if (e & QCOW_OFLAG_COMPRESSED)
-		return read_compressed(img, e, buf);
-	if (entry_reads_zero(img, e)) {
-		memset(buf, 0, img->cluster_size);
-		return 0;
-	}
-	return img->io->ops->pread(img->io, buf, img->cluster_size, e & QCOW_L2E_OFFSET_MASK);
-}
-
-/* Resolves guest cluster gc for a write of [o, o+n); returns the host
- * cluster's byte offset in *host. */
-static int prepare_write(struct qcow_image *img, uint64_t gc, uint64_t o, uint64_t n, uint64_t *host)
+/* Resolves guest cluster gc for a write of [o, o+n) at buf_off: an extent
+ * written in place, or a new cluster (claimed, linked later). */
+static int resolve_cluster(struct qcow_image *img, struct write_plan *p, uint64_t gc, uint64_t o, uint64_t n,
+			   size_t buf_off)
 {
 	uint64_t l1i = gc >> img->l2_bits, idx = gc & ((1ull << img->l2_bits) - 1);
 	int ret;
-	struct qcow_cached *t = l2_for_write(img, l1i, &ret);
+	if (qcow_claims_held(img, gc)) {
+		p->wait_gc = gc;
+		return -EAGAIN;
+	}
+	struct qcow_cached *t = qcow_l2_for_write(img, l1i, &ret);
 	if (!t)
 		return ret;
-	uint64_t e = l2_entry(t, idx);
+	uint64_t e = qcow_l2_entry(t, idx);
 	uint64_t slot = (t->cluster << img->cluster_bits) + idx * 8;
 	uint64_t h = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
 	bool zero = entry_reads_zero(img, e);
@@ -551,29 +291,111 @@ static int prepare_write(struct qcow_image *img, uint64_t gc, uint64_t o, uint64
 	    qcow_map_state(&img->map, h) == QCS_REF && qcow_map_slot(&img->map, h) == slot) {
 		/* in place; a move of this cluster would copy stale data */
 		qcow_map_move_cancel(&img->map, h);
-		*host = h << img->cluster_bits;
-		return 0;
+		return segs_add(&p->in_place, SEG_DATA, (h << img->cluster_bits) + o, 0, n, buf_off);
 	}
+	if (p->nnc == p->nc_cap && vec_grow((void **)&p->nc, &p->nc_cap, p->inline_nc, sizeof(*p->nc)))
+		return -ENOMEM;
 	uint64_t c;
 	ret = qcow_alloc_cluster(img, &c);
 	if (ret)
 		return ret;
-	if (!zero && !(o == 0 && n == img->cluster_size)) {
-		uint8_t *buf = qcow_malloc(img->cluster_size);
-		ret = buf ? read_entry_contents(img, e, buf) : -ENOMEM;
-		if (ret == 0)
-			ret = img->io->ops->pwrite(img->io, buf, img->cluster_size, c << img->cluster_bits);
-		qcow_free(buf);
-		if (ret) {
-			qcow_map_set_state(&img->map, c, QCS_JUNK);
-			return ret;
-		}
-		img->data_dirty = true;
+	ret = qcow_claims_add(img, gc);
+	if (ret) {
+		qcow_map_set_state(&img->map, c, QCS_AVAILABLE);
+		return ret;
 	}
-	release_entry(img, e);
-	qcow_l2_set_entry(img, t, idx, (c << img->cluster_bits) | QCOW_OFLAG_COPIED);
-	qcow_map_set_ref(&img->map, c, slot);
-	*host = c << img->cluster_bits;
+	p->nc[p->nnc++] = (struct new_cluster){ .gc = gc, .host = c, .old = e, .o = o, .n = n, .buf_off = buf_off,
+						.fill = !zero && n != img->cluster_size };
+	return 0;
+}
+
+/* Resolves a whole write (buf NULL: zeros) under img->lock. */
+static int resolve_write(struct qcow_image *img, struct write_plan *p, bool zeros, size_t len, uint64_t off)
+{
+	for (size_t pos = 0; pos < len;) {
+		uint64_t gc, o;
+		size_t n = cluster_piece(img, off + pos, len - pos, &gc, &o);
+		if (zeros) {
+			/* zeroing part of a cluster that reads zero already must
+			 * not allocate it */
+			uint64_t e;
+			int ret = qcow_l2_lookup(img, gc, &e);
+			if (ret)
+				return ret;
+			if (entry_reads_zero(img, e)) {
+				pos += n;
+				continue;
+			}
+		}
+		int ret = resolve_cluster(img, p, gc, o, n, pos);
+		if (ret)
+			return ret;
+		pos += n;
+	}
+	return 0;
+}
+
+/* The data I/O of a resolved write, with no engine lock. */
+static int write_data(struct qcow_image *img, const void *buf, struct write_plan *p)
+{
+	uint64_t cs = img->cluster_size;
+	uint8_t *cbuf = NULL;
+	int ret = 0;
+	for (size_t i = 0; i < p->in_place.n && ret == 0; i++) {
+		struct seg *s = &p->in_place.v[i];
+		ret = buf ? img->io->ops->pwrite(img->io, (const uint8_t *)buf + s->buf_off, s->len, s->host)
+			  : qcow_io_write_zeros(img->io, s->host, s->len);
+	}
+	for (size_t i = 0; i < p->nnc && ret == 0; i++) {
+		struct new_cluster *nc = &p->nc[i];
+		uint64_t host = nc->host << img->cluster_bits;
+		if (!nc->fill) {
+			/* the new cluster reads zeros around the piece (invariant 2) */
+			ret = buf ? img->io->ops->pwrite(img->io, (const uint8_t *)buf + nc->buf_off, nc->n, host + nc->o)
+				  : qcow_io_write_zeros(img->io, host + nc->o, nc->n);
+			continue;
+		}
+		/* copy-on-write: the old contents (still linked, and kept from
+		 * erasure by this request's registration) around the new piece */
+		if (!cbuf && !(cbuf = qcow_malloc(cs))) {
+			ret = -ENOMEM;
+			break;
+		}
+		ret = read_entry_contents(img, nc->old, cbuf);
+		if (ret)
+			break;
+		if (buf)
+			memcpy(cbuf + nc->o, (const uint8_t *)buf + nc->buf_off, nc->n);
+		else
+			memset(cbuf + nc->o, 0, nc->n);
+		ret = img->io->ops->pwrite(img->io, cbuf, cs, host);
+	}
+	qcow_free(cbuf);
+	/* -EAGAIN means "start again" to the caller: never let an I/O error
+	 * say that */
+	return ret == -EAGAIN ? -EIO : ret;
+}
+
+/* Links the written new clusters into their L2 entries (img->lock held).
+ * -EAGAIN when an entry changed since the resolve: the caller starts
+ * again (what was linked stays linked and is then written in place). */
+static int link_new_clusters(struct qcow_image *img, struct write_plan *p)
+{
+	for (size_t i = 0; i < p->nnc; i++) {
+		struct new_cluster *nc = &p->nc[i];
+		uint64_t l1i = nc->gc >> img->l2_bits, idx = nc->gc & ((1ull << img->l2_bits) - 1);
+		int ret;
+		struct qcow_cached *t = qcow_l2_for_write(img, l1i, &ret);
+		if (!t || qcow_l2_entry(t, idx) != nc->old) {
+			give_back(img, p, i, true);
+			return t ? -EAGAIN : ret;
+		}
+		release_entry(img, nc->old);
+		qcow_l2_set_entry(img, t, idx, (nc->host << img->cluster_bits) | QCOW_OFLAG_COPIED);
+		qcow_map_set_ref(&img->map, nc->host, (t->cluster << img->cluster_bits) + idx * 8);
+		qcow_claims_drop(img, nc->gc);
+	}
+	p->nnc = 0;
 	return 0;
 }
 
@@ -588,63 +410,54 @@ static int maybe_autoflush(struct qcow_image *img, bool over)
  * partial-cluster part of discard/zero. */
 static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len, uint64_t off)
 {
-	struct seg_list segs;
+	struct write_plan plan;
 	struct qcow_inflight req;
 	int ret = check_range(img, len, off);
 	if (ret || len == 0)
 		return ret ? ret : 0;
 	if (img->read_only)
 		return -EROFS;
-	segs_init(&segs);
-	pthread_mutex_lock(&img->lock);
-	for (size_t pos = 0; pos < len && ret == 0;) {
-		uint64_t gc, o;
-		size_t n = cluster_piece(img, off + pos, len - pos, &gc, &o);
-		uint64_t host = 0;
-		if (!buf) {
-			/* zeroing part of a cluster that reads zero already must
-			 * not allocate it */
-			uint64_t e;
-			ret = lookup(img, gc, &e);
-			if (ret == 0 && entry_reads_zero(img, e)) {
-				pos += n;
-				continue;
-			}
+	if ((ret = qcow_health_failed(img)))
+		return -EIO;
+	plan_init(&plan);
+	qcow_lock(img);
+	for (;;) {
+		ret = resolve_write(img, &plan, buf == NULL, len, off);
+		if (ret) {
+			give_back(img, &plan, 0, false);
+			if (ret != -EAGAIN)
+				break;
+			if (plan.wait_gc != UINT64_MAX)
+				qcow_claims_wait(img, plan.wait_gc);
+			else
+				qcow_alloc_wait_truncation(img);
+			plan_free(&plan);
+			continue;
 		}
-		if (ret == 0)
-			ret = prepare_write(img, gc, o, n, &host);
-		if (ret == 0)
-			ret = segs_add(&segs, SEG_DATA, host + o, 0, n, pos);
-		pos += n;
-	}
-	if (ret) {
-		pthread_mutex_unlock(&img->lock);
-		segs_free(&segs);
-		return ret;
-	}
-	qcow_inflight_begin(img, &req);
-	pthread_mutex_unlock(&img->lock);
+		qcow_inflight_begin(img, &req);
+		qcow_unlock(img);
 
-	if (img->write_io_hook)
-		img->write_io_hook(img, img->write_io_opaque);
-	for (size_t i = 0; i < segs.n && ret == 0; i++) {
-		struct seg *s = &segs.v[i];
-		if (buf) {
-			ret = img->io->ops->pwrite(img->io, (const uint8_t *)buf + s->buf_off, s->len, s->host);
-		} else {
-			ret = qcow_io_write_zeros(img->io, s->host, s->len);
-		}
-	}
+		if (img->write_io_hook)
+			img->write_io_hook(img, img->write_io_opaque);
+		ret = write_data(img, buf, &plan);
 
-	pthread_mutex_lock(&img->lock);
-	/* Only now: a flush that started while the data was still in flight
-	 * has already taken (and cleared) the flag, and the fsync that follows
-	 * this write's completion must still sync it. */
-	img->data_dirty = true;
-	qcow_inflight_end(img, &req);
+		qcow_lock(img);
+		if (ret == 0)
+			ret = link_new_clusters(img, &plan);
+		else
+			give_back(img, &plan, 0, true);
+		/* Only now: a flush that started while the data was still in
+		 * flight has already taken (and cleared) the flag, and the fsync
+		 * that follows this write's completion must still sync it. */
+		img->data_dirty = true;
+		qcow_inflight_end(img, &req);
+		plan_free(&plan);
+		if (ret != -EAGAIN)
+			break;
+	}
 	bool over = qcow_cache_over_budget(&img->cache);
-	pthread_mutex_unlock(&img->lock);
-	segs_free(&segs);
+	qcow_unlock(img);
+	plan_free(&plan);
 	if (ret)
 		return ret;
 	ret = maybe_autoflush(img, over);
@@ -658,7 +471,9 @@ ssize_t qcow_image_write(struct qcow_image *img, const void *buf, size_t len, ui
 
 /* ---- discard and zero --------------------------------------------------- */
 
-/* Unmaps whole guest clusters [gc, gc+count) under the lock. */
+/* Unmaps whole guest clusters [gc, gc+count) under the lock.  -EAGAIN
+ * when a table copy must wait for a truncation (nothing is held then; the
+ * caller waits and calls again: clusters already unmapped are skipped). */
 static int unmap_clusters(struct qcow_image *img, uint64_t gc, uint64_t count)
 {
 	for (uint64_t i = 0; i < count; i++) {
@@ -672,16 +487,15 @@ static int unmap_clusters(struct qcow_image *img, uint64_t gc, uint64_t count)
 			continue;
 		}
 		uint64_t e;
-		int ret = lookup(img, g, &e);
+		int ret = qcow_l2_lookup(img, g, &e);
 		if (ret)
 			return ret;
 		if (e == 0)
 			continue;
-		int r;
-		struct qcow_cached *t = l2_for_write(img, l1i, &r);
+		struct qcow_cached *t = qcow_l2_for_write(img, l1i, &ret);
 		if (!t)
-			return r;
-		e = l2_entry(t, idx);
+			return ret;
+		e = qcow_l2_entry(t, idx);
 		release_entry(img, e);
 		/* no backing file: an unallocated cluster reads zeros in both
 		 * versions, and it frees the most */
@@ -698,6 +512,8 @@ static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
 		return -EINVAL;
 	if (len == 0)
 		return 0;
+	if (qcow_health_failed(img))
+		return -EIO;
 	uint64_t cs = img->cluster_size;
 	uint64_t first = (off + cs - 1) & ~(cs - 1);
 	uint64_t end = off + len;
@@ -724,12 +540,13 @@ static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
 		uint64_t n = (last >> img->cluster_bits) - gc;
 		if (n > DISCARD_BATCH_CLUSTERS)
 			n = DISCARD_BATCH_CLUSTERS;
-		pthread_mutex_lock(&img->lock);
-		ret = unmap_clusters(img, gc, n);
+		qcow_lock(img);
+		while ((ret = unmap_clusters(img, gc, n)) == -EAGAIN)
+			qcow_alloc_wait_truncation(img);
 		img->bytes_discarded += n * cs;
 		img->last_discard_ms = qcow_now_ms();
 		bool over = qcow_cache_over_budget(&img->cache);
-		pthread_mutex_unlock(&img->lock);
+		qcow_unlock(img);
 		if (ret == 0)
 			ret = maybe_autoflush(img, over);
 		gc += n;
@@ -761,7 +578,7 @@ int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence)
 	int ret = 0;
 	uint64_t gc = off >> img->cluster_bits;
 	uint64_t nclusters = (img->virtual_size + img->cluster_size - 1) >> img->cluster_bits;
-	pthread_mutex_lock(&img->lock);
+	qcow_lock(img);
 	while (gc < nclusters && result < 0) {
 		uint64_t l1i = gc >> img->l2_bits;
 		if (l1i < img->hdr.l1_size && !(img->l1[l1i] & QCOW_L1E_OFFSET_MASK)) {
@@ -773,7 +590,7 @@ int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence)
 			continue;
 		}
 		uint64_t e;
-		ret = lookup(img, gc, &e);
+		ret = qcow_l2_lookup(img, gc, &e);
 		if (ret)
 			break;
 		bool data = !entry_reads_zero(img, e);
@@ -781,7 +598,7 @@ int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence)
 			result = (int64_t)(gc << img->cluster_bits);
 		gc++;
 	}
-	pthread_mutex_unlock(&img->lock);
+	qcow_unlock(img);
 	if (ret)
 		return ret;
 	if (result < 0)
@@ -795,102 +612,75 @@ int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence)
 
 /* ---- resize ------------------------------------------------------------ */
 
-/* Moves the L1 table to a bigger place: new table durable first, then the
- * header switch in one write, then the old clusters are freed. */
+/* Moves the L1 table into a bigger place (flush_lock held). */
 static int grow_l1(struct qcow_image *img, uint32_t new_entries)
 {
 	uint64_t cs = img->cluster_size;
 	uint64_t nclusters = ((uint64_t)new_entries * 8 + cs - 1) / cs;
 	uint64_t start;
-	int ret;
-
-	pthread_mutex_lock(&img->lock);
-	ret = qcow_alloc_contiguous(img, nclusters, &start);
+	qcow_lock(img);
+	int ret = qcow_alloc_contiguous(img, nclusters, &start);
 	if (ret == 0)
 		for (uint64_t i = 0; i < nclusters; i++)
 			qcow_map_set_pinned(&img->map, start + i, 1);
-	pthread_mutex_unlock(&img->lock);
+	qcow_unlock(img);
 	if (ret)
 		return ret;
-	/* The new table is a copy of the old one as it is on disk after this
-	 * flush: those entries point to tables whose refcounts are durable.
-	 * Entries changed in memory since reach the new table with the next
-	 * flush, in protocol order (all its clusters are marked dirty below).
-	 * flush_lock is held, so no other flush writes the old table meanwhile. */
-	ret = qcow_flush_holding_flush_lock(img);
-	if (!ret)
-		ret = qcow_table_copy_durable(img, img->hdr.l1_table_offset, (uint64_t)img->hdr.l1_size * 8, start, nclusters);
-	if (ret)
-		return ret;
-	pthread_mutex_lock(&img->lock);
-	uint64_t *l1 = qcow_calloc(nclusters * cs / 8, 8);
-	if (!l1 || qcow_bitmap_resize(&img->l1_dirty, nclusters)) {
-		pthread_mutex_unlock(&img->lock);
-		qcow_free(l1);
-		return -ENOMEM;
-	}
-	memcpy(l1, img->l1, (size_t)img->hdr.l1_size * 8);
-	uint64_t old_off = img->hdr.l1_table_offset;
-	uint64_t old_clusters = ((uint64_t)img->hdr.l1_size * 8 + cs - 1) / cs;
-	img->hdr.l1_table_offset = start << img->cluster_bits;
-	img->hdr.l1_size = new_entries;
-	qcow_free(img->l1);
-	img->l1 = l1;
-	img->l1_capacity = (uint32_t)(nclusters * cs / 8);
-	qcow_l1_rehome(img, nclusters);
-	pthread_mutex_unlock(&img->lock);
-	ret = qcow_header_write_fields(img->io, &img->hdr, QH_L1_SIZE, 12);
-	if (!ret)
-		ret = img->io->ops->flush(img->io);
-	if (ret) {
-		/* which header is on disk is unknown: keep both tables */
-		qcow_note_error(img, ret, "switching to the grown L1 table");
-		return ret;
-	}
-	pthread_mutex_lock(&img->lock);
-	for (uint64_t i = 0; old_off && i < old_clusters; i++)
-		qcow_map_drop_ref(&img->map, (old_off >> img->cluster_bits) + i);
-	pthread_mutex_unlock(&img->lock);
-	qcow_recycler_kick(img);
-	return 0;
+	ret = qcow_table_relocate(img, QCOW_TABLE_L1, start, nclusters, new_entries);
+	if (ret == 0)
+		qcow_recycler_kick(img);
+	return ret;
 }
 
 int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 {
 	if (img->read_only)
 		return -EROFS;
-	if (new_size == img->virtual_size)
-		return 0;
-	if (new_size < img->virtual_size)
-		return -EOPNOTSUPP;
+	/* QEMU counts the disk in 512-byte sectors: a size that is not a
+	 * multiple of 512 would show QEMU a smaller disk than ours */
+	if (new_size > (1ull << 62))
+		return -EFBIG;
+	new_size = (new_size + 511) & ~511ull;
 	uint64_t per_l1 = img->cluster_size << img->l2_bits;
 	uint64_t need = new_size / per_l1 + (new_size % per_l1 != 0);
-	if (need * 8 > QCOW_MAX_L1_BYTES || new_size > (1ull << 62))
+	if (need * 8 > QCOW_MAX_L1_BYTES)
 		return -EFBIG;
 	int ret = 0;
 	pthread_mutex_lock(&img->flush_lock);
+	if ((ret = qcow_health_failed(img))) {
+		ret = -EIO;
+		goto out;
+	}
+	/* compared under flush_lock: a concurrent resize has finished */
+	if (new_size == img->virtual_size)
+		goto out;
+	if (new_size < img->virtual_size) {
+		ret = -EOPNOTSUPP;
+		goto out;
+	}
 	if (need > img->hdr.l1_size) {
 		if (need <= img->l1_capacity) {
 			/* the tail of the table's last cluster is ours: zero it */
-			pthread_mutex_lock(&img->lock);
+			qcow_lock(img);
 			for (uint64_t i = img->hdr.l1_size; i < need; i++)
-				l1_set(img, i, 0);
+				qcow_l1_set(img, i, 0);
 			img->hdr.l1_size = (uint32_t)need;
 			img->header_dirty = true;
-			pthread_mutex_unlock(&img->lock);
+			qcow_unlock(img);
 			ret = qcow_flush_holding_flush_lock(img);
 		} else {
 			ret = grow_l1(img, (uint32_t)need);
 		}
 	}
 	if (ret == 0) {
-		pthread_mutex_lock(&img->lock);
+		qcow_lock(img);
 		img->hdr.size = new_size;
 		img->virtual_size = new_size;
 		img->header_dirty = true;
-		pthread_mutex_unlock(&img->lock);
+		qcow_unlock(img);
 		ret = qcow_flush_holding_flush_lock(img);
 	}
+out:
 	pthread_mutex_unlock(&img->flush_lock);
 	return ret;
 }
@@ -1042,6 +832,9 @@ static void image_free(struct qcow_image *img)
 	pthread_cond_destroy(&img->truncate_done);
 	pthread_cond_destroy(&img->recycler_wake);
 	pthread_cond_destroy(&img->compact_done);
+	pthread_cond_destroy(&img->claim_released);
+	qcow_claims_free(img);
+	qcow_free(img->pending_free);
 	qcow_free(img);
 }
 
@@ -1102,6 +895,12 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 	pthread_cond_init(&img->truncate_done, NULL);
 	pthread_cond_init(&img->recycler_wake, NULL);
 	pthread_cond_init(&img->compact_done, NULL);
+	pthread_cond_init(&img->claim_released, NULL);
+#ifdef QCOW_DEBUG
+	img->lock_asserts = true;
+#else
+	img->lock_asserts = opts.runtime_asserts;
+#endif
 	img->inflight_head.next = img->inflight_head.prev = &img->inflight_head;
 	img->compact_progress = 1.0;
 
@@ -1118,7 +917,8 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 	img->cluster_size = 1ull << img->cluster_bits;
 	img->l2_bits = img->cluster_bits - 3;
 	img->rb_shift = img->cluster_bits + 3 - img->hdr.refcount_order;
-	img->virtual_size = img->hdr.size;
+	/* QEMU counts the disk in whole 512-byte sectors: show what it shows */
+	img->virtual_size = img->hdr.size & ~511ull;
 	ret = load_tables(img, err, errlen);
 	if (ret)
 		goto fail;

@@ -26,6 +26,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "qcow.h"
 #include "qcow_mem.h"
@@ -89,9 +90,26 @@ struct qcow_image {
 	bool data_dirty;             /* something was written since the last sync */
 	bool punch_supported;
 
-	/* truncation in progress: allocations that need to grow wait */
+	/* truncation in progress: allocations that need to grow give up
+	 * (-EAGAIN) and their requests wait for truncate_done */
 	bool truncating;
 	pthread_cond_t truncate_done;
+
+	/* guest clusters a write is filling in a new host cluster
+	 * (qcow_inflight.c): an open-addressing set */
+	uint64_t *claims;
+	size_t claims_cap, claims_len, claims_used;
+	unsigned claim_waiters;
+	pthread_cond_t claim_released;
+
+	/* table switches not yet known to be durable (qcow_relocate.c,
+	 * qcow_flush.c): the header must be written again by the next
+	 * flush, and the old tables' clusters stay allocated until then */
+	bool reftable_switch_pending;    /* header's refcount table fields, in flush step 1 */
+	struct qcow_extent { uint64_t first, n; } *pending_free;
+	size_t pending_free_len;
+
+	bool lock_asserts;               /* qcow_assert_locked checks (debug, runtime_asserts) */
 
 	/* recycler */
 	pthread_t recycler_thread;
@@ -127,6 +145,21 @@ struct qcow_image {
 	uint64_t clusters_moved;
 };
 
+static inline void qcow_lock(struct qcow_image *img) { pthread_mutex_lock(&img->lock); }
+static inline void qcow_unlock(struct qcow_image *img) { pthread_mutex_unlock(&img->lock); }
+
+/* Lock-ownership assertion for functions whose contract is "img->lock
+ * held" (debug builds and runtime_asserts).  glibc records the kernel
+ * thread id of a mutex's owner in every mutex kind, and pthread_cond_wait
+ * keeps it right, so no wrapper around the lock is needed. */
+void qcow_assert_failed(const char *what, const char *func);
+static inline void qcow_assert_locked_at(struct qcow_image *img, const char *func)
+{
+	if (img->lock_asserts && __atomic_load_n(&img->lock.__data.__owner, __ATOMIC_RELAXED) != (int)gettid())
+		qcow_assert_failed("img->lock is not held by this thread", func);
+}
+#define qcow_assert_locked(img) qcow_assert_locked_at((img), __func__)
+
 static inline uint64_t qcow_now_ms(void)
 {
 	struct timespec ts;
@@ -157,12 +190,40 @@ struct qcow_scan_geometry {
 };
 int qcow_scan(struct qcow_scan_geometry *g, const struct qcow_scan_visitor *v, char *err, size_t errlen);
 
-/* qcow_image.c */
+/* ---- services (img->lock held for all of them unless said otherwise) ---- */
+
+/* qcow_tables.c: L1 and L2 tables */
+static inline uint64_t qcow_l2_entry(const struct qcow_cached *t, uint64_t idx)
+{
+	return qcow_get_be64(t->data + idx * 8);
+}
+/* The L2 table at host cluster l2_cluster, read on a miss; NULL and *ret. */
 struct qcow_cached *qcow_l2_get(struct qcow_image *img, uint64_t l2_cluster, int *ret);
 /* Sets entry idx of L2 table t, marks it dirty and cancels a move of t. */
 void qcow_l2_set_entry(struct qcow_image *img, struct qcow_cached *t, uint64_t idx, uint64_t v);
+void qcow_l1_set(struct qcow_image *img, uint64_t idx, uint64_t v);
+/* The L2 entry of guest cluster gc (0 when there is no L2 table). */
+int qcow_l2_lookup(struct qcow_image *img, uint64_t gc, uint64_t *entry);
+/* The L2 table of L1 index l1i made writable in place (allocated, or
+ * copied when shared); NULL and *ret (-EAGAIN: see qcow_alloc.c). */
+struct qcow_cached *qcow_l2_for_write(struct qcow_image *img, uint64_t l1i, int *ret);
+
+/* qcow_alloc.c: clusters (Available -> Roots) and file growth; -EAGAIN
+ * while a truncation runs (then qcow_alloc_wait_truncation and retry) */
 int qcow_alloc_cluster(struct qcow_image *img, uint64_t *out);
 int qcow_alloc_contiguous(struct qcow_image *img, uint64_t n, uint64_t *out);
+void qcow_alloc_wait_truncation(struct qcow_image *img);
+
+/* qcow_compress.c: compressed clusters (no lock needed) */
+void qcow_compressed_range(const struct qcow_image *img, uint64_t e, uint64_t *off, uint64_t *len);
+int qcow_compressed_read(struct qcow_image *img, uint64_t e, uint8_t *out);
+
+/* qcow_inflight.c: allocation claims on guest clusters */
+bool qcow_claims_held(const struct qcow_image *img, uint64_t gc);
+int qcow_claims_add(struct qcow_image *img, uint64_t gc);
+void qcow_claims_drop(struct qcow_image *img, uint64_t gc);
+void qcow_claims_wait(struct qcow_image *img, uint64_t gc);
+void qcow_claims_free(struct qcow_image *img);
 
 /* qcow_health.c: background errors and the failed state (see there).
  * what is a string literal naming the operation ("compaction"). */
@@ -172,15 +233,25 @@ int qcow_health_failed(struct qcow_image *img);    /* 0, or the error that faile
 void qcow_health_flush_ok(struct qcow_image *img);
 void qcow_health_get(struct qcow_image *img, int *last_error, bool *failed);
 
-/* Relocating a table (qcow_image.c), flush_lock held: copy_durable copies
- * bytes of the table at old_off as they are on disk into the n clusters at
- * start and syncs (on failure the new clusters become Junk); rehome marks
- * the table's first `clusters` clusters dirty (entries changed in memory
- * since reach the new place with the next flush) and points the reverse
- * references of what the table holds at its new slots. */
-int qcow_table_copy_durable(struct qcow_image *img, uint64_t old_off, uint64_t bytes, uint64_t start, uint64_t n);
+/* After the L1 (refcount) table moved in memory: marks its first
+ * `clusters` clusters dirty (entries changed in memory reach the new place
+ * with the next flush) and points the reverse references of what it holds
+ * at its new slots (qcow_tables.c). */
 void qcow_l1_rehome(struct qcow_image *img, uint64_t clusters);
 void qcow_reftable_rehome(struct qcow_image *img, uint64_t clusters);
+
+/* qcow_relocate.c (above the flush layer; flush_lock held, img->lock
+ * not): moves the L1 or refcount table into the n clusters at start,
+ * which the caller allocated and pinned.  New table durable, header
+ * switched with one write and made durable, old clusters freed.  On an
+ * error before the switch the new clusters become Junk; on an error in
+ * the switch both tables stay allocated and the next flush writes the
+ * header again (reftable_switch_pending / header_dirty). */
+enum qcow_table { QCOW_TABLE_L1, QCOW_TABLE_REFCOUNT };
+int qcow_table_relocate(struct qcow_image *img, enum qcow_table which, uint64_t start, uint64_t n,
+			uint32_t new_l1_size);
+/* Remembers clusters to free once a flush has written the header. */
+int qcow_pending_free_add(struct qcow_image *img, uint64_t first, uint64_t n);
 
 /* Waits on cond for at most ms milliseconds (mutex held). */
 static inline void qcow_cond_wait_ms(pthread_cond_t *cond, pthread_mutex_t *mutex, unsigned ms)

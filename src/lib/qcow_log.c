@@ -10,6 +10,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 static qcow_log_sink log_sink;
 static void *log_opaque;
@@ -48,4 +49,10 @@ void qcow_set_error(char *err, size_t errlen, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(err, errlen, fmt, ap);
 	va_end(ap);
+}
+
+void qcow_assert_failed(const char *what, const char *func)
+{
+	qcow_logf(QCOW_LOG_ERROR, "internal assertion failed in %s: %s", func, what);
+	abort();   /* only reached with runtime_asserts or in a debug build */
 }

@@ -274,8 +274,17 @@ static size_t copy_run(struct qcow_image *img, struct batch *b, size_t i, int *r
 	} else if (kind == MOVE_L2) {
 		/* the cache may hold newer contents than the disk */
 		struct qcow_cached *e = qcow_cache_find(&img->cache, b->src[i]);
-		if (e && (table = qcow_malloc(cs)))
+		if (e) {
+			table = qcow_malloc(cs);
+			if (!table) {
+				/* the disk copy may be stale: do not move it now */
+				qcow_map_move_cancel(&img->map, b->src[i]);
+				pthread_mutex_unlock(&img->lock);
+				*ret = -ENOMEM;
+				return 1;
+			}
 			memcpy(table, e->data, cs);
+		}
 	}
 	pthread_mutex_unlock(&img->lock);
 
@@ -485,15 +494,12 @@ static uint64_t available_run_below(const struct qcow_map *m, uint64_t n, uint64
 }
 
 /* Moves the L1 table or the refcount table into a lower free run, so that
- * neither pins the end of the file: new refcounts durable, new table
- * written and durable, header switched with one write and made durable,
- * then the old clusters become Junk.  flush_lock held throughout, so no
- * flush sees half of it.  Returns 1 if a table moved, 0 if none could,
- * or -errno. */
+ * neither pins the end of the file (qcow_table_relocate does the work and
+ * its failure rules).  Returns 1 if a table moved, 0 if none could, or
+ * -errno. */
 static int relocate_one_table(struct qcow_image *img, bool l1)
 {
 	uint64_t cs = img->cluster_size;
-	int ret;
 	pthread_mutex_lock(&img->flush_lock);
 	pthread_mutex_lock(&img->lock);
 	uint64_t old_off = l1 ? img->hdr.l1_table_offset : img->hdr.refcount_table_offset;
@@ -509,45 +515,12 @@ static int relocate_one_table(struct qcow_image *img, bool l1)
 	for (uint64_t i = 0; i < n; i++)
 		qcow_map_set_pinned(&img->map, start + i, 1);
 	pthread_mutex_unlock(&img->lock);
-
-	/* the new clusters' refcounts; then copy the table as it is on disk:
-	 * its entries point to structures whose refcounts are durable, while
-	 * entries changed in memory since reach the new place with the next
-	 * flush (all its clusters are marked dirty after the switch) */
-	ret = qcow_flush_holding_flush_lock(img);
-	if (!ret)
-		ret = qcow_table_copy_durable(img, old_off, bytes, start, n);
-	if (ret) {
-		pthread_mutex_unlock(&img->flush_lock);
-		return ret;
-	}
+	int ret = qcow_table_relocate(img, l1 ? QCOW_TABLE_L1 : QCOW_TABLE_REFCOUNT, start, n, 0);
 	pthread_mutex_lock(&img->lock);
-	uint64_t new_off = start << img->cluster_bits;
-	if (l1) {
-		img->hdr.l1_table_offset = new_off;
-		qcow_l1_rehome(img, n);
-	} else {
-		img->hdr.refcount_table_offset = new_off;
-		qcow_reftable_rehome(img, n);
-	}
-	pthread_mutex_unlock(&img->lock);
-	ret = qcow_header_write_fields(img->io, &img->hdr, l1 ? QH_L1_SIZE : QH_REFTABLE_OFFSET, 12);
-	if (!ret)
-		ret = img->io->ops->flush(img->io);
-	if (ret) {
-		/* we cannot know which header is on disk: keep both tables */
-		pthread_mutex_unlock(&img->flush_lock);
-		qcow_note_error(img, ret, "switching to a moved table");
-		return ret;
-	}
-	pthread_mutex_lock(&img->lock);
-	for (uint64_t i = 0; i < n; i++)
-		qcow_map_drop_ref(&img->map, old_c + i);
 	assert_map(img);
 	pthread_mutex_unlock(&img->lock);
 	pthread_mutex_unlock(&img->flush_lock);
-	qcow_logf(QCOW_LOG_DEBUG, "%s table moved from 0x%" PRIx64 " to 0x%" PRIx64, l1 ? "L1" : "refcount", old_off, new_off);
-	return 1;
+	return ret ? ret : 1;
 }
 
 /* Frees the junk a relocation left and makes it available again. */

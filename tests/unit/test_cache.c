@@ -36,7 +36,7 @@ int main(void)
 	struct qcow_cached *dirty = qcow_cache_find(&c, 7);
 	qcow_cache_set_dirty(&c, dirty, true);
 	struct qcow_cached *pinned = qcow_cache_find(&c, 14);
-	qcow_cache_writeback_begin(&c, pinned);
+	qcow_cache_pin(&c, pinned);
 	for (uint64_t k = 100; k < 400; k++) {
 		struct qcow_cached *e = qcow_cache_insert(&c, k);
 		REQUIRE(e, "insert %llu", (unsigned long long)k);
@@ -65,8 +65,8 @@ int main(void)
 	}
 	CHECK(!reused, "a zombie entry is not handed out while its flush runs");
 	CHECK(pinned->data[0] == 14, "zombie contents intact for the flush");
-	qcow_cache_writeback_end(&c, pinned);
-	CHECK(!pinned->zombie && pinned->writeback == 0, "zombie released when the flush ends");
+	qcow_cache_unpin(&c, pinned);
+	CHECK(!pinned->zombie && pinned->pins == 0, "zombie released when the flush ends");
 	struct qcow_cached *next = qcow_cache_insert(&c, 777);
 	CHECK(next == pinned, "the released entry is the next one reused");
 

@@ -734,7 +734,9 @@ static void compaction(unsigned cluster_bits, unsigned order)
 	cfg_name = name;
 	uint64_t cs = 1ull << cluster_bits;
 	uint64_t nclusters = cluster_bits == 9 ? 6000 : cluster_bits == 12 ? 1500 : 160;
-	uint64_t size = nclusters * cs + cs / 2;   /* a partial last cluster */
+	/* a partial last cluster, where clusters are bigger than the 512-byte
+	 * sectors QEMU counts sizes in */
+	uint64_t size = nclusters * cs + (cs > 512 ? cs / 2 : 0);
 	size_t len;
 	uint8_t *bytes = create_bytes(size, cluster_bits, order, 3, &len);
 	struct keep_io *k = keep_new(bytes, len);

@@ -1,0 +1,59 @@
+/*
+ * qcow_compress.c - compressed clusters (deflate, as QEMU writes them).
+ *
+ * Owns: decoding a compressed L2 entry into the host byte range of its
+ * stream, and inflating that stream into one guest cluster.  Rules: the
+ * range is derived from the entry alone (the scan at open has checked it
+ * lies inside the file); a stream that does not inflate to exactly one
+ * full cluster is an I/O error with the offset in the log, never a crash.
+ * No lock is needed: the caller keeps the host clusters referenced (or
+ * registered in flight) while it reads.
+ */
+#include "config.h"
+#include "qcow_internal.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <string.h>
+#include <zlib.h>
+
+void qcow_compressed_range(const struct qcow_image *img, uint64_t e, uint64_t *off, uint64_t *len)
+{
+	unsigned x = 62 - (img->cluster_bits - 8);
+	uint64_t o = e & ((1ull << x) - 1);
+	uint64_t sectors = ((e >> x) & ((1ull << (img->cluster_bits - 8)) - 1)) + 1;
+	*off = o;
+	*len = sectors * 512 - (o & 511);
+}
+
+int qcow_compressed_read(struct qcow_image *img, uint64_t e, uint8_t *out)
+{
+	uint64_t off, len;
+	qcow_compressed_range(img, e, &off, &len);
+	uint8_t *in = qcow_malloc((size_t)len);
+	if (!in)
+		return -ENOMEM;
+	int ret = img->io->ops->pread(img->io, in, (size_t)len, off);
+	if (ret == 0) {
+		z_stream zs;
+		memset(&zs, 0, sizeof(zs));
+		if (inflateInit2(&zs, -15) != Z_OK) {
+			ret = -ENOMEM;
+		} else {
+			zs.next_in = in;
+			zs.avail_in = (uInt)len;
+			zs.next_out = out;
+			zs.avail_out = (uInt)img->cluster_size;
+			int zr = inflate(&zs, Z_FINISH);
+			/* the stream may end early or be followed by padding;
+			 * what matters is one full cluster of output */
+			if ((zr != Z_STREAM_END && zr != Z_BUF_ERROR && zr != Z_OK) || zs.avail_out != 0) {
+				qcow_logf(QCOW_LOG_ERROR, "corrupt compressed cluster at 0x%" PRIx64, off);
+				ret = -EIO;
+			}
+			inflateEnd(&zs);
+		}
+	}
+	qcow_free(in);
+	return ret;
+}
