@@ -929,6 +929,7 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 		goto fail_nomem;
 	img->map.first_movable = 1;
 	img->map.runtime_asserts = opts.runtime_asserts;
+	img->map.check_transitions = img->lock_asserts;
 	struct build_ctx b = { .img = img, .err = err, .errlen = errlen };
 	if (qcow_bitmap_init(&b.fixed, file_clusters))
 		goto fail_nomem;

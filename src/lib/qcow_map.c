@@ -63,10 +63,47 @@ static uint64_t want_of(uint64_t e)
 	}
 }
 
+/*
+ * The allowed state changes (doc/design.md, "cluster states"), checked on
+ * every change when m->check_transitions is set (debug builds and
+ * runtime_asserts).  REF -> REF and PINNED -> PINNED change the slot or
+ * the count.  Junk never becomes Available directly: only an erase and a
+ * flush that started after it make a freed cluster allocatable
+ * (invariant 3).  Roots -> Available is the one shortcut: a cluster
+ * handed out and given back before anything was written to it still
+ * reads zeros.
+ */
+#define T(a, b) [QCS_##a][QCS_##b] = true
+static const bool allowed[QCS_NSTATES][QCS_NSTATES] = {
+	T(AVAILABLE, ROOTS), T(AVAILABLE, COPIES), T(AVAILABLE, PINNED),
+	T(AVAILABLE, REF), T(AVAILABLE, JUNK),          /* the map built at open, a failed truncation */
+	T(ROOTS, REF), T(ROOTS, PINNED), T(ROOTS, AVAILABLE), T(ROOTS, JUNK),
+	T(REF, REF), T(REF, PINNED), T(REF, JUNK), T(REF, PENDING),
+	T(PINNED, PINNED), T(PINNED, JUNK),
+	T(JUNK, ERASING),
+	T(ERASING, ERASED), T(ERASING, JUNK),
+	T(ERASED, FLUSHING),
+	T(FLUSHING, AVAILABLE), T(FLUSHING, JUNK),
+	T(COPIES, REF), T(COPIES, JUNK),
+	T(PENDING, JUNK),
+};
+#undef T
+
+bool qcow_map_transition_allowed(enum qcow_cstate from, enum qcow_cstate to)
+{
+	return from < QCS_NSTATES && to < QCS_NSTATES && allowed[from][to];
+}
+
 static void map_put(struct qcow_map *m, uint64_t c, uint64_t e)
 {
 	uint64_t old = m->entry[c];
 	enum qcow_cstate os = decode_state(old), ns = decode_state(e);
+	if (m->check_transitions && !allowed[os][ns]) {
+		char what[160];
+		snprintf(what, sizeof(what), "cluster %llu may not go from %s to %s", (unsigned long long)c,
+			 qcow_map_state_name(os), qcow_map_state_name(ns));
+		qcow_assert_failed(what, __func__);
+	}
 
 	m->count[os]--;
 	m->count[ns]++;
@@ -125,8 +162,13 @@ int qcow_map_resize(struct qcow_map *m, uint64_t n)
 		if (!is_free_state(s))
 			return -EBUSY;
 	}
+	/* dropped clusters leave the bitmaps clean (not a state change of a
+	 * cluster that stays: unchecked) */
+	bool check = m->check_transitions;
+	m->check_transitions = false;
 	for (uint64_t c = n; c < old; c++)
-		map_put(m, c, encode_state(QCS_AVAILABLE));   /* leave bitmaps clean */
+		map_put(m, c, encode_state(QCS_AVAILABLE));
+	m->check_transitions = check;
 	m->count[QCS_AVAILABLE] -= old > n ? old - n : 0;
 	if (n > old) {
 		uint64_t *e = qcow_realloc(m->entry, (size_t)n * sizeof(uint64_t));

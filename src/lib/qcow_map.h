@@ -64,6 +64,7 @@ struct qcow_map {
 	struct qcow_move *moves;
 	unsigned nmoves_cap, nmoves_active;
 	bool runtime_asserts;
+	bool check_transitions;   /* every state change against the table in qcow_map.c */
 };
 
 int qcow_map_init(struct qcow_map *m, uint64_t nclusters, unsigned rb_shift);
@@ -100,7 +101,7 @@ uint64_t qcow_map_highest_movable(const struct qcow_map *m, uint64_t before);
 uint64_t qcow_map_last_block(const struct qcow_map *m);
 bool qcow_map_is_immovable(const struct qcow_map *m, uint64_t c);
 
-/* Moves.  start: src must be movable REF, dst Junk; dst becomes Copies. */
+/* Moves.  start: src must be movable REF, dst Available; dst becomes Copies. */
 struct qcow_move *qcow_map_move_start(struct qcow_map *m, uint64_t src, uint64_t dst);
 struct qcow_move *qcow_map_move_find(struct qcow_map *m, uint64_t src);
 bool qcow_map_is_moving(const struct qcow_map *m, uint64_t c);
@@ -112,6 +113,9 @@ void qcow_map_move_set_state(struct qcow_map *m, struct qcow_move *mv, enum qcow
 void qcow_map_move_complete(struct qcow_map *m, struct qcow_move *mv);
 
 const char *qcow_map_state_name(enum qcow_cstate s);
+/* Whether the state machine allows a cluster to go from one state to the
+ * other (the table in qcow_map.c). */
+bool qcow_map_transition_allowed(enum qcow_cstate from, enum qcow_cstate to);
 /* Checks every invariant of DESIGN.md section 3 that the map alone can
  * see; returns NULL or a static description of the first violation. */
 const char *qcow_map_check(const struct qcow_map *m);

@@ -967,8 +967,13 @@ static void refblock_move_cancelled_by_flush(void)
 		}
 	REQUIRE(victim != UINT64_MAX, "a data cluster counted by refcount block %llu", (unsigned long long)bidx);
 
-	/* the compactor: plan, copy, Copied */
+	/* the compactor: plan, copy, Copied.  Destinations are Available: walk
+	 * the junk cluster through the erase states the recycler would (the
+	 * state machine is checked in debug builds) */
 	pthread_mutex_lock(&img->lock);
+	static const enum qcow_cstate erase_path[] = { QCS_ERASING, QCS_ERASED, QCS_FLUSHING, QCS_AVAILABLE };
+	for (size_t i = 0; i < sizeof(erase_path) / sizeof(erase_path[0]); i++)
+		qcow_map_set_state(&img->map, dst, erase_path[i]);
 	struct qcow_move *mv = qcow_map_move_start(&img->map, src, dst);
 	pthread_mutex_unlock(&img->lock);
 	REQUIRE(mv != NULL, "move start");

@@ -921,8 +921,30 @@ static void memory(void)
 	qcow_map_free(&map);
 }
 
+/* The state machine's table: the changes the design forbids are refused
+ * (debug builds abort on them), and every path a cluster takes in the
+ * engine is allowed. */
+static void transitions(void)
+{
+	CHECK(!qcow_map_transition_allowed(QCS_JUNK, QCS_AVAILABLE), "junk becomes available only through erase and flush");
+	CHECK(!qcow_map_transition_allowed(QCS_ERASED, QCS_AVAILABLE), "erased becomes available only through a flush");
+	CHECK(!qcow_map_transition_allowed(QCS_JUNK, QCS_COPIES), "a move never copies into junk");
+	CHECK(!qcow_map_transition_allowed(QCS_REF, QCS_AVAILABLE), "a referenced cluster is freed as junk");
+	CHECK(!qcow_map_transition_allowed(QCS_PENDING, QCS_AVAILABLE), "a move source is erased before reuse");
+	CHECK(!qcow_map_transition_allowed(QCS_COPIES, QCS_AVAILABLE), "a cancelled destination is erased before reuse");
+	static const enum qcow_cstate erase[] = { QCS_REF, QCS_JUNK, QCS_ERASING, QCS_ERASED, QCS_FLUSHING, QCS_AVAILABLE,
+						  QCS_ROOTS, QCS_REF, QCS_PENDING, QCS_JUNK };
+	for (size_t i = 1; i < sizeof(erase) / sizeof(erase[0]); i++)
+		CHECK(qcow_map_transition_allowed(erase[i - 1], erase[i]), "%s -> %s is allowed",
+		      qcow_map_state_name(erase[i - 1]), qcow_map_state_name(erase[i]));
+	CHECK(qcow_map_transition_allowed(QCS_AVAILABLE, QCS_COPIES) && qcow_map_transition_allowed(QCS_COPIES, QCS_REF) &&
+	      qcow_map_transition_allowed(QCS_COPIES, QCS_JUNK), "a move destination's life");
+	CHECK(qcow_map_transition_allowed(QCS_ROOTS, QCS_AVAILABLE), "an unwritten allocation is given back as available");
+}
+
 int main(void)
 {
+	transitions();
 	basics();
 	resize();
 	moves();
