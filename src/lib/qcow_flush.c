@@ -91,6 +91,17 @@ static bool block_has_refs(struct qcow_image *img, uint64_t b)
 	return false;
 }
 
+int qcow_pending_free_add(struct qcow_image *img, uint64_t first, uint64_t n)
+{
+	qcow_assert_locked(img);
+	struct qcow_extent *p = qcow_realloc(img->pending_free, (img->pending_free_len + 1) * sizeof(*p));
+	if (!p)
+		return -ENOMEM;
+	img->pending_free = p;
+	p[img->pending_free_len++] = (struct qcow_extent){ .first = first, .n = n };
+	return 0;
+}
+
 /* Replaces the refcount table by a bigger one covering `need` blocks.
  * The switch is pending until a flush has written it (step 1); the old
  * table stays allocated until then. */

@@ -250,8 +250,6 @@ void qcow_reftable_rehome(struct qcow_image *img, uint64_t clusters);
 enum qcow_table { QCOW_TABLE_L1, QCOW_TABLE_REFCOUNT };
 int qcow_table_relocate(struct qcow_image *img, enum qcow_table which, uint64_t start, uint64_t n,
 			uint32_t new_l1_size);
-/* Remembers clusters to free once a flush has written the header. */
-int qcow_pending_free_add(struct qcow_image *img, uint64_t first, uint64_t n);
 
 /* Waits on cond for at most ms milliseconds (mutex held). */
 static inline void qcow_cond_wait_ms(pthread_cond_t *cond, pthread_mutex_t *mutex, unsigned ms)
@@ -281,6 +279,9 @@ void qcow_inflight_wait_before(struct qcow_image *img, uint64_t ticket);
  * for callers that already hold flush_lock (and not img->lock). */
 int qcow_flush(struct qcow_image *img);
 int qcow_flush_holding_flush_lock(struct qcow_image *img);
+/* Remembers clusters of an old table to free once a flush has written the
+ * header that stops pointing at them (img->lock held). */
+int qcow_pending_free_add(struct qcow_image *img, uint64_t first, uint64_t n);
 /* Compares the on-disk refcounts with the map; marks differing blocks
  * dirty.  Returns the number of clusters that differ, or -errno. */
 int64_t qcow_refcounts_compare(struct qcow_image *img);

@@ -28,17 +28,6 @@
 #include <inttypes.h>
 #include <string.h>
 
-int qcow_pending_free_add(struct qcow_image *img, uint64_t first, uint64_t n)
-{
-	qcow_assert_locked(img);
-	struct qcow_extent *p = qcow_realloc(img->pending_free, (img->pending_free_len + 1) * sizeof(*p));
-	if (!p)
-		return -ENOMEM;
-	img->pending_free = p;
-	p[img->pending_free_len++] = (struct qcow_extent){ .first = first, .n = n };
-	return 0;
-}
-
 /* Step 2: the bytes of the table at old_off as they are on disk into the
  * n clusters at start, durable. */
 static int copy_durable(struct qcow_image *img, uint64_t old_off, uint64_t bytes, uint64_t start, uint64_t n)
