@@ -1,6 +1,6 @@
 /*
  * qcow_flush.c - the flush protocol and the refcount projection
- * (DESIGN.md section 4).
+ * (doc/design.md, "The flush protocol").
  *
  * Owns: writing dirty metadata, the on-disk refcounts, refcount block
  * allocation and refcount table growth.  On-disk refcounts are a

@@ -17,7 +17,7 @@
  * extents are in use; the recycler waits for a grace period
  * (qcow_inflight_wait_before) before erasing a cluster or copying a move
  * source, so a request never sees its clusters change under it
- * (DESIGN.md invariants 5 and 6).
+ * (doc/design.md, invariants 5 and 6).
  */
 #ifndef QCOW_INTERNAL_H
 #define QCOW_INTERNAL_H

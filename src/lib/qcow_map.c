@@ -5,7 +5,7 @@
  * "refcount block needs rewriting" marks.  Rules:
  *  - map_put() is the only function that changes an entry; it keeps the
  *    bitmaps, the counters and the refcount-dirty marks in step.
- *  - Numbered invariants (DESIGN.md section 3) checked by qcow_map_check:
+ *  - Numbered invariants (doc/design.md, "Invariants") checked by qcow_map_check:
  *    1. every cluster has exactly one state; the bitmaps and counters agree
  *       with the entries;
  *    2. only Available clusters are handed out (the allocator in

@@ -1,6 +1,6 @@
 /*
  * qcow_map.h - the cluster map: for every physical cluster of the image
- * file, exactly one state (DESIGN.md section 3).
+ * file, exactly one state (doc/design.md, "The cluster map").
  *
  * Representation: one 64-bit entry per cluster plus five bitmaps
  * (available, junk, movable, busy, moving) with summary levels, and a
@@ -116,7 +116,7 @@ const char *qcow_map_state_name(enum qcow_cstate s);
 /* Whether the state machine allows a cluster to go from one state to the
  * other (the table in qcow_map.c). */
 bool qcow_map_transition_allowed(enum qcow_cstate from, enum qcow_cstate to);
-/* Checks every invariant of DESIGN.md section 3 that the map alone can
+/* Checks every invariant of doc/design.md that the map alone can
  * see; returns NULL or a static description of the first violation. */
 const char *qcow_map_check(const struct qcow_map *m);
 /* One line: counts per state and moves. */

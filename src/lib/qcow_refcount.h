@@ -4,7 +4,7 @@
  * Owns: the encoding of refcount blocks (1 << order bits per entry; sub-
  * byte widths are packed LSB first, byte and wider widths are big-endian
  * integers) and the "up" / "final" block computation of the flush protocol
- * (DESIGN.md section 4): up = max(on disk, wanted) per entry, written before
+ * (doc/design.md, "The flush protocol"): up = max(on disk, wanted) per entry, written before
  * the pointers; final = wanted, written after them.
  */
 #ifndef QCOW_REFCOUNT_H
