@@ -50,12 +50,14 @@ static int grow_file(struct qcow_image *img, uint64_t n)
 
 void qcow_alloc_wait_truncation(struct qcow_image *img)
 {
+	qcow_assert_locked(img);
 	while (img->truncating)
 		pthread_cond_wait(&img->truncate_done, &img->lock);
 }
 
 int qcow_alloc_cluster(struct qcow_image *img, uint64_t *out)
 {
+	qcow_assert_locked(img);
 	uint64_t c = qcow_map_lowest_available(&img->map);
 	if (c == UINT64_MAX) {
 		int ret = grow_file(img, 1);
@@ -72,6 +74,7 @@ int qcow_alloc_cluster(struct qcow_image *img, uint64_t *out)
 
 int qcow_alloc_contiguous(struct qcow_image *img, uint64_t n, uint64_t *out)
 {
+	qcow_assert_locked(img);
 	/* lowest run of n Available clusters, else at the end of the file */
 	uint64_t c = qcow_map_lowest_available(&img->map);
 	while (c != UINT64_MAX) {

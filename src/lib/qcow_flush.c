@@ -210,6 +210,7 @@ static int plan_meta(struct flush_plan *p, bool reftable, uint64_t off, const ui
 /* Takes everything a flush has to write, under img->lock. */
 static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 {
+	qcow_assert_locked(img);
 	uint64_t cs = img->cluster_size;
 	int ret = ensure_refblocks(img);
 	if (ret)
@@ -343,6 +344,7 @@ static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 /* Puts everything the snapshot took back, after a failed flush. */
 static void undo_snapshot(struct qcow_image *img, struct flush_plan *p)
 {
+	qcow_assert_locked(img);
 	for (size_t i = 0; i < p->nrb; i++)
 		qcow_bitmap_set(&img->map.rc_dirty, p->rb[i].index);
 	for (size_t i = 0; i < p->nl2; i++) {
@@ -378,6 +380,7 @@ static void undo_snapshot(struct qcow_image *img, struct flush_plan *p)
 
 static void finish_flush(struct qcow_image *img, struct flush_plan *p)
 {
+	qcow_assert_locked(img);
 	for (size_t i = 0; i < p->nerased; i++) {
 		uint64_t c = p->erased[i];
 		if (c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_FLUSHING)
@@ -433,6 +436,7 @@ static int write_refblocks_up(struct qcow_image *img, struct flush_plan *p, uint
 
 int qcow_flush_holding_flush_lock(struct qcow_image *img)
 {
+	qcow_assert_flush_locked(img);
 	struct flush_plan p;
 	struct qcow_io *io = img->io;
 	uint8_t **finals = NULL;

@@ -312,6 +312,7 @@ static int resolve_cluster(struct qcow_image *img, struct write_plan *p, uint64_
 /* Resolves a whole write (buf NULL: zeros) under img->lock. */
 static int resolve_write(struct qcow_image *img, struct write_plan *p, bool zeros, size_t len, uint64_t off)
 {
+	qcow_assert_locked(img);
 	for (size_t pos = 0; pos < len;) {
 		uint64_t gc, o;
 		size_t n = cluster_piece(img, off + pos, len - pos, &gc, &o);
@@ -381,6 +382,7 @@ static int write_data(struct qcow_image *img, const void *buf, struct write_plan
  * again (what was linked stays linked and is then written in place). */
 static int link_new_clusters(struct qcow_image *img, struct write_plan *p)
 {
+	qcow_assert_locked(img);
 	for (size_t i = 0; i < p->nnc; i++) {
 		struct new_cluster *nc = &p->nc[i];
 		uint64_t l1i = nc->gc >> img->l2_bits, idx = nc->gc & ((1ull << img->l2_bits) - 1);
@@ -476,6 +478,7 @@ ssize_t qcow_image_write(struct qcow_image *img, const void *buf, size_t len, ui
  * caller waits and calls again: clusters already unmapped are skipped). */
 static int unmap_clusters(struct qcow_image *img, uint64_t gc, uint64_t count)
 {
+	qcow_assert_locked(img);
 	for (uint64_t i = 0; i < count; i++) {
 		uint64_t g = gc + i;
 		uint64_t l1i = g >> img->l2_bits, idx = g & ((1ull << img->l2_bits) - 1);

@@ -29,6 +29,7 @@
 
 void qcow_inflight_begin(struct qcow_image *img, struct qcow_inflight *req)
 {
+	qcow_assert_locked(img);
 	struct qcow_inflight *head = &img->inflight_head;
 	req->ticket = ++img->next_ticket;
 	req->next = head;
@@ -39,6 +40,7 @@ void qcow_inflight_begin(struct qcow_image *img, struct qcow_inflight *req)
 
 void qcow_inflight_end(struct qcow_image *img, struct qcow_inflight *req)
 {
+	qcow_assert_locked(img);
 	req->prev->next = req->next;
 	req->next->prev = req->prev;
 	if (img->inflight_waiters)
@@ -47,6 +49,7 @@ void qcow_inflight_end(struct qcow_image *img, struct qcow_inflight *req)
 
 uint64_t qcow_inflight_ticket(struct qcow_image *img)
 {
+	qcow_assert_locked(img);
 	return ++img->next_ticket;
 }
 
@@ -108,6 +111,7 @@ bool qcow_claims_held(const struct qcow_image *img, uint64_t gc)
 
 int qcow_claims_add(struct qcow_image *img, uint64_t gc)
 {
+	qcow_assert_locked(img);
 	/* keep at least a quarter of the slots empty (tombstones count) */
 	if ((img->claims_used + 1) * 4 > img->claims_cap * 3) {
 		size_t cap = img->claims_cap ? img->claims_cap : 64;
@@ -130,6 +134,7 @@ int qcow_claims_add(struct qcow_image *img, uint64_t gc)
 
 void qcow_claims_drop(struct qcow_image *img, uint64_t gc)
 {
+	qcow_assert_locked(img);
 	size_t mask = img->claims_cap - 1;
 	for (size_t k = claim_slot(gc, mask); img->claims[k] != CLAIM_EMPTY; k = (k + 1) & mask)
 		if (img->claims[k] == gc) {
@@ -143,6 +148,7 @@ void qcow_claims_drop(struct qcow_image *img, uint64_t gc)
 
 void qcow_claims_wait(struct qcow_image *img, uint64_t gc)
 {
+	qcow_assert_locked(img);
 	img->claim_waiters++;
 	while (qcow_claims_held(img, gc))
 		pthread_cond_wait(&img->claim_released, &img->lock);

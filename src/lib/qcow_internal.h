@@ -159,6 +159,12 @@ static inline void qcow_assert_locked_at(struct qcow_image *img, const char *fun
 		qcow_assert_failed("img->lock is not held by this thread", func);
 }
 #define qcow_assert_locked(img) qcow_assert_locked_at((img), __func__)
+static inline void qcow_assert_flush_locked_at(struct qcow_image *img, const char *func)
+{
+	if (img->lock_asserts && __atomic_load_n(&img->flush_lock.__data.__owner, __ATOMIC_RELAXED) != (int)gettid())
+		qcow_assert_failed("img->flush_lock is not held by this thread", func);
+}
+#define qcow_assert_flush_locked(img) qcow_assert_flush_locked_at((img), __func__)
 
 static inline uint64_t qcow_now_ms(void)
 {

@@ -80,6 +80,7 @@ static int switch_in_memory(struct qcow_image *img, enum qcow_table which, uint6
 int qcow_table_relocate(struct qcow_image *img, enum qcow_table which, uint64_t start, uint64_t n,
 			uint32_t new_l1_size)
 {
+	qcow_assert_flush_locked(img);
 	bool l1 = which == QCOW_TABLE_L1;
 	uint64_t cs = img->cluster_size;
 	qcow_lock(img);
