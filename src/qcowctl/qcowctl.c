@@ -1313,6 +1313,14 @@ static int compact_mount(const char *mountpoint, const struct qcow_stats *before
 			print_error("%s: " STATE_FAILED_TEXT, mountpoint);
 		return EXIT_FAILURE;
 	}
+	/* No pass ran while an error is pending: the engine is backing off
+	 * after a failure (or cannot write at all), so nothing was done. */
+	if (now.compactions_done == before->compactions_done && !seen_running && now.last_error < 0) {
+		progress_finish(&progress, false);
+		print_error("compacting %s did not run: the engine reports an error: %s", mountpoint,
+			    compact_failure_text(&now));
+		return EXIT_FAILURE;
+	}
 	progress_finish(&progress, true);
 	print_compact_result(now.clusters_moved - before->clusters_moved, before->file_size,
 			     before->file_allocated, now.file_size, now.file_allocated, &now);
