@@ -1233,11 +1233,13 @@ static void print_compact_result(uint64_t moved, uint64_t size_before, uint64_t 
 	fflush(stdout);
 }
 
-/* Why a compaction failed, from the engine's status (never "Success"). */
+/* Why a compaction failed, from the engine's status (never "Success").
+ * The engine clears last_error at the next successful flush, which may come
+ * before we look: then only its log names the error. */
 static const char *compact_failure_text(const struct qcow_stats *st)
 {
 	const char *error = status_error_text(st);
-	return error ? error : "the engine counted a failed compaction";
+	return error ? error : "the engine counted a failed compaction; the qcowfs log names the error";
 }
 
 /*
@@ -1268,6 +1270,7 @@ static int compact_mount(const char *mountpoint, const struct qcow_stats *before
 	struct progress_display progress;
 	struct qcow_stats now = *before;
 	bool seen_running = false;
+	int seen_error = 0;   /* the last error the status showed while we waited */
 	uint64_t start;
 	int ret;
 
@@ -1301,9 +1304,15 @@ static int compact_mount(const char *mountpoint, const struct qcow_stats *before
 			seen_running = true;
 		if (now.compacting)
 			progress_show(&progress, now.compact_progress);
+		if (now.last_error < 0)
+			seen_error = now.last_error;
 		if (compact_request_finished(before, &now, seen_running, monotonic_ms() - start))
 			break;
 	}
+	/* An error that a flush cleared before our last poll still names
+	 * what went wrong. */
+	if (!now.last_error && !now.failed && seen_error)
+		now.last_error = seen_error;
 	/* A failure counted while we waited is ours (or one of a pass ours
 	 * was merged into): either way the file did not get compacted. */
 	if (now.compactions_failed != before->compactions_failed || (now.failed && !before->failed)) {
