@@ -1021,6 +1021,14 @@ static int cmd_check(const struct command *self, int argc, char **argv)
 
 /* ---- status -------------------------------------------------------------- */
 
+/* Text from the engine (the blocker) on a terminal: control bytes become
+ * '?' so that a hostile image cannot drive the terminal through them. */
+static void print_text_safely(const char *text)
+{
+	for (const unsigned char *p = (const unsigned char *)text; *p; p++)
+		putchar(*p < 0x20 || *p == 0x7f ? '?' : *p);
+}
+
 /* The words for the engine's health (struct qcow_stats: failed, last_error). */
 #define STATE_FAILED_TEXT "failed: writes refused after an I/O error; unmount and check the image"
 
@@ -1088,8 +1096,11 @@ static void status_print_human(const struct qcow_stats *st)
 		format_size_and_bytes(st->min_file_size, text, sizeof(text));
 		printf("smallest file:      %s\n", text);
 	}
-	if (status_file_held(st) && st->blocker[0])
-		printf("held by:            %s\n", st->blocker);
+	if (status_file_held(st) && st->blocker[0]) {
+		printf("held by:            ");
+		print_text_safely(st->blocker);
+		putchar('\n');
+	}
 	if (st->compacting)
 		printf("compaction:         running, %.1f%% done\n", 100.0 * st->compact_progress);
 	else
@@ -1193,14 +1204,6 @@ static int cmd_status(const struct command *self, int argc, char **argv)
 }
 
 /* ---- compact ------------------------------------------------------------- */
-
-/* Text from the engine (the blocker) on a terminal: control bytes become
- * '?' so that a hostile image cannot drive the terminal through them. */
-static void print_text_safely(const char *text)
-{
-	for (const unsigned char *p = (const unsigned char *)text; *p; p++)
-		putchar(*p < 0x20 || *p == 0x7f ? '?' : *p);
-}
 
 /*
  * The end of every compaction that worked: what it did (clusters moved,
