@@ -1211,8 +1211,10 @@ static void report_send(int exit_code, const char *lines)
 		    (cred.uid == 0 || cred.uid == getuid() || cred.uid == geteuid() ||
 		     cred.uid == owner)) {
 			/* A few hundred bytes always fit the socket buffer;
-			 * never block on, or die of, a reader that left. */
-			if (send(conn, text, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL) != len)
+			 * never block on, or die of, a reader that left (a
+			 * qcowctl whose unmount failed earlier: not news). */
+			if (send(conn, text, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL) != len &&
+			    errno != EPIPE && errno != ECONNRESET)
 				log_printf(LOG_WARNING, "close report to pid %ld not sent: %s",
 					   (long)cred.pid, strerror(errno));
 		}
