@@ -8,12 +8,19 @@
  *   check     full consistency check, output and exit codes like "qemu-img check"
  *   status    live statistics of a mount, read with the QCOWFS_IOC_STATUS ioctl
  *   compact   shrink an image now: through a live mount, or offline
- *   unmount   unmount, wait for the daemon, verify the image closed cleanly
+ *   unmount   unmount, wait for the daemon's close report, verify the image
  *
  * Rules:
- *  - Talks to a running daemon only through extended attributes on the
- *    mountpoint (user.qcowfs.status / .compact / .pid / .image), so qcowctl
- *    never needs to know how the daemon is built or where it logs.
+ *  - Talks to a running daemon only through the two ioctls of
+ *    qcowfs_ioctl.h on the view (status through a descriptor opened for
+ *    reading, compact through one opened for writing: the daemon checks
+ *    the access mode) and, for unmount, the daemon's close report socket
+ *    named in the status; qcowctl never needs to know how the daemon is
+ *    built or where it logs.
+ *  - Never reports success the engine did not report: a compaction that
+ *    failed (compactions_failed went up, or the engine returned an error)
+ *    exits 1 and never prints 100 %; unmount prints what the daemon said
+ *    about its close and exits 1 when the daemon's close failed.
  *  - Every message for the user on stderr starts with "qcowctl: " and names
  *    the argument or the operation that failed.
  *  - Exit status: 0 success, 1 failure or usage error; check uses qemu-img's
@@ -40,11 +47,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/mount.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <sys/ioctl.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -539,11 +549,13 @@ static bool errno_means_not_qcowfs(int err)
 	return err == ENOTTY || err == EINVAL || err == ENOSYS || err == ENODATA || err == ENOTSUP || err == EOPNOTSUPP;
 }
 
-/* Sends one control ioctl (qcowfs_ioctl.h) to the raw view at path.
- * Returns 0 or a negative errno. */
-static int mount_ioctl(const char *path, unsigned long cmd, void *arg)
+/* Sends one control ioctl (qcowfs_ioctl.h) to the raw view at path
+ * through a descriptor opened with access (O_RDONLY for the status,
+ * O_RDWR for a compaction: the daemon checks).  Returns 0 or a negative
+ * errno. */
+static int mount_ioctl(const char *path, int access, unsigned long cmd, void *arg)
 {
-	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+	int fd = open(path, access | O_CLOEXEC | O_NONBLOCK);
 	if (fd < 0)
 		return -errno;
 	int ret = ioctl(fd, cmd, arg) < 0 ? -errno : 0;
@@ -557,7 +569,7 @@ static int mount_read_status_text(const char *mountpoint, char **out)
 	struct qcowfs_status_text *st = calloc(1, sizeof(*st));
 	if (!st)
 		return -ENOMEM;
-	int ret = mount_ioctl(mountpoint, QCOWFS_IOC_STATUS, st);
+	int ret = mount_ioctl(mountpoint, O_RDONLY, QCOWFS_IOC_STATUS, st);
 	if (ret < 0) {
 		free(st);
 		return ret;
@@ -606,8 +618,21 @@ static void report_status_error(const char *mountpoint, int ret)
 	else if (ret == -EPROTO)
 		print_error("%s: the status from qcowfs could not be parsed (qcowctl and qcowfs versions differ?)",
 			    mountpoint);
+	else if (ret == -EACCES)
+		print_error("cannot read the status of %s: %s (it needs read permission on the view)",
+			    mountpoint, strerror(EACCES));
 	else
 		print_error("cannot read the status of %s: %s", mountpoint, strerror(-ret));
+}
+
+/* The message for a compaction request the daemon refused. */
+static void report_compact_request_error(const char *mountpoint, int ret)
+{
+	if (ret == -EACCES || ret == -EBADF || ret == -EPERM)
+		print_error("cannot request a compaction on %s: %s (it needs write permission on the view)",
+			    mountpoint, strerror(-ret));
+	else
+		print_error("cannot request a compaction on %s: %s", mountpoint, strerror(-ret));
 }
 
 /* ---- progress display --------------------------------------------------- */
@@ -996,9 +1021,53 @@ static int cmd_check(const struct command *self, int argc, char **argv)
 
 /* ---- status -------------------------------------------------------------- */
 
+/* Text from the engine (the blocker) on a terminal: control bytes become
+ * '?' so that a hostile image cannot drive the terminal through them. */
+static void print_text_safely(const char *text)
+{
+	for (const unsigned char *p = (const unsigned char *)text; *p; p++)
+		putchar(*p < 0x20 || *p == 0x7f ? '?' : *p);
+}
+
+/* The words for the engine's health (struct qcow_stats: failed, last_error). */
+#define STATE_FAILED_TEXT "failed: writes refused after an I/O error; unmount and check the image"
+
+static const char *status_state_name(const struct qcow_stats *st)
+{
+	return st->failed ? "failed" : st->last_error ? "error" : "ok";
+}
+
+/* The error the engine reports, or NULL: a failed engine without an errno
+ * failed with an I/O error. */
+static const char *status_error_text(const struct qcow_stats *st)
+{
+	if (st->last_error < 0)
+		return strerror(-st->last_error);
+	return st->failed ? strerror(EIO) : NULL;
+}
+
+/* Whether the status explains why the file is longer than it could be:
+ * min_file_size 0 comes from a daemon that does not know. */
+static bool status_file_held(const struct qcow_stats *st)
+{
+	return st->min_file_size && st->file_size > st->min_file_size;
+}
+
 static void status_print_human(const struct qcow_stats *st)
 {
 	char text[128], allocated[32];
+	const char *error = status_error_text(st);
+
+	/* The health first: it is what a user must not miss. */
+	if (st->failed)
+		printf("state:              " STATE_FAILED_TEXT "\n");
+	else if (error)
+		printf("state:              error; background work retries, and the error clears "
+		       "when a flush succeeds again\n");
+	else
+		printf("state:              ok\n");
+	if (error)
+		printf("error:              %s\n", error);
 
 	format_size_and_bytes(st->virtual_size, text, sizeof(text));
 	printf("virtual size:       %s\n", text);
@@ -1022,6 +1091,16 @@ static void status_print_human(const struct qcow_stats *st)
 	format_size_and_bytes(st->bytes_discarded, text, sizeof(text));
 	printf("bytes discarded:    %s\n", text);
 	printf("compactions done:   %" PRIu64 "\n", st->compactions_done);
+	printf("compactions failed: %" PRIu64 "\n", st->compactions_failed);
+	if (st->min_file_size) {
+		format_size_and_bytes(st->min_file_size, text, sizeof(text));
+		printf("smallest file:      %s\n", text);
+	}
+	if (status_file_held(st) && st->blocker[0]) {
+		printf("held by:            ");
+		print_text_safely(st->blocker);
+		putchar('\n');
+	}
 	if (st->compacting)
 		printf("compaction:         running, %.1f%% done\n", 100.0 * st->compact_progress);
 	else
@@ -1058,6 +1137,13 @@ static void status_print_json(const char *mountpoint, const struct qcow_stats *s
 	json_double(&j, "compact-progress", st->compact_progress);
 	json_bool(&j, "punch-supported", st->punch_supported);
 	json_bool(&j, "read-only", st->read_only);
+	json_string(&j, "state", status_state_name(st));
+	json_string(&j, "error", status_error_text(st) ? status_error_text(st) : "");
+	json_u64(&j, "errno", st->last_error < 0 ? (uint64_t)-(int64_t)st->last_error : 0);
+	json_bool(&j, "failed", st->failed);
+	json_u64(&j, "compactions-failed", st->compactions_failed);
+	json_u64(&j, "min-file-size", st->min_file_size);
+	json_string(&j, "blocker", st->blocker);
 	json_object_end(&j);
 }
 
@@ -1119,32 +1205,63 @@ static int cmd_status(const struct command *self, int argc, char **argv)
 
 /* ---- compact ------------------------------------------------------------- */
 
-static void print_size_change(uint64_t size_before, uint64_t alloc_before,
-			      uint64_t size_after, uint64_t alloc_after)
+/*
+ * The end of every compaction that worked: what it did (clusters moved,
+ * the file's size before -> after) and, when the file is still longer than
+ * the engine says it could be, what holds it there.
+ */
+static void print_compact_result(uint64_t moved, uint64_t size_before, uint64_t alloc_before,
+				 uint64_t size_after, uint64_t alloc_after,
+				 const struct qcow_stats *after)
 {
-	char size_text[128], alloc_text[32];
+	char size_a[32], size_b[32], alloc_a[32], alloc_b[32], min[32];
 
-	format_size_and_bytes(size_before, size_text, sizeof(size_text));
-	format_human_size(alloc_before, alloc_text, sizeof(alloc_text));
-	printf("image file before: %s, %s allocated\n", size_text, alloc_text);
-	format_size_and_bytes(size_after, size_text, sizeof(size_text));
-	format_human_size(alloc_after, alloc_text, sizeof(alloc_text));
-	printf("image file after:  %s, %s allocated\n", size_text, alloc_text);
+	format_human_size(size_before, size_a, sizeof(size_a));
+	format_human_size(size_after, size_b, sizeof(size_b));
+	format_human_size(alloc_before, alloc_a, sizeof(alloc_a));
+	format_human_size(alloc_after, alloc_b, sizeof(alloc_b));
+	printf("moved %" PRIu64 " cluster%s; image file %s -> %s (%" PRIu64 " -> %" PRIu64
+	       " bytes), allocated %s -> %s\n", moved, moved == 1 ? "" : "s", size_a, size_b,
+	       size_before, size_after, alloc_a, alloc_b);
+	if (after->min_file_size && size_after > after->min_file_size) {
+		format_human_size(after->min_file_size, min, sizeof(min));
+		printf("the file stays above its minimum of %s (%" PRIu64 " bytes): ", min,
+		       after->min_file_size);
+		if (after->blocker[0])
+			print_text_safely(after->blocker);
+		else
+			fputs("the engine gave no reason", stdout);
+		putchar('\n');
+	}
+	fflush(stdout);
+}
+
+/* Why a compaction failed, from the engine's status (never "Success").
+ * The engine clears last_error at the next successful flush, which may come
+ * before we look: then only its log names the error. */
+static const char *compact_failure_text(const struct qcow_stats *st)
+{
+	const char *error = status_error_text(st);
+	return error ? error : "the engine counted a failed compaction; the qcowfs log names the error";
 }
 
 /*
  * Whether the pass we asked for is over.  The daemon may start it before
  * our first poll and finish it between two polls, so "compacting" alone can
- * be missed both ways; compactions_done moving on is the reliable sign.  A
- * pass seen running that stopped counts too (an engine that does not count
- * aborted passes).  If neither ever shows, the request had nothing to do.
+ * be missed both ways; compactions_done or compactions_failed moving on is
+ * the reliable sign.  A pass seen running that stopped counts too (an
+ * engine that does not count aborted passes).  If neither ever shows, the
+ * request had nothing to do.
  */
 static bool compact_request_finished(const struct qcow_stats *before, const struct qcow_stats *now,
 				     bool seen_running, uint64_t waited_ms)
 {
 	if (now->compacting)
 		return false;
-	if (now->compactions_done != before->compactions_done)
+	if (now->compactions_done != before->compactions_done ||
+	    now->compactions_failed != before->compactions_failed)
+		return true;
+	if (now->failed && !before->failed)
 		return true;
 	if (seen_running && !before->compacting)
 		return true;
@@ -1156,6 +1273,7 @@ static int compact_mount(const char *mountpoint, const struct qcow_stats *before
 	struct progress_display progress;
 	struct qcow_stats now = *before;
 	bool seen_running = false;
+	int seen_error = 0;   /* the last error the status showed while we waited */
 	uint64_t start;
 	int ret;
 
@@ -1163,9 +1281,14 @@ static int compact_mount(const char *mountpoint, const struct qcow_stats *before
 		print_error("cannot compact %s: the mount is read-only", mountpoint);
 		return EXIT_FAILURE;
 	}
-	ret = mount_ioctl(mountpoint, QCOWFS_IOC_COMPACT, NULL);
+	if (before->failed) {
+		print_error("cannot compact %s: the image is in the " STATE_FAILED_TEXT " state (%s)",
+			    mountpoint, compact_failure_text(before));
+		return EXIT_FAILURE;
+	}
+	ret = mount_ioctl(mountpoint, O_RDWR, QCOWFS_IOC_COMPACT, NULL);
 	if (ret < 0) {
-		print_error("cannot request a compaction on %s: %s", mountpoint, strerror(-ret));
+		report_compact_request_error(mountpoint, ret);
 		return EXIT_FAILURE;
 	}
 	start = monotonic_ms();
@@ -1184,11 +1307,35 @@ static int compact_mount(const char *mountpoint, const struct qcow_stats *before
 			seen_running = true;
 		if (now.compacting)
 			progress_show(&progress, now.compact_progress);
+		if (now.last_error < 0)
+			seen_error = now.last_error;
 		if (compact_request_finished(before, &now, seen_running, monotonic_ms() - start))
 			break;
 	}
+	/* An error that a flush cleared before our last poll still names
+	 * what went wrong. */
+	if (!now.last_error && !now.failed && seen_error)
+		now.last_error = seen_error;
+	/* A failure counted while we waited is ours (or one of a pass ours
+	 * was merged into): either way the file did not get compacted. */
+	if (now.compactions_failed != before->compactions_failed || (now.failed && !before->failed)) {
+		progress_finish(&progress, false);
+		print_error("compacting %s failed: %s", mountpoint, compact_failure_text(&now));
+		if (now.failed)
+			print_error("%s: " STATE_FAILED_TEXT, mountpoint);
+		return EXIT_FAILURE;
+	}
+	/* No pass ran while an error is pending: the engine is backing off
+	 * after a failure (or cannot write at all), so nothing was done. */
+	if (now.compactions_done == before->compactions_done && !seen_running && now.last_error < 0) {
+		progress_finish(&progress, false);
+		print_error("compacting %s did not run: the engine reports an error: %s", mountpoint,
+			    compact_failure_text(&now));
+		return EXIT_FAILURE;
+	}
 	progress_finish(&progress, true);
-	print_size_change(before->file_size, before->file_allocated, now.file_size, now.file_allocated);
+	print_compact_result(now.clusters_moved - before->clusters_moved, before->file_size,
+			     before->file_allocated, now.file_size, now.file_allocated, &now);
 	return EXIT_SUCCESS;
 }
 
@@ -1196,6 +1343,7 @@ static int compact_image(const char *image)
 {
 	struct qcow_open_opts opts;
 	struct qcow_image *img = NULL;
+	struct qcow_stats st_before, st_after;
 	struct progress_display progress;
 	struct stat before, after;
 	char err[1024] = "", what[PATH_MAX + 32];
@@ -1221,8 +1369,13 @@ static int compact_image(const char *image)
 		return EXIT_FAILURE;
 	}
 
+	qcow_image_get_stats(img, &st_before);
 	progress_init(&progress);
 	ret = qcow_image_compact(img, progress_callback, &progress);
+	qcow_image_get_stats(img, &st_after);
+	/* An engine that counts a failure but returns 0 still failed. */
+	if (ret == 0 && (st_after.compactions_failed != st_before.compactions_failed || st_after.failed))
+		ret = st_after.last_error < 0 ? st_after.last_error : -EIO;
 	progress_finish(&progress, ret == 0);
 	if (ret < 0)
 		print_error("compacting %s failed: %s", image, strerror(-ret));
@@ -1241,8 +1394,9 @@ static int compact_image(const char *image)
 		print_error("cannot access %s after compaction: %s", image, strerror(errno));
 		return EXIT_FAILURE;
 	}
-	print_size_change((uint64_t)before.st_size, (uint64_t)before.st_blocks * 512,
-			  (uint64_t)after.st_size, (uint64_t)after.st_blocks * 512);
+	print_compact_result(st_after.clusters_moved - st_before.clusters_moved,
+			     (uint64_t)before.st_size, (uint64_t)before.st_blocks * 512,
+			     (uint64_t)after.st_size, (uint64_t)after.st_blocks * 512, &st_after);
 	return EXIT_SUCCESS;
 }
 
@@ -1277,9 +1431,9 @@ static int cmd_compact(const struct command *self, int argc, char **argv)
 	/* A live mount answers the status ioctl; an image file does not. */
 	ret = mount_read_status(target, &st);
 	if (ret == 0 && no_wait) {
-		ret = mount_ioctl(target, QCOWFS_IOC_COMPACT, NULL);
+		ret = mount_ioctl(target, O_RDWR, QCOWFS_IOC_COMPACT, NULL);
 		if (ret < 0) {
-			print_error("cannot request a compaction on %s: %s", target, strerror(-ret));
+			report_compact_request_error(target, ret);
 			return EXIT_FAILURE;
 		}
 		return EXIT_SUCCESS;
@@ -1356,8 +1510,9 @@ static bool process_running(pid_t pid)
 	return !(after_name && after_name[1] == ' ' && after_name[2] == 'Z');
 }
 
-/* Reads the daemon's pid and image path from the mountpoint's status. */
-static int unmount_identify(const char *mountpoint, pid_t *pid, char **image)
+/* Reads the daemon's pid, image path and close report name (NULL from a
+ * daemon without one) from the mountpoint's status. */
+static int unmount_identify(const char *mountpoint, pid_t *pid, char **image, char **report)
 {
 	char *text = NULL, *pid_text = NULL;
 	uint64_t value;
@@ -1372,12 +1527,14 @@ static int unmount_identify(const char *mountpoint, pid_t *pid, char **image)
 	}
 	pid_text = status_value(text, "pid");
 	*image = status_value(text, "image");
+	*report = status_value(text, "close_report");
 	free(text);
 	if (!pid_text || !*image || parse_unsigned(pid_text, &value) < 0 || value < 2 || value > INT_MAX) {
 		print_error("%s: qcowfs reported no valid pid and image path", mountpoint);
 		free(pid_text);
 		free(*image);
-		*image = NULL;
+		free(*report);
+		*image = *report = NULL;
 		return -EPROTO;
 	}
 	*pid = (pid_t)value;
@@ -1448,6 +1605,121 @@ static int wait_for_daemon_exit(pid_t pid, const char *image)
 	return 0;
 }
 
+/*
+ * The daemon's close report (qcowfs.c, "the close report"): the daemon's
+ * exit status and the lines it logged about its shutdown, sent over a Unix
+ * socket in the abstract namespace once it has unmounted and closed the
+ * image.  We connect before unmounting; the connection waits in the
+ * daemon's listen backlog until then.
+ */
+struct close_report {
+	bool received;      /* a complete report arrived */
+	int exit_status;    /* the daemon's */
+	char lines[4096];   /* its messages, one per line */
+};
+
+/* Connects to the report socket named (as "@NAME") in the status, and
+ * makes sure the daemon itself listens there.  Returns the descriptor or
+ * a negative errno. */
+static int close_report_connect(const char *name, pid_t pid)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct ucred cred;
+	socklen_t cred_len = sizeof(cred);
+	size_t len;
+	int fd, ret;
+
+	if (!name || name[0] != '@' || (len = strlen(name + 1)) == 0 || len >= sizeof(sa.sun_path))
+		return -EPROTO;
+	memcpy(sa.sun_path + 1, name + 1, len);   /* sun_path[0] '\0': abstract */
+	/* Non-blocking: a full backlog must not hang the unmount (EAGAIN). */
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (fd < 0)
+		return -errno;
+	if (connect(fd, (struct sockaddr *)&sa, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + len)) < 0) {
+		ret = -errno;
+		goto fail;
+	}
+	/* Anyone can bind a name in the abstract namespace: a report from
+	 * another process than the daemon would be worthless. */
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) < 0) {
+		ret = -errno;
+		goto fail;
+	}
+	if (cred.pid != pid) {
+		ret = -EPERM;
+		goto fail;
+	}
+	return fd;
+
+fail:
+	close(fd);
+	return ret;
+}
+
+/* Reads the report until the daemon closes the connection, which it does
+ * right after its close, or dies (then there is no report).  Closes fd. */
+static void close_report_read(int fd, pid_t pid, const char *image, struct close_report *rep)
+{
+	char text[sizeof(rep->lines) + 32];
+	size_t len = 0;
+	uint64_t start = monotonic_ms();
+	bool announced = false, eof = false;
+
+	memset(rep, 0, sizeof(*rep));
+	while (!eof) {
+		struct pollfd pfd = { .fd = fd, .events = POLLIN };
+		uint64_t waited = monotonic_ms() - start;
+
+		if (waited >= UNMOUNT_WAIT_MS) {
+			print_error("qcowfs (pid %ld) sent no close report within %d s",
+				    (long)pid, UNMOUNT_WAIT_MS / 1000);
+			break;
+		}
+		if (!announced && waited >= 2000) {
+			fprintf(stderr, "qcowctl: waiting for qcowfs (pid %ld) to close %s...\n",
+				(long)pid, image);
+			announced = true;
+		}
+		int ready = poll(&pfd, 1, 100);
+		if (ready < 0 && errno != EINTR)
+			break;
+		if (ready <= 0)
+			continue;
+		ssize_t got = read(fd, text + len, sizeof(text) - 1 - len);
+		if (got < 0 && (errno == EINTR || errno == EAGAIN))
+			continue;
+		if (got <= 0 || (len += (size_t)got) == sizeof(text) - 1)
+			eof = true;   /* end, reset by a dying daemon, or full */
+	}
+	close(fd);
+	text[len] = '\0';
+
+	/* "exit=N\n" then the lines */
+	char *nl = strchr(text, '\n');
+	uint64_t status;
+	if (!eof || strncmp(text, "exit=", 5) != 0 || !nl)
+		return;
+	*nl = '\0';
+	if (parse_unsigned(text + 5, &status) < 0 || status > 255)
+		return;
+	rep->received = true;
+	rep->exit_status = (int)status;
+	snprintf(rep->lines, sizeof(rep->lines), "%s", nl + 1);
+}
+
+/* Prints the daemon's lines, each as "qcowctl: qcowfs: LINE". */
+static void close_report_print(const struct close_report *rep)
+{
+	const char *line = rep->lines;
+
+	while (*line) {
+		size_t n = strcspn(line, "\n");
+		print_error("qcowfs: %.*s", (int)n, line);
+		line += n + (line[n] == '\n');
+	}
+}
+
 static int cmd_unmount(const struct command *self, int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -1455,11 +1727,12 @@ static int cmd_unmount(const struct command *self, int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	struct qcow_check_result res;
+	struct close_report report = { .received = false };
 	const char *mountpoint;
-	char *image = NULL;
+	char *image = NULL, *report_name = NULL;
 	char err[1024] = "", what[2 * PATH_MAX + 64];
 	pid_t pid = 0;
-	int opt, ret, status = EXIT_FAILURE;
+	int opt, ret, status = EXIT_FAILURE, report_fd = -1;
 
 	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
 		switch (opt) {
@@ -1474,12 +1747,27 @@ static int cmd_unmount(const struct command *self, int argc, char **argv)
 	if (ret)
 		return ret;
 
-	if (unmount_identify(mountpoint, &pid, &image) < 0)
+	if (unmount_identify(mountpoint, &pid, &image, &report_name) < 0)
 		return EXIT_FAILURE;
+	/* Before the unmount: afterwards the daemon is about to go. */
+	report_fd = report_name ? close_report_connect(report_name, pid) : -ENOENT;
+	if (report_fd < 0 && report_name)
+		print_error("warning: no close report from qcowfs at %s: %s; the image will be checked instead",
+			    report_name, strerror(-report_fd));
 	if (unmount_mountpoint(mountpoint) < 0)
 		goto out;
+	if (report_fd >= 0) {
+		close_report_read(report_fd, pid, image, &report);
+		report_fd = -1;
+	}
 	if (wait_for_daemon_exit(pid, image) < 0)
 		goto out;
+	if (report.received && report.exit_status != 0) {
+		print_error("unmounted %s, but qcowfs reported a failure (exit status %d):",
+			    mountpoint, report.exit_status);
+		close_report_print(&report);
+		goto out;
+	}
 
 	/* Problems found are the news here: show them like check does. */
 	engine_log_route(true, stdout);
@@ -1496,10 +1784,17 @@ static int cmd_unmount(const struct command *self, int argc, char **argv)
 			    " leaked clusters", mountpoint, image, res.errors, res.leaks);
 		goto out;
 	}
-	printf("unmounted %s; %s closed cleanly\n", mountpoint, image);
+	if (report.received)
+		printf("unmounted %s; %s closed cleanly\n", mountpoint, image);
+	else
+		printf("unmounted %s; qcowfs sent no close report, but %s checks clean\n",
+		       mountpoint, image);
 	status = EXIT_SUCCESS;
 out:
+	if (report_fd >= 0)
+		close(report_fd);
 	free(image);
+	free(report_name);
 	return status;
 }
 
@@ -1532,12 +1827,21 @@ static const struct command commands[] = {
 	{ "compact", cmd_compact, "compact [--no-wait] MOUNTPOINT|IMAGE",
 	  "shrink an image file now, through its live mount or offline",
 	  "      --no-wait            on a mountpoint: request the compaction and return at once\n",
-	  "On a mountpoint, asks the running qcowfs to compact and follows its progress.\n"
-	  "On an image that is not in use, compacts it in place.\n" },
+	  "On a mountpoint (needs write permission on it), asks the running qcowfs to\n"
+	  "compact and follows its progress.  On an image that is not in use, compacts\n"
+	  "it in place.  At the end it says how many clusters moved and the file size\n"
+	  "before -> after, and, when the file stays above the smallest size the engine\n"
+	  "could reach, what holds it there (compressed or snapshot clusters, ...).\n"
+	  "Exit status: 0 when the compaction worked, 1 when it failed (the engine\n"
+	  "counted a failed compaction or returned an error; 100% is never shown then).\n" },
 	{ "unmount", cmd_unmount, "unmount MOUNTPOINT",
 	  "unmount, wait for qcowfs to close the image, and check it",
 	  "",
-	  "Exit status: 0 when the image closed cleanly, 1 otherwise.\n" },
+	  "Before unmounting, connects to the daemon's close report (a socket named in\n"
+	  "the status); after the close the daemon sends its exit status and messages,\n"
+	  "which are printed when the close failed.  Then the image is checked.\n"
+	  "Exit status: 0 when qcowfs closed the image cleanly and the check is clean\n"
+	  "(or, from a qcowfs without a report, the check alone is clean); 1 otherwise.\n" },
 	{ "help", cmd_help, "help [COMMAND]",
 	  "show the help of qcowctl or of one command",
 	  "", NULL },

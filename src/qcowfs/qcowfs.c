@@ -9,6 +9,13 @@
  *    through a pipe, detach, serve, and on unmount/SIGTERM/SIGINT/SIGHUP
  *    unmount, close the image (flush + exact refcounts) and exit;
  *  - the FUSE operations of the one inode (FUSE_ROOT_ID is the file);
+ *  - the view's permissions: it starts with the image file's owner, group
+ *    and mode (without write bits on a read-only mount); chmod and chown
+ *    change them for the mount's lifetime only, never the image file (as
+ *    QEMU's FUSE export does), and the kernel enforces them
+ *    (default_permissions is always on);
+ *  - the close report: the result of the final close, sent to every
+ *    qcowctl that asked for it (see "the close report" below);
  *  - logging: engine and libfuse messages go to stderr until the daemon
  *    detaches, to syslog ("qcowfs", LOG_DAEMON) afterwards.
  *
@@ -23,7 +30,11 @@
  *    are clipped at EOF (a short write, as QEMU's FUSE export and block
  *    devices do) and a write entirely past EOF fails with ENOSPC.
  *  - All state lives in the one struct qcowfs below; the handlers only
- *    read it, except the modification time, which is an atomic.
+ *    read it, except the times (atomics) and the view's owner, group and
+ *    mode (attr_lock).
+ *  - The control ioctls check the access mode of the descriptor they come
+ *    through: status needs one open for reading, compact one open for
+ *    writing (EBADF otherwise, as write(2) on a read-only descriptor).
  *  - Nothing that can fail is done after the parent has been told "OK"
  *    except serving: a failure before that point leaves no mount behind,
  *    removes a mountpoint file we created and exits 1.
@@ -46,7 +57,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/statvfs.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <syslog.h>
 #include <time.h>
@@ -80,8 +94,15 @@
  * use at least 128 KiB and the kernel merges pages up to QCOWFS_MAX_IO. */
 #define QCOWFS_BLOCK_SIZE 4096
 
-/* File handle flag (fi->fh): the handle may write, so close() flushes. */
-#define FH_WRITABLE 1
+/* File handle flags (fi->fh), the descriptor's access mode.  The kernel
+ * does not pass the open flags with an ioctl, only fi->fh, so op_ioctl
+ * checks access through these. */
+#define FH_WRITABLE 1   /* may write: close() flushes, compaction allowed */
+#define FH_READABLE 2   /* may read: the status ioctl allowed */
+
+/* Connections the close report keeps waiting (qcowctl unmount runs, one
+ * each); more get refused and their qcowctl falls back to checking. */
+#define QCOWFS_REPORT_BACKLOG 64
 
 /* The one state struct of the daemon. */
 struct qcowfs {
@@ -94,14 +115,29 @@ struct qcowfs {
 	bool created_mountpoint; /* we made the file; remove it if mounting fails */
 
 	bool read_only;
-	uid_t uid;               /* owner shown for the file */
-	gid_t gid;
 	pid_t pid;               /* of the serving process, for the status text */
 
-	/* Modification time in ns since the epoch: starts as the image
-	 * file's mtime, moves on every change of the raw view.  Atomic
-	 * because writers on several threads update it. */
+	/* The view's owner, group and permission bits (07777): they start as
+	 * the image file's (uid=/gid= override the owner), and chmod/chown
+	 * change them here only.  attr_lock makes the three one value for
+	 * getattr while a setattr runs. */
+	pthread_mutex_t attr_lock;
+	uid_t uid;
+	gid_t gid;
+	mode_t mode;
+
+	/* Times in ns since the epoch: mtime starts as the image file's and
+	 * moves on every change of the raw view (and with utimes); ctime also
+	 * moves on chmod and chown.  Atomic because writers on several
+	 * threads update them. */
 	int64_t mtime_ns;
+	int64_t ctime_ns;
+
+	/* The close report (see there): a listening socket in the abstract
+	 * namespace, its name as the status shows it ("@..."), -1/"" when
+	 * there is none. */
+	int report_fd;
+	char report_name[108];
 
 	/* Logging.  log_to_syslog flips once, when the daemon detaches;
 	 * the engine's recycler thread may already be logging then, hence
@@ -117,7 +153,10 @@ struct qcowfs {
 	pthread_key_t read_buffer_key;
 };
 
-static struct qcowfs qcowfs;
+static struct qcowfs qcowfs = {
+	.attr_lock = PTHREAD_MUTEX_INITIALIZER,
+	.report_fd = -1,
+};
 
 /* ---- logging ---------------------------------------------------------- */
 
@@ -182,38 +221,50 @@ static int64_t timespec_to_ns(struct timespec ts)
 	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Records that the raw view changed now. */
-static void touch_mtime(void)
+static struct timespec ns_to_timespec(int64_t ns)
+{
+	return (struct timespec){ .tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000 };
+}
+
+static int64_t now_ns(void)
 {
 	struct timespec now;
 
 	clock_gettime(CLOCK_REALTIME, &now);
-	__atomic_store_n(&qcowfs.mtime_ns, timespec_to_ns(now), __ATOMIC_RELAXED);
+	return timespec_to_ns(now);
+}
+
+/* Records that the raw view changed now. */
+static void touch_mtime(void)
+{
+	int64_t now = now_ns();
+
+	__atomic_store_n(&qcowfs.mtime_ns, now, __ATOMIC_RELAXED);
+	__atomic_store_n(&qcowfs.ctime_ns, now, __ATOMIC_RELAXED);
 }
 
 static void fill_attr(struct stat *st)
 {
 	struct qcow_stats stats;
-	int64_t mtime_ns = __atomic_load_n(&qcowfs.mtime_ns, __ATOMIC_RELAXED);
-	struct timespec mtime = {
-		.tv_sec = mtime_ns / 1000000000,
-		.tv_nsec = mtime_ns % 1000000000,
-	};
 
 	qcow_image_get_stats(qcowfs.img, &stats);
 	memset(st, 0, sizeof(*st));
 	st->st_ino = FUSE_ROOT_ID;
-	st->st_mode = S_IFREG | (qcowfs.read_only ? 0444 : 0644);
-	st->st_nlink = 1;
+	pthread_mutex_lock(&qcowfs.attr_lock);
+	st->st_mode = S_IFREG | qcowfs.mode;
 	st->st_uid = qcowfs.uid;
 	st->st_gid = qcowfs.gid;
+	pthread_mutex_unlock(&qcowfs.attr_lock);
+	st->st_nlink = 1;
 	st->st_size = (off_t)qcow_image_size(qcowfs.img);
 	/* What `du` should say is what the image costs on the host, as
 	 * QEMU's export does: that number falls after fstrim and
 	 * compaction, which is the point of qcowfs. */
 	st->st_blocks = (blkcnt_t)((stats.file_allocated + 511) / 512);
 	st->st_blksize = QCOWFS_BLOCK_SIZE;
-	st->st_atim = st->st_mtim = st->st_ctim = mtime;
+	st->st_atim = st->st_mtim =
+		ns_to_timespec(__atomic_load_n(&qcowfs.mtime_ns, __ATOMIC_RELAXED));
+	st->st_ctim = ns_to_timespec(__atomic_load_n(&qcowfs.ctime_ns, __ATOMIC_RELAXED));
 }
 
 static void reply_attr(fuse_req_t req)
@@ -321,27 +372,107 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	reply_attr(req);
 }
 
-/* Only the size means anything for a disk; chmod, chown and utimes are
- * accepted and change nothing, so cp -p, rsync and touch keep working. */
+/* Whether the caller of req belongs to group gid (its supplementary
+ * groups come from /proc through libfuse; without them, its primary group
+ * only). */
+static bool caller_in_group(fuse_req_t req, gid_t gid)
+{
+	const struct fuse_ctx *ctx = fuse_req_ctx(req);
+	gid_t groups[64];
+	int n;
+
+	if (ctx->gid == gid)
+		return true;
+	n = fuse_req_getgroups(req, 64, groups);
+	if (n > 64) {
+		gid_t *all = calloc((size_t)n, sizeof(*all));
+		bool found = false;
+		int got = all ? fuse_req_getgroups(req, n, all) : -ENOMEM;
+		for (int i = 0; i < got && i < n; i++)
+			found |= all[i] == gid;
+		free(all);
+		return found;
+	}
+	for (int i = 0; i < n; i++)
+		if (groups[i] == gid)
+			return true;
+	return false;
+}
+
+/*
+ * The daemon's own check of a chmod or chown, behind the kernel's: with
+ * default_permissions the kernel already applies the POSIX rules (and the
+ * capabilities CAP_FOWNER and CAP_CHOWN, which the daemon cannot see) before
+ * the request reaches us.  This repeats the plain rules, so that the view
+ * never changes hands on a path the kernel did not check:
+ *  - root (uid 0) may change anything;
+ *  - chmod: the owner only; anyone may clear the set-user-ID and
+ *    set-group-ID bits and nothing else (that is the kernel removing them
+ *    when someone writes to the file, which it does not check);
+ *  - chown to another user: root only;
+ *  - chgrp: the owner, to a group it belongs to.
+ * A non-root process with CAP_FOWNER or CAP_CHOWN is therefore refused here.
+ * Returns 0 or an errno.  attr_lock held.
+ */
+static int setattr_permitted(fuse_req_t req, const struct stat *attr, int to_set)
+{
+	const struct fuse_ctx *ctx = fuse_req_ctx(req);
+	const mode_t priv = S_ISUID | S_ISGID;
+
+	if (ctx->uid == 0)
+		return 0;
+	if (to_set & FUSE_SET_ATTR_MODE) {
+		mode_t want = attr->st_mode & 07777;
+		bool only_clears_priv = (want & ~priv) == (qcowfs.mode & ~priv) &&
+					!(want & ~qcowfs.mode);
+		if (ctx->uid != qcowfs.uid && !only_clears_priv)
+			return EPERM;
+	}
+	if ((to_set & FUSE_SET_ATTR_UID) && attr->st_uid != qcowfs.uid)
+		return EPERM;
+	if ((to_set & FUSE_SET_ATTR_GID) && attr->st_gid != qcowfs.gid &&
+	    (ctx->uid != qcowfs.uid || !caller_in_group(req, attr->st_gid)))
+		return EPERM;
+	return 0;
+}
+
+/*
+ * The size grows the disk (the engine refuses to shrink: EOPNOTSUPP).  Mode,
+ * owner and group are the view's and last as long as the mount (the image
+ * file keeps its own); utimes sets the modification time shown.  On a
+ * read-only mount the kernel refuses every setattr (EROFS) before it
+ * reaches us.
+ */
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
 		       int to_set, struct fuse_file_info *fi)
 {
+	const int owner_bits = FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID;
+	int err = 0;
+
 	if (ino != FUSE_ROOT_ID) {
 		fuse_reply_err(req, ENOENT);
 		return;
 	}
-	if (to_set & FUSE_SET_ATTR_SIZE) {
-		if (qcowfs.read_only) {
-			fuse_reply_err(req, EROFS);
+	if (qcowfs.read_only && (to_set & ~(FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_ATIME_NOW))) {
+		fuse_reply_err(req, EROFS);
+		return;
+	}
+	if (to_set & owner_bits) {
+		pthread_mutex_lock(&qcowfs.attr_lock);
+		err = setattr_permitted(req, attr, to_set);
+		pthread_mutex_unlock(&qcowfs.attr_lock);
+		if (err) {
+			fuse_reply_err(req, err);
 			return;
 		}
+	}
+	/* The size first: it is the one change that can fail. */
+	if (to_set & FUSE_SET_ATTR_SIZE) {
 		if (attr->st_size < 0) {
 			fuse_reply_err(req, EINVAL);
 			return;
 		}
 		if ((uint64_t)attr->st_size != qcow_image_size(qcowfs.img)) {
-			/* Growing is supported; the engine refuses to shrink
-			 * (EOPNOTSUPP) and that answer goes to the caller. */
 			int ret = qcow_image_resize(qcowfs.img, (uint64_t)attr->st_size);
 			if (ret < 0) {
 				fuse_reply_err(req, -ret);
@@ -349,6 +480,28 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
 			}
 			touch_mtime();
 		}
+	}
+	if (to_set & owner_bits) {
+		pthread_mutex_lock(&qcowfs.attr_lock);
+		/* Checked again under the lock: a chown may have run meanwhile. */
+		err = setattr_permitted(req, attr, to_set);
+		if (!err && (to_set & FUSE_SET_ATTR_MODE))
+			qcowfs.mode = attr->st_mode & 07777;
+		if (!err && (to_set & FUSE_SET_ATTR_UID))
+			qcowfs.uid = attr->st_uid;
+		if (!err && (to_set & FUSE_SET_ATTR_GID))
+			qcowfs.gid = attr->st_gid;
+		pthread_mutex_unlock(&qcowfs.attr_lock);
+		if (err) {
+			fuse_reply_err(req, err);
+			return;
+		}
+		__atomic_store_n(&qcowfs.ctime_ns, now_ns(), __ATOMIC_RELAXED);
+	}
+	if (to_set & (FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_MTIME_NOW)) {
+		int64_t t = (to_set & FUSE_SET_ATTR_MTIME_NOW) ? now_ns() : timespec_to_ns(attr->st_mtim);
+		__atomic_store_n(&qcowfs.mtime_ns, t, __ATOMIC_RELAXED);
+		__atomic_store_n(&qcowfs.ctime_ns, now_ns(), __ATOMIC_RELAXED);
 	}
 	reply_attr(req);
 }
@@ -383,7 +536,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	}
 	fi->direct_io = 0;
 	fi->keep_cache = 1;
-	fi->fh = access != O_RDONLY ? FH_WRITABLE : 0;
+	fi->fh = (access != O_RDONLY ? FH_WRITABLE : 0) | (access != O_WRONLY ? FH_READABLE : 0);
 	/* A read-only descriptor has nothing to make durable on close. */
 	fi->noflush = access == O_RDONLY;
 	fuse_reply_open(req, fi);
@@ -584,7 +737,7 @@ static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
 }
 
 /* The status text of QCOWFS_IOC_STATUS: the engine's counters, then who
- * serves the mount and for which image. */
+ * serves the mount, for which image, and where its close report is. */
 static int status_text(char *buf, size_t cap)
 {
 	struct qcow_stats stats;
@@ -592,7 +745,10 @@ static int status_text(char *buf, size_t cap)
 	int len = qcow_stats_format(&stats, buf, cap);
 	if (len < 0)
 		return len;
-	int more = snprintf(buf + len, cap - (size_t)len, "pid=%ld\nimage=%s\n", (long)qcowfs.pid, qcowfs.image_path);
+	int more = snprintf(buf + len, cap - (size_t)len, "pid=%ld\nimage=%s\n%s%s%s",
+			    (long)qcowfs.pid, qcowfs.image_path,
+			    qcowfs.report_name[0] ? "close_report=" : "", qcowfs.report_name,
+			    qcowfs.report_name[0] ? "\n" : "");
 	if (more < 0 || (size_t)more >= cap - (size_t)len)
 		return -ERANGE;
 	return len + more;
@@ -600,18 +756,30 @@ static int status_text(char *buf, size_t cap)
 
 /*
  * The control channel of qcowctl (qcowfs_ioctl.h).  There is deliberately
- * no xattr operation: see the comment there.
+ * no xattr operation: see the comment there.  The kernel lets only a
+ * process that opened the view send these, and the open was checked
+ * against the view's mode; the descriptor's access mode (fi->fh, see
+ * op_open) decides what it may do: the status (image path, pid,
+ * counters) needs read access, a compaction (it rewrites the image)
+ * write access.  EBADF otherwise, the answer write(2) gives on a
+ * descriptor opened read-only.
  */
 static void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
 		     struct fuse_file_info *fi, unsigned flags, const void *in_buf,
 		     size_t in_bufsz, size_t out_bufsz)
 {
+	uint64_t fh = fi ? fi->fh : 0;
+
 	if (flags & FUSE_IOCTL_COMPAT) {
 		fuse_reply_err(req, ENOTTY);
 		return;
 	}
 	switch (cmd) {
 	case QCOWFS_IOC_STATUS: {
+		if (!(fh & FH_READABLE)) {
+			fuse_reply_err(req, EBADF);
+			return;
+		}
 		struct qcowfs_status_text *st = calloc(1, sizeof(*st));
 		if (!st) {
 			fuse_reply_err(req, ENOMEM);
@@ -626,6 +794,10 @@ static void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg
 		return;
 	}
 	case QCOWFS_IOC_COMPACT:
+		if (!(fh & FH_WRITABLE)) {
+			fuse_reply_err(req, EBADF);
+			return;
+		}
 		/* the compaction runs on the recycler thread */
 		qcow_image_request_compact(qcowfs.img);
 		fuse_reply_ioctl(req, 0, NULL, 0);
@@ -657,7 +829,9 @@ static const struct fuse_lowlevel_ops qcowfs_ops = {
 /* Resolves the image path and checks (creating if missing) the
  * mountpoint, before forking, so that the plain mistakes are reported
  * without starting a daemon.  Fills qcowfs.image_path, .mountpoint,
- * .created_mountpoint, .uid and .gid. */
+ * .created_mountpoint, and the view's first .uid, .gid and .mode: the
+ * image file's, so that mounting never shows a disk to more users than
+ * the image file does (uid=/gid= choose another owner). */
 static int prepare_paths(char *err, size_t errlen)
 {
 	struct stat image_st, mp_st;
@@ -674,6 +848,12 @@ static int prepare_paths(char *err, size_t errlen)
 		return -1;
 	}
 	qcowfs.mtime_ns = timespec_to_ns(image_st.st_mtim);
+	qcowfs.ctime_ns = qcowfs.mtime_ns;
+	qcowfs.uid = qcowfs.opts.has_uid ? qcowfs.opts.uid : image_st.st_uid;
+	qcowfs.gid = qcowfs.opts.has_gid ? qcowfs.opts.gid : image_st.st_gid;
+	qcowfs.mode = image_st.st_mode & 07777;
+	if (qcowfs.opts.open.read_only)
+		qcowfs.mode &= ~(mode_t)0222;
 
 	if (stat(qcowfs.opts.mountpoint, &mp_st)) {
 		if (errno == ENOTCONN) {
@@ -713,8 +893,6 @@ static int prepare_paths(char *err, size_t errlen)
 	qcowfs.mountpoint = realpath(qcowfs.opts.mountpoint, NULL);
 	if (!qcowfs.mountpoint)
 		goto mp_error;
-	qcowfs.uid = qcowfs.opts.has_uid ? qcowfs.opts.uid : mp_st.st_uid;
-	qcowfs.gid = qcowfs.opts.has_gid ? qcowfs.opts.gid : mp_st.st_gid;
 	return 0;
 
 mp_error:
@@ -760,8 +938,10 @@ static int append_option(char **list, const char *key, const char *value)
 }
 
 /* The mount options: the user's pass-through ones plus ours.
- * default_permissions makes the kernel check the mode and owner we show,
- * as for any file; fsname and subtype make /proc/mounts read
+ * default_permissions (always, whatever the user gave) makes the kernel
+ * check the mode and owner we show, as for any file, and the rules of
+ * chmod and chown; without it any user let in by allow_other could read
+ * and write the disk.  fsname and subtype make /proc/mounts read
  * "IMAGE MOUNTPOINT fuse.qcowfs". */
 static char *build_mount_options(void)
 {
@@ -949,12 +1129,125 @@ static unsigned default_max_threads(void)
 	return (unsigned)(n < 4 ? 4 : n > 16 ? 16 : n);
 }
 
-/* Runs the request loop until unmount or a signal, then unmounts and
- * closes the image.  Returns the process exit code. */
+/* ---- the close report ------------------------------------------------------ */
+
+/*
+ * How `qcowctl unmount` learns what the final close did.  The daemon's
+ * exit status reaches nobody once it has detached, and an image may check
+ * clean although its close failed (the header or the last refcounts could
+ * not be written), so qcowctl asks the daemon itself:
+ *  - after mounting, the daemon listens on a Unix stream socket in the
+ *    abstract namespace, "qcowfs-close-PID-RANDOM"; the status text shows
+ *    it as "close_report=@NAME";
+ *  - qcowctl connects before it unmounts (the connection waits in the
+ *    listen backlog: the daemon accepts nothing while it serves), checks
+ *    with SO_PEERCRED that the listener is the daemon's pid, unmounts and
+ *    reads until end of file;
+ *  - after unmounting and closing the image (its locks are released
+ *    then), the daemon accepts every waiting connection and sends
+ *    "exit=N\n" (N its exit status) followed by the lines it logged about
+ *    the shutdown, the same text as in its log, then exits.  Only root,
+ *    the daemon's user and the view's owner get the report; other callers
+ *    get end of file at once.
+ * No connection is ever accepted while serving, so no thread is needed and
+ * a caller cannot hold the daemon up.
+ */
+static void report_open(void)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	uint64_t nonce = 0;
+	int fd, n, err;
+
+	if (getrandom(&nonce, sizeof(nonce), GRND_NONBLOCK) != (ssize_t)sizeof(nonce))
+		nonce = (uint64_t)now_ns() ^ ((uint64_t)qcowfs.pid << 32);
+	/* abstract: sun_path[0] stays '\0' and the name has no terminator */
+	n = snprintf(sa.sun_path + 1, sizeof(sa.sun_path) - 1, "qcowfs-close-%ld-%016llx",
+		     (long)qcowfs.pid, (unsigned long long)nonce);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (fd < 0)
+		goto fail;
+	if (bind(fd, (struct sockaddr *)&sa,
+		 (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + (size_t)n)) ||
+	    listen(fd, QCOWFS_REPORT_BACKLOG))
+		goto fail;
+	qcowfs.report_fd = fd;
+	snprintf(qcowfs.report_name, sizeof(qcowfs.report_name), "@%s", sa.sun_path + 1);
+	return;
+
+fail:
+	err = errno;
+	if (fd >= 0)
+		close(fd);
+	log_printf(LOG_WARNING, "no close report for qcowctl unmount (socket: %s); "
+		   "it will check the image instead", strerror(err));
+}
+
+/* Sends the report (see above) to everyone waiting for it. */
+static void report_send(int exit_code, const char *lines)
+{
+	char text[4096];
+	int len;
+
+	if (qcowfs.report_fd < 0)
+		return;
+	len = snprintf(text, sizeof(text), "exit=%d\n%s", exit_code, lines);
+	if (len < 0)
+		len = 0;
+	if ((size_t)len >= sizeof(text))
+		len = (int)sizeof(text) - 1;
+	for (;;) {
+		struct ucred cred;
+		socklen_t cred_len = sizeof(cred);
+		int conn = accept4(qcowfs.report_fd, NULL, NULL, SOCK_CLOEXEC);
+
+		if (conn < 0 && errno == EINTR)
+			continue;
+		if (conn < 0)
+			break;   /* EAGAIN: nobody else waits */
+		pthread_mutex_lock(&qcowfs.attr_lock);
+		uid_t owner = qcowfs.uid;
+		pthread_mutex_unlock(&qcowfs.attr_lock);
+		if (!getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) &&
+		    (cred.uid == 0 || cred.uid == getuid() || cred.uid == geteuid() ||
+		     cred.uid == owner)) {
+			/* A few hundred bytes always fit the socket buffer;
+			 * never block on, or die of, a reader that left (a
+			 * qcowctl whose unmount failed earlier: not news). */
+			if (send(conn, text, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL) != len &&
+			    errno != EPIPE && errno != ECONNRESET)
+				log_printf(LOG_WARNING, "close report to pid %ld not sent: %s",
+					   (long)cred.pid, strerror(errno));
+		}
+		close(conn);
+	}
+	close(qcowfs.report_fd);
+	qcowfs.report_fd = -1;
+}
+
+/* Logs one line about the shutdown and adds it to the close report. */
+static void shutdown_note(char *report, size_t cap, int priority, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+static void shutdown_note(char *report, size_t cap, int priority, const char *fmt, ...)
+{
+	char msg[1024];
+	size_t used = strlen(report);
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	log_message(priority, msg);
+	snprintf(report + used, cap - used, "%s\n", msg);
+}
+
+/* Runs the request loop until unmount or a signal, then unmounts, closes
+ * the image and sends the close report.  Returns the process exit code. */
 static int serve(void)
 {
 	struct fuse_loop_config *config = fuse_loop_cfg_create();
-	int loop_ret, close_ret;
+	char report[2048] = "";
+	int loop_ret, close_ret, exit_code;
 
 	if (!config) {
 		log_printf(LOG_ERR, "out of memory");
@@ -968,7 +1261,8 @@ static int serve(void)
 	/* 0: unmounted; > 0: the signal that ended the loop (a requested
 	 * shutdown); < 0: the loop failed. */
 	if (loop_ret < 0)
-		log_printf(LOG_ERR, "request loop failed: %s", strerror(-loop_ret));
+		shutdown_note(report, sizeof(report), LOG_ERR, "request loop failed: %s",
+			      strerror(-loop_ret));
 	else if (loop_ret > 0)
 		log_printf(LOG_INFO, "signal %d: unmounting %s", loop_ret, qcowfs.mountpoint);
 
@@ -977,14 +1271,18 @@ static int serve(void)
 	close_ret = qcow_image_close(qcowfs.img);
 	qcowfs.img = NULL;
 	if (close_ret < 0)
-		log_printf(LOG_ERR, "closing %s failed: %s; run 'qcowctl check' on it",
-			   qcowfs.image_path, strerror(-close_ret));
+		shutdown_note(report, sizeof(report), LOG_ERR,
+			      "closing %s failed: %s; run 'qcowctl check' on it",
+			      qcowfs.image_path, strerror(-close_ret));
 	else
-		log_printf(LOG_INFO, "%s closed cleanly", qcowfs.image_path);
+		shutdown_note(report, sizeof(report), LOG_INFO, "%s closed cleanly",
+			      qcowfs.image_path);
 	fuse_remove_signal_handlers(qcowfs.se);
 	fuse_session_destroy(qcowfs.se);
 	qcowfs.se = NULL;
-	return close_ret < 0 || loop_ret < 0 ? 1 : 0;
+	exit_code = close_ret < 0 || loop_ret < 0 ? 1 : 0;
+	report_send(exit_code, report);
+	return exit_code;
 }
 
 /* fuse_set_signal_handlers() leaves alone a signal whose disposition is
@@ -1019,6 +1317,9 @@ static int run_daemon(int report_fd)
 	qcowfs.capture_fuse_log = false;
 	/* The mountpoint is ours no more: unmounting leaves the file. */
 	qcowfs.created_mountpoint = false;
+	/* Before "OK": the status must name the report from the first
+	 * request on. */
+	report_open();
 
 	if (report_fd >= 0) {
 		if (report_to_parent(report_fd, "OK")) {

@@ -9,7 +9,11 @@
  * The daemon implements no xattr operation at all, so the kernel stops
  * asking after the first ENOSYS.
  *
- * Both ioctls work on a descriptor opened read-only.  FUSE passes them in
+ * Access: the kernel lets only a process that opened the view send these,
+ * and the open was checked against the view's mode and owner.  STATUS needs
+ * a descriptor open for reading (O_RDONLY or O_RDWR), COMPACT one open for
+ * writing (O_WRONLY or O_RDWR); otherwise the ioctl fails with EBADF, as
+ * write(2) does on a descriptor opened read-only.  FUSE passes them in
  * "restricted" mode: the size and direction come from the command number.
  */
 #ifndef QCOWFS_IOCTL_H
@@ -21,14 +25,18 @@
 
 /* The status as NUL-terminated text: the key=value lines of
  * qcow_stats_format (fields of struct qcow_stats), then "pid=" (the
- * daemon's process id) and "image=" (the absolute image path). */
+ * daemon's process id), "image=" (the absolute image path) and, when the
+ * daemon has one, "close_report=@NAME": the Unix socket in the abstract
+ * namespace where it sends the result of its final close (qcowfs.c, "the
+ * close report"; qcowctl unmount reads it). */
 struct qcowfs_status_text {
 	char text[QCOWFS_STATUS_MAX];
 };
 #define QCOWFS_IOC_STATUS _IOR(QCOWFS_IOC_MAGIC, 1, struct qcowfs_status_text)
 
 /* Asks the recycler for a compaction pass and returns at once; follow it
- * with QCOWFS_IOC_STATUS (compacting, compact_progress, compactions_done). */
+ * with QCOWFS_IOC_STATUS (compacting, compact_progress, compactions_done,
+ * compactions_failed). */
 #define QCOWFS_IOC_COMPACT _IO(QCOWFS_IOC_MAGIC, 2)
 
 #endif

@@ -3,7 +3,8 @@ scripts (the C definitions are in src/qcowfs/qcowfs_ioctl.h; qcowctl uses
 the same two).
 
     status(path)          -> dict of the key=value status lines
-    request_compact(path) -> asks for a compaction, returns at once
+    request_compact(path) -> asks for a compaction, returns at once (opens the
+                             view for writing: the daemon refuses it otherwise)
 """
 import fcntl
 import os
@@ -35,7 +36,8 @@ def status(path):
 
 
 def request_compact(path):
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    # the daemon accepts a compaction only through a descriptor open for writing
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
     try:
         fcntl.ioctl(fd, IOC_COMPACT)
     finally:
