@@ -12,6 +12,8 @@
  *    ("no waits inside a resolved request").  Flushes, resizes and table
  *    relocations hold flush_lock, under which no truncation runs, so they
  *    never see -EAGAIN.
+ *  - A cluster whose last pointer is replaced is freed only after the
+ *    flush that makes the replacement durable (qcow_free_after_flush).
  *  - The new size becomes durable with the next flush's first sync,
  *    before any pointer to the new clusters is written, so no durable
  *    pointer ever lies past the end of the file.
@@ -106,4 +108,34 @@ int qcow_alloc_contiguous(struct qcow_image *img, uint64_t n, uint64_t *out)
 		qcow_map_set_state(&img->map, c + i, QCS_ROOTS);
 	*out = c;
 	return 0;
+}
+
+int qcow_released_add(struct qcow_image *img, uint64_t c)
+{
+	qcow_assert_locked(img);
+	if (img->released_len == img->released_cap) {
+		size_t cap = img->released_cap ? img->released_cap * 2 : 256;
+		uint64_t *l = qcow_realloc(img->released_list, cap * sizeof(*l));
+		if (!l)
+			return -ENOMEM;
+		img->released_list = l;
+		img->released_cap = cap;
+	}
+	img->released_list[img->released_len++] = c;
+	return 0;
+}
+
+void qcow_free_after_flush(struct qcow_image *img, uint64_t c)
+{
+	qcow_assert_locked(img);
+	if (qcow_map_state(&img->map, c) == QCS_PINNED && qcow_map_pincount(&img->map, c) > 1) {
+		qcow_map_drop_ref(&img->map, c);
+		return;
+	}
+	if (qcow_released_add(img, c)) {
+		/* keep it allocated until the next open: a leak, not a loss */
+		qcow_map_set_pinned(&img->map, c, 1);
+		return;
+	}
+	qcow_map_set_state(&img->map, c, QCS_PENDING);
 }

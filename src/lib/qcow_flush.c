@@ -64,6 +64,9 @@ struct flush_plan {
 	size_t npending_free;
 	uint64_t *erased;
 	size_t nerased;
+	/* replaced clusters that become Junk when this flush ends */
+	uint64_t *released;
+	size_t nreleased;
 };
 
 static void plan_free(struct flush_plan *p)
@@ -78,6 +81,7 @@ static void plan_free(struct flush_plan *p)
 	qcow_free(p->l2);
 	qcow_free(p->meta);
 	qcow_free(p->erased);
+	qcow_free(p->released);
 	qcow_free(p->pending_free);
 }
 
@@ -331,6 +335,11 @@ static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 	for (size_t i = 0; i < p->nerased; i++)
 		if (p->erased[i] < img->map.nclusters && qcow_map_state(&img->map, p->erased[i]) == QCS_ERASED)
 			qcow_map_set_state(&img->map, p->erased[i], QCS_FLUSHING);
+	/* clusters replaced before this snapshot: free once it is durable */
+	p->released = img->released_list;
+	p->nreleased = img->released_len;
+	img->released_list = NULL;
+	img->released_len = img->released_cap = 0;
 	for (unsigned i = 0; i < img->map.nmoves_cap; i++) {
 		struct qcow_move *mv = &img->map.moves[i];
 		if (mv->in_use && !mv->cancelled && (mv->state == QMOVE_COPIED || mv->state == QMOVE_REFERENCED))
@@ -374,6 +383,10 @@ static void undo_snapshot(struct qcow_image *img, struct flush_plan *p)
 		if (c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_FLUSHING)
 			qcow_map_set_state(&img->map, c, QCS_JUNK);   /* erase again: safest */
 	}
+	/* still Pending: back in the list for the next flush (without memory
+	 * they stay Pending, a leak until the next open) */
+	for (size_t i = 0; i < p->nreleased; i++)
+		(void)qcow_released_add(img, p->released[i]);
 	for (unsigned i = 0; i < img->map.nmoves_cap; i++)
 		img->map.moves[i].flush_seen = false;
 }
@@ -385,6 +398,11 @@ static void finish_flush(struct qcow_image *img, struct flush_plan *p)
 		uint64_t c = p->erased[i];
 		if (c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_FLUSHING)
 			qcow_map_set_state(&img->map, c, QCS_AVAILABLE);
+	}
+	for (size_t i = 0; i < p->nreleased; i++) {
+		uint64_t c = p->released[i];
+		if (c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_PENDING)
+			qcow_map_set_state(&img->map, c, QCS_JUNK);
 	}
 	for (unsigned i = 0; i < img->map.nmoves_cap; i++) {
 		struct qcow_move *mv = &img->map.moves[i];

@@ -248,25 +248,36 @@ static void give_back(struct qcow_image *img, struct write_plan *p, size_t from,
 	p->nnc = from;
 }
 
-/* Releases the host clusters an L2 entry holds (when it is replaced). */
-static void release_entry(struct qcow_image *img, uint64_t e)
+/* Releases the host clusters an L2 entry holds, when the entry changes.
+ * A discard frees them at once (after a crash the old pointer may show
+ * them, erased or not: discarded data may read either way).  An overwrite
+ * keeps them until the next flush (qcow_free_after_flush): until then the
+ * durable entry still shows their contents, which must survive a crash. */
+static void release_entry(struct qcow_image *img, uint64_t e, bool overwrite)
 {
+	uint64_t first, last;
 	if (e & QCOW_OFLAG_COMPRESSED) {
 		uint64_t off, len;
 		qcow_compressed_range(img, e, &off, &len);
-		for (uint64_t c = off >> img->cluster_bits; c <= (off + len - 1) >> img->cluster_bits; c++)
-			if (c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_PINNED)
-				qcow_map_drop_ref(&img->map, c);
-		return;
+		first = off >> img->cluster_bits;
+		last = (off + len - 1) >> img->cluster_bits;
+	} else {
+		first = last = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
+		if (!first)
+			return;
 	}
-	uint64_t h = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
-	if (!h || h >= img->map.nclusters)
-		return;
-	enum qcow_cstate s = qcow_map_state(&img->map, h);
-	if (s != QCS_REF && s != QCS_PINNED)
-		return;
-	qcow_map_move_cancel(&img->map, h);
-	qcow_map_drop_ref(&img->map, h);
+	for (uint64_t c = first; c <= last && c < img->map.nclusters; c++) {
+		enum qcow_cstate s = qcow_map_state(&img->map, c);
+		if (s != QCS_REF && s != QCS_PINNED)
+			continue;
+		if ((e & QCOW_OFLAG_COMPRESSED) && s != QCS_PINNED)
+			continue;   /* compressed hosts are pinned; anything else is not ours */
+		qcow_map_move_cancel(&img->map, c);
+		if (overwrite)
+			qcow_free_after_flush(img, c);
+		else
+			qcow_map_drop_ref(&img->map, c);
+	}
 }
 
 /* Resolves guest cluster gc for a write of [o, o+n) at buf_off: an extent
@@ -392,7 +403,7 @@ static int link_new_clusters(struct qcow_image *img, struct write_plan *p)
 			give_back(img, p, i, true);
 			return t ? -EAGAIN : ret;
 		}
-		release_entry(img, nc->old);
+		release_entry(img, nc->old, true);
 		qcow_l2_set_entry(img, t, idx, (nc->host << img->cluster_bits) | QCOW_OFLAG_COPIED);
 		qcow_map_set_ref(&img->map, nc->host, (t->cluster << img->cluster_bits) + idx * 8);
 		qcow_claims_drop(img, nc->gc);
@@ -499,7 +510,7 @@ static int unmap_clusters(struct qcow_image *img, uint64_t gc, uint64_t count)
 		if (!t)
 			return ret;
 		e = qcow_l2_entry(t, idx);
-		release_entry(img, e);
+		release_entry(img, e, false);
 		/* no backing file: an unallocated cluster reads zeros in both
 		 * versions, and it frees the most */
 		qcow_l2_set_entry(img, t, idx, 0);
@@ -827,6 +838,7 @@ static void image_free(struct qcow_image *img)
 	qcow_free(img->l1);
 	qcow_free(img->reftable);
 	qcow_free(img->erased_list);
+	qcow_free(img->released_list);
 	qcow_header_free(&img->hdr);
 	pthread_mutex_destroy(&img->lock);
 	pthread_mutex_destroy(&img->flush_lock);

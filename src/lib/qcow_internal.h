@@ -87,6 +87,11 @@ struct qcow_image {
 	/* erase -> flush -> available */
 	uint64_t *erased_list;
 	size_t erased_len, erased_cap;
+	/* clusters whose last pointer was replaced (an overwrite, a table
+	 * copy): Pending until a flush has made the replacement durable, then
+	 * Junk (qcow_free_after_flush) */
+	uint64_t *released_list;
+	size_t released_len, released_cap;
 	bool data_dirty;             /* something was written since the last sync */
 	bool punch_supported;
 
@@ -219,6 +224,14 @@ struct qcow_cached *qcow_l2_for_write(struct qcow_image *img, uint64_t l1i, int 
 int qcow_alloc_cluster(struct qcow_image *img, uint64_t *out);
 int qcow_alloc_contiguous(struct qcow_image *img, uint64_t n, uint64_t *out);
 void qcow_alloc_wait_truncation(struct qcow_image *img);
+/* Drops one reference to c whose pointer was just replaced by another:
+ * if it was the last, c stays allocated (Pending) until the next flush has
+ * made the replacement durable, and only then becomes Junk - erasing it
+ * earlier would destroy what the durable pointer still shows after a
+ * crash. */
+void qcow_free_after_flush(struct qcow_image *img, uint64_t c);
+/* Appends c (Pending) to the list the next flush frees; 0 or -ENOMEM. */
+int qcow_released_add(struct qcow_image *img, uint64_t c);
 
 /* qcow_compress.c: compressed clusters (no lock needed) */
 void qcow_compressed_range(const struct qcow_image *img, uint64_t e, uint64_t *off, uint64_t *len);

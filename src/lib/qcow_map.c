@@ -78,8 +78,8 @@ static const bool allowed[QCS_NSTATES][QCS_NSTATES] = {
 	T(AVAILABLE, ROOTS), T(AVAILABLE, COPIES), T(AVAILABLE, PINNED),
 	T(AVAILABLE, REF), T(AVAILABLE, JUNK),          /* the map built at open, a failed truncation */
 	T(ROOTS, REF), T(ROOTS, PINNED), T(ROOTS, AVAILABLE), T(ROOTS, JUNK),
-	T(REF, REF), T(REF, PINNED), T(REF, JUNK), T(REF, PENDING),
-	T(PINNED, PINNED), T(PINNED, JUNK),
+	T(REF, REF), T(REF, PINNED), T(REF, JUNK), T(REF, PENDING),   /* Pending: a move source, or a replaced cluster */
+	T(PINNED, PINNED), T(PINNED, JUNK), T(PINNED, PENDING),
 	T(JUNK, ERASING),
 	T(ERASING, ERASED), T(ERASING, JUNK),
 	T(ERASED, FLUSHING),

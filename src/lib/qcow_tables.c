@@ -124,9 +124,11 @@ struct qcow_cached *qcow_l2_for_write(struct qcow_image *img, uint64_t l1i, int 
 			    qcow_map_slot(&img->map, h) >> img->cluster_bits == oldc)
 				qcow_map_set_ref(&img->map, h, (c << img->cluster_bits) + i * 8);
 		}
+		/* the durable L1 entry points at the old table until the next
+		 * flush: it is freed only after that flush */
 		qcow_map_move_cancel(&img->map, oldc);
-		qcow_map_drop_ref(&img->map, oldc);
-		if (qcow_map_state(&img->map, oldc) == QCS_JUNK)
+		qcow_free_after_flush(img, oldc);
+		if (qcow_map_state(&img->map, oldc) == QCS_PENDING)
 			qcow_cache_remove(&img->cache, src);   /* a zombie until unpinned below */
 	} else {
 		memset(t->data, 0, img->cluster_size);
