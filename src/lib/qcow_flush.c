@@ -538,6 +538,14 @@ fail:
 	return ret;
 }
 
+bool qcow_flush_needed(struct qcow_image *img)
+{
+	qcow_assert_locked(img);
+	return img->map.rc_dirty.count || img->cache.ndirty || img->l1_dirty.count || img->reftable_dirty.count ||
+	       img->header_dirty || img->reftable_switch_pending || img->pending_free_len || img->released_len ||
+	       img->erased_len || img->map.nmoves_active || img->data_dirty;
+}
+
 int qcow_flush(struct qcow_image *img)
 {
 	if (img->read_only)

@@ -1048,15 +1048,24 @@ int qcow_image_close(struct qcow_image *img)
 	qcow_recycler_stop(img);
 	if (!img->read_only) {
 		pthread_mutex_lock(&img->flush_lock);
-		/* two flushes: the first completes moves whose pointers were
-		 * rewritten, the second writes the refcounts that frees */
-		ret = qcow_flush_holding_flush_lock(img);
-		pthread_mutex_lock(&img->lock);
-		qcow_retire_moves(img);
-		pthread_mutex_unlock(&img->lock);
-		int r = qcow_flush_holding_flush_lock(img);
-		if (!ret)
-			ret = r;
+		/* flush until nothing is left to write: a flush completes moves
+		 * and frees replaced clusters, whose refcounts the next one
+		 * writes.  A flush that fails (a passing fault) is retried; only
+		 * the last one's result counts, so a clean image closes cleanly
+		 * and an unclean one never does. */
+		for (int round = 0; round < 4; round++) {
+			ret = qcow_flush_holding_flush_lock(img);
+			pthread_mutex_lock(&img->lock);
+			qcow_retire_moves(img);
+			bool more = qcow_flush_needed(img);
+			pthread_mutex_unlock(&img->lock);
+			if (ret == -EIO && qcow_health_failed(img))
+				break;
+			if (ret == 0 && !more)
+				break;
+			if (ret == 0 && round == 3)
+				ret = -EIO;   /* should not happen: say so rather than claim clean */
+		}
 		if (!ret)
 			ret = qcow_truncate_tail(img);
 		if (!ret)

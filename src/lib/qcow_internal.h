@@ -297,6 +297,8 @@ void qcow_inflight_wait_before(struct qcow_image *img, uint64_t ticket);
 /* The flush protocol.  qcow_flush takes flush_lock itself; the other is
  * for callers that already hold flush_lock (and not img->lock). */
 int qcow_flush(struct qcow_image *img);
+/* Whether a flush has anything left to write or complete (img->lock held). */
+bool qcow_flush_needed(struct qcow_image *img);
 int qcow_flush_holding_flush_lock(struct qcow_image *img);
 /* Remembers clusters of an old table to free once a flush has written the
  * header that stops pointing at them (img->lock held). */
