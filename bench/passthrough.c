@@ -2,8 +2,8 @@
  * bench/passthrough.c - the "FUSE ceiling" of bench/run.sh: a null
  * low-level FUSE file system that shows one raw file as one regular file
  * (the mountpoint is a file, as with qcowfs) and forwards every request
- * straight to that backing file with pread, pwrite, fdatasync, fallocate
- * and lseek.  There is no engine in between, so what fio reaches through it
+ * straight to that backing file with pread, pwrite, fdatasync and
+ * fallocate.  There is no engine in between, so what fio reaches through it
  * is what FUSE itself allows on this machine; qcowfs should stay within
  * 15 % of it on every fio row.
  *
@@ -28,7 +28,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <fuse_lowlevel.h>
@@ -43,7 +42,7 @@
 
 static struct {
 	int fd;               /* the backing raw file */
-	uint64_t size;        /* its size; atomic: grown by setattr/fallocate */
+	uint64_t size;        /* its size; atomic: fallocate may grow it */
 	uid_t uid;            /* owner shown: the mountpoint's */
 	gid_t gid;
 	pthread_key_t buffer_key;
@@ -106,22 +105,15 @@ static void pt_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	pt_reply_attr(req);
 }
 
-/* The size may grow (never shrink, as with qcowfs); the rest is ignored. */
+/* The benchmark never resizes: a size change is refused, the rest ignored
+ * (as qcowfs does with chmod and utimes). */
 static void pt_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
 		       int to_set, struct fuse_file_info *fi)
 {
-	if ((to_set & FUSE_SET_ATTR_SIZE) && (uint64_t)attr->st_size != pt_size()) {
-		if (attr->st_size < 0 || (uint64_t)attr->st_size < pt_size()) {
-			fuse_reply_err(req, attr->st_size < 0 ? EINVAL : EOPNOTSUPP);
-			return;
-		}
-		if (ftruncate(pt.fd, attr->st_size) < 0) {
-			fuse_reply_err(req, errno);
-			return;
-		}
-		__atomic_store_n(&pt.size, (uint64_t)attr->st_size, __ATOMIC_RELAXED);
-	}
-	pt_reply_attr(req);
+	if ((to_set & FUSE_SET_ATTR_SIZE) && (uint64_t)attr->st_size != pt_size())
+		fuse_reply_err(req, EOPNOTSUPP);
+	else
+		pt_reply_attr(req);
 }
 
 static void pt_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -208,16 +200,6 @@ static void pt_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	fuse_reply_err(req, 0);
 }
 
-static void pt_statfs(fuse_req_t req, fuse_ino_t ino)
-{
-	struct statvfs sv;
-
-	if (fstatvfs(pt.fd, &sv) < 0)
-		fuse_reply_err(req, errno);
-	else
-		fuse_reply_statfs(req, &sv);
-}
-
 /* Any mode goes to the backing file.  Never ENOSYS: the kernel would stop
  * sending fallocate for the life of the mount. */
 static void pt_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off,
@@ -228,17 +210,6 @@ static void pt_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off,
 	if (!err && !(mode & FALLOC_FL_KEEP_SIZE) && (uint64_t)(off + len) > pt_size())
 		__atomic_store_n(&pt.size, (uint64_t)(off + len), __ATOMIC_RELAXED);
 	fuse_reply_err(req, err == ENOSYS ? EOPNOTSUPP : err);
-}
-
-static void pt_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
-		     struct fuse_file_info *fi)
-{
-	off_t ret = lseek(pt.fd, off, whence);    /* SEEK_DATA / SEEK_HOLE */
-
-	if (ret < 0)
-		fuse_reply_err(req, errno);
-	else
-		fuse_reply_lseek(req, ret);
 }
 
 static const struct fuse_lowlevel_ops pt_ops = {
@@ -252,9 +223,7 @@ static const struct fuse_lowlevel_ops pt_ops = {
 	.flush = pt_flush,
 	.release = pt_release,
 	.fsync = pt_fsync,
-	.statfs = pt_statfs,
 	.fallocate = pt_fallocate,
-	.lseek = pt_lseek,
 };
 
 static int pt_usage(void)
@@ -304,6 +273,7 @@ int main(int argc, char **argv)
 	char *fargv[] = { argv[0], "-o", "default_permissions,fsname=passthrough,subtype=passthrough", NULL };
 	struct fuse_args args = FUSE_ARGS_INIT(3, fargv);
 	struct fuse_session *se = fuse_session_new(&args, &pt_ops, sizeof(pt_ops), NULL);
+	fuse_opt_free_args(&args);
 	if (!se)
 		goto out;
 	if (fuse_set_signal_handlers(se) == 0) {
