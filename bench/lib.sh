@@ -2,8 +2,9 @@
 # bench/lib.sh: helpers shared by bench/run.sh and bench/compact.sh.
 #
 # Sourced, not run.  Owns: finding the programs under test, mounting and
-# unmounting an image with either engine (qcowfs, or QEMU's FUSE export
-# through qemu-storage-daemon), reading a daemon's memory, and the cleanup
+# unmounting an image with any engine (qcowfs, QEMU's FUSE export through
+# qemu-storage-daemon, or the FUSE ceiling: bench/passthrough over a raw
+# file), reading a daemon's memory, and the cleanup
 # trap that undoes everything a benchmark set up (ext4 mounts, loop devices,
 # FUSE mounts, daemons), in that order, even after an error or ^C.
 #
@@ -60,6 +61,21 @@ find_prog() {
 		if [[ -x $p && -f $p ]]; then printf '%s\n' "$p"; return; fi
 	done
 	if p=$(command -v "$name"); then printf '%s\n' "$p"; return; fi
+	return 1
+}
+
+# find_passthrough OPTION_VALUE: prints the path of the FUSE-ceiling
+# program (bench/passthrough.c, built by make but not installed): the
+# --passthrough option, else this checkout's build dirs.
+find_passthrough() {
+	local p
+	for p in ${1:+"$1"} "$SRC_ROOT/_build/bench/passthrough" "$SRC_ROOT/bench/passthrough"; do
+		if [[ -x $p && -f $p ]]; then
+			printf '%s\n' "$(cd "$(dirname "$p")" && pwd)/$(basename "$p")"
+			return
+		fi
+		[[ -z ${1:-} ]] || die "--passthrough $1: not an executable"
+	done
 	return 1
 }
 
@@ -129,12 +145,16 @@ install_cleanup() { trap cleanup EXIT; trap 'exit 130' INT; trap 'exit 143' TERM
 # engine_mount ENGINE IMAGE VIEW [QCOWFS_OPTS]: mounts IMAGE at VIEW (absolute
 # paths) and waits until VIEW is usable.  Sets MOUNT_PID and MOUNT_SECS
 # (seconds from the start of the command until a read of VIEW succeeds).
-# ENGINE is "qcowfs" or "qemu".  With BENCH_STANDIN=1 the qcowfs engine is
+# ENGINE is "qcowfs", "qemu" or "ceiling" (IMAGE is then a raw file, served
+# by $PASSTHROUGH with the arguments in PASSTHROUGH_ARGS, e.g. -t 4).
+# With BENCH_STANDIN=1 the qcowfs engine is
 # played by qemu-storage-daemon too: only for testing these scripts before
 # qcowfs exists; results are then labelled as such.
 
 QCOWFS=${QCOWFS:-}
 QCOWCTL=${QCOWCTL:-}
+PASSTHROUGH=${PASSTHROUGH:-}
+PASSTHROUGH_ARGS=()
 BENCH_STANDIN=${BENCH_STANDIN:-0}
 MOUNT_PID=''
 # shellcheck disable=SC2034  # results of engine_mount, read by the callers
@@ -197,7 +217,10 @@ engine_mount() {
 	[[ -e $view ]] || : >"$view"
 	CLEAN_VIEWS+=("$view")
 	t0=$(now)
-	if [[ $engine == qemu || $BENCH_STANDIN == 1 ]]; then
+	if [[ $engine == ceiling ]]; then
+		"$PASSTHROUGH" "${PASSTHROUGH_ARGS[@]}" "$img" "$view" ||
+			die "$PASSTHROUGH ${PASSTHROUGH_ARGS[*]} $img $view failed"
+	elif [[ $engine == qemu || $BENCH_STANDIN == 1 ]]; then
 		qsd_start "$img" "$view"
 	else
 		if [[ -n $opts ]]; then
@@ -210,7 +233,11 @@ engine_mount() {
 	t1=$(now)
 	# shellcheck disable=SC2034  # read by the callers
 	MOUNT_SECS=$(elapsed "$t0" "$t1")
-	if [[ -z $MOUNT_PID ]]; then
+	if [[ $engine == ceiling ]]; then
+		MOUNT_PID=$(find_daemon_pid "$PASSTHROUGH" "$view")
+		[[ -n $MOUNT_PID ]] || log "warning: cannot find the passthrough process serving $view"
+		[[ -z $MOUNT_PID ]] || CLEAN_PIDS+=("$MOUNT_PID")
+	elif [[ -z $MOUNT_PID ]]; then
 		MOUNT_PID=$(find_daemon_pid "$QCOWFS" "$view")
 		[[ -n $MOUNT_PID ]] || log "warning: cannot find the qcowfs process serving $view"
 		[[ -z $MOUNT_PID ]] || CLEAN_PIDS+=("$MOUNT_PID")
@@ -221,7 +248,10 @@ engine_mount() {
 # exited (the image is closed).
 engine_unmount() {
 	local engine=$1 view=$2 pid=$3
-	if [[ $engine == qemu || $BENCH_STANDIN == 1 ]]; then
+	if [[ $engine == ceiling ]]; then
+		# the passthrough exits once its mount is gone
+		fusermount3 -u "$view" || log "warning: fusermount3 -u $view failed"
+	elif [[ $engine == qemu || $BENCH_STANDIN == 1 ]]; then
 		# qemu-storage-daemon stays up after a FUSE unmount; SIGTERM
 		# makes it unmount, flush and close.
 		kill -TERM "$pid" 2>/dev/null || true

@@ -1,9 +1,12 @@
 #!/bin/bash
 # bench/run.sh: fio through qcowfs's raw view and through QEMU's FUSE export
 # (qemu-storage-daemon --export type=fuse) side by side, in one run, on
-# fresh qcow2 images of the same kind.  Prints workload | qcowfs | QEMU |
-# ratio, plus daemon peak RSS and time to mount; writes the table to
-# $OUT/results.md and fio's raw JSON to $OUT/.  See bench/README.md.
+# fresh qcow2 images of the same kind, and through the FUSE ceiling: a raw
+# file of the same size served by bench/passthrough (qcowfs's FUSE settings,
+# no engine).  Prints workload | qcowfs | QEMU | ceiling | ratios, marking
+# rows where qcowfs is more than 15 % below the ceiling, plus daemon peak
+# RSS and time to mount; writes the table to $OUT/results.md and fio's raw
+# JSON to $OUT/.  See bench/README.md.
 set -euo pipefail
 
 usage() {
@@ -16,7 +19,10 @@ usage: ${0##*/} [options]
   --mount-size SIZE  virtual size of the image used for time to mount (8G)
   --qcowfs PATH      qcowfs binary (default: build dir of this checkout, then PATH)
   --qcowctl PATH     qcowctl binary (same search; optional, used to unmount)
-  --qcowfs-opts OPTS extra -o options for qcowfs
+  --qcowfs-opts OPTS extra -o options for qcowfs (max_threads=N is passed
+                     on to the passthrough as well)
+  --passthrough PATH the FUSE-ceiling program (default: bench/passthrough
+                     in this checkout's build dir; make builds it)
   --out DIR          results directory (default /tmp/qcowfs-bench-DATE)
   --workdir DIR      where images are created (default: a new dir in /dev/shm
                      when it has room, else in /var/tmp)
@@ -35,6 +41,7 @@ source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
 ARGS="$*"
 SIZE=2G SIZE_SET=0 RUNTIME=10 RUNTIME_SET=0 MOUNT_SIZE=8G QUICK=0
 REPEAT=2 REPEAT_SET=0 OUT='' WORKDIR='' QCOWFS_OPT='' QCOWCTL_OPT='' QCOWFS_OPTS='' ONLY=''
+PASSTHROUGH_OPT=''
 while (($#)); do
 	case $1 in
 	--quick) QUICK=1 ;;
@@ -44,6 +51,7 @@ while (($#)); do
 	--qcowfs) QCOWFS_OPT=$2; shift ;;
 	--qcowctl) QCOWCTL_OPT=$2; shift ;;
 	--qcowfs-opts) QCOWFS_OPTS=$2; shift ;;
+	--passthrough) PASSTHROUGH_OPT=$2; shift ;;
 	--out) OUT=$2; shift ;;
 	--workdir) WORKDIR=$2; shift ;;
 	--only) ONLY=$2; shift ;;
@@ -76,6 +84,14 @@ else
 	QCOWCTL=$(find_prog qcowctl "$QCOWCTL_OPT") || QCOWCTL=
 	log "qcowfs: $QCOWFS${QCOWCTL:+, qcowctl: $QCOWCTL}"
 fi
+PASSTHROUGH=$(find_passthrough "$PASSTHROUGH_OPT") ||
+	die "bench/passthrough not found: make builds it with qcowfs, or pass --passthrough PATH"
+# The ceiling runs as many FUSE threads as qcowfs: its default (the same
+# formula in both programs) or the max_threads given to qcowfs.
+if [[ ,$QCOWFS_OPTS, =~ ,max_threads=([0-9]+), ]]; then
+	PASSTHROUGH_ARGS=(-t "${BASH_REMATCH[1]}")
+fi
+log "FUSE ceiling: $PASSTHROUGH ${PASSTHROUGH_ARGS[*]}"
 
 OUT=${OUT:-/tmp/qcowfs-bench-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
@@ -87,7 +103,8 @@ if [[ -z $WORKDIR ]]; then
 	# down the next one and the whole run.
 	base=/var/tmp
 	avail=$(df -k --output=avail /dev/shm 2>/dev/null | tail -1 || echo 0)
-	((avail * 1024 > 3 * SIZE_B + (2 << 30))) && base=/dev/shm
+	# the qcow2 template, its raw copy, one workload image at a time
+	((avail * 1024 > 4 * SIZE_B + (2 << 30))) && base=/dev/shm
 	WORKDIR=$(mktemp -d "$base/qcowfs-bench.XXXXXX")
 	CLEAN_FILES+=("$WORKDIR")
 else
@@ -104,11 +121,19 @@ new_image() {   # new_image PATH SIZE_BYTES [qemu-img -o extra]
 	qemu-img create -q -f qcow2 -o "cluster_size=$CLUSTER_SIZE${3:+,$3}" "$1" "$2"
 }
 
+new_raw() {     # new_raw PATH SIZE_BYTES: the ceiling's fresh image, sparse
+	rm -f "$1"
+	truncate -s "$2" "$1"
+}
+
+# the ceiling serves raw files, the engines qcow2 images
+declare -A IMAGE_EXT=([qcowfs]=qcow2 [qemu]=qcow2 [ceiling]=img)
+
 # ---- direct I/O: use it only when both FUSE mounts accept O_DIRECT ---------
 
 probe_direct() {   # probe_direct ENGINE -> 0 if O_DIRECT read+write work
-	local e=$1 img=$WORKDIR/probe-$1.qcow2 view=$WORKDIR/probe-$1.raw ok=0 pid
-	new_image "$img" $((64 << 20))
+	local e=$1 img=$WORKDIR/probe-$1.${IMAGE_EXT[$1]} view=$WORKDIR/probe-$1.raw ok=0 pid
+	if [[ $e == ceiling ]]; then new_raw "$img" $((64 << 20)); else new_image "$img" $((64 << 20)); fi
 	engine_mount "$e" "$img" "$view" "$QCOWFS_OPTS"
 	pid=$MOUNT_PID
 	dd if=/dev/zero of="$view" bs=4096 count=16 oflag=direct conv=notrunc status=none 2>/dev/null &&
@@ -118,14 +143,14 @@ probe_direct() {   # probe_direct ENGINE -> 0 if O_DIRECT read+write work
 	return $ok
 }
 DIRECT=1
-for e in qcowfs qemu; do
+for e in qcowfs qemu ceiling; do
 	if ! probe_direct "$e"; then
-		log "O_DIRECT does not work over the $e view: both engines run buffered with end_fsync=1"
+		log "O_DIRECT does not work over the $e view: all engines run buffered with end_fsync=1"
 		DIRECT=0
 	fi
 done
 if ((DIRECT)); then
-	IO_MODE="ioengine=libaio, direct=1 (O_DIRECT through both FUSE mounts)"
+	IO_MODE="ioengine=libaio, direct=1 (O_DIRECT through all three FUSE mounts)"
 	FIO_IO=(--ioengine=libaio --direct=1)
 else
 	IO_MODE="ioengine=libaio, buffered (direct=0) with end_fsync=1 and invalidate=1"
@@ -136,6 +161,7 @@ log "fio mode: $IO_MODE"
 # ---- prefilled template: written once, copied for every read workload -------
 
 TEMPLATE=$WORKDIR/template.qcow2
+TEMPLATE_RAW=$WORKDIR/template.img    # the same data as a raw file, for the ceiling
 make_template() {
 	local view=$WORKDIR/template.raw pid
 	log "pre-filling a $SIZE template image (sequential 1 MiB writes through QEMU)"
@@ -148,6 +174,8 @@ make_template() {
 	BENCH_STANDIN=0 engine_unmount qemu "$view" "$pid"
 	rm -f "$view"
 	qemu-img check -q "$TEMPLATE" || die "template image fails qemu-img check"
+	qemu-img convert -f qcow2 -O raw "$TEMPLATE" "$TEMPLATE_RAW" ||
+		die "qemu-img convert of the template to raw failed"
 }
 
 # ---- workloads ----------------------------------------------------------------
@@ -170,11 +198,14 @@ declare -A WL_LABEL=(
 selected() { [[ -z $ONLY || ",$ONLY," == *",$1,"* ]]; }
 
 run_one() {   # run_one WORKLOAD ENGINE IMAGEKIND FIOARGS REP
-	local wl=$1 e=$2 kind=$3 fioargs=$4 r=$5 img=$WORKDIR/$1-$2.qcow2 view=$WORKDIR/$1-$2.raw pid hwm
-	local json=$OUT/$wl-$e-$r.json
+	local wl=$1 e=$2 kind=$3 fioargs=$4 r=$5 view=$WORKDIR/$1-$2.raw pid hwm
+	local img=$WORKDIR/$1-$2.${IMAGE_EXT[$2]} json=$OUT/$wl-$e-$r.json
 	if [[ $kind == filled ]]; then
-		cp --sparse=always "$TEMPLATE" "$img"
+		if [[ $e == ceiling ]]; then cp --sparse=always "$TEMPLATE_RAW" "$img"
+		else cp --sparse=always "$TEMPLATE" "$img"; fi
 		sync "$img"
+	elif [[ $e == ceiling ]]; then
+		new_raw "$img" "$SIZE_B"
 	else
 		new_image "$img" "$SIZE_B"
 	fi
@@ -189,7 +220,8 @@ run_one() {   # run_one WORKLOAD ENGINE IMAGEKIND FIOARGS REP
 	hwm=$(proc_kb "$pid" VmHWM)
 	record "$wl" "$e" "hwm_kb_$r" "${hwm:-}"
 	engine_unmount "$e" "$view" "$pid"
-	if [[ $kind == fresh || $wl == randwrite ]]; then
+	# (the ceiling's raw file has no metadata to check)
+	if [[ $e != ceiling ]] && [[ $kind == fresh || $wl == randwrite ]]; then
 		if qemu-img check -q "$img" >"$OUT/$wl-$e-$r.check" 2>&1; then
 			record "$wl" "$e" "check_$r" ok
 		else
@@ -208,14 +240,18 @@ for w in "${WORKLOADS[@]}"; do
 done
 ((need_template)) && make_template
 
-# Engines alternate which one goes first, so neither always runs right
-# after the template copy or the other's run.
+# The engines take turns at going first (the order rotates), so none
+# always runs right after the template copy or after the same other one.
 n=0
 for w in "${WORKLOADS[@]}"; do
 	IFS='|' read -r wl kind fioargs _ _ <<<"$w"
 	selected "$wl" || continue
 	for ((r = 1; r <= REPEAT; r++)); do
-		order=(qcowfs qemu); ((n++ % 2)) && order=(qemu qcowfs)
+		case $((n++ % 3)) in
+		0) order=(qcowfs qemu ceiling) ;;
+		1) order=(qemu ceiling qcowfs) ;;
+		2) order=(ceiling qcowfs qemu) ;;
+		esac
 		for e in "${order[@]}"; do
 			log "$wl on $e (${RUNTIME} s, run $r/$REPEAT)"
 			run_one "$wl" "$e" "$kind" "$fioargs" "$r"
@@ -257,11 +293,14 @@ done
 
 python3 - "$OUT" "$SUMMARY" "$SIZE" "$RUNTIME" "$MOUNT_SIZE" "$IO_MODE" "$QCOWFS_DESC" \
 	"$(qemu-storage-daemon --version | head -1)" "$(elapsed "$T_START" "$T_END")" "$REPEAT" "$FS_DESC" \
-	"$ARGS" "${WL_ENV[@]}" <<'EOF' | tee "$OUT/results.md"
+	"$ARGS" "$PASSTHROUGH ${PASSTHROUGH_ARGS[*]}" "${WL_ENV[@]}" <<'EOF' | tee "$OUT/results.md"
 import json, os, statistics, sys
-out, summary, size, runtime, msize, iomode, qdesc, qemuver, total, repeat, fsdesc, args = sys.argv[1:13]
+out, summary, size, runtime, msize, iomode, qdesc, qemuver, total, repeat, fsdesc, args, ptdesc = sys.argv[1:14]
 repeat = int(repeat)
-workloads = [w.split('|', 3) for w in sys.argv[13:]]
+workloads = [w.split('|', 3) for w in sys.argv[14:]]
+ENGINES = ('qcowfs', 'qemu', 'ceiling')
+# the project's standard: qcowfs within 15 % of the ceiling on every fio row
+CEILING_MIN = 0.85
 rec = {}
 for line in open(summary):
     wl, e, k, v = line.rstrip('\n').split('\t')
@@ -294,14 +333,17 @@ def ratio(a, b):
 def fmt(v, nd=0):
     return 'n/a' if v is None else ('%.*f' % (nd, v))
 
-print('## qcowfs vs QEMU FUSE export (qemu-storage-daemon)\n')
-print('| workload | qcowfs | QEMU | ratio qcowfs/QEMU |')
-print('|---|---:|---:|---:|')
+print('## qcowfs vs QEMU FUSE export (qemu-storage-daemon) and the FUSE ceiling\n')
+print('| workload | qcowfs | QEMU | FUSE ceiling | ratio qcowfs/QEMU | ratio qcowfs/ceiling |')
+print('|---|---:|---:|---:|---:|---:|')
+below = []
 for wl, metric, direction, label in workloads:
-    a = fio_value(wl, 'qcowfs', metric, direction)
-    b = fio_value(wl, 'qemu', metric, direction)
-    nd = 0
-    print('| %s | %s | %s | %s |' % (label, fmt(a, nd), fmt(b, nd), ratio(a, b)))
+    a, b, c = (fio_value(wl, e, metric, direction) for e in ENGINES)
+    rc = ratio(a, c)
+    if a is not None and c and a / c < CEILING_MIN:
+        below.append(wl)
+        rc = '**%s** (< %.2f)' % (rc, CEILING_MIN)
+    print('| %s | %s | %s | %s | %s | %s |' % (label, fmt(a), fmt(b), fmt(c), ratio(a, b), rc))
 
 def num(v):
     try:
@@ -310,42 +352,48 @@ def num(v):
         return None
 
 hwm = {}
-for e in ('qcowfs', 'qemu'):
+for e in ENGINES:
     vals = [num(rec.get((wl, e, 'hwm_kb_%d' % r))) for wl, *_ in workloads for r in range(1, repeat + 1)]
     vals = [v for v in vals if v is not None]
     hwm[e] = max(vals) / 1024 if vals else None
-print('| daemon peak RSS, max VmHWM over the workloads (MiB, lower is better) | %s | %s | %s |'
-      % (fmt(hwm['qcowfs'], 1), fmt(hwm['qemu'], 1), ratio(hwm['qcowfs'], hwm['qemu'])))
+print('| daemon peak RSS, max VmHWM over the workloads (MiB, lower is better) | %s | %s | %s | %s | %s |'
+      % (fmt(hwm['qcowfs'], 1), fmt(hwm['qemu'], 1), fmt(hwm['ceiling'], 1),
+         ratio(hwm['qcowfs'], hwm['qemu']), ratio(hwm['qcowfs'], hwm['ceiling'])))
 mt = {}
 for e in ('qcowfs', 'qemu'):
     vals = [num(rec.get(('mount', e, 'mount_s_%d' % i))) for i in (1, 2, 3)]
     vals = [v for v in vals if v is not None]
     mt[e] = statistics.median(vals) if vals else None
-print('| time to mount, %s image, preallocation=metadata, median of 3 (s, lower is better) | %s | %s | %s |'
+print('| time to mount, %s image, preallocation=metadata, median of 3 (s, lower is better) | %s | %s | - | %s | - |'
       % (msize, fmt(mt['qcowfs'], 3), fmt(mt['qemu'], 3), ratio(mt['qcowfs'], mt['qemu'])))
 md = {}
 for e in ('qcowfs', 'qemu'):
     md[e] = num(rec.get(('seqread', e, 'mount_s_1')))
 if md['qcowfs'] is not None:
-    print('| time to mount, %s image with data (s, lower is better) | %s | %s | %s |'
+    print('| time to mount, %s image with data (s, lower is better) | %s | %s | - | %s | - |'
           % (size, fmt(md['qcowfs'], 3), fmt(md['qemu'], 3), ratio(md['qcowfs'], md['qemu'])))
 rss = {}
 for e in ('qcowfs', 'qemu'):
     v = num(rec.get(('mount', e, 'rss_kb_1')))
     rss[e] = v / 1024 if v is not None else None
-print('| daemon RSS right after mounting the %s image (MiB) | %s | %s | %s |'
+print('| daemon RSS right after mounting the %s image (MiB) | %s | %s | - | %s | - |'
       % (msize, fmt(rss['qcowfs'], 1), fmt(rss['qemu'], 1), ratio(rss['qcowfs'], rss['qemu'])))
 
 bad = sorted({(wl, e) for (wl, e, k), v in rec.items() if k.startswith('check') and v != 'ok'})
 print()
 print('- qcowfs: %s' % qdesc)
 print('- QEMU: %s, `--blockdev driver=file,cache.direct=off,discard=unmap --blockdev driver=qcow2,discard=unmap --export type=fuse,writable=on`' % qemuver)
+print('- FUSE ceiling: `%s RAW VIEW`, a null low-level passthrough (bench/passthrough.c) with qcowfs\'s FUSE settings '
+      'and no engine, over a raw file of the same size: sparse for the fresh-image rows, '
+      'else a copy of the template converted with `qemu-img convert -O raw`' % ptdesc.strip())
 print('- images: qcow2, 64 KiB clusters, %s virtual, a fresh one per engine per workload; '
       'read and allocated-write workloads use copies of one template pre-filled by sequential 1 MiB writes; in %s' % (size, fsdesc))
-print('- fio: %s, %s s per workload (sequential write: one pass over the image, capped at that time), same random seed for both engines' % (iomode, runtime))
+print('- fio: %s, %s s per workload (sequential write: one pass over the image, capped at that time), same random seed for all engines' % (iomode, runtime))
 if repeat > 1:
     print('- %d runs per workload and engine, median shown; all runs: %s' % (repeat, '; '.join(spread)))
 print('- MB/s = 10^6 bytes/s; ratio > 1 means qcowfs is faster (for RSS and mount time, larger)')
+print('- qcowfs/ceiling below %.2f (qcowfs more than 15 %% below what FUSE allows) on: %s'
+      % (CEILING_MIN, ', '.join(below) if below else 'no row'))
 print('- qemu-img check after every write workload: %s' %
       ('all clean' if not bad else 'FAILED for ' + ', '.join('%s/%s' % x for x in bad)))
 print('- command: `bench/run.sh%s`, total %s s, %s' % ((' ' + args) if args else '', total, os.uname().nodename))
