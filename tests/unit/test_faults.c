@@ -30,7 +30,9 @@
  * every failure are printed; details for the first few.
  *
  * FAULT_ROUNDS (default 2000) sets the number of rounds, FAULT_SEED the
- * seed, FAULT_ROUND=n runs round n only, with details.
+ * seed, FAULT_ROUND=n runs round n only, with an operation trace and the
+ * engine's log, FAULT_DETAILS=1 describes every failing round (not only
+ * the first 8).
  */
 #include "qcow_internal.h"
 #include "tap.h"
@@ -103,6 +105,47 @@ static void backend_checks(void)
 	qcow_io_fault_arm(io, QFAULT_ALL, 0, -EIO);
 	CHECK(!qcow_io_fault_fired(io), "disarmed");
 	CHECK(qcow_io_fault_inner(io) == &r->io, "inner");
+	qcow_io_close(io);
+	rec_free(r);
+}
+
+/* Many threads: the armed call fails exactly once, and every call is
+ * counted. */
+struct hammer { struct qcow_io *io; unsigned fails; };
+
+static void *hammer_main(void *arg)
+{
+	struct hammer *h = arg;
+	uint8_t buf[512];
+	memset(buf, 0x5c, sizeof(buf));
+	for (unsigned i = 0; i < 2000; i++) {
+		int r = (i % 3) ? h->io->ops->pwrite(h->io, buf, sizeof(buf), (uint64_t)(i % 64) * 512)
+				: h->io->ops->flush(h->io);
+		if (r)
+			h->fails++;
+	}
+	return NULL;
+}
+
+static void backend_threads(void)
+{
+	struct rec_io *r = rec_new(NULL, 0);
+	struct qcow_io *io = qcow_io_fault_new(&r->io);
+	qcow_io_fault_arm(io, QFAULT_PWRITE | QFAULT_FLUSH, 3777, -EIO);
+	pthread_t t[4];
+	struct hammer h[4];
+	for (int i = 0; i < 4; i++) {
+		h[i] = (struct hammer){ .io = io };
+		pthread_create(&t[i], NULL, hammer_main, &h[i]);
+	}
+	unsigned fails = 0;
+	for (int i = 0; i < 4; i++) {
+		pthread_join(t[i], NULL);
+		fails += h[i].fails;
+	}
+	CHECK(fails == 1 && qcow_io_fault_fired(io), "4 threads: %u calls failed, want exactly 1", fails);
+	CHECK(qcow_io_fault_count(io, QFAULT_PWRITE | QFAULT_FLUSH) == 8000, "4 threads: %llu calls counted, want 8000",
+	      (unsigned long long)qcow_io_fault_count(io, QFAULT_PWRITE | QFAULT_FLUSH));
 	qcow_io_close(io);
 	rec_free(r);
 }
@@ -216,7 +259,8 @@ static const char *cat_names[CAT_COUNT] = {
 };
 
 static bool details;
-static bool trace;   /* FAULT_ROUND: print every operation */
+static bool trace;
+static bool all_details;   /* FAULT_DETAILS: describe every failing round */   /* FAULT_ROUND: print every operation */
 
 static void trace_op(const char *what, long long ret, bool fired_now)
 {
@@ -670,7 +714,7 @@ static void tally(unsigned round, int code, int status)
 	enum category cat = code >= 10 && code - 10 < CAT_COUNT ? (enum category)(code - 10) : CAT_CRASH;
 	if (cat == CAT_NONE)
 		return;
-	if (failed < 8 || cat == CAT_CRASH) {
+	if (failed < 8 || all_details || cat == CAT_CRASH) {
 		fprintf(stderr, "FAIL round %u (seed 0x%llx): %s", round, campaign_seed, cat_names[cat]);
 		if (cat == CAT_CRASH && WIFSIGNALED(status))
 			fprintf(stderr, " (signal %d)", WTERMSIG(status));
@@ -688,7 +732,7 @@ static void worker(int fd, unsigned from, unsigned rounds, unsigned failed_befor
 {
 	unsigned seen = failed_before;
 	for (unsigned r = from; r < rounds; r++) {
-		details = seen < 8;
+		details = seen < 8 || all_details;
 		bool f = false;
 		enum category cat = one_round(r, r % 50 == 0 || r + 1 == rounds, &f);
 		seen += cat != CAT_NONE;
@@ -706,6 +750,7 @@ int main(void)
 	qcow_log_set_sink(quiet, NULL);
 	REQUIRE(test_sh(NULL, "qemu-img --version && qemu-io --version") == 0, "qemu-img and qemu-io are needed");
 	backend_checks();
+	backend_threads();
 	make_bases();
 
 	const char *env = getenv("FAULT_ROUNDS");
@@ -713,6 +758,7 @@ int main(void)
 	if ((env = getenv("FAULT_SEED")))
 		campaign_seed = strtoull(env, NULL, 0);
 	unsigned only = UINT32_MAX;
+	all_details = getenv("FAULT_DETAILS") != NULL;
 	if ((env = getenv("FAULT_ROUND"))) {
 		only = (unsigned)atoi(env);
 		qcow_log_set_sink(loud, NULL);
