@@ -14,11 +14,14 @@
  *
  *   D1  failed overwrite of compressed, snapshot-shared, unallocated and
  *       allocated clusters keeps the old contents
+ *       and a write whose data landed does not report its automatic
+ *       flush's failure
  *   D2  L2 cache entry used after its eviction (8-table cache)
  *   D3  refcount-table switch lost after one failed pwrite in a flush
  *   D7  grown view size is the one QEMU sees
  *   D8  grow_l1 and table relocation leave no pinned (leaked) cluster
  *       when their first flush fails
+ *       and two resizes that race on flush_lock never shrink the view
  *   D9  a failed compaction is not a sticky error: after a successful
  *       flush, close returns 0; the counters tell failures from passes
  *   D10 a single failed write or sync in any flush step: a later flush
@@ -395,6 +398,93 @@ static void d1_failed_overwrite(void)
 		free(sbytes);
 		printf("# D1 cluster size %llu: %u failures\n", (unsigned long long)cs, tap_failed - before);
 	}
+}
+
+/* A write whose own data I/O succeeded must not report the failure of the
+ * automatic flush it runs afterwards (half the cache dirty): a failed
+ * write leaves the old contents, a write whose new contents are there
+ * succeeded. */
+static void d1_autoflush(void)
+{
+	const uint64_t cs = 512, span = 64 * cs;
+	size_t len;
+	uint8_t *bytes = create_bytes(1u << 20, 9, 4, 3, &len);
+	for (unsigned k = 1; k <= 2; k++) {
+		struct fimg f;
+		REQUIRE(fimg_open(&f, bytes, len, 8 * cs) == 0, "D1 autoflush: open");
+		/* five new L2 tables in one write: more than half of the
+		 * 8-table cache dirty, so the write flushes after its data */
+		uint64_t n = 5 * span;
+		uint8_t *buf = malloc(n), *got = malloc(n);
+		fill_random(buf, n);
+		qcow_io_fault_arm(f.fio, QFAULT_FLUSH, k, -EIO);   /* its first or second sync */
+		ssize_t w = qcow_image_write(f.img, buf, n, 0);
+		bool fired = qcow_io_fault_fired(f.fio);
+		qcow_io_fault_arm(f.fio, 0, 0, 0);
+		REQUIRE(qcow_image_read(f.img, got, n, 0) == (ssize_t)n, "D1 autoflush: read");
+		bool is_new = memcmp(got, buf, n) == 0;
+		bool is_zero = true;
+		for (uint64_t i = 0; i < n && is_zero; i++)
+			is_zero = got[i] == 0;
+		CHECK(fired, "D1 autoflush: the automatic flush's sync %u did not fail (no automatic flush?)", k);
+		CHECK(w == (ssize_t)n ? is_new : is_zero,
+		      "D1 autoflush: the write returned %zd after its automatic flush's sync %u failed, and reads %s", w, k,
+		      is_new ? "the new data" : is_zero ? "the old data" : "a mix");
+		CHECK(qcow_image_flush(f.img) == 0, "D1 autoflush: flush");
+		CHECK(fimg_close(&f) == 0, "D1 autoflush: close");
+		check_closed(&f, true, false, "D1 autoflush");
+		fimg_free(&f);
+		free(buf);
+		free(got);
+	}
+	free(bytes);
+}
+
+/* ---- D8: resize compares sizes under flush_lock --------------------------- */
+
+struct resize_arg { struct qcow_image *img; uint64_t size; int ret; };
+
+static void *resize_main(void *arg)
+{
+	struct resize_arg *a = arg;
+	a->ret = qcow_image_resize(a->img, a->size);
+	return NULL;
+}
+
+/* Two resizes queue on flush_lock (held by a flush here): a grow to 2 MiB
+ * and one to 1.5 MiB.  Whichever runs second must see the other's result:
+ * the view never shrinks (shrinking is not supported). */
+static void d8_resize_race(void)
+{
+	size_t len;
+	uint8_t *bytes = create_bytes(1u << 20, 16, 4, 3, &len);
+	unsigned shrunk = 0;
+	for (unsigned i = 0; i < 20; i++) {
+		struct fimg f;
+		REQUIRE(fimg_open(&f, bytes, len, 0) == 0, "D8 resize race: open");
+		struct resize_arg big = { f.img, 2u << 20, 0 }, small = { f.img, 3u << 19, 0 };
+		pthread_t a, b;
+		pthread_mutex_lock(&f.img->flush_lock);
+		pthread_create(&a, NULL, resize_main, i % 2 ? &small : &big);
+		usleep(20000);
+		pthread_create(&b, NULL, resize_main, i % 2 ? &big : &small);
+		usleep(20000);
+		pthread_mutex_unlock(&f.img->flush_lock);
+		pthread_join(a, NULL);
+		pthread_join(b, NULL);
+		uint64_t size = qcow_image_size(f.img);
+		if (size != 2u << 20) {
+			if (shrunk++ == 0)
+				fprintf(stderr, "# D8 resize race, round %u: resize to 2 MiB returned %d, to 1.5 MiB %d, the view is %llu bytes\n",
+					i, big.ret, small.ret, (unsigned long long)size);
+		}
+		CHECK(big.ret == 0, "D8 resize race: the grow to 2 MiB returned %d", big.ret);
+		CHECK(fimg_close(&f) == 0, "D8 resize race: close");
+		fimg_free(&f);
+	}
+	CHECK(shrunk == 0, "D8 resize race: in %u of 20 rounds the view ended below 2 MiB after a grow to 2 MiB and "
+	      "one to 1.5 MiB raced", shrunk);
+	free(bytes);
 }
 
 /* ---- D2: L2 cache entry used after eviction ------------------------------ */
@@ -794,10 +884,12 @@ int main(int argc, char **argv)
 #define RUN(name, fn) do { if (!only || strcmp(only, name) == 0) { unsigned b_ = tap_failed; fn(); \
 	printf("# %s: %s\n", name, tap_failed == b_ ? "passed" : "FAILED"); } } while (0)
 	RUN("D1", d1_failed_overwrite);
+	RUN("D1-autoflush", d1_autoflush);
 	RUN("D2", d2_cache_eviction);
 	RUN("D3", d3_reftable_switch);
 	RUN("D7", d7_qemu_size);
 	RUN("D8", d8_pinned_after_failed_flush);
+	RUN("D8-resize-race", d8_resize_race);
 	RUN("D9", d9_failed_compaction);
 	RUN("D10", d10_flush_steps);
 	return tap_done();
