@@ -288,6 +288,7 @@ struct rstate {
 	uint8_t *model, *flushed, *dirty;   /* dirty: per sector since the last good flush */
 	unsigned fault_ops;                  /* armed kinds (QFAULT_TORN included) */
 	bool limit_on;
+	bool limit_used;                     /* the disk was full at some point */
 	bool refused;                        /* the engine is in its failed state */
 	bool flushed_after_fault;
 	char what[160];
@@ -441,7 +442,8 @@ static void good_flush(struct rstate *s)
 {
 	memcpy(s->flushed, s->model, s->size);
 	memset(s->dirty, 0, s->size / 512 + 1);
-	if (qcow_io_fault_fired(s->fio) || s->limit_on)
+	/* after the fault: it fired, or the full disk has space again */
+	if (qcow_io_fault_fired(s->fio) || (s->limit_used && !s->limit_on))
 		s->flushed_after_fault = true;
 }
 
@@ -582,7 +584,7 @@ static enum category one_round(unsigned round, bool with_qemu, bool *fired_out)
 		if (op == limit_at) {
 			int64_t fsz = s.fio->ops->size(s.fio);
 			qcow_io_fault_set_space_limit(s.fio, (uint64_t)(fsz > 0 ? fsz : 0) + rnd(&s, 4) * s.cs);
-			s.limit_on = true;
+			s.limit_on = s.limit_used = true;
 		}
 		if (op == lift_at) {
 			qcow_io_fault_set_space_limit(s.fio, UINT64_MAX);
@@ -714,7 +716,7 @@ static void tally(unsigned round, int code, int status)
 	enum category cat = code >= 10 && code - 10 < CAT_COUNT ? (enum category)(code - 10) : CAT_CRASH;
 	if (cat == CAT_NONE)
 		return;
-	if (failed < 8 || all_details || cat == CAT_CRASH) {
+	{   /* one line for every failing round; the worker printed the details of the first ones */
 		fprintf(stderr, "FAIL round %u (seed 0x%llx): %s", round, campaign_seed, cat_names[cat]);
 		if (cat == CAT_CRASH && WIFSIGNALED(status))
 			fprintf(stderr, " (signal %d)", WTERMSIG(status));
