@@ -248,6 +248,13 @@ static unsigned sweep(struct scenario *s, unsigned ops, const int *errs, unsigne
 	struct rec_call *calls;
 	size_t n = dry_run(s, ops & QFAULT_ALL, &calls);
 	unsigned bad = 0, tried = 0;
+	if (n <= 40) {   /* short: show what is failed in turn */
+		printf("# %s: the calls:", s->name);
+		for (size_t i = 0; i < n; i++) {
+			char d[96];
+			printf(" %s%s", rec_describe(&calls[i], d, sizeof(d)), i + 1 < n ? "," : "\n");
+		}
+	}
 	for (size_t i = 0; i < n; i++) {
 		if (stride > 1 && i % stride && i + 1 != n && !(pick && pick(&calls[i], s)))
 			continue;

@@ -536,7 +536,7 @@ static const char *kind_name(unsigned ops)
 
 /* One round; returns the category of its first failure (0: passed);
  * *fired_out: whether the fault fired (or the disk was full). */
-static enum category one_round(unsigned round, bool with_qemu, bool *fired_out)
+static enum category one_round(unsigned round, bool with_qemu, bool *fired_out, unsigned *kind_out)
 {
 	struct rstate s = { 0 };
 	char err[256] = "";
@@ -558,7 +558,7 @@ static enum category one_round(unsigned round, bool with_qemu, bool *fired_out)
 	/* the fault */
 	static const unsigned kinds[] = { QFAULT_PREAD, QFAULT_PWRITE, QFAULT_PWRITE, QFAULT_FLUSH,
 					  QFAULT_PUNCH, QFAULT_TRUNCATE, QFAULT_COPY, QFAULT_PWRITE };
-	static const uint64_t spread[] = { 30, 60, 60, 12, 4, 3, 4, 60 };
+	static const uint64_t spread[] = { 10, 60, 60, 12, 3, 3, 3, 60 };
 	unsigned nops = 10 + (unsigned)rnd(&s, 40);
 	unsigned limit_at = UINT32_MAX, lift_at = UINT32_MAX;
 	char fault_desc[128];
@@ -610,6 +610,7 @@ static enum category one_round(unsigned round, bool with_qemu, bool *fired_out)
 	}
 	bool fired = qcow_io_fault_fired(s.fio) || limit_at != UINT32_MAX;
 	*fired_out = fired;
+	*kind_out = s.fault_ops & QFAULT_ALL;
 	qcow_io_fault_arm(s.fio, 0, 0, 0);
 
 	/* everything acknowledged reads back while open */
@@ -704,12 +705,19 @@ static unsigned failed, fired_rounds, per_cat[CAT_COUNT], first_round[CAT_COUNT]
 
 struct result {
 	unsigned round;
-	int code;   /* 10 + category, + 50 if the fault fired */
+	int code;        /* 10 + category, + 50 if the fault fired */
+	unsigned kind;   /* the fault's kind (enum qcow_fault_op), 0: full disk */
 };
+static unsigned fired_by_kind[7];   /* index: bit of the kind, 6: full disk */
 
-static void tally(unsigned round, int code, int status)
+static void tally(unsigned round, int code, int status, unsigned kind)
 {
 	if (code >= 60) {
+		unsigned k = 6;
+		for (unsigned i = 0; i < 6; i++)
+			if (kind & (1u << i))
+				k = i;
+		fired_by_kind[k]++;
 		fired_rounds++;
 		code -= 50;
 	}
@@ -736,11 +744,12 @@ static void worker(int fd, unsigned from, unsigned rounds, unsigned failed_befor
 	for (unsigned r = from; r < rounds; r++) {
 		details = seen < 8 || all_details;
 		bool f = false;
-		enum category cat = one_round(r, r % 50 == 0 || r + 1 == rounds, &f);
+		unsigned kind = 0;
+		enum category cat = one_round(r, r % 50 == 0 || r + 1 == rounds, &f, &kind);
 		seen += cat != CAT_NONE;
 		fflush(stdout);
 		fflush(stderr);
-		struct result res = { r, 10 + (int)cat + (f ? 50 : 0) };
+		struct result res = { r, 10 + (int)cat + (f ? 50 : 0), kind };
 		if (write(fd, &res, sizeof(res)) != (ssize_t)sizeof(res))
 			_exit(2);
 	}
@@ -791,21 +800,23 @@ int main(void)
 		close(fds[1]);
 		struct result res;
 		while (read(fds[0], &res, sizeof(res)) == (ssize_t)sizeof(res)) {
-			tally(res.round, res.code, 0);
+			tally(res.round, res.code, 0, res.kind);
 			next = res.round + 1;
 		}
 		close(fds[0]);
 		int status;
 		REQUIRE(waitpid(pid, &status, 0) == pid, "waitpid");
 		if (next < rounds) {
-			tally(next, -1, status);
+			tally(next, -1, status, 0);
 			next++;
 		}
 	}
 	for (unsigned c = 1; c < CAT_COUNT; c++)
 		if (per_cat[c])
 			printf("# %u rounds: %s (first: round %u)\n", per_cat[c], cat_names[c], first_round[c]);
-	printf("# the fault fired (or the disk was full) in %u rounds\n", fired_rounds);
+	printf("# the fault fired (or the disk was full) in %u rounds: pread %u, pwrite %u, flush %u, punch %u, "
+	       "truncate %u, copy %u, full disk %u\n", fired_rounds, fired_by_kind[0], fired_by_kind[1], fired_by_kind[2],
+	       fired_by_kind[3], fired_by_kind[4], fired_by_kind[5], fired_by_kind[6]);
 	printf("# %u of %u rounds failed; replay one with FAULT_SEED=0x%llx FAULT_ROUND=n\n", failed,
 	       only != UINT32_MAX ? 1 : rounds, campaign_seed);
 	CHECK(failed == 0, "%u of %u fault rounds failed", failed, only != UINT32_MAX ? 1 : rounds);
