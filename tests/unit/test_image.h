@@ -3,10 +3,14 @@
  *
  * create_bytes() makes an image with qcow_create in a temporary file and
  * returns its bytes (malloc'ed), ready for a memory or crash-simulator
- * backend.  Header only, like tap.h.
+ * backend.  Header only, like tap.h.  Below it: helpers of the error-path
+ * tests (shell commands, temporary files, images made by QEMU, checks of
+ * image bytes, a recording memory backend that outlives the engine).
  */
 #ifndef TEST_IMAGE_H
 #define TEST_IMAGE_H
+#include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -40,6 +44,220 @@ static inline uint8_t *create_bytes(uint64_t size, unsigned cluster_bits, unsign
 	unlink(path);
 	REQUIRE(*len == (size_t)st.st_size, "short read of %s", path);
 	return b;
+}
+
+/* ---- helpers of the error-path tests (test_errors.c, test_faults.c) ---- */
+
+#include <errno.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include "qcow_io.h"
+
+/* Runs a shell command with its output sent to /dev/null (or appended
+ * to log if not NULL); returns its exit status, -1 if it did not exit. */
+static inline int test_sh(const char *log, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static inline int test_sh(const char *log, const char *fmt, ...)
+{
+	char cmd[4096], full[4400];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(cmd, sizeof(cmd), fmt, ap);
+	va_end(ap);
+	snprintf(full, sizeof(full), "( %s ) >> %s 2>&1", cmd, log ? log : "/dev/null");
+	int st = system(full);
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* A fresh temporary path (the file is created empty). */
+static inline void test_tmp_path(char *out, size_t len, const char *what)
+{
+	snprintf(out, len, "/tmp/qcow-%s-XXXXXX", what);
+	int fd = mkstemp(out);
+	REQUIRE(fd >= 0, "mkstemp %s", out);
+	close(fd);
+}
+
+static inline uint8_t *test_slurp(const char *path, size_t *len)
+{
+	struct stat st;
+	REQUIRE(stat(path, &st) == 0, "stat %s", path);
+	uint8_t *b = malloc((size_t)st.st_size ? (size_t)st.st_size : 1);
+	FILE *f = fopen(path, "rb");
+	REQUIRE(b && f, "read %s", path);
+	*len = fread(b, 1, (size_t)st.st_size, f);
+	fclose(f);
+	REQUIRE(*len == (size_t)st.st_size, "short read of %s", path);
+	return b;
+}
+
+static inline void test_spill(const char *path, const void *bytes, size_t len)
+{
+	FILE *f = fopen(path, "wb");
+	REQUIRE(f, "create %s", path);
+	REQUIRE(fwrite(bytes, 1, len, f) == len && fclose(f) == 0, "write %s", path);
+}
+
+/* Runs a shell command that makes an image at the path it gets as every
+ * %s (e.g. "qemu-img create -f qcow2 %s 1M && qemu-io -c ... %s") and
+ * returns the image's bytes. */
+static inline uint8_t *qemu_bytes(const char *script, size_t *len)
+{
+	char path[64], cmd[4096];
+	test_tmp_path(path, sizeof(path), "qemu");
+	unlink(path);
+	/* every %s of the script is the path */
+	const char *p = script;
+	size_t o = 0;
+	while (*p && o + 80 < sizeof(cmd)) {
+		if (p[0] == '%' && p[1] == 's') {
+			o += (size_t)snprintf(cmd + o, sizeof(cmd) - o, "'%s'", path);
+			p += 2;
+		} else {
+			cmd[o++] = *p++;
+		}
+	}
+	cmd[o] = 0;
+	int q = test_sh(NULL, "%s", cmd);
+	REQUIRE(q == 0, "image script failed (%d): %s", q, cmd);
+	uint8_t *b = test_slurp(path, len);
+	unlink(path);
+	return b;
+}
+
+/* qcow_check (and, if qemu_exit is not NULL, qemu-img check, whose exit
+ * status it stores: 0 clean, 2 corrupt, 3 leaks) on image bytes.  With
+ * qemu_out not NULL, the first qemu_outlen-1 bytes of qemu-img's output
+ * are stored there. */
+static inline int check_image_bytes(const uint8_t *bytes, size_t len, struct qcow_check_result *r,
+				    int *qemu_exit, char *qemu_out, size_t qemu_outlen)
+{
+	char path[64], log[64], err[256] = "";
+	test_tmp_path(path, sizeof(path), "chk");
+	test_spill(path, bytes, len);
+	memset(r, 0, sizeof(*r));
+	int ret = qcow_check(path, r, err, sizeof(err));
+	if (ret)
+		fprintf(stderr, "# qcow_check could not run: %s\n", err);
+	if (qemu_exit) {
+		test_tmp_path(log, sizeof(log), "chklog");
+		*qemu_exit = test_sh(log, "qemu-img check -f qcow2 '%s'", path);
+		if (qemu_out && qemu_outlen) {
+			FILE *f = fopen(log, "r");
+			size_t n = f ? fread(qemu_out, 1, qemu_outlen - 1, f) : 0;
+			qemu_out[n] = 0;
+			if (f)
+				fclose(f);
+		}
+		unlink(log);
+	}
+	unlink(path);
+	return ret;
+}
+
+/* A backend over a memory file that stays alive when the engine closes
+ * it (close does nothing; rec_free frees it) and that can record the
+ * calls it sees, so tests can read the bytes after close and name the
+ * Nth call of a run.  Put the fault injector on top of it. */
+struct rec_call { unsigned op; uint64_t off, len; };   /* op: enum qcow_fault_op */
+struct rec_io {
+	struct qcow_io io;
+	struct qcow_io_ops ops;
+	struct qcow_io *mem;
+	pthread_mutex_t lock;
+	bool recording;
+	unsigned record_ops;     /* kinds to record */
+	struct rec_call *calls;
+	size_t ncalls, cap;
+};
+
+static inline void rec_note(struct qcow_io *io, unsigned op, uint64_t off, uint64_t len)
+{
+	struct rec_io *r = (struct rec_io *)io;
+	pthread_mutex_lock(&r->lock);
+	if (r->recording && (r->record_ops & op)) {
+		if (r->ncalls == r->cap) {
+			r->cap = r->cap ? r->cap * 2 : 256;
+			r->calls = realloc(r->calls, r->cap * sizeof(*r->calls));
+		}
+		r->calls[r->ncalls++] = (struct rec_call){ op, off, len };
+	}
+	pthread_mutex_unlock(&r->lock);
+}
+#define REC_MEM(io) (((struct rec_io *)(io))->mem)
+static inline int rec_pread(struct qcow_io *io, void *b, size_t l, uint64_t o)
+{ rec_note(io, QFAULT_PREAD, o, l); return REC_MEM(io)->ops->pread(REC_MEM(io), b, l, o); }
+static inline int rec_pwrite(struct qcow_io *io, const void *b, size_t l, uint64_t o)
+{ rec_note(io, QFAULT_PWRITE, o, l); return REC_MEM(io)->ops->pwrite(REC_MEM(io), b, l, o); }
+static inline int rec_flush(struct qcow_io *io)
+{ rec_note(io, QFAULT_FLUSH, 0, 0); return REC_MEM(io)->ops->flush(REC_MEM(io)); }
+static inline int rec_punch(struct qcow_io *io, uint64_t o, uint64_t l)
+{ rec_note(io, QFAULT_PUNCH, o, l); return REC_MEM(io)->ops->punch(REC_MEM(io), o, l); }
+static inline int rec_truncate(struct qcow_io *io, uint64_t s)
+{ rec_note(io, QFAULT_TRUNCATE, s, 0); return REC_MEM(io)->ops->truncate(REC_MEM(io), s); }
+static inline int64_t rec_size(struct qcow_io *io) { return REC_MEM(io)->ops->size(REC_MEM(io)); }
+static inline int64_t rec_allocated(struct qcow_io *io) { return REC_MEM(io)->ops->allocated(REC_MEM(io)); }
+static inline int rec_copy(struct qcow_io *io, uint64_t s, uint64_t d, uint64_t l)
+{ rec_note(io, QFAULT_COPY, d, l); return REC_MEM(io)->ops->copy(REC_MEM(io), s, d, l); }
+static inline void rec_close(struct qcow_io *io) { (void)io; }
+
+static inline struct rec_io *rec_new(const void *bytes, size_t len)
+{
+	struct rec_io *r = calloc(1, sizeof(*r));
+	REQUIRE(r, "calloc");
+	r->mem = qcow_io_mem_new(bytes, len);
+	REQUIRE(r->mem, "memory backend");
+	pthread_mutex_init(&r->lock, NULL);
+	r->ops = (struct qcow_io_ops){ .pread = rec_pread, .pwrite = rec_pwrite, .flush = rec_flush,
+				       .punch = rec_punch, .truncate = rec_truncate, .size = rec_size,
+				       .allocated = rec_allocated, .copy = rec_copy, .lock = NULL, .close = rec_close };
+	r->io.ops = &r->ops;
+	r->io.name = "memory";
+	return r;
+}
+
+/* Starts recording calls of the kinds in ops (forgetting earlier ones). */
+static inline void rec_start(struct rec_io *r, unsigned ops)
+{
+	pthread_mutex_lock(&r->lock);
+	r->ncalls = 0;
+	r->record_ops = ops;
+	r->recording = true;
+	pthread_mutex_unlock(&r->lock);
+}
+
+static inline void rec_stop(struct rec_io *r)
+{
+	pthread_mutex_lock(&r->lock);
+	r->recording = false;
+	pthread_mutex_unlock(&r->lock);
+}
+
+static inline const uint8_t *rec_bytes(struct rec_io *r, size_t *len) { return qcow_io_mem_data(r->mem, len); }
+
+static inline void rec_free(struct rec_io *r)
+{
+	qcow_io_close(r->mem);
+	pthread_mutex_destroy(&r->lock);
+	free(r->calls);
+	free(r);
+}
+
+/* "pwrite 0x1200+512" for a recorded call. */
+static inline const char *rec_describe(const struct rec_call *c, char *buf, size_t len)
+{
+	static const char *names[] = { "pread", "pwrite", "flush", "punch", "truncate", "copy" };
+	const char *n = "?";
+	for (unsigned i = 0; i < 6; i++)
+		if (c->op == 1u << i)
+			n = names[i];
+	if (c->op == QFAULT_FLUSH)
+		snprintf(buf, len, "%s", n);
+	else if (c->op == QFAULT_TRUNCATE)
+		snprintf(buf, len, "%s to 0x%llx", n, (unsigned long long)c->off);
+	else
+		snprintf(buf, len, "%s 0x%llx+%llu", n, (unsigned long long)c->off, (unsigned long long)c->len);
+	return buf;
 }
 
 #endif
