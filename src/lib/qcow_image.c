@@ -412,11 +412,14 @@ static int link_new_clusters(struct qcow_image *img, struct write_plan *p)
 	return 0;
 }
 
-static int maybe_autoflush(struct qcow_image *img, bool over)
+/* Flushes when half the cache is dirty.  The request that triggers it has
+ * done its own work: a failing flush is the engine's business (logged,
+ * kept in the stats, retried by the next flush), not the request's - a
+ * write whose data is in place has succeeded. */
+static void maybe_autoflush(struct qcow_image *img, bool over)
 {
-	if (!over)
-		return 0;
-	return qcow_flush(img);
+	if (over)
+		(void)qcow_flush(img);   /* errors are noted by the flush itself */
 }
 
 /* Writes buf (NULL = zeros) at off; the shared body of write and of the
@@ -473,8 +476,8 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 	plan_free(&plan);
 	if (ret)
 		return ret;
-	ret = maybe_autoflush(img, over);
-	return ret ? ret : (ssize_t)len;
+	maybe_autoflush(img, over);
+	return (ssize_t)len;
 }
 
 ssize_t qcow_image_write(struct qcow_image *img, const void *buf, size_t len, uint64_t off)
@@ -562,7 +565,7 @@ static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
 		bool over = qcow_cache_over_budget(&img->cache);
 		qcow_unlock(img);
 		if (ret == 0)
-			ret = maybe_autoflush(img, over);
+			maybe_autoflush(img, over);
 		gc += n;
 	}
 	qcow_recycler_kick(img);
