@@ -30,6 +30,9 @@ crash_round() {
 			$(((round * 2 + p) * 10000000)) $((p * half)) $(((p + 1) * half))
 		pids+=("$BG_PID")
 	done
+	# the kill lands DELAY seconds into the writing; on a loaded machine
+	# the writers may need longer than DELAY just to start
+	wait_until 30 grep -q '^W' "$T/j$round.0"
 	sleep "$delay"
 	for p in "${pids[@]}"; do
 		kill -0 "$p" 2>/dev/null || fail "round $round: the workload ended before the kill: $(tail -n 2 "$T"/j$round.*)"
