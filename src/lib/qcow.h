@@ -48,7 +48,7 @@ void qcow_log_set_verbosity(enum qcow_log_level max_level);
 
 struct qcow_open_opts {
 	bool read_only;          /* shared locks only; every write returns -EROFS */
-	bool runtime_asserts;    /* check every cluster-map invariant after each change (slow) */
+	bool runtime_asserts;    /* check every state change, lock contract and map invariant (slow) */
 	bool no_locking;         /* skip QEMU-compatible OFD locks (tests on the memory backend) */
 	size_t cache_bytes;      /* L2/refcount-block cache budget; 0 = default (32 MiB) */
 	bool compact;            /* run the background compactor (issue 3); default on */
