@@ -43,7 +43,8 @@ static int check_table(const char *what, unsigned field_off, uint64_t off, uint6
 		qcow_set_error(err, errlen, "%s (header offset %u) is 0: it would overlap the image header", what, field_off);
 		return -EINVAL;
 	}
-	if (off >= QCOW_MAX_HOST_OFFSET || len > QCOW_MAX_HOST_OFFSET - off) {
+	uint64_t limit = like_qemu ? (uint64_t)INT64_MAX : QCOW_MAX_HOST_OFFSET;
+	if (off >= limit || len > limit - off) {
 		qcow_set_error(err, errlen, "%s 0x%" PRIx64 " (header offset %u) with length %" PRIu64 " is out of range",
 			       what, off, field_off, len);
 		return -EINVAL;
@@ -190,13 +191,17 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 	/* header extensions: 8-byte aligned records up to a type-0 terminator */
 	uint64_t ext_end = h->backing_file_offset ? h->backing_file_offset : cs;
 	uint64_t pos = h->header_length;
-	while (pos + 8 <= ext_end) {
+	while (like_qemu ? pos < ext_end : pos + 8 <= ext_end) {
+		/* QEMU checks the unpadded length before it looks at the type */
+		if (like_qemu && (pos + 8 > ext_end || qcow_get_be32(r + pos + 4) > ext_end - pos - 8))
+			FAIL(EINVAL, "header extension at offset %" PRIu64 " runs past the end of the extension area (%" PRIu64 ")",
+			     pos, ext_end);
 		uint32_t type = qcow_get_be32(r + pos);
 		uint32_t len = qcow_get_be32(r + pos + 4);
 		if (type == QCOW_EXT_END)
 			break;
 		uint64_t padded = ((uint64_t)len + 7) & ~7ull;
-		if (pos + 8 + padded > ext_end)
+		if (pos + 8 + padded > ext_end && !like_qemu)
 			FAIL(EINVAL, "header extension 0x%08x at offset %" PRIu64 " with length %u runs past the end of the extension area (%" PRIu64 ")",
 			     type, pos, len, ext_end);
 		if (type == QCOW_EXT_DATA_FILE && !info_only)
