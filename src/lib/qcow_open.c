@@ -111,7 +111,11 @@ static int build_visit(void *opaque, enum qcow_ref_kind kind, uint64_t c, uint64
 		return 0;
 	}
 	if (!may_share(old, kind)) {
-		if (b->rw) {
+		/* a table inside the header, the L1 or refcount table or the
+		 * snapshot table makes even reads wrong: refused always */
+		unsigned oc = old & CLS_MASK, nc = class_of(kind);
+		bool header = oc == CLS_HEADER || oc == CLS_SNAP_L1 || nc == CLS_HEADER || nc == CLS_SNAP_L1;
+		if (b->rw || header) {
 			b->overlapped = true;
 			b->overlap_c = c;
 			b->overlap_kind = kind;
