@@ -414,7 +414,7 @@ def main():
         muts = r.choices([f for f, _ in MUTATORS], weights, k=n)
         plans.append((i, b, muts, r.getrandbits(32)))
     stats = {}
-    open_stats = {"refused-corrupt": 0, "opened-repaired": 0, "refused-other": 0}
+    open_stats = {"refused-corrupt": 0, "opened-repaired": 0, "refused-unreadable": 0, "refused-accepted": 0}
 
     def one(plan):
         i, b, muts, s = plan
@@ -458,17 +458,24 @@ def main():
                 out.append("NOT-REPAIRED %s: after a read-write open and close qemu-img check exits %d: %s" % (
                     what, q2.returncode, " | ".join((q2.stderr + q2.stdout).decode(errors="replace").splitlines()[:4])))
         os.unlink(p)
-        return vq, vc, ores, out
+        info = "%s: %s" % (what, o.stderr.decode(errors="replace").strip()[:300])
+        return vq, vc, ores, out, info
 
     with ThreadPoolExecutor(max_workers=jobs) as ex:
-        for vq, vc, ores, out in ex.map(one, plans):
+        for vq, vc, ores, out, info in ex.map(one, plans):
             stats[(vq, vc)] = stats.get((vq, vc), 0) + 1
             if vq == "corrupt" and ores == "refused":
                 open_stats["refused-corrupt"] += 1
             elif vq in ("clean", "leaks") and ores == "opened":
                 open_stats["opened-repaired"] += 1
+            elif ores == "refused" and vq == "failed":
+                open_stats["refused-unreadable"] += 1
             elif ores == "refused":
-                open_stats["refused-other"] += 1
+                # QEMU accepts it (clean or leaks), the engine does not:
+                # allowed (unsupported or suspicious), counted
+                open_stats["refused-accepted"] += 1
+                if os.environ.get("CORPUS_VERBOSE"):
+                    print("refused-accepted %s" % info)
             bad.extend(out)
     for line in bad:
         print(line)
