@@ -513,6 +513,7 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 				qcow_set_error(err, errlen, "cannot cut the free tail of the file at %" PRIu64 ": %s", end, strerror(-ret));
 				goto fail;
 			}
+			img->hdr.file_size = end;
 		}
 		img->punch_supported = probe_punch(io);
 		if (opts.recycler) {

@@ -17,7 +17,10 @@ For every mutant:
   * when QEMU calls it corrupt, the engine must refuse to open it
     read-write (OPEN_RW exits 2);
   * when QEMU calls it clean or leaky and the engine opens it read-write,
-    `qemu-img check` must be clean after the close (the open repairs).
+    `qemu-img check` must be clean after the close (the open repairs);
+  * the engine never fails otherwise (a failed close, a crash, a
+    sanitizer report: run it with a sanitizer build and
+    ASAN_OPTIONS=exitcode=66).
 Prints one line per disagreement and a summary; exits 1 on any.
 All on-disk integers are big-endian (qcow2 specification).
 """
@@ -440,6 +443,9 @@ def main():
                 " | ".join((c.stderr + c.stdout).decode(errors="replace").splitlines()[:4])))
         o = run([open_rw, p])
         ores = "refused" if o.returncode == 2 else "opened" if o.returncode == 0 else "error"
+        if ores == "error" or c.returncode not in (0, 1, 2, 3):
+            out.append("ENGINE-ERROR %s: qcow_open_rw exit %d, qcowctl check exit %d: %s" % (
+                what, o.returncode, c.returncode, (o.stderr + c.stderr).decode(errors="replace")[-600:]))
         dirty = m.lay.version >= 3 and struct.unpack_from(">Q", m.d, 72)[0] & 1
         if vq == "corrupt" and dirty and o.returncode == 0:
             # QEMU's own read-write open repairs a dirty image's refcounts:
