@@ -37,6 +37,9 @@ if op == "compressed-host":          # host cluster of the first compressed entr
         if e & (1 << 62):
             x = 62 - (cb - 8)
             print((e & ((1 << x) - 1)) & ~(cs - 1)); break
+elif op == "data-host":               # host cluster of guest cluster 0
+    l2 = rd(l1, ">Q") & 0x00FFFFFFFFFFFE00
+    print(rd(l2, ">Q") & 0x00FFFFFFFFFFFE00)
 elif op == "reftable-set":           # reftable-set INDEX VALUE
     wr(rt + 8 * int(sys.argv[3]), ">Q", int(sys.argv[4]))
 elif op == "dirty":
@@ -80,6 +83,29 @@ for variant in plain dirty; do
 	"$OPEN_RW" --ro "$img" >/dev/null 2>"$T/d4ro.err" || fail "D4 ($variant): read-only open refused: $(cat "$T/d4ro.err")"
 	qemu-img compare -q -f qcow2 -F raw "$img" "$T/src.raw" || fail "D4 ($variant): data changed"
 	log "D4 $variant: refused read-write: $(head -c 200 "$T/d4.err")"
+done
+
+# the same over normal data and over data shared with a snapshot
+mkimg "$T/plain.qcow2" 64M
+qio "$T/plain.qcow2" 'write -P 0x71 0 256k'
+cp "$T/plain.qcow2" "$T/snap.qcow2"
+qemu-img snapshot -c s1 "$T/snap.qcow2"
+for base in plain snap; do
+	img=$T/d4-$base-data.qcow2
+	cp "$T/$base.qcow2" "$img"
+	host=$(edit "$img" data-host)
+	edit "$img" reftable-set 1 "$host"
+	[ "$(qcheck_exit "$img")" = 2 ] || fail "setup ($base data): qemu-img check should call it corrupt"
+	sum=$(sha "$img")
+	rc=0
+	"$OPEN_RW" "$img" >/dev/null 2>"$T/d4.err" || rc=$?
+	[ $rc = 2 ] || fail "D4 ($base data): read-write open of a refcount block over data was not refused (exit $rc)"
+	grep -q "refcount block" "$T/d4.err" && grep -q "data cluster" "$T/d4.err" &&
+		grep -q "$(printf '0x%x' "$host")" "$T/d4.err" ||
+		fail "D4 ($base data): the refusal does not name both users and the offset: $(cat "$T/d4.err")"
+	[ "$(sha "$img")" = "$sum" ] || fail "D4 ($base data): the refused open changed the image"
+	"$OPEN_RW" --ro "$img" >/dev/null 2>"$T/d4ro.err" || fail "D4 ($base data): read-only open refused: $(cat "$T/d4ro.err")"
+	log "D4 $base data: refused read-write: $(head -c 200 "$T/d4.err")"
 done
 
 # ---- D5: interrupted snapshot deletion ------------------------------------
