@@ -116,7 +116,10 @@ int qcow_check(const char *path, struct qcow_check_result *res, char *err, size_
 {
 	struct qcow_io *io;
 	struct qcow_header h;
+	struct count_ctx k = { .n = 0 };
+	uint8_t *rt = NULL, *block = NULL;
 	memset(res, 0, sizeof(*res));
+	memset(&h, 0, sizeof(h));
 	int ret = qcow_io_file_open(path, true, &io);
 	if (ret) {
 		qcow_set_error(err, errlen, "cannot open %s: %s", path, strerror(-ret));
@@ -126,30 +129,27 @@ int qcow_check(const char *path, struct qcow_check_result *res, char *err, size_
 		/* like qemu-img check: the counts of a live image are moving */
 		qcow_set_error(err, errlen, "image %s is open for writing by another process (QEMU lock byte 101 is held); "
 			       "unmount it first", path);
-		qcow_io_close(io);
-		return -EBUSY;
+		ret = -EBUSY;
+		goto out;
 	}
 	ret = qcow_header_read_check(io, &h, err, errlen);
-	if (ret) {
-		qcow_io_close(io);
-		return ret;
-	}
+	if (ret)
+		goto out;
 	uint64_t cs = 1ull << h.cluster_bits;
 	uint64_t file_clusters = (h.file_size + cs - 1) / cs;
 	/* what QEMU's open refuses even for a check */
 	if ((h.autoclear_features & 2) && !(h.incompatible_features & QCOW_INCOMPAT_DATA_FILE)) {
 		qcow_set_error(err, errlen, "autoclear bit 1 (raw external data, header offset 88) is set but the image has no external data file");
 		ret = -EINVAL;
-		goto out_header;
+		goto out;
 	}
 	if ((h.snapshots_offset & (cs - 1)) || h.snapshots_offset > (uint64_t)INT64_MAX - (uint64_t)h.nb_snapshots * 40) {
 		qcow_set_error(err, errlen, "snapshot table offset 0x%" PRIx64 " (header offset 64) is invalid", h.snapshots_offset);
 		ret = -EINVAL;
-		goto out_header;
+		goto out;
 	}
-	struct count_ctx k = { .n = 0 };
-	uint8_t *rt = qcow_malloc((size_t)h.refcount_table_clusters * cs + 8);
-	uint8_t *block = qcow_malloc(cs);
+	rt = qcow_malloc((size_t)h.refcount_table_clusters * cs + 8);
+	block = qcow_malloc(cs);
 	if (!rt || !block || grow_counts(&k, 1023)) {
 		ret = -ENOMEM;
 		goto out;
@@ -267,7 +267,6 @@ out:
 	qcow_free(k.copied);
 	qcow_free(rt);
 	qcow_free(block);
-out_header:
 	qcow_header_free(&h);
 	qcow_io_close(io);
 	return ret;

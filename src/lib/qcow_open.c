@@ -246,8 +246,8 @@ static int64_t compare_refcounts(struct qcow_image *img, struct judge *j)
 		if (host) {
 			int ret = img->io->ops->pread(img->io, block, cs, host);
 			if (ret) {
-				qcow_free(block);
-				return ret;
+				differ = ret;
+				goto out;
 			}
 		} else {
 			memset(block, 0, cs);
@@ -269,8 +269,8 @@ static int64_t compare_refcounts(struct qcow_image *img, struct judge *j)
 			uint64_t want = qcow_map_want_refcount(&img->map, first + i);
 			if (j && first + i < img->map.nclusters && (want || disk) &&
 			    judge_cluster(img, j, first + i, disk, want)) {
-				qcow_free(block);
-				return -EINVAL;
+				differ = -EINVAL;
+				goto out;
 			}
 			if (disk != want) {
 				differ++;
@@ -280,6 +280,7 @@ static int64_t compare_refcounts(struct qcow_image *img, struct judge *j)
 		if (dirty)
 			qcow_map_mark_rc_dirty(&img->map, first);
 	}
+out:
 	qcow_free(block);
 	return differ;
 }
