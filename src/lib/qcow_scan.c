@@ -56,6 +56,19 @@ static int problem(struct walk *w, int e, const char *fmt, ...)
 	return -e;
 }
 
+/* A read that fails stops every mode: QEMU's check fails then too. */
+static int io_failed(struct walk *w, int e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int io_failed(struct walk *w, int e, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	qcow_set_error(w->err, w->errlen, "%s", msg);
+	return -e;
+}
+
 /* A corruption QEMU's check counts but its reads get past: counted in
  * check mode, a warning when tolerated, else it stops the open. */
 static int corrupt(struct walk *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -149,7 +162,7 @@ static int walk_l2(struct walk *w, uint64_t l2_off, bool snapshot, uint8_t *buf)
 	const struct qcow_header *h = w->g->hdr;
 	int ret = w->g->io->ops->pread(w->g->io, buf, w->cs, l2_off);
 	if (ret < 0)
-		return problem(w, -ret, "cannot read L2 table at 0x%" PRIx64 ": %s", l2_off, strerror(-ret));
+		return io_failed(w, -ret, "cannot read L2 table at 0x%" PRIx64 ": %s", l2_off, strerror(-ret));
 	uint64_t n = w->cs / 8;
 	unsigned x = 62 - (w->cb - 8);
 	for (uint64_t j = 0; j < n; j++) {
@@ -222,7 +235,7 @@ static int walk_l1(struct walk *w, uint64_t l1_off, uint64_t entries, bool snaps
 		return -ENOMEM;
 	int ret = entries ? w->g->io->ops->pread(w->g->io, l1, bytes, l1_off) : 0;
 	if (ret < 0) {
-		ret = problem(w, -ret, "cannot read L1 table at 0x%" PRIx64 ": %s", l1_off, strerror(-ret));
+		ret = io_failed(w, -ret, "cannot read L1 table at 0x%" PRIx64 ": %s", l1_off, strerror(-ret));
 		goto out;
 	}
 	for (uint64_t i = 0; i < entries; i++) {
@@ -393,7 +406,7 @@ static int walk_bitmaps(struct walk *w, uint8_t *clusterbuf)
 		return -ENOMEM;
 	ret = w->g->io->ops->pread(w->g->io, dir, dir_size, dir_off);
 	if (ret < 0) {
-		ret = problem(w, -ret, "cannot read the bitmap directory at 0x%" PRIx64 ": %s", dir_off, strerror(-ret));
+		ret = io_failed(w, -ret, "cannot read the bitmap directory at 0x%" PRIx64 ": %s", dir_off, strerror(-ret));
 		goto out;
 	}
 	uint64_t pos = 0;
@@ -404,30 +417,26 @@ static int walk_bitmaps(struct walk *w, uint8_t *clusterbuf)
 		}
 		const uint8_t *d = dir + pos;
 		uint64_t table_off = qcow_get_be64(d);
-		uint32_t table_size = qcow_get_be32(d + 8);
+		uint32_t table_size = qcow_get_be32(d + 8), flags = qcow_get_be32(d + 12);
 		uint32_t name_size = qcow_get_be16(d + 18), extra = qcow_get_be32(d + 20);
-		unsigned gran = d[17];
+		unsigned type = d[16], gran = d[17];
 		uint64_t entry_pos = dir_off + pos;
 		pos += (24 + (uint64_t)extra + name_size + 7) & ~7ull;
-		/* QEMU loads every bitmap at open and refuses the image when a
-		 * table does not fit the disk size (in whole sectors) */
+		/* QEMU loads every bitmap at open and refuses the image when an
+		 * entry breaks the format's constraints (reserved flags, type,
+		 * granularity 9..31, table placement and size) or the table
+		 * does not fit the disk size in whole sectors */
 		uint64_t bits = gran < 9 || gran > 31 ? 0 : (((h->size & ~511ull) + (1ull << gran) - 1) >> gran);
 		uint64_t want = (((bits + 7) / 8) + w->cs - 1) / w->cs;
-		if (gran < 9 || gran > 31 || want != table_size) {
-			qcow_set_error(w->err, w->errlen, "bitmap %u (directory entry at 0x%" PRIx64 ") does not fit the disk: granularity bits %u, "
-				       "%u table entries, %" PRIu64 " needed for %" PRIu64 " bytes", i, entry_pos, gran, table_size, want, h->size);
+		if (table_size == 0 || table_off == 0 || (table_off & (w->cs - 1)) || table_size > 0x8000000u ||
+		    gran < 9 || gran > 31 || (flags & ~3u) || name_size > 1023 || type != 1 ||
+		    (uint64_t)table_size * w->cs > (512ull << 20) || want != table_size) {
+			qcow_set_error(w->err, w->errlen, "bitmap %u (directory entry at 0x%" PRIx64 ") is invalid: table 0x%" PRIx64 " with %u entries "
+				       "(%" PRIu64 " needed for %" PRIu64 " bytes), flags 0x%x, type %u, granularity bits %u",
+				       i, entry_pos, table_off, table_size, want, h->size, flags, type, gran);
 			ret = -EINVAL;
 			goto out;
 		}
-		if ((table_off & (w->cs - 1)) || (uint64_t)table_size * 8 > QCOW_MAX_L1_BYTES) {
-			ret = problem(w, EINVAL, "bitmap %u (directory entry at 0x%" PRIx64 ") has an invalid table 0x%" PRIx64 " with %u entries",
-				      i, entry_pos, table_off, table_size);
-			if (ret)
-				goto out;
-			continue;
-		}
-		if (!table_size)
-			continue;
 		ret = visit_table(w, QREF_BITMAP_TABLE, table_off, (uint64_t)table_size * 8);
 		if (ret)
 			goto out;
@@ -436,15 +445,16 @@ static int walk_bitmaps(struct walk *w, uint8_t *clusterbuf)
 			uint64_t slot = table_off + k * 8;
 			ret = w->g->io->ops->pread(w->g->io, be, 8, slot);
 			if (ret < 0) {
-				ret = problem(w, -ret, "cannot read bitmap table entry at 0x%" PRIx64 ": %s", slot, strerror(-ret));
+				ret = io_failed(w, -ret, "cannot read bitmap table entry at 0x%" PRIx64 ": %s", slot, strerror(-ret));
 				goto out;
 			}
 			uint64_t e = qcow_get_be64(be), target = e & QCOW_L2E_OFFSET_MASK;
 			if ((e & 0xff000000000001feull) || (target && ((e & 1) || (target & (w->cs - 1))))) {
-				ret = corrupt(w, "bitmap table entry at offset 0x%" PRIx64 " is invalid (0x%" PRIx64 ")", slot, e);
-				if (ret)
-					goto out;
-				continue;
+				/* QEMU loads every bitmap table at open and refuses
+				 * the image */
+				qcow_set_error(w->err, w->errlen, "bitmap table entry at offset 0x%" PRIx64 " is invalid (0x%" PRIx64 ")", slot, e);
+				ret = -EINVAL;
+				goto out;
 			}
 			if (!target)
 				continue;
@@ -505,7 +515,7 @@ int qcow_scan(struct qcow_scan_geometry *g, const struct qcow_scan_visitor *v, c
 	}
 	ret = rt_bytes ? g->io->ops->pread(g->io, buf, rt_bytes, h->refcount_table_offset) : 0;
 	if (ret < 0) {
-		ret = problem(&w, -ret, "cannot read the refcount table: %s", strerror(-ret));
+		ret = io_failed(&w, -ret, "cannot read the refcount table: %s", strerror(-ret));
 		goto out;
 	}
 	for (uint64_t i = 0; i < rt_bytes / 8; i++) {

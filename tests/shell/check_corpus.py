@@ -9,7 +9,8 @@ data, refcount widths 1/16/64, cluster sizes 512 and 64K), then makes
 COUNT mutants from them with a random generator seeded with SEED.  Each
 mutant changes the metadata in one or two ways: header fields, L1 and L2
 entries (active and snapshot: reserved bits, flags, pointers to other
-clusters), refcount-table entries and refcount-block entries.
+clusters), refcount-table entries, refcount-block entries, snapshot table
+entries and bitmap directory and table entries.
 
 For every mutant:
   * `qemu-img check` and `qcowctl check` must give the same verdict class:
@@ -334,7 +335,61 @@ def mut_snapshot(r, m):
         m.desc.append("snapshot L1 size @%#x %d->%d" % (pos + 8, old, new))
 
 
-MUTATORS = [(mut_header, 3), (mut_l1, 3), (mut_l2, 5), (mut_reftable, 2), (mut_refblock, 4), (mut_snapshot, 1)]
+def bitmap_layout(d):
+    """(directory offset, [(entry offset, table offset, table size)]) or None."""
+    version = struct.unpack_from(">I", d, 4)[0]
+    cs = 1 << struct.unpack_from(">I", d, 20)[0]
+    pos = struct.unpack_from(">I", d, 100)[0] if version >= 3 else 72
+    while pos + 8 <= cs:
+        t, n = struct.unpack_from(">II", d, pos)
+        if t == 0:
+            return None
+        if t == 0x23852875:
+            nb, _, dsize, doff = struct.unpack_from(">IIQQ", d, pos + 8)
+            ents, q = [], doff
+            for _ in range(nb):
+                toff, tsize, flags, typ, gran, nsz, extra = struct.unpack_from(">QIIBBHI", d, q)
+                ents.append((q, toff, tsize))
+                q += (24 + extra + nsz + 7) & ~7
+            return doff, ents
+        pos += 8 + ((n + 7) & ~7)
+    return None
+
+
+def mut_bitmap(r, m):
+    bl = bitmap_layout(m.d)
+    if not bl:
+        return mut_l2(r, m)
+    doff, ents = bl
+    q, toff, tsize = r.choice(ents)
+    k = r.randrange(6)
+    if k < 4 and tsize:
+        slot = toff + 8 * r.randrange(tsize)
+        old = m.get64(slot)
+        if k == 0:
+            new = old | (1 << r.choice([1, 2, 8, 56, 63]))
+        elif k == 1:
+            new = pick_target(r, m.lay)
+        elif k == 2:
+            new = old | 1
+        else:
+            new = 0
+        m.put64(slot, new)
+        m.desc.append("bitmap table @%#x %#x->%#x" % (slot, old, new))
+    elif k == 4:
+        old = struct.unpack_from(">I", m.d, q + 12)[0]
+        new = old ^ (1 << r.choice([0, 1, 2, 5]))
+        struct.pack_into(">I", m.d, q + 12, new)
+        m.desc.append("bitmap flags @%#x %#x->%#x" % (q + 12, old, new))
+    else:
+        old = m.get64(q)
+        new = pick_target(r, m.lay)
+        m.put64(q, new)
+        m.desc.append("bitmap table offset @%#x %#x->%#x" % (q, old, new))
+
+
+MUTATORS = [(mut_header, 3), (mut_l1, 3), (mut_l2, 5), (mut_reftable, 2), (mut_refblock, 4), (mut_snapshot, 1),
+            (mut_bitmap, 1)]
 
 
 def make_bases(d):
