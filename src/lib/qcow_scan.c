@@ -187,9 +187,9 @@ static int walk_l2(struct walk *w, uint64_t l2_off, bool snapshot, uint8_t *buf)
 					return ret;
 				continue;
 			}
+			/* a stream may run into the cluster after the end of the
+			 * file (it reads as zeros there): QEMU counts it */
 			for (uint64_t c = off >> w->cb; c <= (end - 1) >> w->cb; c++) {
-				if (c >= w->g->file_clusters)
-					break;
 				ret = visit(w, QREF_COMPRESSED, c, slot);
 				if (ret)
 					return ret;
