@@ -4,8 +4,10 @@
 usage: check_corpus.py DIR SEED COUNT QCOWCTL OPEN_RW [JOBS]
 
 Builds a few base images with qemu-img and qemu-io in DIR (plain v3 and
-v2, internal snapshots, compressed clusters, a persistent bitmap with
-data, refcount widths 1/16/64, cluster sizes 512 and 64K), then makes
+v2, internal snapshots (also v2, also over compressed clusters),
+compressed clusters, persistent bitmaps with data, refcount widths
+1/8/16/64, cluster sizes 512, 4K and 64K; 2M clusters would make every
+mutant a 10 MB write, t140 covers them), then makes
 COUNT mutants from them with a random generator seeded with SEED.  Each
 mutant changes the metadata in one or two ways: header fields, L1 and L2
 entries (active and snapshot: reserved bits, flags, pointers to other
@@ -439,6 +441,14 @@ def make_bases(d):
     base("c512", "cluster_size=512", "2M", ["write -P 1 0 150k", "write -P 2 1M 20k", "discard 1M 4k"])
     base("c512snap", "cluster_size=512,refcount_bits=64", "1M", ["write -P 1 0 60k"], ["s1"],
          bitmap="b1", post=["write -P 2 0 4k", "write -P 3 500k 8k"])
+    base("v2snap", "compat=0.10,cluster_size=4096", "4M", ["write -P 1 0 64k"], ["s1"], post=["write -P 2 0 8k"])
+    base("rc8c4k", "cluster_size=4096,refcount_bits=8", "8M", ["write -P 1 0 100k", "write -P 2 6M 12k"], ["s1", "s2"],
+         post=["write -P 3 4k 4k"])
+    p = os.path.join(d, "compsnap.qcow2")
+    must(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", raw, p])
+    must(["qemu-img", "snapshot", "-c", "s1", p])
+    must(["qemu-io", "-f", "qcow2", "-c", "write -P 8 1M 8k", p])
+    bases.append(p)
     return bases
 
 

@@ -6,7 +6,7 @@
 #
 # check_corpus.py builds the bases with qemu-img and qemu-io (plain v3 and
 # v2, internal snapshots, compressed, a persistent bitmap with data,
-# refcount widths 1/16/64, cluster sizes 512 and 64K) and makes
+# refcount widths 1/8/16/64, cluster sizes 512, 4K and 64K) and makes
 # CORPUS_COUNT (default 2000) mutants of their metadata from a fixed seed
 # (CORPUS_SEED, default 130); see its docstring.  Runs with two workers.
 . "$(dirname "$0")/lib.sh"
