@@ -18,7 +18,10 @@
  * end of the file.  Those QEMU reads past ("corruptions") stop only a
  * read-write open (tolerate_corruption lets a read-only open go on).
  * Bitmap structures (directory, tables, data) are references only while
- * the bitmaps autoclear bit says they are consistent, as in QEMU.
+ * the bitmaps autoclear bit says they are consistent, as in QEMU.  What
+ * makes QEMU's open or check fail (a failed read, an invalid bitmap
+ * directory or table entry) stops the walk in every mode, so qcow_check
+ * then reports "could not check" as qemu-img check does.
  */
 #include "config.h"
 #include "qcow_internal.h"
