@@ -32,25 +32,26 @@ static const char *incompat_name(unsigned bit)
 /* Checks that a table of len bytes at off is cluster aligned, inside the
  * addressable range and does not start inside cluster 0. */
 static int check_table(const char *what, unsigned field_off, uint64_t off, uint64_t len,
-		       uint64_t cluster_size, uint64_t file_size, char *err, size_t errlen)
+		       uint64_t cluster_size, uint64_t file_size, bool like_qemu, char *err, size_t errlen)
 {
 	if (off % cluster_size) {
 		qcow_set_error(err, errlen, "%s 0x%" PRIx64 " (header offset %u) is not aligned to the cluster size %" PRIu64,
 			       what, off, field_off, cluster_size);
 		return -EINVAL;
 	}
-	if (off == 0) {
+	if (off == 0 && !like_qemu) {
 		qcow_set_error(err, errlen, "%s (header offset %u) is 0: it would overlap the image header", what, field_off);
 		return -EINVAL;
 	}
-	if (off >= QCOW_MAX_HOST_OFFSET || len > QCOW_MAX_HOST_OFFSET - off) {
+	uint64_t limit = like_qemu ? (uint64_t)INT64_MAX : QCOW_MAX_HOST_OFFSET;
+	if (off >= limit || len > limit - off) {
 		qcow_set_error(err, errlen, "%s 0x%" PRIx64 " (header offset %u) with length %" PRIu64 " is out of range",
 			       what, off, field_off, len);
 		return -EINVAL;
 	}
 	/* QEMU files may end inside the last cluster of a table, but a table
 	 * that starts at or after the end of the file is missing. */
-	if (len && off >= file_size) {
+	if (len && off >= file_size && !like_qemu) {
 		qcow_set_error(err, errlen, "%s 0x%" PRIx64 " (header offset %u) lies past the end of the file (%" PRIu64 " bytes)",
 			       what, off, field_off, file_size);
 		return -EINVAL;
@@ -58,19 +59,24 @@ static int check_table(const char *what, unsigned field_off, uint64_t off, uint6
 	return 0;
 }
 
-static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only, char *err, size_t errlen);
+static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only, bool like_qemu, char *err, size_t errlen);
 
 int qcow_header_read(struct qcow_io *io, struct qcow_header *h, char *err, size_t errlen)
 {
-	return header_read(io, h, false, err, errlen);
+	return header_read(io, h, false, false, err, errlen);
+}
+
+int qcow_header_read_check(struct qcow_io *io, struct qcow_header *h, char *err, size_t errlen)
+{
+	return header_read(io, h, false, true, err, errlen);
 }
 
 int qcow_header_read_info(struct qcow_io *io, struct qcow_header *h, char *err, size_t errlen)
 {
-	return header_read(io, h, true, err, errlen);
+	return header_read(io, h, true, false, err, errlen);
 }
 
-static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only, char *err, size_t errlen)
+static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only, bool like_qemu, char *err, size_t errlen)
 {
 	int ret;
 	uint8_t first[QCOW_V3_NEW_HEADER_LEN];
@@ -139,7 +145,7 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 		if (h->header_length < QCOW_V3_MIN_HEADER_LEN)
 			FAIL(EINVAL, "header_length %u (header offset 100) is too short: version 3 needs at least %u",
 			     h->header_length, QCOW_V3_MIN_HEADER_LEN);
-		if (h->header_length % 8)
+		if (h->header_length % 8 && !like_qemu)
 			FAIL(EINVAL, "header_length %u (header offset 100) is not a multiple of 8", h->header_length);
 		if (h->header_length > cs)
 			FAIL(EINVAL, "header_length %u (header offset 100) exceeds the cluster size %" PRIu64, h->header_length, cs);
@@ -185,13 +191,17 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 	/* header extensions: 8-byte aligned records up to a type-0 terminator */
 	uint64_t ext_end = h->backing_file_offset ? h->backing_file_offset : cs;
 	uint64_t pos = h->header_length;
-	while (pos + 8 <= ext_end) {
+	while (like_qemu ? pos < ext_end : pos + 8 <= ext_end) {
+		/* QEMU checks the unpadded length before it looks at the type */
+		if (like_qemu && (pos + 8 > ext_end || qcow_get_be32(r + pos + 4) > ext_end - pos - 8))
+			FAIL(EINVAL, "header extension at offset %" PRIu64 " runs past the end of the extension area (%" PRIu64 ")",
+			     pos, ext_end);
 		uint32_t type = qcow_get_be32(r + pos);
 		uint32_t len = qcow_get_be32(r + pos + 4);
 		if (type == QCOW_EXT_END)
 			break;
 		uint64_t padded = ((uint64_t)len + 7) & ~7ull;
-		if (pos + 8 + padded > ext_end)
+		if (pos + 8 + padded > ext_end && !like_qemu)
 			FAIL(EINVAL, "header extension 0x%08x at offset %" PRIu64 " with length %u runs past the end of the extension area (%" PRIu64 ")",
 			     type, pos, len, ext_end);
 		if (type == QCOW_EXT_DATA_FILE && !info_only)
@@ -232,30 +242,30 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 		     h->l1_size, h->size, needed);
 	if (h->l1_size) {
 		ret = check_table("l1_table_offset", QH_L1_OFFSET, h->l1_table_offset, (uint64_t)h->l1_size * 8, cs,
-				  h->file_size, err, errlen);
+				  h->file_size, like_qemu, err, errlen);
 		if (ret)
 			goto out;
 	}
-	if (h->refcount_table_clusters == 0)
+	if (h->refcount_table_clusters == 0 && !like_qemu)
 		FAIL(EINVAL, "refcount_table_clusters (header offset 56) is 0: the image has no refcount table");
 	if ((uint64_t)h->refcount_table_clusters * cs > QCOW_MAX_REFTABLE_BYTES)
 		FAIL(EFBIG, "refcount_table_clusters %u (header offset 56) is too large: the table may be at most %u bytes",
 		     h->refcount_table_clusters, QCOW_MAX_REFTABLE_BYTES);
-	ret = check_table("refcount_table_offset", QH_REFTABLE_OFFSET, h->refcount_table_offset,
-			  (uint64_t)h->refcount_table_clusters * cs, cs, h->file_size, err, errlen);
+	ret = !h->refcount_table_clusters ? 0 : check_table("refcount_table_offset", QH_REFTABLE_OFFSET, h->refcount_table_offset,
+			  (uint64_t)h->refcount_table_clusters * cs, cs, h->file_size, like_qemu, err, errlen);
 	if (ret)
 		goto out;
 	if (h->nb_snapshots > QCOW_MAX_SNAPSHOTS)
 		FAIL(EINVAL, "nb_snapshots %u (header offset 60) is too large (at most %u)", h->nb_snapshots, QCOW_MAX_SNAPSHOTS);
 	if (h->nb_snapshots) {
-		ret = check_table("snapshots_offset", QH_SNAPSHOTS_OFFSET, h->snapshots_offset, 1, cs, h->file_size, err, errlen);
+		ret = check_table("snapshots_offset", QH_SNAPSHOTS_OFFSET, h->snapshots_offset, 1, cs, h->file_size, like_qemu, err, errlen);
 		if (ret)
 			goto out;
 	}
 	/* L1 and refcount table must not overlap each other */
 	uint64_t l1_lo = h->l1_table_offset, l1_hi = l1_lo + (uint64_t)h->l1_size * 8;
 	uint64_t rt_lo = h->refcount_table_offset, rt_hi = rt_lo + (uint64_t)h->refcount_table_clusters * cs;
-	if (h->l1_size && l1_lo < rt_hi && rt_lo < l1_hi)
+	if (h->l1_size && l1_lo < rt_hi && rt_lo < l1_hi && !like_qemu)
 		FAIL(EINVAL, "L1 table 0x%" PRIx64 "..0x%" PRIx64 " overlaps the refcount table 0x%" PRIx64 "..0x%" PRIx64,
 		     l1_lo, l1_hi, rt_lo, rt_hi);
 	return 0;

@@ -51,6 +51,11 @@ int qcow_header_read(struct qcow_io *io, struct qcow_header *h, char *err, size_
  * not implement (backing files, extended L2, zstd, ...) are reported in h
  * instead of refused.  For `qcowctl info`, never for opening. */
 int qcow_header_read_info(struct qcow_io *io, struct qcow_header *h, char *err, size_t errlen);
+/* Same as qcow_header_read, but refuses only what QEMU's open refuses:
+ * tables at offset 0, past the end of the file or overlapping each other,
+ * and a header_length that is not a multiple of 8, are left to the
+ * consistency check to count (for qcow_check, never for opening). */
+int qcow_header_read_check(struct qcow_io *io, struct qcow_header *h, char *err, size_t errlen);
 void qcow_header_free(struct qcow_header *h);
 
 /* Patches field bytes [off, off+len) of the raw copy from h and writes them

@@ -182,13 +182,14 @@ static inline uint64_t qcow_now_ms(void)
  * reference.  Used to build the map at open and by qcow_check. */
 enum qcow_ref_kind { QREF_HEADER, QREF_L1, QREF_REFTABLE, QREF_REFBLOCK, QREF_L2, QREF_DATA,
 		     QREF_SNAPSHOT_TABLE, QREF_SNAPSHOT_L1, QREF_SNAPSHOT_L2, QREF_SNAPSHOT_DATA,
-		     QREF_COMPRESSED };
+		     QREF_COMPRESSED, QREF_BITMAP_DIR, QREF_BITMAP_TABLE, QREF_BITMAP_DATA };
+const char *qcow_ref_kind_name(enum qcow_ref_kind k);
 struct qcow_scan_visitor {
 	/* one reference to host cluster c from the slot at byte offset slot
 	 * (0 for header structures); return a negative errno to stop */
 	int (*visit)(void *opaque, enum qcow_ref_kind kind, uint64_t c, uint64_t slot);
 	/* optional: every pointer of the active L1 and L2 tables to an
-	 * allocated cluster, with its COPIED flag (for qcow_check) */
+	 * allocated cluster, with its COPIED flag */
 	int (*copied)(void *opaque, uint64_t c, bool copied_flag, uint64_t slot);
 	void *opaque;
 };
@@ -197,7 +198,15 @@ struct qcow_scan_geometry {
 	const struct qcow_header *hdr;
 	uint64_t file_clusters;      /* clusters the file covers (rounded up) */
 	bool check_mode;             /* report problems and go on instead of stopping */
-	uint64_t problems;
+	/* open mode: corruptions QEMU's check reports but reads past
+	 * (reserved bits, COPIED on a compressed cluster) are warnings, not
+	 * refusals (read-only opens) */
+	bool tolerate_corruption;
+	uint64_t problems;           /* check mode: everything found */
+	uint64_t corruptions;        /* open mode with tolerate_corruption */
+	/* check mode: a refcount-table entry is unaligned (QEMU's check then
+	 * cannot read the refcounts it covers) */
+	bool reftable_unaligned;
 };
 int qcow_scan(struct qcow_scan_geometry *g, const struct qcow_scan_visitor *v, char *err, size_t errlen);
 

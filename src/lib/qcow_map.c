@@ -154,6 +154,30 @@ void qcow_map_free(struct qcow_map *m)
 	memset(m, 0, sizeof(*m));
 }
 
+/* Sizes the entry array and the bitmaps for cap clusters. */
+static int set_capacity(struct qcow_map *m, uint64_t cap)
+{
+	if (cap > m->capacity) {
+		uint64_t *e = qcow_realloc(m->entry, (size_t)cap * sizeof(uint64_t));
+		if (!e)
+			return -ENOMEM;
+		m->entry = e;
+	}
+	uint64_t rb = ((cap ? cap - 1 : 0) >> m->rb_shift) + 1;
+	if (qcow_bitmap_resize(&m->available, cap) || qcow_bitmap_resize(&m->junk, cap) ||
+	    qcow_bitmap_resize(&m->movable, cap) || qcow_bitmap_resize(&m->busy, cap) ||
+	    qcow_bitmap_resize(&m->moving, cap) ||
+	    (rb > m->rc_dirty.nbits && qcow_bitmap_resize(&m->rc_dirty, rb)))
+		return -ENOMEM;
+	if (cap < m->capacity) {
+		uint64_t *e = qcow_realloc(m->entry, (size_t)(cap ? cap : 1) * sizeof(uint64_t));
+		if (e)
+			m->entry = e;   /* a failed shrink keeps the bigger array */
+	}
+	m->capacity = cap;
+	return 0;
+}
+
 int qcow_map_resize(struct qcow_map *m, uint64_t n)
 {
 	uint64_t old = m->nclusters;
@@ -162,27 +186,32 @@ int qcow_map_resize(struct qcow_map *m, uint64_t n)
 		if (!is_free_state(s))
 			return -EBUSY;
 	}
-	/* dropped clusters leave the bitmaps clean (not a state change of a
-	 * cluster that stays: unchecked) */
+	/* dropped clusters leave every bitmap clear: the arrays may stay
+	 * (not a state change of a cluster that stays: unchecked) */
 	bool check = m->check_transitions;
 	m->check_transitions = false;
-	for (uint64_t c = n; c < old; c++)
+	for (uint64_t c = n; c < old; c++) {
 		map_put(m, c, encode_state(QCS_AVAILABLE));
+		qcow_bitmap_clear(&m->available, c);
+	}
 	m->check_transitions = check;
 	m->count[QCS_AVAILABLE] -= old > n ? old - n : 0;
-	if (n > old) {
-		uint64_t *e = qcow_realloc(m->entry, (size_t)n * sizeof(uint64_t));
-		if (!e)
-			return -ENOMEM;
-		m->entry = e;
+	if (n < old)
+		m->nclusters = n;
+	/* Capacity grows by half again so that a map grown one cluster at a
+	 * time (the open's scan, file growth) costs amortised O(1) per
+	 * cluster; it shrinks only when less than half of it is used. */
+	uint64_t cap = m->capacity;
+	if (n > cap)
+		cap = n > cap + cap / 2 ? n : cap + cap / 2;
+	else if (n < cap / 2)
+		cap = n;
+	if (cap != m->capacity) {
+		int ret = set_capacity(m, cap);
+		if (ret)
+			return ret;
 	}
-	uint64_t rb = ((n ? n - 1 : 0) >> m->rb_shift) + 1;
-	if (qcow_bitmap_resize(&m->available, n) || qcow_bitmap_resize(&m->junk, n) ||
-	    qcow_bitmap_resize(&m->movable, n) || qcow_bitmap_resize(&m->busy, n) ||
-	    qcow_bitmap_resize(&m->moving, n) ||
-	    (rb > m->rc_dirty.nbits && qcow_bitmap_resize(&m->rc_dirty, rb)))
-		return -ENOMEM;
-	m->nclusters = n;
+	m->nclusters = n > old ? n : m->nclusters;
 	for (uint64_t c = old; c < n; c++) {
 		m->entry[c] = encode_state(QCS_AVAILABLE);
 		qcow_bitmap_set(&m->available, c);
@@ -429,7 +458,7 @@ void qcow_map_summary(const struct qcow_map *m, char *buf, size_t len)
 
 uint64_t qcow_map_memory(const struct qcow_map *m)
 {
-	uint64_t words0 = (m->nclusters + 63) / 64;
+	uint64_t words0 = (m->capacity + 63) / 64;
 	uint64_t bitmap_bytes = (words0 + words0 / 64 + 2) * 8;
-	return m->nclusters * 8 + 5 * bitmap_bytes + m->nmoves_cap * sizeof(struct qcow_move);
+	return m->capacity * 8 + 5 * bitmap_bytes + m->nmoves_cap * sizeof(struct qcow_move);
 }

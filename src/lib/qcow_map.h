@@ -53,6 +53,7 @@ struct qcow_move {
 
 struct qcow_map {
 	uint64_t nclusters;
+	uint64_t capacity;        /* clusters the entry array and bitmaps hold */
 	uint64_t first_movable;   /* clusters below never move */
 	uint64_t *entry;
 	struct qcow_bitmap available, junk, movable, busy, moving;
@@ -70,7 +71,9 @@ struct qcow_map {
 int qcow_map_init(struct qcow_map *m, uint64_t nclusters, unsigned rb_shift);
 void qcow_map_free(struct qcow_map *m);
 /* Grows (new clusters Available: a grown file tail reads zero) or shrinks
- * (every dropped cluster must be Junk, Erased or Available). */
+ * (every dropped cluster must be Junk, Erased or Available).  The arrays
+ * have a capacity that grows geometrically, so growing one cluster at a
+ * time is cheap; memory follows the clusters in the map, not the file. */
 int qcow_map_resize(struct qcow_map *m, uint64_t nclusters);
 
 enum qcow_cstate qcow_map_state(const struct qcow_map *m, uint64_t c);

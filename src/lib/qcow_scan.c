@@ -11,6 +11,17 @@
  * L1 table, as QEMU counts it.  In check_mode problems are logged and
  * counted and the walk goes on; otherwise the first one stops it with a
  * message naming the structure, the index and the offsets.
+ * What counts as a problem follows qemu-img check (QEMU's check_refcounts_l1,
+ * check_refcounts_l2, check_refblocks and its bitmap walk): reserved bits
+ * in L1, L2 and refcount-table entries, COPIED on a compressed cluster, an
+ * L1 entry with flags but no table, references one cluster or more past the
+ * end of the file.  Those QEMU reads past ("corruptions") stop only a
+ * read-write open (tolerate_corruption lets a read-only open go on).
+ * Bitmap structures (directory, tables, data) are references only while
+ * the bitmaps autoclear bit says they are consistent, as in QEMU.  What
+ * makes QEMU's open or check fail (a failed read, an invalid bitmap
+ * directory or table entry) stops the walk in every mode, so qcow_check
+ * then reports "could not check" as qemu-img check does.
  */
 #include "config.h"
 #include "qcow_internal.h"
@@ -48,14 +59,79 @@ static int problem(struct walk *w, int e, const char *fmt, ...)
 	return -e;
 }
 
+/* A read that fails stops every mode: QEMU's check fails then too. */
+static int io_failed(struct walk *w, int e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int io_failed(struct walk *w, int e, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	qcow_set_error(w->err, w->errlen, "%s", msg);
+	return -e;
+}
+
+/* A corruption QEMU's check counts but its reads get past: counted in
+ * check mode, a warning when tolerated, else it stops the open. */
+static int corrupt(struct walk *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int corrupt(struct walk *w, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (w->g->check_mode) {
+		w->g->problems++;
+		qcow_logf(QCOW_LOG_ERROR, "ERROR %s", msg);
+		return 0;
+	}
+	if (w->g->tolerate_corruption) {
+		if (w->g->corruptions++ < 8)
+			qcow_logf(QCOW_LOG_WARNING, "%s (read-only: ignored)", msg);
+		return 0;
+	}
+	qcow_set_error(w->err, w->errlen, "%s; the image is corrupt (qemu-img check reports it): "
+		       "repair it with 'qemu-img check -r all' or open it read-only", msg);
+	return -EINVAL;
+}
+
+const char *qcow_ref_kind_name(enum qcow_ref_kind k)
+{
+	switch (k) {
+	case QREF_HEADER: return "image header";
+	case QREF_L1: return "L1 table";
+	case QREF_REFTABLE: return "refcount table";
+	case QREF_REFBLOCK: return "refcount block";
+	case QREF_L2: return "L2 table";
+	case QREF_DATA: return "data cluster";
+	case QREF_SNAPSHOT_TABLE: return "snapshot table";
+	case QREF_SNAPSHOT_L1: return "snapshot L1 table";
+	case QREF_SNAPSHOT_L2: return "snapshot L2 table";
+	case QREF_SNAPSHOT_DATA: return "snapshot data cluster";
+	case QREF_COMPRESSED: return "compressed cluster";
+	case QREF_BITMAP_DIR: return "bitmap directory";
+	case QREF_BITMAP_TABLE: return "bitmap table";
+	case QREF_BITMAP_DATA: return "bitmap data cluster";
+	}
+	return "?";
+}
+
 static int visit(struct walk *w, enum qcow_ref_kind kind, uint64_t c, uint64_t slot)
 {
 	return w->v->visit(w->v->opaque, kind, c, slot);
 }
 
-/* Visits every cluster of a table of len bytes at off. */
+/* Visits every cluster of a table of len bytes at off.  Like QEMU, a
+ * table may run into the last, partial cluster of the file, but one that
+ * ends a whole cluster or more past the end is a corruption and is not
+ * counted. */
 static int visit_table(struct walk *w, enum qcow_ref_kind kind, uint64_t off, uint64_t len)
 {
+	if (len && off + len >= w->g->hdr->file_size + w->cs)
+		return corrupt(w, "%s at offset 0x%" PRIx64 " with %" PRIu64 " bytes ends a cluster or more past the end of the file (%" PRIu64 " bytes)",
+			       qcow_ref_kind_name(kind), off, len, w->g->hdr->file_size);
 	for (uint64_t c = off >> w->cb; len && c <= (off + len - 1) >> w->cb; c++) {
 		int ret = visit(w, kind, c, 0);
 		if (ret)
@@ -80,12 +156,16 @@ static int check_pointer(struct walk *w, const char *what, uint64_t target, uint
 	return 1;
 }
 
+#define L1E_RESERVED 0x7f000000000001ffull
+#define L2E_STD_RESERVED 0x3f000000000001feull
+#define REFT_RESERVED 0x1ffull
+
 static int walk_l2(struct walk *w, uint64_t l2_off, bool snapshot, uint8_t *buf)
 {
 	const struct qcow_header *h = w->g->hdr;
 	int ret = w->g->io->ops->pread(w->g->io, buf, w->cs, l2_off);
 	if (ret < 0)
-		return problem(w, -ret, "cannot read L2 table at 0x%" PRIx64 ": %s", l2_off, strerror(-ret));
+		return io_failed(w, -ret, "cannot read L2 table at 0x%" PRIx64 ": %s", l2_off, strerror(-ret));
 	uint64_t n = w->cs / 8;
 	unsigned x = 62 - (w->cb - 8);
 	for (uint64_t j = 0; j < n; j++) {
@@ -97,26 +177,40 @@ static int walk_l2(struct walk *w, uint64_t l2_off, bool snapshot, uint8_t *buf)
 			uint64_t off = e & ((1ull << x) - 1);
 			uint64_t sectors = ((e >> x) & ((1ull << (w->cb - 8)) - 1)) + 1;
 			uint64_t end = (off & ~511ull) + sectors * 512;
-			if (end > w->g->hdr->file_size + w->cs || off == 0) {
+			if (e & QCOW_OFLAG_COPIED) {
+				ret = corrupt(w, "compressed cluster at L2 offset 0x%" PRIx64 " (entry 0x%" PRIx64 ") has the COPIED flag",
+					      slot, e);
+				if (ret)
+					return ret;
+			}
+			if (end >= w->g->hdr->file_size + w->cs || off == 0) {
 				ret = problem(w, EINVAL, "compressed cluster at L2 offset 0x%" PRIx64 " lies outside the file (0x%" PRIx64 "..0x%" PRIx64 ")",
 					      slot, off, end);
 				if (ret)
 					return ret;
 				continue;
 			}
+			/* a stream may run into the cluster after the end of the
+			 * file (it reads as zeros there): QEMU counts it */
 			for (uint64_t c = off >> w->cb; c <= (end - 1) >> w->cb; c++) {
-				if (c >= w->g->file_clusters)
-					break;
 				ret = visit(w, QREF_COMPRESSED, c, slot);
 				if (ret)
 					return ret;
 			}
 			continue;
 		}
+		if (e & L2E_STD_RESERVED) {
+			ret = corrupt(w, "%sL2 entry at offset 0x%" PRIx64 " has reserved bits set (0x%" PRIx64 ")",
+				      snapshot ? "snapshot " : "", slot, e);
+			if (ret)
+				return ret;
+		}
 		uint64_t target = e & QCOW_L2E_OFFSET_MASK;
 		if (!target)
 			continue;   /* unallocated or plain zero cluster */
-		if (h->version < 3 && (e & QCOW_OFLAG_ZERO)) {
+		if (h->version < 3 && (e & QCOW_OFLAG_ZERO) && !w->g->check_mode) {
+			/* QEMU reads it as zeros, this engine's v2 reader would
+			 * not: refuse rather than disagree (check: not an error) */
 			ret = problem(w, EINVAL, "L2 entry at offset 0x%" PRIx64 " has the zero flag in a version 2 image", slot);
 			if (ret)
 				return ret;
@@ -144,15 +238,30 @@ static int walk_l1(struct walk *w, uint64_t l1_off, uint64_t entries, bool snaps
 		return -ENOMEM;
 	int ret = entries ? w->g->io->ops->pread(w->g->io, l1, bytes, l1_off) : 0;
 	if (ret < 0) {
-		ret = problem(w, -ret, "cannot read L1 table at 0x%" PRIx64 ": %s", l1_off, strerror(-ret));
+		ret = io_failed(w, -ret, "cannot read L1 table at 0x%" PRIx64 ": %s", l1_off, strerror(-ret));
 		goto out;
 	}
 	for (uint64_t i = 0; i < entries; i++) {
 		uint64_t e = qcow_get_be64(l1 + i * 8);
 		uint64_t slot = l1_off + i * 8;
 		uint64_t target = e & QCOW_L1E_OFFSET_MASK;
-		if (!target)
+		if (!e)
 			continue;
+		if (e & L1E_RESERVED) {
+			ret = corrupt(w, "%sL1 entry at offset 0x%" PRIx64 " has reserved bits set (0x%" PRIx64 ")",
+				      snapshot ? "snapshot " : "", slot, e);
+			if (ret)
+				goto out;
+		}
+		if (!target) {
+			/* QEMU would count (and walk) the image header as an L2
+			 * table here */
+			ret = corrupt(w, "%sL1 entry at offset 0x%" PRIx64 " (0x%" PRIx64 ") has flags but no L2 table offset",
+				      snapshot ? "snapshot " : "", slot, e);
+			if (ret)
+				goto out;
+			continue;
+		}
 		ret = check_pointer(w, snapshot ? "snapshot L1 entry" : "L1 entry", target, slot);
 		if (ret <= 0) {
 			if (ret)
@@ -181,15 +290,22 @@ out:
 struct snapshot_l1 {
 	uint64_t offset;
 	uint32_t entries;
+	bool skip;           /* invalid (check mode): counted as a corruption, not walked */
 };
 
 /* Reads and validates the snapshot table: each snapshot's L1 location,
- * and in *table_len the bytes up to the end of its last entry. */
-static int read_snapshot_table(struct qcow_io *io, const struct qcow_header *h, uint64_t file_size,
-			       struct snapshot_l1 **out, uint64_t *table_len, char *err, size_t errlen)
+ * and in *table_len the bytes up to the end of its last entry.  In check
+ * mode, like QEMU's check, an L1 table that is unaligned or too large is
+ * a corruption and not walked, and one at offset 0 or past the end of
+ * the file is counted (and found wrong) like any other reference. */
+static int read_snapshot_table(struct walk *w, struct snapshot_l1 **out, uint64_t *table_len)
 {
+	const struct qcow_header *h = w->g->hdr;
+	struct qcow_io *io = w->g->io;
+	uint64_t file_size = h->file_size;
 	uint64_t cs = 1ull << h->cluster_bits;
 	uint64_t pos = h->snapshots_offset;
+	bool check = w->g->check_mode;
 	*out = NULL;
 	*table_len = 0;
 	if (!h->nb_snapshots)
@@ -197,35 +313,169 @@ static int read_snapshot_table(struct qcow_io *io, const struct qcow_header *h, 
 	struct snapshot_l1 *s = qcow_calloc(h->nb_snapshots, sizeof(*s));
 	if (!s)
 		return -ENOMEM;
+	int ret = 0;
 	for (uint32_t i = 0; i < h->nb_snapshots; i++) {
 		uint8_t e[40];
-		int ret = io->ops->pread(io, e, sizeof(e), pos);
+		ret = io->ops->pread(io, e, sizeof(e), pos);
 		if (ret < 0) {
-			qcow_free(s);
-			qcow_set_error(err, errlen, "cannot read snapshot %u at 0x%" PRIx64 ": %s", i, pos, strerror(-ret));
-			return ret;
+			qcow_set_error(w->err, w->errlen, "cannot read snapshot %u at 0x%" PRIx64 ": %s", i, pos, strerror(-ret));
+			goto fail;
 		}
 		s[i].offset = qcow_get_be64(e);
 		s[i].entries = qcow_get_be32(e + 8);
 		uint32_t id_len = qcow_get_be16(e + 12), name_len = qcow_get_be16(e + 14);
 		uint32_t extra = qcow_get_be32(e + 36);
-		if (extra > 1024 || pos >= file_size) {
-			qcow_free(s);
-			qcow_set_error(err, errlen, "snapshot table entry %u at offset 0x%" PRIx64 " is invalid (extra data size %u)", i, pos, extra);
-			return -EINVAL;
+		if (extra > 1024 || (pos >= file_size && !check)) {
+			qcow_set_error(w->err, w->errlen, "snapshot table entry %u at offset 0x%" PRIx64 " is invalid (extra data size %u)", i, pos, extra);
+			ret = -EINVAL;
+			goto fail;
 		}
-		if ((s[i].offset & (cs - 1)) || (s[i].entries && s[i].offset == 0) || (uint64_t)s[i].entries * 8 > QCOW_MAX_L1_BYTES ||
-		    (s[i].entries && s[i].offset >= file_size)) {
-			qcow_set_error(err, errlen, "snapshot %u (table entry at 0x%" PRIx64 ") has an invalid L1 table 0x%" PRIx64 " with %u entries",
+		if (h->version >= 3 && extra < 16) {
+			/* version 3 snapshots carry the 64-bit VM state size and
+			 * the disk size */
+			ret = corrupt(w, "snapshot table entry %u at offset 0x%" PRIx64 " is incomplete (extra data size %u, needs 16)",
+				      i, pos, extra);
+			if (ret)
+				goto fail;
+		}
+		bool bad_shape = (s[i].offset & (cs - 1)) || (uint64_t)s[i].entries * 8 > QCOW_MAX_L1_BYTES;
+		bool missing = s[i].entries && (s[i].offset == 0 || s[i].offset >= file_size);
+		if (bad_shape && check) {
+			ret = corrupt(w, "snapshot %u (table entry at 0x%" PRIx64 ") has an invalid L1 table 0x%" PRIx64 " with %u entries",
+				      i, pos, s[i].offset, s[i].entries);
+			s[i].skip = true;
+		} else if (bad_shape || (missing && !check)) {
+			qcow_set_error(w->err, w->errlen, "snapshot %u (table entry at 0x%" PRIx64 ") has an invalid L1 table 0x%" PRIx64 " with %u entries",
 				       i, pos, s[i].offset, s[i].entries);
-			qcow_free(s);
-			return -EINVAL;
+			ret = -EINVAL;
+			goto fail;
 		}
 		pos += (40 + (uint64_t)extra + id_len + name_len + 7) & ~7ull;
 	}
 	*out = s;
 	*table_len = pos - h->snapshots_offset;
 	return 0;
+fail:
+	qcow_free(s);
+	return ret;
+}
+
+/* The bitmaps header extension (qcow2 spec, "Bitmaps extension"): 4 bytes
+ * nb_bitmaps, 4 reserved, 8 directory size, 8 directory offset.  Returns 1
+ * and fills the fields when it is present. */
+static int find_bitmaps_ext(const struct qcow_header *h, uint32_t *nb, uint64_t *dir_size, uint64_t *dir_off, uint64_t *pos_out)
+{
+	uint64_t end = h->backing_file_offset ? h->backing_file_offset : h->raw_len;
+	uint64_t pos = h->version >= 3 ? h->header_length : QCOW_V2_HEADER_LEN;
+	while (pos + 8 <= end && pos + 8 <= h->raw_len) {
+		uint32_t type = qcow_get_be32(h->raw + pos), len = qcow_get_be32(h->raw + pos + 4);
+		if (type == QCOW_EXT_END)
+			break;
+		if (type == QCOW_EXT_BITMAPS && len >= 24 && pos + 8 + 24 <= h->raw_len) {
+			const uint8_t *p = h->raw + pos + 8;
+			*nb = qcow_get_be32(p);
+			*dir_size = qcow_get_be64(p + 8);
+			*dir_off = qcow_get_be64(p + 16);
+			*pos_out = pos;
+			return 1;
+		}
+		pos += 8 + (((uint64_t)len + 7) & ~7ull);
+	}
+	return 0;
+}
+
+/* Bitmap directory, tables and data clusters, counted as QEMU counts them
+ * (only while autoclear bit 0 says the bitmaps are consistent). */
+static int walk_bitmaps(struct walk *w, uint8_t *clusterbuf)
+{
+	const struct qcow_header *h = w->g->hdr;
+	uint32_t nb;
+	uint64_t dir_size, dir_off, ext_pos;
+	uint8_t *dir = NULL;
+	int ret = 0;
+	(void)clusterbuf;
+	if (!(h->autoclear_features & 1) || !find_bitmaps_ext(h, &nb, &dir_size, &dir_off, &ext_pos))
+		return 0;
+	if (nb == 0 || nb > 65535 || (dir_off & (w->cs - 1)) || dir_size > (64u << 20) || dir_size == 0)
+		return problem(w, EINVAL, "bitmaps extension at header offset %" PRIu64 " is invalid (%u bitmaps, directory 0x%" PRIx64 ", %" PRIu64 " bytes)",
+			       ext_pos, nb, dir_off, dir_size);
+	if (dir_off + dir_size > h->file_size + w->cs)
+		return problem(w, EINVAL, "bitmap directory 0x%" PRIx64 " (%" PRIu64 " bytes) lies past the end of the file", dir_off, dir_size);
+	ret = visit_table(w, QREF_BITMAP_DIR, dir_off, dir_size);
+	if (ret)
+		return ret;
+	dir = qcow_calloc(1, dir_size);
+	if (!dir)
+		return -ENOMEM;
+	ret = w->g->io->ops->pread(w->g->io, dir, dir_size, dir_off);
+	if (ret < 0) {
+		ret = io_failed(w, -ret, "cannot read the bitmap directory at 0x%" PRIx64 ": %s", dir_off, strerror(-ret));
+		goto out;
+	}
+	uint64_t pos = 0;
+	for (uint32_t i = 0; i < nb; i++) {
+		if (pos + 24 > dir_size) {
+			ret = problem(w, EINVAL, "bitmap directory at 0x%" PRIx64 " ends inside entry %u", dir_off, i);
+			goto out;
+		}
+		const uint8_t *d = dir + pos;
+		uint64_t table_off = qcow_get_be64(d);
+		uint32_t table_size = qcow_get_be32(d + 8), flags = qcow_get_be32(d + 12);
+		uint32_t name_size = qcow_get_be16(d + 18), extra = qcow_get_be32(d + 20);
+		unsigned type = d[16], gran = d[17];
+		uint64_t entry_pos = dir_off + pos;
+		pos += (24 + (uint64_t)extra + name_size + 7) & ~7ull;
+		/* QEMU loads every bitmap at open and refuses the image when an
+		 * entry breaks the format's constraints (reserved flags, type,
+		 * granularity 9..31, table placement and size) or the table
+		 * does not fit the disk size in whole sectors */
+		uint64_t bits = gran < 9 || gran > 31 ? 0 : (((h->size & ~511ull) + (1ull << gran) - 1) >> gran);
+		uint64_t want = (((bits + 7) / 8) + w->cs - 1) / w->cs;
+		if (table_size == 0 || table_off == 0 || (table_off & (w->cs - 1)) || table_size > 0x8000000u ||
+		    gran < 9 || gran > 31 || (flags & ~3u) || name_size > 1023 || type != 1 ||
+		    (uint64_t)table_size * w->cs > (512ull << 20) || want != table_size) {
+			qcow_set_error(w->err, w->errlen, "bitmap %u (directory entry at 0x%" PRIx64 ") is invalid: table 0x%" PRIx64 " with %u entries "
+				       "(%" PRIu64 " needed for %" PRIu64 " bytes), flags 0x%x, type %u, granularity bits %u",
+				       i, entry_pos, table_off, table_size, want, h->size, flags, type, gran);
+			ret = -EINVAL;
+			goto out;
+		}
+		ret = visit_table(w, QREF_BITMAP_TABLE, table_off, (uint64_t)table_size * 8);
+		if (ret)
+			goto out;
+		for (uint64_t k = 0; k < table_size; k++) {
+			uint8_t be[8];
+			uint64_t slot = table_off + k * 8;
+			ret = w->g->io->ops->pread(w->g->io, be, 8, slot);
+			if (ret < 0) {
+				ret = io_failed(w, -ret, "cannot read bitmap table entry at 0x%" PRIx64 ": %s", slot, strerror(-ret));
+				goto out;
+			}
+			uint64_t e = qcow_get_be64(be), target = e & QCOW_L2E_OFFSET_MASK;
+			if ((e & 0xff000000000001feull) || (target && ((e & 1) || (target & (w->cs - 1))))) {
+				/* QEMU loads every bitmap table at open and refuses
+				 * the image */
+				qcow_set_error(w->err, w->errlen, "bitmap table entry at offset 0x%" PRIx64 " is invalid (0x%" PRIx64 ")", slot, e);
+				ret = -EINVAL;
+				goto out;
+			}
+			if (!target)
+				continue;
+			ret = check_pointer(w, "bitmap table entry", target, slot);
+			if (ret <= 0) {
+				if (ret)
+					goto out;
+				continue;
+			}
+			ret = visit(w, QREF_BITMAP_DATA, target >> w->cb, slot);
+			if (ret)
+				goto out;
+		}
+	}
+	ret = 0;
+out:
+	qcow_free(dir);
+	return ret;
 }
 
 int qcow_scan(struct qcow_scan_geometry *g, const struct qcow_scan_visitor *v, char *err, size_t errlen)
@@ -247,27 +497,28 @@ int qcow_scan(struct qcow_scan_geometry *g, const struct qcow_scan_visitor *v, c
 		goto out;
 	if (h->nb_snapshots) {
 		uint64_t table_len;
-		ret = read_snapshot_table(g->io, h, h->file_size, &snaps, &table_len, err, errlen);
+		ret = read_snapshot_table(&w, &snaps, &table_len);
 		if (ret)
 			goto out;
 		ret = visit_table(&w, QREF_SNAPSHOT_TABLE, h->snapshots_offset, table_len);
 		for (uint32_t i = 0; !ret && i < h->nb_snapshots; i++)
-			ret = visit_table(&w, QREF_SNAPSHOT_L1, snaps[i].offset, (uint64_t)snaps[i].entries * 8);
+			if (!snaps[i].skip)
+				ret = visit_table(&w, QREF_SNAPSHOT_L1, snaps[i].offset, (uint64_t)snaps[i].entries * 8);
 		if (ret)
 			goto out;
 	}
 
 	/* refcount table -> refcount blocks */
 	uint64_t rt_bytes = (uint64_t)h->refcount_table_clusters * w.cs;
-	buf = qcow_malloc(rt_bytes);
+	buf = qcow_malloc(rt_bytes ? rt_bytes : 8);
 	l2buf = qcow_malloc(w.cs);
 	if (!buf || !l2buf) {
 		ret = -ENOMEM;
 		goto out;
 	}
-	ret = g->io->ops->pread(g->io, buf, rt_bytes, h->refcount_table_offset);
+	ret = rt_bytes ? g->io->ops->pread(g->io, buf, rt_bytes, h->refcount_table_offset) : 0;
 	if (ret < 0) {
-		ret = problem(&w, -ret, "cannot read the refcount table: %s", strerror(-ret));
+		ret = io_failed(&w, -ret, "cannot read the refcount table: %s", strerror(-ret));
 		goto out;
 	}
 	for (uint64_t i = 0; i < rt_bytes / 8; i++) {
@@ -275,19 +526,42 @@ int qcow_scan(struct qcow_scan_geometry *g, const struct qcow_scan_visitor *v, c
 		uint64_t slot = h->refcount_table_offset + i * 8;
 		if (!e)
 			continue;
-		ret = check_pointer(&w, "refcount table entry", e & QCOW_REFT_OFFSET_MASK, slot);
-		if (ret < 0)
-			goto out;
-		if (ret == 0)
+		if (e & REFT_RESERVED) {
+			ret = corrupt(&w, "refcount table entry %" PRIu64 " at offset 0x%" PRIx64 " has reserved bits set (0x%" PRIx64 ")",
+				      i, slot, e);
+			if (ret)
+				goto out;
+		}
+		uint64_t target = e & QCOW_REFT_OFFSET_MASK;
+		if (!target)
+			continue;   /* QEMU: no block */
+		if (target & (w.cs - 1)) {
+			g->reftable_unaligned = true;
+			ret = corrupt(&w, "refcount table entry %" PRIu64 " at offset 0x%" PRIx64 " points to unaligned offset 0x%" PRIx64,
+				      i, slot, target);
+			if (ret)
+				goto out;
 			continue;
-		ret = visit(&w, QREF_REFBLOCK, e >> w.cb, slot);
+		}
+		if ((target >> w.cb) >= g->file_clusters) {
+			ret = corrupt(&w, "refcount table entry %" PRIu64 " at offset 0x%" PRIx64 " points to 0x%" PRIx64 ", past the end of the file (%" PRIu64 " bytes)",
+				      i, slot, target, h->file_size);
+			if (ret)
+				goto out;
+			continue;
+		}
+		ret = visit(&w, QREF_REFBLOCK, target >> w.cb, slot);
 		if (ret)
 			goto out;
 	}
 
+	ret = walk_bitmaps(&w, l2buf);
+	if (ret)
+		goto out;
 	ret = walk_l1(&w, h->l1_table_offset, h->l1_size, false, l2buf);
 	for (uint32_t i = 0; !ret && i < h->nb_snapshots; i++)
-		ret = walk_l1(&w, snaps[i].offset, snaps[i].entries, true, l2buf);
+		if (!snaps[i].skip)
+			ret = walk_l1(&w, snaps[i].offset, snaps[i].entries, true, l2buf);
 out:
 	qcow_free(snaps);
 	qcow_free(buf);
