@@ -744,8 +744,11 @@ static void find_blocker(struct qcow_image *img)
 		img->blocker_cluster = 0;
 		img->blocker[0] = '\0';
 	}
+	/* the same cluster again (a steady writer on a pinned image): its
+	 * description stands, spare the metadata walk */
+	bool known = found && found == img->blocker_cluster && img->blocker[0];
 	pthread_mutex_unlock(&img->lock);
-	if (!found)
+	if (!found || known)
 		return;
 	char text[sizeof(img->blocker)];
 	describe_cluster(img, found, text, sizeof(text));
@@ -1129,7 +1132,9 @@ int qcow_image_compact(struct qcow_image *img, void (*progress)(double, void *),
 	uint64_t gen = img->compact_generation;
 	img->compact_requested = true;
 	pthread_cond_broadcast(&img->recycler_wake);
-	while (img->compact_generation == gen && img->recycler_running) {
+	/* a pass that was running when we asked ends with our request still
+	 * pending: wait for the pass that took it */
+	while ((img->compact_generation == gen || img->compact_requested) && img->recycler_running) {
 		qcow_cond_wait_ms(&img->compact_done, &img->lock, 200);
 		double p = img->compacting ? img->compact_progress : 0;
 		pthread_mutex_unlock(&img->lock);

@@ -348,8 +348,20 @@ static void idle_image(const char *path, const char *what, const char *blocker_p
 	      (unsigned long long)st.min_file_size, (unsigned long long)st.file_size);
 	CHECK(strncmp(st.blocker, blocker_prefix, strlen(blocker_prefix)) == 0, "%s: blocker \"%s\", want \"%s...\"", what,
 	      st.blocker, blocker_prefix);
-	/* a change wakes it: discarding the pinned data lets the file shrink */
 	CHECK(qcow_image_close(img) == 0, "%s: close", what);
+
+	/* offline (qcowctl compact): the pass ends and says the same */
+	o.recycler = false;
+	ret = qcow_image_open(path, &o, &img, err, sizeof(err));
+	REQUIRE(ret == 0, "%s: open offline: %s", what, err);
+	CHECK(qcow_image_compact(img, NULL, NULL) == 0, "%s: offline compaction", what);
+	stats(img, &st);
+	CHECK(st.compactions_done == 1 && st.compactions_failed == 0, "%s: offline: %llu done, %llu failed", what,
+	      (unsigned long long)st.compactions_done, (unsigned long long)st.compactions_failed);
+	CHECK(strncmp(st.blocker, blocker_prefix, strlen(blocker_prefix)) == 0 && st.min_file_size < st.file_size,
+	      "%s: offline: blocker \"%s\", min %llu, file %llu", what, st.blocker, (unsigned long long)st.min_file_size,
+	      (unsigned long long)st.file_size);
+	CHECK(qcow_image_close(img) == 0, "%s: close offline", what);
 	char cmd[512];
 	snprintf(cmd, sizeof(cmd), "qemu-img check -q -f qcow2 '%s' >/dev/null 2>&1", path);
 	CHECK(system(cmd) == 0, "%s: qemu-img check is not clean after close", what);
