@@ -201,7 +201,10 @@ static int truncate_after(struct qcow_image *img, bool only_available)
 				if (qcow_map_state(&img->map, c) == QCS_AVAILABLE)
 					qcow_map_set_state(&img->map, c, QCS_JUNK);
 		pthread_mutex_unlock(&img->lock);
-		qcow_logf(QCOW_LOG_ERROR, "%s: truncating to %" PRIu64 " bytes failed: %s", img->io->name, new_size, strerror(-ret));
+		/* the automatic trim notes its errors (once each) itself */
+		if (!only_available)
+			qcow_logf(QCOW_LOG_ERROR, "%s: truncating to %" PRIu64 " bytes failed: %s", img->io->name, new_size,
+				  strerror(-ret));
 		return ret;
 	}
 	return 1;
