@@ -889,8 +889,11 @@ static enum recycle_action auto_action(struct qcow_image *img, uint64_t now, uns
 	if (!img->opts.compact)
 		return ACT_NONE;
 	unsigned quiet = img->opts.compact_quiet_ms ? img->opts.compact_quiet_ms : QCOW_DEFAULT_QUIET_MS;
-	if (now - img->last_discard_ms < quiet) {
-		uint64_t left = quiet - (now - img->last_discard_ms);
+	uint64_t last = img->last_discard_ms;
+	if (last > now)   /* a discard since we read the clock */
+		last = now;
+	if (now - last < quiet) {
+		uint64_t left = quiet - (now - last);
 		if (left < *wait_ms)
 			*wait_ms = (unsigned)left;
 		return ACT_NONE;
