@@ -132,12 +132,15 @@ struct qcow_stats {
 	/* errors and compaction outcome */
 	int last_error;                /* negative errno of the background error not yet
 	                                  recovered from (0: none; cleared by the next
-	                                  successful flush) */
+	                                  successful flush, or for a failed compaction
+	                                  pass by the next pass that works) */
 	bool failed;                   /* the engine could not be sure of its state after
 	                                  an I/O error: writes return -EIO until the image
 	                                  is opened again, and close reports the error */
 	uint64_t compactions_failed;   /* compaction passes that ended in an error */
-	uint64_t min_file_size;        /* the file size compaction could reach now (bytes) */
+	uint64_t min_file_size;        /* bytes in use (clusters referenced or being
+	                                  allocated): the size a perfect compaction, or
+	                                  qemu-img convert of the same clusters, gives */
 	char blocker[160];             /* why the file cannot get below its current size,
 	                                  when it is above min_file_size ("" otherwise) */
 };

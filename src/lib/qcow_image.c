@@ -744,4 +744,5 @@ void qcow_image_get_stats(struct qcow_image *img, struct qcow_stats *st)
 	st->read_only = img->read_only;
 	pthread_mutex_unlock(&img->lock);
 	qcow_health_get(img, &st->last_error, &st->failed);
+	qcow_compact_outcome(img, st);
 }

@@ -127,6 +127,12 @@ struct qcow_image {
 	double compact_progress;
 	uint64_t compact_generation;     /* bumped when a requested pass ends */
 	uint64_t last_discard_ms;
+	uint64_t compactions_failed;     /* passes that ended in an error */
+	int last_compact_ret;            /* result of the last pass (0 or -errno) */
+	/* what holds the file above its minimum, found by the last pass
+	 * (qcow_recycler.c); blocker_cluster 0: nothing known */
+	uint64_t blocker_cluster;
+	char blocker[160];
 	/* health (qcow_health.c, under err_lock) */
 	pthread_mutex_t err_lock;
 	int last_error;                  /* background error not yet cleared by a flush */
@@ -326,6 +332,10 @@ int qcow_compact_run(struct qcow_image *img, void (*progress)(double, void *), v
 void qcow_retire_moves(struct qcow_image *img);
 /* truncates the file after the last block; flush_lock held */
 int qcow_truncate_tail(struct qcow_image *img);
+/* Fills the compaction-outcome fields of st (compactions_failed,
+ * min_file_size, blocker) and reports a failing pass in last_error; takes
+ * img->lock (qcow_image_get_stats, after qcow_health_get). */
+void qcow_compact_outcome(struct qcow_image *img, struct qcow_stats *st);
 
 /* qcow_lock.c is declared in qcow_lock.h */
 

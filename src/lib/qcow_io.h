@@ -11,7 +11,9 @@
  *  - flush is a barrier: writes before it are durable when it returns.
  *  - punch makes a range read zeros and may free its space; -EOPNOTSUPP when
  *    the backend cannot (then the caller writes zeros).
- *  - copy copies within the file (copy_file_range where it works).
+ *  - copy copies within the file (copy_file_range where it works).  The
+ *    destination must already read zeros (the compactor copies into
+ *    Available clusters only): a backend may skip the source's holes.
  *  - Calls may come from many threads at once.
  */
 #ifndef QCOW_IO_H

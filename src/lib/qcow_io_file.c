@@ -98,12 +98,11 @@ static int64_t file_allocated(struct qcow_io *io)
 	return (int64_t)st.st_blocks * 512;
 }
 
-/* Copies with copy_file_range (a reflink on XFS/btrfs, an in-kernel copy
- * elsewhere); falls back to a bounce buffer when the kernel or file system
- * refuses. */
-static int file_copy(struct qcow_io *io, uint64_t src, uint64_t dst, uint64_t len)
+/* Copies one range that holds data, with copy_file_range (a reflink on
+ * XFS/btrfs, an in-kernel copy elsewhere); falls back to a bounce buffer
+ * when the kernel or file system refuses. */
+static int copy_data_range(struct file_io *f, uint64_t src, uint64_t dst, uint64_t len)
 {
-	struct file_io *f = FILE_IO(io);
 	while (len > 0 && f->copy_range_works) {
 		loff_t in = (loff_t)src, out = (loff_t)dst;
 		ssize_t n = copy_file_range(f->fd, &in, f->fd, &out, len, 0);
@@ -117,7 +116,7 @@ static int file_copy(struct qcow_io *io, uint64_t src, uint64_t dst, uint64_t le
 			return -errno;
 		}
 		if (n == 0)  /* source past EOF: the rest reads as zeros */
-			break;
+			return 0;
 		src += (uint64_t)n;
 		dst += (uint64_t)n;
 		len -= (uint64_t)n;
@@ -131,15 +130,53 @@ static int file_copy(struct qcow_io *io, uint64_t src, uint64_t dst, uint64_t le
 	int ret = 0;
 	while (len > 0 && ret == 0) {
 		size_t n = len < chunk ? (size_t)len : chunk;
-		ret = file_pread(io, buf, n, src);
+		ret = file_pread(&f->io, buf, n, src);
 		if (ret == 0)
-			ret = file_pwrite(io, buf, n, dst);
+			ret = file_pwrite(&f->io, buf, n, dst);
 		src += n;
 		dst += n;
 		len -= n;
 	}
 	qcow_free(buf);
 	return ret;
+}
+
+/* Copies the data ranges of [src, src+len) to dst and skips the holes
+ * (SEEK_DATA / SEEK_HOLE).  copy_file_range alone would write a hole out
+ * as zero blocks: compacting a sparse image (preallocation=metadata, or
+ * clusters the guest never filled) would then allocate every hole it moves.
+ * Skipping is correct because the engine's only caller copies into
+ * clusters that already read zeros: move destinations are Available, and
+ * an Available cluster was punched (or zero-written) and the punch made
+ * durable by a flush, or is new file tail (qcow_io.h, "copy").  A file
+ * system that cannot report holes answers the whole range as data, which
+ * is the plain copy. */
+static int file_copy(struct qcow_io *io, uint64_t src, uint64_t dst, uint64_t len)
+{
+	struct file_io *f = FILE_IO(io);
+	uint64_t end = src + len;
+	uint64_t pos = src;
+	while (pos < end) {
+		off_t d = lseek(f->fd, (off_t)pos, SEEK_DATA);
+		if (d < 0) {
+			if (errno == ENXIO)   /* no data after pos: the rest reads zeros */
+				return 0;
+			if (errno != EINVAL && errno != EOPNOTSUPP)
+				return -errno;
+			d = (off_t)pos;       /* cannot tell holes: all data */
+		}
+		if ((uint64_t)d >= end)
+			return 0;
+		off_t h = lseek(f->fd, d, SEEK_HOLE);
+		uint64_t stop = h < 0 || (uint64_t)h > end ? end : (uint64_t)h;
+		if (stop <= (uint64_t)d)   /* a racing write filled the hole: copy to the end */
+			stop = end;
+		int ret = copy_data_range(f, (uint64_t)d, dst + ((uint64_t)d - src), stop - (uint64_t)d);
+		if (ret)
+			return ret;
+		pos = stop;
+	}
+	return 0;
 }
 
 static int file_lock(struct qcow_io *io, bool read_only, char *err, size_t errlen)

@@ -1,6 +1,6 @@
 /*
  * qcow_recycler.c - the background thread that gives space back: it
- * erases Junk and compacts the image (DESIGN.md section 6).
+ * erases Junk and compacts the image (doc/design.md, "The recycler thread").
  *
  * Owns: erasing (Junk -> Erasing -> Erased; the next flush makes them
  * Available), compaction planning and the move state machine
@@ -24,16 +24,33 @@
  *    does it become Junk and may be erased.
  *  - Pointer rewrites and truncation hold img->flush_lock, so no flush
  *    snapshot sees half a rewrite and the file never shrinks under a flush.
- *  - During truncation, allocations that need to grow the file wait
- *    (img->truncating); allocations from Available do not.
+ *  - During truncation, allocations that need to grow the file give up
+ *    and wait, outside their resolved request (img->truncating,
+ *    qcow_alloc.c); allocations from Available do not.
+ *  - In the failed state (qcow_health.c) nothing is erased, moved or
+ *    truncated: the thread only waits for the unmount.
  *  - Batches are bounded (MOVE_BATCH clusters) so a guest fsync never waits
  *    behind more than one batch of copying.
+ *  - The thread never repeats a step at once that failed or achieved
+ *    nothing: failures back off exponentially (1 s to 60 s; a request
+ *    resets it), and after a pass that could move nothing (what is left
+ *    is pinned: compressed, shared with a snapshot, a table) automatic
+ *    passes wait until the image changes (recycler_main).  An idle daemon
+ *    costs nothing whatever the image holds.
+ *  - The automatic trigger counts all the space the file could lose:
+ *    free clusters below the last busy one and the free tail.  A free tail
+ *    alone is truncated without a pass, and only where it is Available
+ *    (no pointer to it can still be durable).
+ *  - compactions_done counts passes that succeeded, compactions_failed
+ *    the others; each pass leaves what holds the file above its minimum
+ *    in img->blocker for the stats.
  */
 #include "config.h"
 #include "qcow_internal.h"
 
 #include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -76,6 +93,10 @@ static int erase_run(struct qcow_image *img, uint64_t first, uint64_t n)
  * erased or -errno. */
 static int64_t erase_batch(struct qcow_image *img)
 {
+	/* failed state: a Junk cluster's unreference may never become
+	 * durable, so erasing it could destroy what the disk still shows */
+	if (qcow_health_failed(img))
+		return -EIO;
 	uint64_t *taken = qcow_malloc(ERASE_BATCH * sizeof(uint64_t));
 	if (!taken)
 		return -ENOMEM;
@@ -125,11 +146,41 @@ static int64_t erase_batch(struct qcow_image *img)
 
 /* ---- truncation ------------------------------------------------------------ */
 
-int qcow_truncate_tail(struct qcow_image *img)
+/* First cluster of the tail that truncation may drop (img->lock held):
+ * after the last busy cluster, and with only_available also after every
+ * Junk and Erased cluster.  A Junk or Erased cluster's old pointer may
+ * still be the durable one until the next flush; dropping it and growing
+ * the file again later would show another cluster's data behind that
+ * pointer after a crash.  The automatic tail trim (which runs with guest
+ * I/O going on) asks for only_available; compaction and close truncate
+ * right after their completing flush. */
+static uint64_t tail_start(struct qcow_image *img, bool only_available)
 {
+	const struct qcow_map *m = &img->map;
+	uint64_t last = qcow_map_last_block(m);
+	uint64_t n = last == UINT64_MAX ? 1 : last + 1;
+	if (only_available) {
+		uint64_t j = qcow_bitmap_prev(&m->junk, m->nclusters);
+		if (j != UINT64_MAX && j + 1 > n)
+			n = j + 1;
+		for (size_t i = 0; i < img->erased_len; i++) {
+			uint64_t c = img->erased_list[i];
+			if (c < m->nclusters && c + 1 > n && qcow_map_state(m, c) == QCS_ERASED)
+				n = c + 1;
+		}
+	}
+	return n;
+}
+
+/* Truncates the file after the tail_start cluster; flush_lock held.
+ * Returns 1 if the file got shorter, 0 if there was nothing to drop, or
+ * -errno. */
+static int truncate_after(struct qcow_image *img, bool only_available)
+{
+	if (qcow_health_failed(img))
+		return -EIO;   /* nothing more is written in the failed state */
 	pthread_mutex_lock(&img->lock);
-	uint64_t last = qcow_map_last_block(&img->map);
-	uint64_t new_n = last == UINT64_MAX ? 1 : last + 1;
+	uint64_t new_n = tail_start(img, only_available);
 	uint64_t old_n = img->map.nclusters;
 	if (new_n >= old_n || qcow_map_resize(&img->map, new_n) < 0) {
 		pthread_mutex_unlock(&img->lock);
@@ -159,9 +210,19 @@ int qcow_truncate_tail(struct qcow_image *img)
 				if (qcow_map_state(&img->map, c) == QCS_AVAILABLE)
 					qcow_map_set_state(&img->map, c, QCS_JUNK);
 		pthread_mutex_unlock(&img->lock);
-		qcow_logf(QCOW_LOG_ERROR, "%s: truncating to %" PRIu64 " bytes failed: %s", img->io->name, new_size, strerror(-ret));
+		/* the automatic trim notes its errors (once each) itself */
+		if (!only_available)
+			qcow_logf(QCOW_LOG_ERROR, "%s: truncating to %" PRIu64 " bytes failed: %s", img->io->name, new_size,
+				  strerror(-ret));
+		return ret;
 	}
-	return ret;
+	return 1;
+}
+
+int qcow_truncate_tail(struct qcow_image *img)
+{
+	int ret = truncate_after(img, false);
+	return ret < 0 ? ret : 0;
 }
 
 /* ---- compaction ------------------------------------------------------------ */
@@ -174,6 +235,14 @@ static uint64_t free_below_end(const struct qcow_image *img)
 	uint64_t last = qcow_map_last_block(m);
 	uint64_t above = last == UINT64_MAX ? m->nclusters : m->nclusters - 1 - last;
 	return free_total > above ? free_total - above : 0;
+}
+
+/* Free clusters after the last busy one: truncation drops them. */
+static uint64_t free_tail(const struct qcow_image *img)
+{
+	const struct qcow_map *m = &img->map;
+	uint64_t last = qcow_map_last_block(m);
+	return last == UINT64_MAX ? m->nclusters : m->nclusters - 1 - last;
 }
 
 /* Lowest cluster a move may copy into.  Only Available: a Junk cluster's
@@ -292,6 +361,9 @@ static size_t copy_run(struct qcow_image *img, struct batch *b, size_t i, int *r
 	 * flush cannot rewrite the block halfway through the copy */
 	if (kind == MOVE_REFBLOCK)
 		pthread_mutex_lock(&img->flush_lock);
+	/* The destinations are Available, so they read zeros (punched and
+	 * flushed, or new file tail): the backend may skip the source's holes
+	 * (qcow_io.h), and a sparse cluster stays sparse after its move. */
 	if (table)
 		*ret = img->io->ops->pwrite(img->io, table, cs, b->dst[i] << img->cluster_bits);
 	else
@@ -469,10 +541,8 @@ static int64_t compact_batch(struct qcow_image *img)
 out:
 	qcow_free(b.src);
 	qcow_free(b.dst);
-	if (ret) {
-		qcow_note_error(img, ret, "compaction");
-		return ret;
-	}
+	if (ret)
+		return ret;   /* the recycler notes it (once per distinct error) */
 	/* a batch whose moves were all cancelled still made progress
 	 * possible; report it as one so the caller tries again */
 	return moved ? moved : (b.n ? 1 : 0);
@@ -538,14 +608,167 @@ static int erase_all_junk(struct qcow_image *img)
 	return qcow_flush(img);   /* Erased -> Available */
 }
 
+/* ---- what holds the file ------------------------------------------------- */
+
+/* Lowest free cluster (Junk, Erased or Available) or UINT64_MAX; img->lock
+ * held. */
+static uint64_t lowest_free(const struct qcow_image *img)
+{
+	uint64_t a = qcow_bitmap_next(&img->map.available, 0);
+	uint64_t f = qcow_bitmap_next(&img->map.junk, 0);
+	if (a < f)
+		f = a;
+	for (size_t i = 0; i < img->erased_len; i++) {
+		uint64_t c = img->erased_list[i];
+		if (c < f && c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_ERASED)
+			f = c;
+	}
+	return f;
+}
+
+/* A cluster in use that compaction never moves. */
+static bool cannot_move(const struct qcow_map *m, uint64_t c)
+{
+	enum qcow_cstate s = qcow_map_state(m, c);
+	return s == QCS_PINNED || (s == QCS_REF && qcow_map_is_immovable(m, c));
+}
+
+struct find_ref {
+	uint64_t c;
+	enum qcow_ref_kind kind;
+	bool found;
+};
+
+static int find_ref_visit(void *opaque, enum qcow_ref_kind kind, uint64_t c, uint64_t slot)
+{
+	struct find_ref *f = opaque;
+	(void)slot;
+	if (c != f->c)
+		return 0;
+	f->kind = kind;
+	f->found = true;
+	return -ECANCELED;   /* the first reference names it: stop */
+}
+
+/* Names what cluster c holds, from the metadata on disk.  The walk visits
+ * the header structures first, then the active tables, then the
+ * snapshots', so the first reference found is the one that says most: an
+ * active data cluster that is PINNED is shared with a snapshot.  Holds
+ * flush_lock so that no flush changes the metadata under the walk (it
+ * runs once per compaction pass that ends above the minimum). */
+static void describe_cluster(struct qcow_image *img, uint64_t c, char *buf, size_t len)
+{
+	struct find_ref f = { .c = c };
+	struct qcow_scan_visitor v = { .visit = find_ref_visit, .opaque = &f };
+	char err[256];
+	pthread_mutex_lock(&img->flush_lock);
+	pthread_mutex_lock(&img->lock);
+	struct qcow_header h = img->hdr;   /* stable: changed only under flush_lock */
+	uint64_t nclusters = img->map.nclusters;
+	pthread_mutex_unlock(&img->lock);
+	int64_t size = img->io->ops->size(img->io);
+	h.file_size = size > 0 ? (uint64_t)size : nclusters << img->cluster_bits;
+	struct qcow_scan_geometry g = { .io = img->io, .hdr = &h, .file_clusters = (h.file_size + img->cluster_size - 1) >> img->cluster_bits };
+	qcow_scan(&g, &v, err, sizeof(err));
+	pthread_mutex_unlock(&img->flush_lock);
+
+	unsigned long long off = (unsigned long long)(c << img->cluster_bits);
+	if (!f.found) {
+		snprintf(buf, len, "cluster at 0x%llx that cannot move", off);
+		return;
+	}
+	switch (f.kind) {
+	case QREF_HEADER: snprintf(buf, len, "image header at 0x%llx", off); break;
+	case QREF_L1: snprintf(buf, len, "L1 table at 0x%llx", off); break;
+	case QREF_REFTABLE: snprintf(buf, len, "refcount table at 0x%llx", off); break;
+	case QREF_REFBLOCK: snprintf(buf, len, "refcount block at 0x%llx", off); break;
+	case QREF_L2: snprintf(buf, len, "L2 table at 0x%llx shared with a snapshot", off); break;
+	case QREF_DATA: snprintf(buf, len, "cluster at 0x%llx shared with a snapshot", off); break;
+	case QREF_COMPRESSED: snprintf(buf, len, "compressed data at 0x%llx", off); break;
+	case QREF_SNAPSHOT_TABLE: snprintf(buf, len, "snapshot table at 0x%llx", off); break;
+	case QREF_SNAPSHOT_L1: snprintf(buf, len, "L1 table of a snapshot at 0x%llx", off); break;
+	case QREF_SNAPSHOT_L2:
+	case QREF_SNAPSHOT_DATA: snprintf(buf, len, "cluster at 0x%llx used by a snapshot", off); break;
+	case QREF_BITMAP_DIR:
+	case QREF_BITMAP_TABLE:
+	case QREF_BITMAP_DATA: snprintf(buf, len, "persistent bitmap structure at 0x%llx", off); break;
+	}
+}
+
+/* After a pass: the lowest cluster above the lowest free one that cannot
+ * move (everything movable above the free space has moved down by now),
+ * named in img->blocker for the stats; nothing when no free space lies
+ * below the last busy cluster.  The walk drops img->lock now and then:
+ * guest I/O must not wait behind it. */
+static void find_blocker(struct qcow_image *img)
+{
+	uint64_t found = 0;
+	pthread_mutex_lock(&img->lock);
+	uint64_t f = lowest_free(img), last = qcow_map_last_block(&img->map);
+	if (f != UINT64_MAX && last != UINT64_MAX && f < last) {
+		uint64_t steps = 0;
+		for (uint64_t c = f + 1; c <= last && c < img->map.nclusters; c++) {
+			if (cannot_move(&img->map, c)) {
+				found = c;
+				break;
+			}
+			if (++steps % 65536 == 0) {
+				pthread_mutex_unlock(&img->lock);
+				pthread_mutex_lock(&img->lock);
+			}
+		}
+	}
+	if (!found) {
+		img->blocker_cluster = 0;
+		img->blocker[0] = '\0';
+	}
+	/* the same cluster again (a steady writer on a pinned image): its
+	 * description stands, spare the metadata walk */
+	bool known = found && found == img->blocker_cluster && img->blocker[0];
+	pthread_mutex_unlock(&img->lock);
+	if (!found || known)
+		return;
+	char text[sizeof(img->blocker)];
+	describe_cluster(img, found, text, sizeof(text));
+	pthread_mutex_lock(&img->lock);
+	bool fresh = img->blocker_cluster != found || strcmp(img->blocker, text) != 0;
+	img->blocker_cluster = found;
+	snprintf(img->blocker, sizeof(img->blocker), "%s", text);
+	uint64_t min = (img->map.count[QCS_REF] + img->map.count[QCS_PINNED] + img->map.count[QCS_ROOTS]) << img->cluster_bits;
+	uint64_t size = img->map.nclusters << img->cluster_bits;
+	pthread_mutex_unlock(&img->lock);
+	if (fresh)
+		qcow_logf(QCOW_LOG_INFO, "%s: the file (%" PRIu64 " bytes) cannot get down to the %" PRIu64 " bytes in use: %s",
+			  img->io->name, size, min, text);
+}
+
+void qcow_compact_outcome(struct qcow_image *img, struct qcow_stats *st)
+{
+	pthread_mutex_lock(&img->lock);
+	const struct qcow_map *m = &img->map;
+	uint64_t in_use = m->count[QCS_REF] + m->count[QCS_PINNED] + m->count[QCS_ROOTS];
+	st->compactions_failed = img->compactions_failed;
+	st->min_file_size = in_use << img->cluster_bits;
+	st->blocker[0] = '\0';
+	/* the last pass's finding, as long as it still holds */
+	uint64_t c = img->blocker_cluster;
+	if (c && c < m->nclusters && cannot_move(m, c) && lowest_free(img) < c && m->nclusters > in_use)
+		snprintf(st->blocker, sizeof(st->blocker), "%s", img->blocker);
+	/* a failing pass is an error not recovered from until a pass works,
+	 * even when a flush in between cleared the health error */
+	if (!st->last_error && img->last_compact_ret)
+		st->last_error = img->last_compact_ret;
+	pthread_mutex_unlock(&img->lock);
+}
+
 /* Runs batches until nothing moves.  progress in 0..1 is published in
  * img->compact_progress and passed to cb (if any). */
 int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *opaque)
 {
 	/* moves need Available destinations; offline no thread erases */
-	int ret = erase_all_junk(img);
+	int ret = qcow_health_failed(img) ? -EIO : erase_all_junk(img);
 	if (ret)
-		return ret;
+		goto out;
 	pthread_mutex_lock(&img->lock);
 	uint64_t gap0 = free_below_end(img);
 	img->compacting = true;
@@ -595,11 +818,20 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 			ret = qcow_flush_holding_flush_lock(img);
 		pthread_mutex_unlock(&img->flush_lock);
 	}
+out:
+	/* only passes that reached their end count as done: a failing disk
+	 * must not look like busy compaction */
 	pthread_mutex_lock(&img->lock);
 	img->compacting = false;
 	img->compact_progress = 1.0;
-	img->compactions_done++;
+	if (ret == 0)
+		img->compactions_done++;
+	else
+		img->compactions_failed++;
+	img->last_compact_ret = ret;
 	pthread_mutex_unlock(&img->lock);
+	if (ret == 0)
+		find_blocker(img);
 	if (cb)
 		cb(1.0, opaque);
 	return ret;
@@ -619,57 +851,218 @@ static uint64_t compact_threshold(const struct qcow_image *img)
 	return t < QCOW_DEFAULT_COMPACT_THRESHOLD ? t : QCOW_DEFAULT_COMPACT_THRESHOLD;
 }
 
-static bool should_compact(struct qcow_image *img)
+enum recycle_action { ACT_NONE, ACT_TRIM, ACT_COMPACT };
+
+/* What the automatic trigger asks for (img->lock held): the space the
+ * file could lose counts, free clusters below the last busy one plus the
+ * free tail.  When the free space below the end alone is worth a pass,
+ * compact (the pass truncates too); when only the tail makes it worth
+ * it, truncate without a pass.  Nothing while discards are still coming
+ * in; *wait_ms is lowered to the end of that quiet period. */
+static enum recycle_action auto_action(struct qcow_image *img, uint64_t now, unsigned *wait_ms)
 {
-	if (img->compact_requested)
-		return true;
 	if (!img->opts.compact)
-		return false;
+		return ACT_NONE;
 	unsigned quiet = img->opts.compact_quiet_ms ? img->opts.compact_quiet_ms : QCOW_DEFAULT_QUIET_MS;
-	if (qcow_now_ms() - img->last_discard_ms < quiet)
-		return false;
-	return (free_below_end(img) << img->cluster_bits) >= compact_threshold(img);
+	uint64_t last = img->last_discard_ms;
+	if (last > now)   /* a discard since we read the clock */
+		last = now;
+	if (now - last < quiet) {
+		uint64_t left = quiet - (now - last);
+		if (left < *wait_ms)
+			*wait_ms = (unsigned)left;
+		return ACT_NONE;
+	}
+	uint64_t threshold = compact_threshold(img);
+	uint64_t below = free_below_end(img) << img->cluster_bits;
+	uint64_t tail = free_tail(img) << img->cluster_bits;
+	if (below >= threshold)
+		return ACT_COMPACT;
+	if (below + tail >= threshold)
+		return ACT_TRIM;
+	return ACT_NONE;
 }
 
+/* Everything an automatic pass depends on: the counters of every state,
+ * where the busy and the free clusters end, the tables, the discards and
+ * the size.  A discard, a write that allocates or frees, a resize, a
+ * table move changes it; time alone does not. */
+struct change_stamp {
+	uint64_t count[QCS_NSTATES];
+	uint64_t nclusters, last_block, lowest_available, discarded, virtual_size, l1_off, rt_off;
+};
+
+static void stamp_take(const struct qcow_image *img, struct change_stamp *st)
+{
+	memset(st, 0, sizeof(*st));
+	memcpy(st->count, img->map.count, sizeof(st->count));
+	st->nclusters = img->map.nclusters;
+	st->last_block = qcow_map_last_block(&img->map);
+	st->lowest_available = qcow_map_lowest_available(&img->map);
+	st->discarded = img->bytes_discarded;
+	st->virtual_size = img->virtual_size;
+	st->l1_off = img->hdr.l1_table_offset;
+	st->rt_off = img->hdr.refcount_table_offset;
+}
+
+static bool stamp_same(const struct change_stamp *a, const struct change_stamp *b)
+{
+	return memcmp(a, b, sizeof(*a)) == 0;
+}
+
+/* Exponential back-off for background work that failed (a full or failing
+ * disk): 1 s, doubling up to 60 s; reset by a success or a request. */
+#define BACKOFF_MIN_MS 1000u
+#define BACKOFF_MAX_MS 60000u
+/* the thread looks at the trigger this often when nothing wakes it */
+#define TICK_MS 250u
+/* after a pass that could move nothing, automatic passes wait for a change
+ * and, under a steady stream of changes, run at most this often */
+#define IDLE_RECHECK_MS 1000u
+
+struct backoff {
+	unsigned ms;
+	uint64_t until;
+};
+
+static void backoff_failed(struct backoff *b)
+{
+	b->ms = !b->ms ? BACKOFF_MIN_MS : b->ms >= BACKOFF_MAX_MS / 2 ? BACKOFF_MAX_MS : b->ms * 2;
+	b->until = qcow_now_ms() + b->ms;
+}
+
+static void backoff_reset(struct backoff *b)
+{
+	b->ms = 0;
+	b->until = 0;
+}
+
+/* True while b holds work off; lowers *wait_ms to the time left. */
+static bool backoff_holds(const struct backoff *b, uint64_t now, unsigned *wait_ms)
+{
+	if (now >= b->until)
+		return false;
+	if (b->until - now < *wait_ms)
+		*wait_ms = (unsigned)(b->until - now);
+	return true;
+}
+
+/*
+ * The loop.  Each round: erase Junk, flush Erased clusters (so they become
+ * Available), then what the trigger asks for.  It sleeps on recycler_wake
+ * (discards, flushes, requests) or TICK_MS when there is nothing to do, and
+ * never runs a step again at once after it failed or achieved nothing:
+ *  - a failed erase or flush holds erasing off (erase_bo), a failed pass
+ *    or truncation holds automatic passes off (compact_bo), with
+ *    exponential back-off; a request clears both;
+ *  - a pass that changed nothing (everything movable is as low as it goes,
+ *    what is left is pinned) records the change stamp; automatic passes
+ *    then wait until the stamp changes (and IDLE_RECHECK_MS has passed).
+ */
 static void *recycler_main(void *arg)
 {
 	struct qcow_image *img = arg;
+	struct backoff erase_bo = { 0 }, compact_bo = { 0 };
+	struct change_stamp idle, now_stamp;
+	bool idle_valid = false;
+	uint64_t idle_since = 0;
+	int last_failure = 0;
+
 	pthread_mutex_lock(&img->lock);
 	while (!img->recycler_stop) {
-		bool busy = false;
-		if (img->map.count[QCS_JUNK]) {
-			int64_t n = erase_batch(img);
-			busy = n > 0;
-			if (n < 0) {
-				/* a failing disk: back off instead of spinning */
-				qcow_cond_wait_ms(&img->recycler_wake, &img->lock, 1000);
-				continue;
-			}
+		if (qcow_health_failed(img)) {
+			/* nothing more may be written (qcow_health.c): wait for
+			 * the unmount */
+			qcow_cond_wait_ms(&img->recycler_wake, &img->lock, TICK_MS);
+			continue;
 		}
-		if (img->recycler_stop)
-			break;
-		if (img->map.count[QCS_ERASED] && !busy) {
+		uint64_t now = qcow_now_ms();
+		unsigned wait_ms = TICK_MS;
+		bool busy = false;
+		if (img->compact_requested) {
+			/* a request is a new chance for whatever failed */
+			backoff_reset(&erase_bo);
+			backoff_reset(&compact_bo);
+		}
+		bool erase_held = backoff_holds(&erase_bo, now, &wait_ms);
+		if (img->map.count[QCS_JUNK] && !erase_held) {
+			int64_t n = erase_batch(img);    /* notes its error */
+			if (n < 0) {
+				backoff_failed(&erase_bo);
+				erase_held = true;
+			}
+			busy = n > 0;
+			if (img->recycler_stop)
+				break;
+		}
+		if (!busy && img->map.count[QCS_ERASED] && !erase_held) {
 			/* make erased clusters allocatable */
 			pthread_mutex_unlock(&img->lock);
 			int ret = qcow_flush(img);
 			pthread_mutex_lock(&img->lock);
-			if (ret)
+			if (ret) {
 				qcow_note_error(img, ret, "flushing erased clusters");
-			busy = ret == 0;
+				backoff_failed(&erase_bo);
+			} else {
+				/* the whole erase cycle worked */
+				backoff_reset(&erase_bo);
+				busy = true;
+			}
 		}
-		if (!busy && should_compact(img)) {
+		if (busy)
+			continue;
+
+		bool requested = img->compact_requested;
+		enum recycle_action act = requested ? ACT_COMPACT : ACT_NONE;
+		if (!requested && !backoff_holds(&compact_bo, now, &wait_ms))
+			act = auto_action(img, now, &wait_ms);
+		if (act == ACT_COMPACT && !requested && idle_valid) {
+			stamp_take(img, &now_stamp);
+			if (stamp_same(&idle, &now_stamp) || now < idle_since + IDLE_RECHECK_MS)
+				act = ACT_NONE;   /* nothing changed since a pass that could do nothing */
+		}
+		if (act == ACT_TRIM) {
+			pthread_mutex_unlock(&img->lock);
+			pthread_mutex_lock(&img->flush_lock);
+			int r = truncate_after(img, true);
+			pthread_mutex_unlock(&img->flush_lock);
+			pthread_mutex_lock(&img->lock);
+			if (r < 0) {
+				qcow_note_error(img, r, "truncating the free tail");
+				backoff_failed(&compact_bo);
+			} else if (r > 0) {
+				continue;
+			}
+		} else if (act == ACT_COMPACT) {
+			struct change_stamp before;
 			img->compact_requested = false;
+			stamp_take(img, &before);
 			pthread_mutex_unlock(&img->lock);
 			int ret = qcow_compact_run(img, NULL, NULL);
 			pthread_mutex_lock(&img->lock);
-			if (ret)
-				qcow_note_error(img, ret, "compaction");
+			idle_valid = false;
+			if (ret) {
+				/* a flush that works in between clears the health
+				 * error; the same failure again is not news */
+				if (ret != last_failure)
+					qcow_note_error(img, ret, "compaction");
+				last_failure = ret;
+				backoff_failed(&compact_bo);
+			} else {
+				last_failure = 0;
+				backoff_reset(&compact_bo);
+				stamp_take(img, &idle);
+				idle_valid = stamp_same(&before, &idle);
+				idle_since = qcow_now_ms();
+			}
 			img->compact_generation++;
 			pthread_cond_broadcast(&img->compact_done);
-			continue;
+			if (ret == 0 && !idle_valid)
+				continue;   /* it got somewhere: look again at once */
 		}
-		if (!busy)
-			qcow_cond_wait_ms(&img->recycler_wake, &img->lock, 250);
+		if (img->recycler_stop)
+			break;
+		qcow_cond_wait_ms(&img->recycler_wake, &img->lock, wait_ms ? wait_ms : 1);
 	}
 	pthread_mutex_unlock(&img->lock);
 	return NULL;
@@ -726,7 +1119,9 @@ int qcow_image_compact(struct qcow_image *img, void (*progress)(double, void *),
 	uint64_t gen = img->compact_generation;
 	img->compact_requested = true;
 	pthread_cond_broadcast(&img->recycler_wake);
-	while (img->compact_generation == gen && img->recycler_running) {
+	/* a pass that was running when we asked ends with our request still
+	 * pending: wait for the pass that took it */
+	while ((img->compact_generation == gen || img->compact_requested) && img->recycler_running) {
 		qcow_cond_wait_ms(&img->compact_done, &img->lock, 200);
 		double p = img->compacting ? img->compact_progress : 0;
 		pthread_mutex_unlock(&img->lock);
@@ -734,11 +1129,10 @@ int qcow_image_compact(struct qcow_image *img, void (*progress)(double, void *),
 			progress(p, opaque);
 		pthread_mutex_lock(&img->lock);
 	}
+	int ret = img->last_compact_ret;
 	pthread_mutex_unlock(&img->lock);
-	int ret;
-	bool failed;
-	qcow_health_get(img, &ret, &failed);
+	int failed = qcow_health_failed(img);
 	if (progress)
 		progress(1.0, opaque);
-	return ret;
+	return failed ? failed : ret;
 }

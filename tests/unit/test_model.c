@@ -220,19 +220,31 @@ static void *writer_main(void *arg)
 		if (off + len > w->base + w->span)
 			len = w->base + w->span - off;
 		if (tap_rand(&w->seed) % 4 == 0) {
-			if (qcow_image_discard(w->img, off, len))
+			int dr = qcow_image_discard(w->img, off, len);
+			if (dr) {
+				fprintf(stderr, "writer: discard [%llu, +%llu) returned %d\n", (unsigned long long)off,
+					(unsigned long long)len, dr);
 				w->failed++;
+			}
 			memset(w->model + off, 0, len);
 		} else {
 			for (uint64_t k = 0; k < len; k++)
 				buf[k] = (uint8_t)tap_rand(&w->seed);
-			if (qcow_image_write(w->img, buf, len, off) != (ssize_t)len)
+			ssize_t wr = qcow_image_write(w->img, buf, len, off);
+			if (wr != (ssize_t)len) {
+				fprintf(stderr, "writer: write [%llu, +%llu) returned %zd\n", (unsigned long long)off,
+					(unsigned long long)len, wr);
 				w->failed++;
+			}
 			memcpy(w->model + off, buf, len);
 		}
 		if (tap_rand(&w->seed) % 16 == 0) {
-			if (qcow_image_read(w->img, buf, len, off) != (ssize_t)len || memcmp(buf, w->model + off, len))
+			ssize_t rr = qcow_image_read(w->img, buf, len, off);
+			if (rr != (ssize_t)len || memcmp(buf, w->model + off, len)) {
+				fprintf(stderr, "writer: read [%llu, +%llu) returned %zd%s\n", (unsigned long long)off,
+					(unsigned long long)len, rr, rr == (ssize_t)len ? " with wrong data" : "");
 				w->failed++;
+			}
 		}
 	}
 	qcow_free(buf);
