@@ -113,16 +113,7 @@ int qcow_alloc_contiguous(struct qcow_image *img, uint64_t n, uint64_t *out)
 int qcow_released_add(struct qcow_image *img, uint64_t c)
 {
 	qcow_assert_locked(img);
-	if (img->released_len == img->released_cap) {
-		size_t cap = img->released_cap ? img->released_cap * 2 : 256;
-		uint64_t *l = qcow_realloc(img->released_list, cap * sizeof(*l));
-		if (!l)
-			return -ENOMEM;
-		img->released_list = l;
-		img->released_cap = cap;
-	}
-	img->released_list[img->released_len++] = c;
-	return 0;
+	return qcow_u64_list_add(&img->released, c);
 }
 
 void qcow_free_after_flush(struct qcow_image *img, uint64_t c)

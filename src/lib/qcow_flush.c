@@ -62,11 +62,9 @@ struct flush_plan {
 	/* old table clusters to free once the header written here is durable */
 	struct qcow_extent *pending_free;
 	size_t npending_free;
-	uint64_t *erased;
-	size_t nerased;
+	struct qcow_u64_list erased;
 	/* replaced clusters that become Junk when this flush ends */
-	uint64_t *released;
-	size_t nreleased;
+	struct qcow_u64_list released;
 };
 
 static void plan_free(struct flush_plan *p)
@@ -80,8 +78,8 @@ static void plan_free(struct flush_plan *p)
 	qcow_free(p->rb);
 	qcow_free(p->l2);
 	qcow_free(p->meta);
-	qcow_free(p->erased);
-	qcow_free(p->released);
+	qcow_u64_list_free(&p->erased);
+	qcow_u64_list_free(&p->released);
 	qcow_free(p->pending_free);
 }
 
@@ -328,18 +326,12 @@ static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 		p->l2[p->nl2++] = (struct l2_item){ .entry = e, .host = e->cluster << img->cluster_bits, .copy = copy };
 	}
 	/* erased clusters become available when this flush ends */
-	p->erased = img->erased_list;
-	p->nerased = img->erased_len;
-	img->erased_list = NULL;
-	img->erased_len = img->erased_cap = 0;
-	for (size_t i = 0; i < p->nerased; i++)
-		if (p->erased[i] < img->map.nclusters && qcow_map_state(&img->map, p->erased[i]) == QCS_ERASED)
-			qcow_map_set_state(&img->map, p->erased[i], QCS_FLUSHING);
+	qcow_u64_list_take(&img->erased, &p->erased);
+	for (size_t i = 0; i < p->erased.len; i++)
+		if (p->erased.v[i] < img->map.nclusters && qcow_map_state(&img->map, p->erased.v[i]) == QCS_ERASED)
+			qcow_map_set_state(&img->map, p->erased.v[i], QCS_FLUSHING);
 	/* clusters replaced before this snapshot: free once it is durable */
-	p->released = img->released_list;
-	p->nreleased = img->released_len;
-	img->released_list = NULL;
-	img->released_len = img->released_cap = 0;
+	qcow_u64_list_take(&img->released, &p->released);
 	for (unsigned i = 0; i < img->map.nmoves_cap; i++) {
 		struct qcow_move *mv = &img->map.moves[i];
 		if (mv->in_use && !mv->cancelled && (mv->state == QMOVE_COPIED || mv->state == QMOVE_REFERENCED))
@@ -378,15 +370,15 @@ static void undo_snapshot(struct qcow_image *img, struct flush_plan *p)
 				  p->pending_free[i].first);
 	if (p->data_dirty)
 		img->data_dirty = true;
-	for (size_t i = 0; i < p->nerased; i++) {
-		uint64_t c = p->erased[i];
+	for (size_t i = 0; i < p->erased.len; i++) {
+		uint64_t c = p->erased.v[i];
 		if (c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_FLUSHING)
 			qcow_map_set_state(&img->map, c, QCS_JUNK);   /* erase again: safest */
 	}
 	/* still Pending: back in the list for the next flush (without memory
 	 * they stay Pending, a leak until the next open) */
-	for (size_t i = 0; i < p->nreleased; i++)
-		(void)qcow_released_add(img, p->released[i]);
+	for (size_t i = 0; i < p->released.len; i++)
+		(void)qcow_released_add(img, p->released.v[i]);
 	for (unsigned i = 0; i < img->map.nmoves_cap; i++)
 		img->map.moves[i].flush_seen = false;
 }
@@ -394,13 +386,13 @@ static void undo_snapshot(struct qcow_image *img, struct flush_plan *p)
 static void finish_flush(struct qcow_image *img, struct flush_plan *p)
 {
 	qcow_assert_locked(img);
-	for (size_t i = 0; i < p->nerased; i++) {
-		uint64_t c = p->erased[i];
+	for (size_t i = 0; i < p->erased.len; i++) {
+		uint64_t c = p->erased.v[i];
 		if (c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_FLUSHING)
 			qcow_map_set_state(&img->map, c, QCS_AVAILABLE);
 	}
-	for (size_t i = 0; i < p->nreleased; i++) {
-		uint64_t c = p->released[i];
+	for (size_t i = 0; i < p->released.len; i++) {
+		uint64_t c = p->released.v[i];
 		if (c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_PENDING)
 			qcow_map_set_state(&img->map, c, QCS_JUNK);
 	}
@@ -542,8 +534,8 @@ bool qcow_flush_needed(struct qcow_image *img)
 {
 	qcow_assert_locked(img);
 	return img->map.rc_dirty.count || img->cache.ndirty || img->l1_dirty.count || img->reftable_dirty.count ||
-	       img->header_dirty || img->reftable_switch_pending || img->pending_free_len || img->released_len ||
-	       img->erased_len || img->map.nmoves_active || img->data_dirty;
+	       img->header_dirty || img->reftable_switch_pending || img->pending_free_len || img->released.len ||
+	       img->erased.len || img->map.nmoves_active || img->data_dirty;
 }
 
 int qcow_flush(struct qcow_image *img)

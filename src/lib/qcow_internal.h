@@ -85,13 +85,11 @@ struct qcow_image {
 	unsigned inflight_waiters;
 
 	/* erase -> flush -> available */
-	uint64_t *erased_list;
-	size_t erased_len, erased_cap;
+	struct qcow_u64_list erased;
 	/* clusters whose last pointer was replaced (an overwrite, a table
 	 * copy): Pending until a flush has made the replacement durable, then
 	 * Junk (qcow_free_after_flush) */
-	uint64_t *released_list;
-	size_t released_len, released_cap;
+	struct qcow_u64_list released;
 	bool data_dirty;             /* something was written since the last sync */
 	bool punch_supported;
 
@@ -215,6 +213,11 @@ struct qcow_scan_geometry {
 	bool reftable_unaligned;
 };
 int qcow_scan(struct qcow_scan_geometry *g, const struct qcow_scan_visitor *v, char *err, size_t errlen);
+/* The first reference to cluster c in the walk's order (header structures,
+ * then the active tables, then the snapshots'), corruption tolerated: true
+ * with its kind and pointer slot (0 for header structures), false when
+ * nothing on disk references c.  For messages that name a cluster's user. */
+bool qcow_scan_first_user(const struct qcow_scan_geometry *g, uint64_t c, enum qcow_ref_kind *kind, uint64_t *slot);
 
 /* ---- services (img->lock held for all of them unless said otherwise) ---- */
 

@@ -4,6 +4,7 @@
  * Owns: the choice of allocator.  Rule: no other file calls malloc/free.
  */
 #include "config.h"
+#include <errno.h>
 #include "qcow_mem.h"
 #include "qcow.h"
 
@@ -65,3 +66,31 @@ const char *qcow_allocator_version(void)
 }
 
 const char *qcow_version(void) { return PACKAGE_VERSION; }
+
+int qcow_u64_list_add(struct qcow_u64_list *l, uint64_t x)
+{
+	if (l->len == l->cap) {
+		size_t cap = l->cap ? l->cap * 2 : 256;
+		uint64_t *v = qcow_realloc(l->v, cap * sizeof(*v));
+		if (!v)
+			return -ENOMEM;
+		l->v = v;
+		l->cap = cap;
+	}
+	l->v[l->len++] = x;
+	return 0;
+}
+
+void qcow_u64_list_take(struct qcow_u64_list *l, struct qcow_u64_list *to)
+{
+	*to = *l;
+	l->v = NULL;
+	l->len = l->cap = 0;
+}
+
+void qcow_u64_list_free(struct qcow_u64_list *l)
+{
+	qcow_free(l->v);
+	l->v = NULL;
+	l->len = l->cap = 0;
+}

@@ -10,6 +10,7 @@
 #ifndef QCOW_MEM_H
 #define QCOW_MEM_H
 #include <stddef.h>
+#include <stdint.h>
 
 void *qcow_malloc(size_t n);
 void *qcow_calloc(size_t count, size_t size);
@@ -17,6 +18,17 @@ void *qcow_realloc(void *p, size_t n);
 void *qcow_aligned_alloc(size_t alignment, size_t n); /* free with qcow_free */
 char *qcow_strdup(const char *s);
 void qcow_free(void *p);
+
+/* A growable list of cluster numbers (the erased and released lists). */
+struct qcow_u64_list {
+	uint64_t *v;
+	size_t len, cap;
+};
+/* Appends x; 0 or -ENOMEM (the list is unchanged then). */
+int qcow_u64_list_add(struct qcow_u64_list *l, uint64_t x);
+/* Hands the whole list over to *to (which must be empty) and empties l. */
+void qcow_u64_list_take(struct qcow_u64_list *l, struct qcow_u64_list *to);
+void qcow_u64_list_free(struct qcow_u64_list *l);
 
 /* Frees *(void **)p; for __attribute__((cleanup(qcow_freep))). */
 void qcow_freep(void *p);

@@ -138,42 +138,22 @@ static int build_copied(void *opaque, uint64_t c, bool copied, uint64_t slot)
 	return 0;
 }
 
-/* Finds the first user of one cluster (for the overlap message). */
-struct find_ctx {
-	uint64_t c;
-	enum qcow_ref_kind kind;
-	uint64_t slot;
-};
-
-static int find_visit(void *opaque, enum qcow_ref_kind kind, uint64_t c, uint64_t slot)
-{
-	struct find_ctx *f = opaque;
-	if (c != f->c)
-		return 0;
-	f->kind = kind;
-	f->slot = slot;
-	return -ECANCELED;
-}
-
 /* The message for a refused overlap: both users, their pointers and the
  * cluster's offset. */
 static void overlap_error(struct qcow_image *img, struct build_ctx *b, struct qcow_scan_geometry *g)
 {
-	struct find_ctx f = { .c = b->overlap_c, .kind = QREF_HEADER };
-	struct qcow_scan_visitor v = { .visit = find_visit, .opaque = &f };
-	struct qcow_scan_geometry g2 = *g;
-	char dummy[8];
-	g2.tolerate_corruption = true;
-	(void)qcow_scan(&g2, &v, dummy, sizeof(dummy));
+	enum qcow_ref_kind kind = QREF_HEADER;
+	uint64_t slot = 0;
+	(void)qcow_scan_first_user(g, b->overlap_c, &kind, &slot);
 	char first[64] = "", second[64] = "";
-	if (f.slot)
-		snprintf(first, sizeof(first), " (pointer at offset 0x%" PRIx64 ")", f.slot);
+	if (slot)
+		snprintf(first, sizeof(first), " (pointer at offset 0x%" PRIx64 ")", slot);
 	if (b->overlap_slot)
 		snprintf(second, sizeof(second), " (pointer at offset 0x%" PRIx64 ")", b->overlap_slot);
-	bool header = class_of(f.kind) == CLS_HEADER || class_of(f.kind) == CLS_SNAP_L1;
+	bool header = class_of(kind) == CLS_HEADER || class_of(kind) == CLS_SNAP_L1;
 	qcow_set_error(b->err, b->errlen, "cluster at offset 0x%" PRIx64 " is referenced twice: as %s%s and as %s%s%s; "
 		       "the image is corrupt (writing would destroy one of them): repair it with 'qemu-img check -r all' or open it read-only",
-		       b->overlap_c << img->cluster_bits, qcow_ref_kind_name(f.kind), first,
+		       b->overlap_c << img->cluster_bits, qcow_ref_kind_name(kind), first,
 		       qcow_ref_kind_name(b->overlap_kind), second,
 		       header ? ", inside a header structure" : "");
 }
@@ -296,8 +276,9 @@ static int fix_copied(struct qcow_image *img, struct build_ctx *b)
 		uint64_t slot = qcow_map_slot(&img->map, c);
 		if (slot >= l1_lo && slot < l1_hi) {
 			uint64_t idx = (slot - l1_lo) / 8;
-			img->l1[idx] |= QCOW_OFLAG_COPIED;
-			qcow_bitmap_set(&img->l1_dirty, (idx * 8) >> img->cluster_bits);
+			qcow_lock(img);
+			qcow_l1_set(img, idx, img->l1[idx] | QCOW_OFLAG_COPIED);
+			qcow_unlock(img);
 		} else {
 			int ret;
 			if (qcow_cache_over_budget(&img->cache)) {
@@ -305,12 +286,17 @@ static int fix_copied(struct qcow_image *img, struct build_ctx *b)
 				if (ret)
 					return ret;
 			}
+			/* no other thread runs yet; the table services' contract
+			 * is the lock all the same */
+			qcow_lock(img);
 			struct qcow_cached *t = qcow_l2_get(img, slot >> img->cluster_bits, &ret);
+			if (t) {
+				uint64_t idx = (slot & (img->cluster_size - 1)) / 8;
+				qcow_l2_set_entry(img, t, idx, qcow_l2_entry(t, idx) | QCOW_OFLAG_COPIED);
+			}
+			qcow_unlock(img);
 			if (!t)
 				return ret ? ret : -ENOMEM;
-			uint64_t idx = (slot & (img->cluster_size - 1)) / 8;
-			uint64_t e = qcow_get_be64(t->data + idx * 8);
-			qcow_l2_set_entry(img, t, idx, e | QCOW_OFLAG_COPIED);
 		}
 		b->cls[c] &= (uint8_t)~F_COPIED_CLEAR;
 		b->copied_fixed++;
@@ -333,8 +319,8 @@ static void image_free(struct qcow_image *img)
 	qcow_bitmap_free(&img->reftable_dirty);
 	qcow_free(img->l1);
 	qcow_free(img->reftable);
-	qcow_free(img->erased_list);
-	qcow_free(img->released_list);
+	qcow_u64_list_free(&img->erased);
+	qcow_u64_list_free(&img->released);
 	qcow_header_free(&img->hdr);
 	pthread_mutex_destroy(&img->lock);
 	pthread_mutex_destroy(&img->flush_lock);

@@ -61,20 +61,6 @@
 
 /* ---- erase ---------------------------------------------------------------- */
 
-static int erase_list_add(struct qcow_image *img, uint64_t c)
-{
-	if (img->erased_len == img->erased_cap) {
-		size_t cap = img->erased_cap ? img->erased_cap * 2 : 1024;
-		uint64_t *l = qcow_realloc(img->erased_list, cap * sizeof(*l));
-		if (!l)
-			return -ENOMEM;
-		img->erased_list = l;
-		img->erased_cap = cap;
-	}
-	img->erased_list[img->erased_len++] = c;
-	return 0;
-}
-
 /* Punches (or zeroes) one run of clusters. */
 static int erase_run(struct qcow_image *img, uint64_t first, uint64_t n)
 {
@@ -126,7 +112,7 @@ static int64_t erase_batch(struct qcow_image *img)
 	for (size_t i = 0; i < n; i++) {
 		if (qcow_map_state(&img->map, taken[i]) != QCS_ERASING)
 			continue;
-		if (i < done && erase_list_add(img, taken[i]) == 0)
+		if (i < done && qcow_u64_list_add(&img->erased, taken[i]) == 0)
 			qcow_map_set_state(&img->map, taken[i], QCS_ERASED);
 		else
 			qcow_map_set_state(&img->map, taken[i], QCS_JUNK);
@@ -163,8 +149,8 @@ static uint64_t tail_start(struct qcow_image *img, bool only_available)
 		uint64_t j = qcow_bitmap_prev(&m->junk, m->nclusters);
 		if (j != UINT64_MAX && j + 1 > n)
 			n = j + 1;
-		for (size_t i = 0; i < img->erased_len; i++) {
-			uint64_t c = img->erased_list[i];
+		for (size_t i = 0; i < img->erased.len; i++) {
+			uint64_t c = img->erased.v[i];
 			if (c < m->nclusters && c + 1 > n && qcow_map_state(m, c) == QCS_ERASED)
 				n = c + 1;
 		}
@@ -618,8 +604,8 @@ static uint64_t lowest_free(const struct qcow_image *img)
 	uint64_t f = qcow_bitmap_next(&img->map.junk, 0);
 	if (a < f)
 		f = a;
-	for (size_t i = 0; i < img->erased_len; i++) {
-		uint64_t c = img->erased_list[i];
+	for (size_t i = 0; i < img->erased.len; i++) {
+		uint64_t c = img->erased.v[i];
 		if (c < f && c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_ERASED)
 			f = c;
 	}
@@ -633,23 +619,6 @@ static bool cannot_move(const struct qcow_map *m, uint64_t c)
 	return s == QCS_PINNED || (s == QCS_REF && qcow_map_is_immovable(m, c));
 }
 
-struct find_ref {
-	uint64_t c;
-	enum qcow_ref_kind kind;
-	bool found;
-};
-
-static int find_ref_visit(void *opaque, enum qcow_ref_kind kind, uint64_t c, uint64_t slot)
-{
-	struct find_ref *f = opaque;
-	(void)slot;
-	if (c != f->c)
-		return 0;
-	f->kind = kind;
-	f->found = true;
-	return -ECANCELED;   /* the first reference names it: stop */
-}
-
 /* Names what cluster c holds, from the metadata on disk.  The walk visits
  * the header structures first, then the active tables, then the
  * snapshots', so the first reference found is the one that says most: an
@@ -658,9 +627,8 @@ static int find_ref_visit(void *opaque, enum qcow_ref_kind kind, uint64_t c, uin
  * runs once per compaction pass that ends above the minimum). */
 static void describe_cluster(struct qcow_image *img, uint64_t c, char *buf, size_t len)
 {
-	struct find_ref f = { .c = c };
-	struct qcow_scan_visitor v = { .visit = find_ref_visit, .opaque = &f };
-	char err[256];
+	enum qcow_ref_kind kind;
+	uint64_t slot;
 	pthread_mutex_lock(&img->flush_lock);
 	pthread_mutex_lock(&img->lock);
 	struct qcow_header h = img->hdr;   /* stable: changed only under flush_lock */
@@ -669,15 +637,15 @@ static void describe_cluster(struct qcow_image *img, uint64_t c, char *buf, size
 	int64_t size = img->io->ops->size(img->io);
 	h.file_size = size > 0 ? (uint64_t)size : nclusters << img->cluster_bits;
 	struct qcow_scan_geometry g = { .io = img->io, .hdr = &h, .file_clusters = (h.file_size + img->cluster_size - 1) >> img->cluster_bits };
-	qcow_scan(&g, &v, err, sizeof(err));
+	bool found = qcow_scan_first_user(&g, c, &kind, &slot);
 	pthread_mutex_unlock(&img->flush_lock);
 
 	unsigned long long off = (unsigned long long)(c << img->cluster_bits);
-	if (!f.found) {
+	if (!found) {
 		snprintf(buf, len, "cluster at 0x%llx that cannot move", off);
 		return;
 	}
-	switch (f.kind) {
+	switch (kind) {
 	case QREF_HEADER: snprintf(buf, len, "image header at 0x%llx", off); break;
 	case QREF_L1: snprintf(buf, len, "L1 table at 0x%llx", off); break;
 	case QREF_REFTABLE: snprintf(buf, len, "refcount table at 0x%llx", off); break;

@@ -568,3 +568,34 @@ out:
 	qcow_free(l2buf);
 	return ret;
 }
+
+struct first_user {
+	uint64_t c, slot;
+	enum qcow_ref_kind kind;
+	bool found;
+};
+
+static int first_user_visit(void *opaque, enum qcow_ref_kind kind, uint64_t c, uint64_t slot)
+{
+	struct first_user *f = opaque;
+	if (c != f->c)
+		return 0;
+	f->kind = kind;
+	f->slot = slot;
+	f->found = true;
+	return -ECANCELED;   /* the first one names it: stop */
+}
+
+bool qcow_scan_first_user(const struct qcow_scan_geometry *g, uint64_t c, enum qcow_ref_kind *kind, uint64_t *slot)
+{
+	struct first_user f = { .c = c };
+	struct qcow_scan_visitor v = { .visit = first_user_visit, .opaque = &f };
+	struct qcow_scan_geometry g2 = *g;
+	char ignored[8];
+	g2.check_mode = false;
+	g2.tolerate_corruption = true;
+	(void)qcow_scan(&g2, &v, ignored, sizeof(ignored));
+	*kind = f.kind;
+	*slot = f.slot;
+	return f.found;
+}
