@@ -41,60 +41,66 @@ struct walk {
 	unsigned cb;
 };
 
-/* Reports a problem; in check mode counts it and returns 0 (skip). */
-static int problem(struct walk *w, int e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int problem(struct walk *w, int e, const char *fmt, ...)
+/* How a finding is judged (see the file-top comment). */
+enum finding {
+	F_PROBLEM,   /* counted in check mode, else it stops the walk */
+	F_IO,        /* a failed read: stops every mode, as QEMU's check stops */
+	F_CORRUPT,   /* counted in check mode, a warning when corruption is
+	              * tolerated (read-only opens), else it stops the walk */
+};
+
+/* Reports a finding; returns 0 to go on (skip the structure) or -errno. */
+static int report(struct walk *w, enum finding kind, int e, const char *fmt, va_list ap)
 {
 	char msg[512];
-	va_list ap;
-	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	if (w->g->check_mode) {
+	if (kind != F_IO && w->g->check_mode) {
 		w->g->problems++;
 		qcow_logf(QCOW_LOG_ERROR, "ERROR %s", msg);
 		return 0;
 	}
-	qcow_set_error(w->err, w->errlen, "%s", msg);
-	return -e;
-}
-
-/* A read that fails stops every mode: QEMU's check fails then too. */
-static int io_failed(struct walk *w, int e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int io_failed(struct walk *w, int e, const char *fmt, ...)
-{
-	char msg[512];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	qcow_set_error(w->err, w->errlen, "%s", msg);
-	return -e;
-}
-
-/* A corruption QEMU's check counts but its reads get past: counted in
- * check mode, a warning when tolerated, else it stops the open. */
-static int corrupt(struct walk *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int corrupt(struct walk *w, const char *fmt, ...)
-{
-	char msg[512];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	if (w->g->check_mode) {
-		w->g->problems++;
-		qcow_logf(QCOW_LOG_ERROR, "ERROR %s", msg);
-		return 0;
-	}
-	if (w->g->tolerate_corruption) {
+	if (kind == F_CORRUPT && w->g->tolerate_corruption) {
 		if (w->g->corruptions++ < 8)
 			qcow_logf(QCOW_LOG_WARNING, "%s (read-only: ignored)", msg);
 		return 0;
 	}
-	qcow_set_error(w->err, w->errlen, "%s; the image is corrupt (qemu-img check reports it): "
-		       "repair it with 'qemu-img check -r all' or open it read-only", msg);
-	return -EINVAL;
+	if (kind == F_CORRUPT) {
+		qcow_set_error(w->err, w->errlen, "%s; the image is corrupt (qemu-img check reports it): "
+			       "repair it with 'qemu-img check -r all' or open it read-only", msg);
+		return -EINVAL;
+	}
+	qcow_set_error(w->err, w->errlen, "%s", msg);
+	return -e;
+}
+
+static int problem(struct walk *w, int e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int problem(struct walk *w, int e, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int ret = report(w, F_PROBLEM, e, fmt, ap);
+	va_end(ap);
+	return ret;
+}
+
+static int io_failed(struct walk *w, int e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int io_failed(struct walk *w, int e, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int ret = report(w, F_IO, e, fmt, ap);
+	va_end(ap);
+	return ret;
+}
+
+static int corrupt(struct walk *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int corrupt(struct walk *w, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int ret = report(w, F_CORRUPT, EINVAL, fmt, ap);
+	va_end(ap);
+	return ret;
 }
 
 const char *qcow_ref_kind_name(enum qcow_ref_kind k)
