@@ -125,6 +125,7 @@ struct qcow_image {
 	double compact_progress;
 	uint64_t compact_generation;     /* bumped when a requested pass ends */
 	uint64_t last_discard_ms;
+	uint64_t trim_discard_mark;      /* bytes_discarded when the free tail was last trimmed */
 	uint64_t compactions_failed;     /* passes that ended in an error */
 	int last_compact_ret;            /* result of the last pass (0 or -errno) */
 	/* what holds the file above its minimum, found by the last pass

@@ -39,8 +39,9 @@
  *    costs nothing whatever the image holds.
  *  - The automatic trigger counts all the space the file could lose:
  *    free clusters below the last busy one and the free tail.  A free tail
- *    alone is truncated without a pass, and only where it is Available
- *    (no pointer to it can still be durable).
+ *    alone is truncated without a pass, only after discards since the
+ *    last trim (not the headroom a growing file keeps), and only where it
+ *    is Available (no pointer to it can still be durable).
  *  - compactions_done counts passes that succeeded, compactions_failed
  *    the others; each pass leaves what holds the file above its minimum
  *    in img->blocker for the stats.
@@ -846,7 +847,12 @@ static enum recycle_action auto_action(struct qcow_image *img, uint64_t now, uns
 	uint64_t tail = free_tail(img) << img->cluster_bits;
 	if (below >= threshold)
 		return ACT_COMPACT;
-	if (below + tail >= threshold)
+	/* The free tail alone is given back only after discards freed
+	 * something: without them it is the headroom a growing file keeps
+	 * ahead of its writers (the file grows by chunks), and trimming it
+	 * would make the next chunk wait for a truncation and grow the file
+	 * again. */
+	if (below + tail >= threshold && img->bytes_discarded != img->trim_discard_mark)
 		return ACT_TRIM;
 	return ACT_NONE;
 }
@@ -990,6 +996,7 @@ static void *recycler_main(void *arg)
 				act = ACT_NONE;   /* nothing changed since a pass that could do nothing */
 		}
 		if (act == ACT_TRIM) {
+			img->trim_discard_mark = img->bytes_discarded;
 			pthread_mutex_unlock(&img->lock);
 			pthread_mutex_lock(&img->flush_lock);
 			int r = truncate_after(img, true);
