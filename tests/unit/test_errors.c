@@ -901,6 +901,89 @@ static void d10_flush_steps(void)
 	(void)len;
 }
 
+/* ---- D8: no waits inside a resolved request ------------------------------
+ *
+ * A write resolved its first cluster (written in place) and then had to
+ * grow the file while a truncation ran: it waited inside its resolution,
+ * unregistered.  Meanwhile the guest discarded that first cluster and the
+ * recycler erased it (no registered request stopped it) and made it
+ * available; the write then went on into the freed cluster, and its data
+ * for that guest cluster was lost.  Now the write gives back what it
+ * resolved, waits, and resolves again. */
+struct d8_writer {
+	struct qcow_image *img;
+	const uint8_t *buf;
+	size_t len;
+	ssize_t ret;
+};
+
+static void *d8_write_main(void *arg)
+{
+	struct d8_writer *w = arg;
+	w->ret = qcow_image_write(w->img, w->buf, w->len, 0);
+	return NULL;
+}
+
+static void d8_wait_in_resolve(void)
+{
+	const uint64_t cs = 4096;
+	size_t len;
+	uint8_t *bytes = create_bytes(1u << 20, 12, 4, 3, &len);
+	struct qcow_open_opts o = test_opts(0);
+	o.recycler = true;     /* the eraser must run during the wait */
+	o.compact = false;     /* but no compaction or trim (they truncate) */
+	struct qcow_io *io = qcow_io_mem_new(bytes, len);
+	struct qcow_image *img = NULL;
+	char err[256];
+	REQUIRE(qcow_image_open_io(io, &o, &img, err, sizeof(err)) == 0, "D8 wait: open: %s", err);
+	uint8_t *old = malloc(cs), *buf = malloc(2 * cs), *got = malloc(2 * cs);
+	fill_random(old, cs);
+	fill_random(buf, 2 * cs);
+	REQUIRE(qcow_image_write(img, old, cs, 0) == (ssize_t)cs, "D8 wait: first cluster");
+	REQUIRE(qcow_image_flush(img) == 0, "D8 wait: flush");
+	/* no Available cluster left, and a truncation in progress: the next
+	 * allocation has to wait for it */
+	pthread_mutex_lock(&img->lock);
+	for (uint64_t c = qcow_map_lowest_available(&img->map); c != UINT64_MAX; c = qcow_map_lowest_available(&img->map))
+		qcow_map_set_state(&img->map, c, QCS_ROOTS);
+	img->truncating = true;
+	pthread_mutex_unlock(&img->lock);
+
+	struct d8_writer w = { .img = img, .buf = buf, .len = 2 * cs };
+	pthread_t th;
+	pthread_create(&th, NULL, d8_write_main, &w);
+	usleep(200 * 1000);
+	/* the guest discards the first cluster; the recycler erases it and a
+	 * flush makes it Available */
+	CHECK(qcow_image_discard(img, 0, cs) == 0, "D8 wait: discard");
+	for (int i = 0; i < 40; i++) {
+		usleep(50 * 1000);
+		pthread_mutex_lock(&img->lock);
+		bool done = img->map.count[QCS_JUNK] == 0 && img->map.count[QCS_ERASING] == 0 &&
+			    img->map.count[QCS_ERASED] == 0 && img->map.count[QCS_FLUSHING] == 0;
+		pthread_mutex_unlock(&img->lock);
+		if (done)
+			break;
+	}
+	pthread_mutex_lock(&img->lock);
+	CHECK(img->claims_len == 0 && img->map.count[QCS_ROOTS] > 0,
+	      "D8 wait: the waiting write holds %zu claims", img->claims_len);
+	img->truncating = false;
+	pthread_cond_broadcast(&img->truncate_done);
+	pthread_mutex_unlock(&img->lock);
+	pthread_join(th, NULL);
+	CHECK(w.ret == (ssize_t)(2 * cs), "D8 wait: the write returned %zd", w.ret);
+	REQUIRE(qcow_image_read(img, got, 2 * cs, 0) == (ssize_t)(2 * cs), "D8 wait: read");
+	CHECK(memcmp(got, buf, cs) == 0, "D8 wait: the write's first cluster was lost (written into a cluster "
+	      "the discard freed while the write waited inside its resolution)");
+	CHECK(memcmp(got + cs, buf + cs, cs) == 0, "D8 wait: the write's second cluster reads wrong");
+	qcow_image_close(img);
+	free(bytes);
+	free(old);
+	free(buf);
+	free(got);
+}
+
 int main(int argc, char **argv)
 {
 	verbose = getenv("ERRORS_VERBOSE") != NULL;
@@ -916,6 +999,7 @@ int main(int argc, char **argv)
 	RUN("D7", d7_qemu_size);
 	RUN("D8", d8_pinned_after_failed_flush);
 	RUN("D8-resize-race", d8_resize_race);
+	RUN("D8-wait", d8_wait_in_resolve);
 	RUN("D9", d9_failed_compaction);
 	RUN("D10", d10_flush_steps);
 	return tap_done();
