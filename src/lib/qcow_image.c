@@ -632,6 +632,7 @@ int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence)
 /* Moves the L1 table into a bigger place (flush_lock held). */
 static int grow_l1(struct qcow_image *img, uint32_t new_entries)
 {
+	qcow_assert_flush_locked(img);
 	uint64_t cs = img->cluster_size;
 	uint64_t nclusters = ((uint64_t)new_entries * 8 + cs - 1) / cs;
 	uint64_t start;

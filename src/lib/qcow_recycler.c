@@ -80,6 +80,7 @@ static int erase_run(struct qcow_image *img, uint64_t first, uint64_t n)
  * erased or -errno. */
 static int64_t erase_batch(struct qcow_image *img)
 {
+	qcow_assert_locked(img);
 	/* failed state: a Junk cluster's unreference may never become
 	 * durable, so erasing it could destroy what the disk still shows */
 	if (qcow_health_failed(img))
@@ -143,6 +144,7 @@ static int64_t erase_batch(struct qcow_image *img)
  * right after their completing flush. */
 static uint64_t tail_start(struct qcow_image *img, bool only_available)
 {
+	qcow_assert_locked(img);
 	const struct qcow_map *m = &img->map;
 	uint64_t last = qcow_map_last_block(m);
 	uint64_t n = last == UINT64_MAX ? 1 : last + 1;
@@ -164,6 +166,7 @@ static uint64_t tail_start(struct qcow_image *img, bool only_available)
  * -errno. */
 static int truncate_after(struct qcow_image *img, bool only_available)
 {
+	qcow_assert_flush_locked(img);
 	if (qcow_health_failed(img))
 		return -EIO;   /* nothing more is written in the failed state */
 	pthread_mutex_lock(&img->lock);
@@ -378,6 +381,7 @@ static size_t copy_run(struct qcow_image *img, struct batch *b, size_t i, int *r
 /* Rewrites the pointer of one Flushed move (img->lock and flush_lock held). */
 static void rewrite_pointer(struct qcow_image *img, struct qcow_move *mv)
 {
+	qcow_assert_locked(img);
 	uint64_t cs = img->cluster_size, src = mv->src, dst = mv->dst;
 	uint64_t slot = qcow_map_slot(&img->map, src), index;
 	int ret;
@@ -433,6 +437,7 @@ static void rewrite_pointer(struct qcow_image *img, struct qcow_move *mv)
  * would cancel that table's own move. */
 static void rewrite_flushed(struct qcow_image *img)
 {
+	qcow_assert_flush_locked(img);
 	for (int pass = 0; pass < 2; pass++)
 		for (unsigned i = 0; i < img->map.nmoves_cap; i++) {
 			struct qcow_move *mv = &img->map.moves[i];
@@ -447,6 +452,7 @@ static void rewrite_flushed(struct qcow_image *img)
 
 void qcow_retire_moves(struct qcow_image *img)
 {
+	qcow_assert_locked(img);
 	for (unsigned i = 0; i < img->map.nmoves_cap; i++) {
 		struct qcow_move *mv = &img->map.moves[i];
 		if (!mv->in_use)
@@ -830,6 +836,7 @@ enum recycle_action { ACT_NONE, ACT_TRIM, ACT_COMPACT };
  * in; *wait_ms is lowered to the end of that quiet period. */
 static enum recycle_action auto_action(struct qcow_image *img, uint64_t now, unsigned *wait_ms)
 {
+	qcow_assert_locked(img);
 	if (!img->opts.compact)
 		return ACT_NONE;
 	unsigned quiet = img->opts.compact_quiet_ms ? img->opts.compact_quiet_ms : QCOW_DEFAULT_QUIET_MS;
