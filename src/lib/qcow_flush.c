@@ -462,13 +462,13 @@ int qcow_flush_holding_flush_lock(struct qcow_image *img)
 	ret = take_snapshot(img, &p);
 	pthread_mutex_unlock(&img->lock);
 	if (ret)
-		goto fail;
+		goto out;
 
 	/* 1. raise refcounts (and publish a new refcount table) */
 	finals = qcow_calloc(p.nrb ? p.nrb : 1, sizeof(*finals));
 	if (!finals) {
 		ret = -ENOMEM;
-		goto fail;
+		goto out;
 	}
 	ret = write_refblocks_up(img, &p, finals, &wrote);
 	for (size_t i = 0; ret == 0 && i < p.nmeta; i++) {
@@ -505,28 +505,23 @@ int qcow_flush_holding_flush_lock(struct qcow_image *img)
 	for (size_t i = 0; ret == 0 && i < p.nrb; i++)
 		if (finals[i])
 			ret = io->ops->pwrite(io, finals[i], img->cluster_size, p.rb[i].host);
+out:
 	if (ret)
-		goto fail;
-
+		qcow_note_error(img, ret, "flush");
 	pthread_mutex_lock(&img->lock);
 	for (size_t i = 0; i < p.nl2; i++)
 		qcow_cache_unpin(&img->cache, p.l2[i].entry);
-	finish_flush(img, &p);
-	pthread_cond_broadcast(&img->recycler_wake);
+	if (ret) {
+		undo_snapshot(img, &p);
+	} else {
+		finish_flush(img, &p);
+		pthread_cond_broadcast(&img->recycler_wake);
+	}
 	pthread_mutex_unlock(&img->lock);
 	qcow_free(finals);
 	plan_free(&p);
-	qcow_health_flush_ok(img);
-	return 0;
-fail:
-	qcow_note_error(img, ret, "flush");
-	pthread_mutex_lock(&img->lock);
-	for (size_t i = 0; i < p.nl2; i++)
-		qcow_cache_unpin(&img->cache, p.l2[i].entry);
-	undo_snapshot(img, &p);
-	pthread_mutex_unlock(&img->lock);
-	qcow_free(finals);
-	plan_free(&p);
+	if (!ret)
+		qcow_health_flush_ok(img);
 	return ret;
 }
 

@@ -41,12 +41,6 @@ char *qcow_strdup(const char *s)
 
 void qcow_free(void *p) { free(p); }
 
-void qcow_freep(void *p)
-{
-	void **pp = p;
-	qcow_free(*pp);
-	*pp = NULL;
-}
 
 const char *qcow_allocator_version(void)
 {

@@ -30,8 +30,5 @@ int qcow_u64_list_add(struct qcow_u64_list *l, uint64_t x);
 void qcow_u64_list_take(struct qcow_u64_list *l, struct qcow_u64_list *to);
 void qcow_u64_list_free(struct qcow_u64_list *l);
 
-/* Frees *(void **)p; for __attribute__((cleanup(qcow_freep))). */
-void qcow_freep(void *p);
-#define QCOW_AUTOFREE __attribute__((cleanup(qcow_freep)))
 
 #endif

@@ -371,6 +371,12 @@ static bool probe_punch(struct qcow_io *io)
 	return io->ops->punch(io, (uint64_t)(sz > 0 ? sz : 0) + (1u << 20), 4096) == 0;
 }
 
+static int open_nomem(char *err, size_t errlen)
+{
+	qcow_set_error(err, errlen, "out of memory while opening the image");
+	return -ENOMEM;
+}
+
 int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 		       struct qcow_image **out, char *err, size_t errlen)
 {
@@ -404,12 +410,12 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 
 	int ret = qcow_header_read(io, &img->hdr, err, errlen);
 	if (ret)
-		goto fail;
+		goto out;
 	if (!img->read_only && (img->hdr.incompatible_features & QCOW_INCOMPAT_CORRUPT)) {
 		qcow_set_error(err, errlen, "image is marked corrupt (incompatible feature bit 1 at header offset 72); "
 			       "repair it with 'qemu-img check -r all' or mount it with -o ro");
 		ret = -EACCES;
-		goto fail;
+		goto out;
 	}
 	img->cluster_bits = img->hdr.cluster_bits;
 	img->cluster_size = 1ull << img->cluster_bits;
@@ -419,14 +425,17 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 	img->virtual_size = img->hdr.size & ~511ull;
 	ret = load_tables(img, err, errlen);
 	if (ret)
-		goto fail;
+		goto out;
 
 	uint64_t file_clusters = (img->hdr.file_size + img->cluster_size - 1) >> img->cluster_bits;
 	/* the map starts empty and grows with the clusters referenced: a
 	 * file that ends in a huge hole costs nothing */
 	ret = qcow_map_init(&img->map, 1, img->rb_shift);
 	if (ret)
-		goto fail_nomem;
+		{
+		ret = open_nomem(err, errlen);
+		goto out;
+	}
 	img->map.first_movable = 1;
 	img->map.runtime_asserts = opts.runtime_asserts;
 	img->map.check_transitions = img->lock_asserts;
@@ -440,7 +449,7 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 		ret = -EINVAL;
 	}
 	if (ret)
-		goto fail;
+		goto out;
 	if (b.tolerated || g.corruptions)
 		qcow_logf(QCOW_LOG_WARNING, "%s: %" PRIu64 " overlapping references and %" PRIu64 " other corruptions "
 			  "(qemu-img check reports them); read-only, so the image is used as it is",
@@ -455,7 +464,10 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 
 	size_t cache_bytes = opts.cache_bytes ? opts.cache_bytes : QCOW_DEFAULT_CACHE_BYTES;
 	if (qcow_cache_init(&img->cache, cache_bytes / img->cluster_size, img->cluster_size))
-		goto fail_nomem;
+		{
+		ret = open_nomem(err, errlen);
+		goto out;
+	}
 
 	if (!img->read_only) {
 		bool dirty = img->hdr.incompatible_features & QCOW_INCOMPAT_DIRTY;
@@ -465,7 +477,7 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 			ret = (int)diff;
 			if (!j.refused)
 				qcow_set_error(err, errlen, "cannot read the refcount blocks: %s", strerror(-ret));
-			goto fail;
+			goto out;
 		}
 		/* COPIED exactly where the map sees one reference, as
 		 * qemu-img check -r all leaves it (an interrupted snapshot
@@ -473,7 +485,7 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 		ret = fix_copied(img, &b);
 		if (ret) {
 			qcow_set_error(err, errlen, "cannot repair the COPIED flags: %s", strerror(-ret));
-			goto fail;
+			goto out;
 		}
 		bool repair = diff > 0 || b.copied_fixed;
 		if (diff > 0)
@@ -502,7 +514,7 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 			pthread_mutex_unlock(&img->flush_lock);
 			if (ret) {
 				qcow_set_error(err, errlen, "cannot repair the image: %s", strerror(-ret));
-				goto fail;
+				goto out;
 			}
 		}
 		/* the file after the last referenced cluster is a free tail */
@@ -512,7 +524,7 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 			ret = io->ops->truncate(io, end);
 			if (ret) {
 				qcow_set_error(err, errlen, "cannot cut the free tail of the file at %" PRIu64 ": %s", end, strerror(-ret));
-				goto fail;
+				goto out;
 			}
 			img->hdr.file_size = end;
 		}
@@ -520,20 +532,19 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 		if (opts.recycler) {
 			ret = qcow_recycler_start(img);
 			if (ret)
-				goto fail;
+				goto out;
 		}
 	}
+	ret = 0;
+out:
 	qcow_free(b.cls);
+	if (ret) {
+		img->io = NULL;   /* the caller keeps its backend */
+		image_free(img);
+		return ret;
+	}
 	*out = img;
 	return 0;
-fail_nomem:
-	ret = -ENOMEM;
-	qcow_set_error(err, errlen, "out of memory while opening the image");
-fail:
-	qcow_free(b.cls);
-	img->io = NULL;
-	image_free(img);
-	return ret;
 }
 
 int qcow_image_open(const char *path, const struct qcow_open_opts *opts_in, struct qcow_image **out,

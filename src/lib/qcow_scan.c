@@ -325,7 +325,7 @@ static int read_snapshot_table(struct walk *w, struct snapshot_l1 **out, uint64_
 		ret = io->ops->pread(io, e, sizeof(e), pos);
 		if (ret < 0) {
 			qcow_set_error(w->err, w->errlen, "cannot read snapshot %u at 0x%" PRIx64 ": %s", i, pos, strerror(-ret));
-			goto fail;
+			goto out;
 		}
 		s[i].offset = qcow_get_be64(e);
 		s[i].entries = qcow_get_be32(e + 8);
@@ -334,7 +334,7 @@ static int read_snapshot_table(struct walk *w, struct snapshot_l1 **out, uint64_
 		if (extra > 1024 || (pos >= file_size && !check)) {
 			qcow_set_error(w->err, w->errlen, "snapshot table entry %u at offset 0x%" PRIx64 " is invalid (extra data size %u)", i, pos, extra);
 			ret = -EINVAL;
-			goto fail;
+			goto out;
 		}
 		if (h->version >= 3 && extra < 16) {
 			/* version 3 snapshots carry the 64-bit VM state size and
@@ -342,7 +342,7 @@ static int read_snapshot_table(struct walk *w, struct snapshot_l1 **out, uint64_
 			ret = corrupt(w, "snapshot table entry %u at offset 0x%" PRIx64 " is incomplete (extra data size %u, needs 16)",
 				      i, pos, extra);
 			if (ret)
-				goto fail;
+				goto out;
 		}
 		bool bad_shape = (s[i].offset & (cs - 1)) || (uint64_t)s[i].entries * 8 > QCOW_MAX_L1_BYTES;
 		bool missing = s[i].entries && (s[i].offset == 0 || s[i].offset >= file_size);
@@ -354,16 +354,19 @@ static int read_snapshot_table(struct walk *w, struct snapshot_l1 **out, uint64_
 			qcow_set_error(w->err, w->errlen, "snapshot %u (table entry at 0x%" PRIx64 ") has an invalid L1 table 0x%" PRIx64 " with %u entries",
 				       i, pos, s[i].offset, s[i].entries);
 			ret = -EINVAL;
-			goto fail;
+			goto out;
 		}
 		pos += (40 + (uint64_t)extra + id_len + name_len + 7) & ~7ull;
+	}
+	ret = 0;
+out:
+	if (ret) {
+		qcow_free(s);
+		return ret;
 	}
 	*out = s;
 	*table_len = pos - h->snapshots_offset;
 	return 0;
-fail:
-	qcow_free(s);
-	return ret;
 }
 
 /* The bitmaps header extension (qcow2 spec, "Bitmaps extension"): 4 bytes
