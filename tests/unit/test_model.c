@@ -241,8 +241,17 @@ static void *writer_main(void *arg)
 		if (tap_rand(&w->seed) % 16 == 0) {
 			ssize_t rr = qcow_image_read(w->img, buf, len, off);
 			if (rr != (ssize_t)len || memcmp(buf, w->model + off, len)) {
-				fprintf(stderr, "writer: read [%llu, +%llu) returned %zd%s\n", (unsigned long long)off,
-					(unsigned long long)len, rr, rr == (ssize_t)len ? " with wrong data" : "");
+				uint64_t k = 0, bad = 0;
+				while (rr == (ssize_t)len && k < len && buf[k] == w->model[off + k])
+					k++;
+				for (uint64_t j = k; rr == (ssize_t)len && j < len; j++)
+					bad += buf[j] != w->model[off + j];
+				fprintf(stderr, "writer: read [%llu, +%llu) returned %zd%s: first difference at guest byte %llu "
+					"(cluster %llu, +%llu), %llu bytes differ, read 0x%02x, expected 0x%02x\n",
+					(unsigned long long)off, (unsigned long long)len, rr, rr == (ssize_t)len ? " with wrong data" : "",
+					(unsigned long long)(off + k), (unsigned long long)((off + k) / w->cs),
+					(unsigned long long)((off + k) % w->cs), (unsigned long long)bad,
+					k < len ? buf[k] : 0, k < len ? w->model[off + k] : 0);
 				w->failed++;
 			}
 		}
