@@ -303,7 +303,7 @@ static inline void qcow_cond_wait_ms(pthread_cond_t *cond, pthread_mutex_t *mute
 	pthread_cond_timedwait(cond, mutex, &ts);
 }
 
-/* in-flight tracking (qcow_image.c) */
+/* in-flight tracking (qcow_inflight.c) */
 void qcow_inflight_begin(struct qcow_image *img, struct qcow_inflight *req);
 void qcow_inflight_end(struct qcow_image *img, struct qcow_inflight *req);
 /* Returns a ticket; qcow_inflight_wait_before(t) returns once every

@@ -9,7 +9,7 @@
  *    1. every cluster has exactly one state; the bitmaps and counters agree
  *       with the entries;
  *    2. only Available clusters are handed out (the allocator in
- *       qcow_image.c takes qcow_map_lowest_available);
+ *       qcow_alloc.c takes qcow_map_lowest_available);
  *    4. a move source stays REF until its pointer is rewritten, then
  *       PENDING until the completing flush (never Junk before); the
  *       destination is Copies until the rewrite, then REF (or free, if

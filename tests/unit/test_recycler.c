@@ -261,16 +261,24 @@ static void test_disk_full(void)
 
 /* ---- the free tail is given back (item 15) -------------------------------- */
 
-static void test_free_tail(void)
+/* A fresh 64 MiB image with 64 KiB clusters on a recording backend,
+ * opened with o (the recycler running unless o says otherwise). */
+static struct qcow_image *open_fresh(struct tio **t, const struct qcow_open_opts *o)
 {
 	size_t len;
 	uint8_t *bytes = create_bytes(64ull << 20, 16, 4, 3, &len);
-	struct tio *t = tio_new(bytes, len);
+	*t = tio_new(bytes, len);
 	free(bytes);
+	return open_io(&(*t)->io, o);
+}
+
+static void test_free_tail(void)
+{
+	struct tio *t;
 	struct qcow_open_opts o;
 	qcow_open_opts_default(&o);
 	o.no_locking = true;   /* default threshold and quiet period */
-	struct qcow_image *img = open_io(&t->io, &o);
+	struct qcow_image *img = open_fresh(&t, &o);
 	size_t n = 8u << 20;
 	uint8_t *buf = malloc(n);
 	REQUIRE(buf, "malloc");
@@ -307,16 +315,13 @@ static void test_free_tail(void)
  * third of their speed). */
 static void test_growth_headroom(void)
 {
-	size_t len;
-	uint8_t *bytes = create_bytes(64ull << 20, 16, 4, 3, &len);
-	struct tio *t = tio_new(bytes, len);
-	free(bytes);
+	struct tio *t;
 	struct qcow_open_opts o;
 	qcow_open_opts_default(&o);
 	o.no_locking = true;
 	o.compact_quiet_ms = 50;   /* the recycler looks often */
 	o.compact_threshold_bytes = 64 << 10;   /* any headroom would be worth a trim */
-	struct qcow_image *img = open_io(&t->io, &o);
+	struct qcow_image *img = open_fresh(&t, &o);
 	size_t n = 1u << 20;
 	uint8_t *buf = malloc(n);
 	REQUIRE(buf, "malloc");
