@@ -172,6 +172,8 @@ ssize_t qcow_image_read(struct qcow_image *img, void *buf, size_t len, uint64_t 
 	qcow_inflight_begin(img, &req);
 	qcow_unlock(img);
 
+	if (img->read_io_hook)
+		img->read_io_hook(img, img->read_io_opaque);
 	for (size_t i = 0; i < segs.n && ret == 0; i++) {
 		struct seg *s = &segs.v[i];
 		uint8_t *dst = (uint8_t *)buf + s->buf_off;

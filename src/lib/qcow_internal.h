@@ -147,6 +147,9 @@ struct qcow_image {
 	 * before its data I/O (tests run a compaction in that window) */
 	void (*write_io_hook)(struct qcow_image *img, void *opaque);
 	void *write_io_opaque;
+	/* test hook: the same for a guest read (tests truncate in that window) */
+	void (*read_io_hook)(struct qcow_image *img, void *opaque);
+	void *read_io_opaque;
 
 	/* statistics */
 	uint64_t bytes_reclaimed;

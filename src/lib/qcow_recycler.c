@@ -177,7 +177,14 @@ static int truncate_after(struct qcow_image *img, bool only_available)
 		return 0;
 	}
 	img->truncating = true;
+	/* A request that resolved a cluster of the tail before it became free
+	 * (a read of a move source, say) may still be reading it: truncation
+	 * destroys contents like an erase, so it waits for the same grace
+	 * period.  Requests never wait for it while registered (allocation
+	 * says -EAGAIN and the request gives back before it waits). */
+	uint64_t ticket = qcow_inflight_ticket(img);
 	pthread_mutex_unlock(&img->lock);
+	qcow_inflight_wait_before(img, ticket);
 
 	int64_t size = img->io->ops->size(img->io);
 	uint64_t new_size = new_n << img->cluster_bits;

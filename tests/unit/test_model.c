@@ -398,6 +398,93 @@ static void compaction_inside_write_window(void)
 	qcow_free(buf);
 }
 
+/* ---- a read in flight while compaction moves and truncates --------- */
+
+struct read_window {
+	struct qcow_image *img;
+	uint64_t off;
+	uint8_t buf[4096];
+	ssize_t got;
+	pthread_t reader;
+	bool started, resolved;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+};
+
+/* Inside the read, after it resolved its host cluster: tell the compactor
+ * and give it time to move that cluster, flush and truncate the file. */
+static void in_read_window(struct qcow_image *img, void *opaque)
+{
+	(void)img;
+	struct read_window *w = opaque;
+	pthread_mutex_lock(&w->lock);
+	w->resolved = true;
+	pthread_cond_broadcast(&w->cond);
+	pthread_mutex_unlock(&w->lock);
+	usleep(300 * 1000);
+}
+
+static void *reader_main(void *arg)
+{
+	struct read_window *w = arg;
+	w->got = qcow_image_read(w->img, w->buf, sizeof(w->buf), w->off);
+	return NULL;
+}
+
+/* Runs in the compactor after a batch copied its clusters, so the read
+ * registers after the batch planned its moves (the copy does not wait
+ * for it): only the truncation can still destroy what it reads. */
+static void start_reader_after_copy(struct qcow_image *img, enum qcow_move_state reached, void *opaque)
+{
+	struct read_window *w = opaque;
+	if (reached != QMOVE_COPIED || w->started)
+		return;
+	w->started = true;
+	img->read_io_hook = in_read_window;
+	img->read_io_opaque = w;
+	pthread_create(&w->reader, NULL, reader_main, w);
+	pthread_mutex_lock(&w->lock);
+	while (!w->resolved)
+		pthread_cond_wait(&w->cond, &w->lock);
+	pthread_mutex_unlock(&w->lock);
+}
+
+static void compaction_inside_read_window(void)
+{
+	uint64_t cs = 65536, size = 64 * cs;
+	struct qcow_io *io = new_image(size, 16, 4, 3);
+	struct qcow_image *img = open_mem(io);
+	uint8_t *model = qcow_calloc(1, size), *buf = qcow_malloc(size);
+	fill_random(buf, size);
+	REQUIRE(qcow_image_write(img, buf, size, 0) == (ssize_t)size, "fill");
+	memcpy(model, buf, size);
+	REQUIRE(qcow_image_discard(img, 0, size / 2) == 0, "discard");
+	memset(model, 0, size / 2);
+
+	struct read_window w = { .img = img, .off = size - cs + 1000 };
+	pthread_mutex_init(&w.lock, NULL);
+	pthread_cond_init(&w.cond, NULL);
+	img->move_phase_hook = start_reader_after_copy;
+	img->move_phase_opaque = &w;
+	/* the last guest cluster lives in the last host cluster: moved by the
+	 * first batch, and the file truncated after it */
+	REQUIRE(qcow_image_compact(img, NULL, NULL) == 0, "compact");
+	img->move_phase_hook = NULL;
+	REQUIRE(w.started, "the reader ran inside the compaction");
+	pthread_join(w.reader, NULL);
+	img->read_io_hook = NULL;
+	CHECK(w.got == (ssize_t)sizeof(w.buf) && memcmp(w.buf, model + w.off, sizeof(w.buf)) == 0,
+	      "a read in flight while its cluster was moved and the file truncated read the right data (returned %zd)",
+	      w.got);
+	check_map(img, "compaction in a read window");
+	verify_all(img, model, size);
+	CHECK(qcow_image_close(img) == 0, "close");
+	pthread_mutex_destroy(&w.lock);
+	pthread_cond_destroy(&w.cond);
+	qcow_free(model);
+	qcow_free(buf);
+}
+
 int main(void)
 {
 	qcow_log_set_sink(count_repairs, NULL);
@@ -413,6 +500,7 @@ int main(void)
 		random_ops(kinds[k].cb, kinds[k].order, kinds[k].version, (kinds[k].cb == 21 ? 300 : 1500) * scale);
 	}
 	compaction_inside_write_window();
+	compaction_inside_read_window();
 	concurrent(16, 4, 2000 * scale);
 	concurrent(12, 3, 2000 * scale);
 	return tap_done();
