@@ -116,11 +116,11 @@ int qcow_released_add(struct qcow_image *img, uint64_t c)
 	return qcow_u64_list_add(&img->released, c);
 }
 
-void qcow_free_after_flush(struct qcow_image *img, uint64_t c)
+void qcow_free_after_flush(struct qcow_image *img, uint64_t c, uint64_t slot)
 {
 	qcow_assert_locked(img);
-	if (qcow_map_state(&img->map, c) == QCS_PINNED && qcow_map_pincount(&img->map, c) > 1) {
-		qcow_map_drop_ref(&img->map, c);
+	if (qcow_map_refcount(&img->map, c) > 1) {
+		qcow_map_drop_ref(&img->map, c, slot);
 		return;
 	}
 	if (qcow_released_add(img, c)) {

@@ -407,7 +407,7 @@ static void finish_flush(struct qcow_image *img, struct flush_plan *p)
 	}
 	for (size_t i = 0; i < p->npending_free; i++)
 		for (uint64_t k = 0; k < p->pending_free[i].n; k++)
-			qcow_map_drop_ref(&img->map, p->pending_free[i].first + k);
+			qcow_map_drop_ref(&img->map, p->pending_free[i].first + k, 0);
 }
 
 /* A sync that fails may have lost writes the kernel already dropped

@@ -255,7 +255,7 @@ static void give_back(struct qcow_image *img, struct write_plan *p, size_t from,
  * them, erased or not: discarded data may read either way).  An overwrite
  * keeps them until the next flush (qcow_free_after_flush): until then the
  * durable entry still shows their contents, which must survive a crash. */
-static void release_entry(struct qcow_image *img, uint64_t e, bool overwrite)
+static void release_entry(struct qcow_image *img, uint64_t e, uint64_t slot, bool overwrite)
 {
 	uint64_t first, last;
 	if (e & QCOW_OFLAG_COMPRESSED) {
@@ -276,9 +276,9 @@ static void release_entry(struct qcow_image *img, uint64_t e, bool overwrite)
 			continue;   /* compressed hosts are pinned; anything else is not ours */
 		qcow_map_move_cancel(&img->map, c);
 		if (overwrite)
-			qcow_free_after_flush(img, c);
+			qcow_free_after_flush(img, c, slot);
 		else
-			qcow_map_drop_ref(&img->map, c);
+			qcow_map_drop_ref(&img->map, c, slot);
 	}
 }
 
@@ -405,7 +405,7 @@ static int link_new_clusters(struct qcow_image *img, struct write_plan *p)
 			give_back(img, p, i, true);
 			return t ? -EAGAIN : ret;
 		}
-		release_entry(img, nc->old, true);
+		release_entry(img, nc->old, (t->cluster << img->cluster_bits) + idx * 8, true);
 		qcow_l2_set_entry(img, t, idx, (nc->host << img->cluster_bits) | QCOW_OFLAG_COPIED);
 		qcow_map_set_ref(&img->map, nc->host, (t->cluster << img->cluster_bits) + idx * 8);
 		qcow_claims_drop(img, nc->gc);
@@ -515,7 +515,7 @@ static int unmap_clusters(struct qcow_image *img, uint64_t gc, uint64_t count)
 		if (!t)
 			return ret;
 		e = qcow_l2_entry(t, idx);
-		release_entry(img, e, false);
+		release_entry(img, e, (t->cluster << img->cluster_bits) + idx * 8, false);
 		/* no backing file: an unallocated cluster reads zeros in both
 		 * versions, and it frees the most */
 		qcow_l2_set_entry(img, t, idx, 0);

@@ -251,7 +251,7 @@ void qcow_alloc_wait_truncation(struct qcow_image *img);
  * made the replacement durable, and only then becomes Junk - erasing it
  * earlier would destroy what the durable pointer still shows after a
  * crash. */
-void qcow_free_after_flush(struct qcow_image *img, uint64_t c);
+void qcow_free_after_flush(struct qcow_image *img, uint64_t c, uint64_t slot);
 /* Appends c (Pending) to the list the next flush frees; 0 or -ENOMEM. */
 int qcow_released_add(struct qcow_image *img, uint64_t c);
 

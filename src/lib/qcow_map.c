@@ -255,13 +255,26 @@ void qcow_map_add_ref(struct qcow_map *m, uint64_t c, uint64_t slot)
 		qcow_map_set_ref(m, c, slot);
 }
 
-void qcow_map_drop_ref(struct qcow_map *m, uint64_t c)
+void qcow_map_drop_ref(struct qcow_map *m, uint64_t c, uint64_t slot)
 {
+	(void)slot;
 	enum qcow_cstate s = decode_state(m->entry[c]);
 	if (s == QCS_PINNED && qcow_map_pincount(m, c) > 1)
 		qcow_map_set_pinned(m, c, qcow_map_pincount(m, c) - 1);
 	else
 		qcow_map_set_state(m, c, QCS_JUNK);
+}
+
+void qcow_map_replace_ref(struct qcow_map *m, uint64_t c, uint64_t old_slot, uint64_t new_slot)
+{
+	if (decode_state(m->entry[c]) == QCS_REF && m->entry[c] == old_slot)
+		qcow_map_set_ref(m, c, new_slot);
+}
+
+uint64_t qcow_map_refcount(const struct qcow_map *m, uint64_t c)
+{
+	enum qcow_cstate s = decode_state(m->entry[c]);
+	return s == QCS_REF ? 1 : s == QCS_PINNED ? qcow_map_pincount(m, c) : 0;
 }
 
 uint64_t qcow_map_total_used(const struct qcow_map *m) { return m->count[QCS_REF] + m->count[QCS_PINNED]; }

@@ -82,10 +82,17 @@ uint64_t qcow_map_pincount(const struct qcow_map *m, uint64_t c); /* PINNED only
 void qcow_map_set_ref(struct qcow_map *m, uint64_t c, uint64_t slot);
 void qcow_map_set_pinned(struct qcow_map *m, uint64_t c, uint64_t count);
 void qcow_map_set_state(struct qcow_map *m, uint64_t c, enum qcow_cstate s);
-/* Adds one reference (REF -> PINNED(2), PINNED(n) -> n+1, free -> REF). */
+/* Adds one reference from the pointer at slot (REF -> PINNED(2),
+ * PINNED(n) -> n+1, free -> REF). */
 void qcow_map_add_ref(struct qcow_map *m, uint64_t c, uint64_t slot);
-/* Drops one reference: REF -> Junk, PINNED(1) -> Junk, PINNED(n) -> n-1. */
-void qcow_map_drop_ref(struct qcow_map *m, uint64_t c);
+/* Drops the reference from the pointer at slot: REF -> Junk,
+ * PINNED(1) -> Junk, PINNED(n) -> n-1. */
+void qcow_map_drop_ref(struct qcow_map *m, uint64_t c, uint64_t slot);
+/* The pointer at old_slot that references c now lives at new_slot (a
+ * table holding it moved or was copied). */
+void qcow_map_replace_ref(struct qcow_map *m, uint64_t c, uint64_t old_slot, uint64_t new_slot);
+/* References c has (REF 1, PINNED its count, 0 for the other states). */
+uint64_t qcow_map_refcount(const struct qcow_map *m, uint64_t c);
 
 /* What the on-disk refcount of c must be, derived from its state. */
 /* The seed's total_used / total_free: referenced (REF, PINNED) clusters,

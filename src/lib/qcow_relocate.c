@@ -122,7 +122,7 @@ int qcow_table_relocate(struct qcow_image *img, enum qcow_table which, uint64_t 
 			qcow_logf(QCOW_LOG_WARNING, "out of memory: the old table at 0x%" PRIx64 " stays allocated (a leak)", old_off);
 	} else {
 		for (uint64_t i = 0; old_off && i < old_n; i++)
-			qcow_map_drop_ref(&img->map, (old_off >> img->cluster_bits) + i);
+			qcow_map_drop_ref(&img->map, (old_off >> img->cluster_bits) + i, 0);
 	}
 	qcow_unlock(img);
 	if (ret)

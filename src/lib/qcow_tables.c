@@ -127,7 +127,7 @@ struct qcow_cached *qcow_l2_for_write(struct qcow_image *img, uint64_t l1i, int 
 		/* the durable L1 entry points at the old table until the next
 		 * flush: it is freed only after that flush */
 		qcow_map_move_cancel(&img->map, oldc);
-		qcow_free_after_flush(img, oldc);
+		qcow_free_after_flush(img, oldc, slot);
 		if (qcow_map_state(&img->map, oldc) == QCS_PENDING)
 			qcow_cache_remove(&img->cache, src);   /* a zombie until unpinned below */
 	} else {

@@ -269,12 +269,12 @@ static void basics(void)
 	CHECK(qcow_map_pincount(&map, 5) == 3 && qcow_map_want_refcount(&map, 5) == 3, "PINNED(3)");
 	CHECK(map.count[QCS_PINNED] == 1 && map.count[QCS_REF] == 0, "pinned counts");
 	/* drop_ref: 3 -> 2 -> 1 -> Junk */
-	qcow_map_drop_ref(&map, 5);
+	qcow_map_drop_ref(&map, 5, 0x30000);
 	CHECK(qcow_map_state(&map, 5) == QCS_PINNED && qcow_map_pincount(&map, 5) == 2, "drop 3 -> 2");
-	qcow_map_drop_ref(&map, 5);
+	qcow_map_drop_ref(&map, 5, 0x30000);
 	CHECK(qcow_map_state(&map, 5) == QCS_PINNED && qcow_map_pincount(&map, 5) == 1, "drop 2 -> 1");
 	rc_clear(&map);
-	qcow_map_drop_ref(&map, 5);
+	qcow_map_drop_ref(&map, 5, 0x30000);
 	CHECK(qcow_map_state(&map, 5) == QCS_JUNK && qcow_map_want_refcount(&map, 5) == 0, "drop PINNED(1) -> Junk");
 	CHECK(map.rc_dirty.count == 1, "drop to junk marks");
 	CHECK(qcow_map_next_junk(&map, 0) == 5 && qcow_map_next_junk(&map, 5) == 5 && qcow_map_next_junk(&map, 6) == UINT64_MAX,
@@ -283,7 +283,7 @@ static void basics(void)
 	/* add_ref on a free cluster -> REF with that slot; drop_ref REF -> Junk */
 	qcow_map_add_ref(&map, 5, 0x4000);
 	CHECK(qcow_map_state(&map, 5) == QCS_REF && qcow_map_slot(&map, 5) == 0x4000, "add_ref free -> REF");
-	qcow_map_drop_ref(&map, 5);
+	qcow_map_drop_ref(&map, 5, 0x4000);
 	CHECK(qcow_map_state(&map, 5) == QCS_JUNK, "drop_ref REF -> Junk");
 	CHECK(qcow_map_check(&map) == NULL, "consistent after the transitions: %s", qcow_map_check(&map));
 
@@ -733,7 +733,7 @@ static void random_step(struct qcow_map *map, struct model *m)
 		} else if (k == 4 || k == 5) {
 			if (x->st != QCS_REF && x->st != QCS_PINNED)
 				return;
-			qcow_map_drop_ref(map, c);
+			qcow_map_drop_ref(map, c, 0);
 			if (x->st == QCS_PINNED && x->val > 1)
 				x->val--;
 			else
