@@ -139,13 +139,14 @@ static int grow_reftable(struct qcow_image *img, uint64_t need)
 	memcpy(t, img->reftable, img->reftable_entries * 8);
 	img->reftable_switch_pending = true;
 	qcow_free(img->reftable);
+	uint64_t old_off = img->hdr.refcount_table_offset, old_len = img->reftable_entries * 8;
 	img->reftable = t;
 	img->reftable_entries = entries;
 	img->hdr.refcount_table_offset = start << img->cluster_bits;
 	img->hdr.refcount_table_clusters = (uint32_t)clusters;
 	for (uint64_t i = 0; i < clusters; i++)
 		qcow_map_set_pinned(&img->map, start + i, 1);
-	qcow_reftable_rehome(img, clusters);
+	qcow_reftable_rehome(img, old_off, old_len, clusters);
 	qcow_logf(QCOW_LOG_DEBUG, "refcount table grows to %" PRIu64 " clusters at 0x%" PRIx64,
 		  clusters, img->hdr.refcount_table_offset);
 	return 0;

@@ -258,22 +258,12 @@ static void give_back(struct qcow_image *img, struct write_plan *p, size_t from,
 static void release_entry(struct qcow_image *img, uint64_t e, uint64_t slot, bool overwrite)
 {
 	uint64_t first, last;
-	if (e & QCOW_OFLAG_COMPRESSED) {
-		uint64_t off, len;
-		qcow_compressed_range(img, e, &off, &len);
-		first = off >> img->cluster_bits;
-		last = (off + len - 1) >> img->cluster_bits;
-	} else {
-		first = last = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
-		if (!first)
-			return;
-	}
+	if (!qcow_entry_clusters(img, e, &first, &last))
+		return;
 	for (uint64_t c = first; c <= last && c < img->map.nclusters; c++) {
-		enum qcow_cstate s = qcow_map_state(&img->map, c);
-		if (s != QCS_REF && s != QCS_PINNED)
+		/* only a cluster that this pointer references is ours to drop */
+		if (!qcow_map_has_ref(&img->map, c, slot))
 			continue;
-		if ((e & QCOW_OFLAG_COMPRESSED) && s != QCS_PINNED)
-			continue;   /* compressed hosts are pinned; anything else is not ours */
 		qcow_map_move_cancel(&img->map, c);
 		if (overwrite)
 			qcow_free_after_flush(img, c, slot);
@@ -729,7 +719,7 @@ void qcow_image_get_stats(struct qcow_image *img, struct qcow_stats *st)
 	uint64_t fixed = 1 + ((uint64_t)img->hdr.l1_size * 8 + img->cluster_size - 1) / img->cluster_size +
 			 img->hdr.refcount_table_clusters;
 	st->clusters_header = fixed < m->count[QCS_PINNED] ? fixed : m->count[QCS_PINNED];
-	st->clusters_referenced = m->count[QCS_REF] + m->count[QCS_PINNED] - st->clusters_header;
+	st->clusters_referenced = m->count[QCS_REF] + m->count[QCS_SHARED] + m->count[QCS_PINNED] - st->clusters_header;
 	st->clusters_junk = m->count[QCS_JUNK] + m->count[QCS_ERASING];
 	st->clusters_erased = m->count[QCS_ERASED] + m->count[QCS_FLUSHING];
 	st->clusters_available = m->count[QCS_AVAILABLE];

@@ -257,6 +257,16 @@ int qcow_released_add(struct qcow_image *img, uint64_t c);
 
 /* qcow_compress.c: compressed clusters (no lock needed) */
 void qcow_compressed_range(const struct qcow_image *img, uint64_t e, uint64_t *off, uint64_t *len);
+/* The descriptor of a stream of `bytes` bytes at host offset off. */
+uint64_t qcow_compressed_descriptor(const struct qcow_image *img, uint64_t off, uint64_t bytes);
+/* Inflates the stream in[0..len) (read from host offset off, for the
+ * message) into one cluster; *consumed (if not NULL) gets the stream's
+ * true length in bytes. */
+int qcow_compressed_inflate(const struct qcow_image *img, const uint8_t *in, size_t len, uint64_t off, uint8_t *out,
+			    uint64_t *consumed);
+/* The host clusters an L2 entry references (a compressed stream may span
+ * several); false when it references none. */
+bool qcow_entry_clusters(const struct qcow_image *img, uint64_t e, uint64_t *first, uint64_t *last);
 int qcow_compressed_read(struct qcow_image *img, uint64_t e, uint8_t *out);
 
 /* qcow_inflight.c: allocation claims on guest clusters */
@@ -278,8 +288,14 @@ void qcow_health_get(struct qcow_image *img, int *last_error, bool *failed);
  * `clusters` clusters dirty (entries changed in memory reach the new place
  * with the next flush) and points the reverse references of what it holds
  * at its new slots (qcow_tables.c). */
-void qcow_l1_rehome(struct qcow_image *img, uint64_t clusters);
-void qcow_reftable_rehome(struct qcow_image *img, uint64_t clusters);
+void qcow_l1_rehome(struct qcow_image *img, uint64_t old_off, uint64_t old_len, uint64_t clusters);
+void qcow_reftable_rehome(struct qcow_image *img, uint64_t old_off, uint64_t old_len, uint64_t clusters);
+
+/* qcow_repack.c (no lock held): moves the streams of the highest
+ * compressed host clusters above free space into new clusters at the
+ * lowest free place; returns how many streams moved or -errno.  Their old
+ * clusters are released at the next flush. */
+int64_t qcow_repack_streams(struct qcow_image *img);
 
 /* qcow_relocate.c (above the flush layer; flush_lock held, img->lock
  * not): moves the L1 or refcount table into the n clusters at start,

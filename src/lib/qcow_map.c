@@ -28,6 +28,7 @@
 
 #define TAG_SHIFT 60
 #define TAG_PINNED 0x8ull
+#define TAG_SHARED 0x9ull
 #define TAG_STATE 0xFull
 #define VALUE_MASK ((1ull << 56) - 1)
 
@@ -39,6 +40,8 @@ static enum qcow_cstate decode_state(uint64_t e)
 		return QCS_REF;
 	if ((e >> TAG_SHIFT) == TAG_PINNED)
 		return QCS_PINNED;
+	if ((e >> TAG_SHIFT) == TAG_SHARED)
+		return QCS_SHARED;
 	return (enum qcow_cstate)(e & 0xff);
 }
 
@@ -47,13 +50,20 @@ static bool is_free_state(enum qcow_cstate s)
 	return s == QCS_JUNK || s == QCS_ERASED || s == QCS_AVAILABLE;
 }
 
-static uint64_t want_of(uint64_t e)
+static bool is_referenced(enum qcow_cstate s)
+{
+	return s == QCS_REF || s == QCS_SHARED;
+}
+
+static uint64_t want_of(const struct qcow_map *m, uint64_t e)
 {
 	switch (decode_state(e)) {
 	case QCS_REF:
 		return 1;
 	case QCS_PINNED:
 		return e & VALUE_MASK;
+	case QCS_SHARED:
+		return m->lists[e & VALUE_MASK].n;
 	case QCS_COPIES:   /* counted before its pointer can become durable */
 	case QCS_ROOTS:
 	case QCS_PENDING:  /* the old pointer may still be the durable one */
@@ -66,8 +76,8 @@ static uint64_t want_of(uint64_t e)
 /*
  * The allowed state changes (doc/design.md, "cluster states"), checked on
  * every change when m->check_transitions is set (debug builds and
- * runtime_asserts).  REF -> REF and PINNED -> PINNED change the slot or
- * the count.  Junk never becomes Available directly: only an erase and a
+ * runtime_asserts).  REF -> REF, SHARED -> SHARED and PINNED -> PINNED
+ * change the slots or the count; REF <-> SHARED add or drop a pointer.  Junk never becomes Available directly: only an erase and a
  * flush that started after it make a freed cluster allocatable
  * (invariant 3).  Roots -> Available is the one shortcut: a cluster
  * handed out and given back before anything was written to it still
@@ -79,6 +89,8 @@ static const bool allowed[QCS_NSTATES][QCS_NSTATES] = {
 	T(AVAILABLE, REF), T(AVAILABLE, JUNK),          /* the map built at open, a failed truncation */
 	T(ROOTS, REF), T(ROOTS, PINNED), T(ROOTS, AVAILABLE), T(ROOTS, JUNK),
 	T(REF, REF), T(REF, PINNED), T(REF, JUNK), T(REF, PENDING),   /* Pending: a move source, or a replaced cluster */
+	T(REF, SHARED), T(SHARED, SHARED), T(SHARED, REF), T(SHARED, PINNED), T(SHARED, PENDING),
+	T(COPIES, SHARED), T(AVAILABLE, SHARED),
 	T(PINNED, PINNED), T(PINNED, JUNK), T(PINNED, PENDING),
 	T(JUNK, ERASING),
 	T(ERASING, ERASED), T(ERASING, JUNK),
@@ -94,6 +106,8 @@ bool qcow_map_transition_allowed(enum qcow_cstate from, enum qcow_cstate to)
 	return from < QCS_NSTATES && to < QCS_NSTATES && allowed[from][to];
 }
 
+static void list_release(struct qcow_map *m, uint64_t idx);
+
 static void map_put(struct qcow_map *m, uint64_t c, uint64_t e)
 {
 	uint64_t old = m->entry[c];
@@ -105,6 +119,10 @@ static void map_put(struct qcow_map *m, uint64_t c, uint64_t e)
 		qcow_assert_failed(what, __func__);
 	}
 
+	uint64_t want_old = want_of(m, old), want_new = want_of(m, e);
+	/* a SHARED entry owns its list: it goes when the entry changes */
+	if (os == QCS_SHARED && old != e && !m->list_handover)
+		list_release(m, old & VALUE_MASK);
 	m->count[os]--;
 	m->count[ns]++;
 	m->entry[c] = e;
@@ -122,18 +140,84 @@ static void map_put(struct qcow_map *m, uint64_t c, uint64_t e)
 		else
 			qcow_bitmap_set(&m->busy, c);
 	}
-	if (ns == QCS_REF && c >= m->first_movable)
+	if (is_referenced(ns) && c >= m->first_movable)
 		qcow_bitmap_set(&m->movable, c);
 	else
 		qcow_bitmap_clear(&m->movable, c);
-	if (want_of(old) != want_of(e))
+	if (want_old != want_new)
 		qcow_map_mark_rc_dirty(m, c);
+}
+
+/* ---- reference lists of SHARED clusters ------------------------------- */
+
+/* A new list holding a and b; its index, or UINT64_MAX without memory. */
+static uint64_t list_new(struct qcow_map *m, uint64_t a, uint64_t b)
+{
+	uint64_t *slots = qcow_malloc(4 * sizeof(uint64_t));
+	if (!slots)
+		return UINT64_MAX;
+	uint64_t idx;
+	if (m->lists_free != UINT64_MAX) {
+		idx = m->lists_free;
+		m->lists_free = m->lists[idx].n == UINT32_MAX ? UINT64_MAX : m->lists[idx].n;
+	} else {
+		if (m->nlists == m->lists_cap) {
+			uint64_t cap = m->lists_cap ? m->lists_cap * 2 : 64;
+			struct qcow_reflist *p = qcow_realloc(m->lists, cap * sizeof(*p));
+			if (!p) {
+				qcow_free(slots);
+				return UINT64_MAX;
+			}
+			m->lists = p;
+			m->lists_cap = cap;
+		}
+		idx = m->nlists++;
+	}
+	slots[0] = a;
+	slots[1] = b;
+	m->lists[idx] = (struct qcow_reflist){ .slot = slots, .n = 2, .cap = 4 };
+	m->list_slots += 4;
+	return idx;
+}
+
+static void list_release(struct qcow_map *m, uint64_t idx)
+{
+	struct qcow_reflist *l = &m->lists[idx];
+	m->list_slots -= l->cap;
+	qcow_free(l->slot);
+	/* the free list threads through n (UINT32_MAX ends it); the table
+	 * holds fewer than 2^32 lists in any image we can map */
+	*l = (struct qcow_reflist){ .slot = NULL, .n = m->lists_free == UINT64_MAX ? UINT32_MAX : (uint32_t)m->lists_free,
+				    .cap = 0 };
+	m->lists_free = idx;
+}
+
+static int list_append(struct qcow_map *m, struct qcow_reflist *l, uint64_t slot)
+{
+	if (l->n == l->cap) {
+		if (l->cap >= UINT32_MAX / 2)
+			return -EFBIG;
+		uint64_t *p = qcow_realloc(l->slot, (size_t)l->cap * 2 * sizeof(uint64_t));
+		if (!p)
+			return -ENOMEM;
+		m->list_slots += l->cap;
+		l->slot = p;
+		l->cap *= 2;
+	}
+	l->slot[l->n++] = slot;
+	return 0;
+}
+
+static struct qcow_reflist *list_of(const struct qcow_map *m, uint64_t c)
+{
+	return &m->lists[m->entry[c] & VALUE_MASK];
 }
 
 int qcow_map_init(struct qcow_map *m, uint64_t nclusters, unsigned rb_shift)
 {
 	memset(m, 0, sizeof(*m));
 	m->rb_shift = rb_shift;
+	m->lists_free = UINT64_MAX;
 	if (qcow_bitmap_init(&m->available, 0) || qcow_bitmap_init(&m->junk, 0) ||
 	    qcow_bitmap_init(&m->movable, 0) || qcow_bitmap_init(&m->busy, 0) ||
 	    qcow_bitmap_init(&m->moving, 0) || qcow_bitmap_init(&m->rc_dirty, 0))
@@ -151,6 +235,9 @@ void qcow_map_free(struct qcow_map *m)
 	qcow_bitmap_free(&m->moving);
 	qcow_bitmap_free(&m->rc_dirty);
 	qcow_free(m->moves);
+	for (uint64_t i = 0; i < m->nlists; i++)
+		qcow_free(m->lists[i].slot);
+	qcow_free(m->lists);
 	memset(m, 0, sizeof(*m));
 }
 
@@ -244,21 +331,53 @@ void qcow_map_set_state(struct qcow_map *m, uint64_t c, enum qcow_cstate s)
 	map_put(m, c, encode_state(s));
 }
 
-void qcow_map_add_ref(struct qcow_map *m, uint64_t c, uint64_t slot)
+int qcow_map_add_ref(struct qcow_map *m, uint64_t c, uint64_t slot)
 {
+	/* a move copies and rewrites the pointers it knew: a new one cancels it */
+	qcow_map_move_cancel(m, c);
 	enum qcow_cstate s = decode_state(m->entry[c]);
-	if (s == QCS_REF)
-		qcow_map_set_pinned(m, c, 2);
-	else if (s == QCS_PINNED)
-		qcow_map_set_pinned(m, c, qcow_map_pincount(m, c) + 1);
+	if (s == QCS_PINNED || (slot == 0 && is_referenced(s))) {
+		qcow_map_set_pinned(m, c, qcow_map_refcount(m, c) + 1);
+		return 0;
+	}
+	if (s == QCS_REF) {
+		uint64_t idx = list_new(m, m->entry[c], slot);
+		if (idx == UINT64_MAX)
+			return -ENOMEM;
+		map_put(m, c, (TAG_SHARED << TAG_SHIFT) | idx);
+		return 0;
+	}
+	if (s == QCS_SHARED) {
+		int ret = list_append(m, list_of(m, c), slot);
+		if (ret == 0)
+			qcow_map_mark_rc_dirty(m, c);
+		return ret;
+	}
+	if (slot == 0)
+		qcow_map_set_pinned(m, c, 1);
 	else
 		qcow_map_set_ref(m, c, slot);
+	return 0;
 }
 
 void qcow_map_drop_ref(struct qcow_map *m, uint64_t c, uint64_t slot)
 {
-	(void)slot;
+	qcow_map_move_cancel(m, c);
 	enum qcow_cstate s = decode_state(m->entry[c]);
+	if (s == QCS_SHARED) {
+		struct qcow_reflist *l = list_of(m, c);
+		uint32_t i = 0;
+		while (i < l->n && l->slot[i] != slot)
+			i++;
+		if (i == l->n)
+			i = l->n - 1;   /* not a pointer we know: still one reference less */
+		l->slot[i] = l->slot[--l->n];
+		/* marked here: map_put compares counts after the list shrank */
+		qcow_map_mark_rc_dirty(m, c);
+		if (l->n == 1)
+			qcow_map_set_ref(m, c, l->slot[0]);   /* releases the list */
+		return;
+	}
 	if (s == QCS_PINNED && qcow_map_pincount(m, c) > 1)
 		qcow_map_set_pinned(m, c, qcow_map_pincount(m, c) - 1);
 	else
@@ -267,17 +386,78 @@ void qcow_map_drop_ref(struct qcow_map *m, uint64_t c, uint64_t slot)
 
 void qcow_map_replace_ref(struct qcow_map *m, uint64_t c, uint64_t old_slot, uint64_t new_slot)
 {
-	if (decode_state(m->entry[c]) == QCS_REF && m->entry[c] == old_slot)
+	enum qcow_cstate s = decode_state(m->entry[c]);
+	if (s == QCS_REF && m->entry[c] == old_slot) {
 		qcow_map_set_ref(m, c, new_slot);
+	} else if (s == QCS_SHARED) {
+		struct qcow_reflist *l = list_of(m, c);
+		for (uint32_t i = 0; i < l->n; i++)
+			if (l->slot[i] == old_slot) {
+				l->slot[i] = new_slot;
+				return;
+			}
+	}
+}
+
+void qcow_map_rehome_refs(struct qcow_map *m, uint64_t c, uint64_t from, uint64_t to, uint64_t len)
+{
+	enum qcow_cstate s = decode_state(m->entry[c]);
+	if (s == QCS_REF && m->entry[c] >= from && m->entry[c] - from < len) {
+		qcow_map_set_ref(m, c, m->entry[c] - from + to);
+	} else if (s == QCS_SHARED) {
+		struct qcow_reflist *l = list_of(m, c);
+		for (uint32_t i = 0; i < l->n; i++)
+			if (l->slot[i] >= from && l->slot[i] - from < len)
+				l->slot[i] = l->slot[i] - from + to;
+	}
+}
+
+void qcow_map_take_refs(struct qcow_map *m, uint64_t dst, uint64_t src, enum qcow_cstate src_becomes)
+{
+	uint64_t e = m->entry[src];
+	if (decode_state(e) != QCS_SHARED) {
+		qcow_map_set_ref(m, dst, e);
+		qcow_map_set_state(m, src, src_becomes);
+		return;
+	}
+	/* the list changes hands: src's change must not release it */
+	m->list_handover = true;
+	map_put(m, src, encode_state(src_becomes));
+	m->list_handover = false;
+	map_put(m, dst, e);
+}
+
+uint64_t qcow_map_ref_slot(const struct qcow_map *m, uint64_t c, uint64_t i)
+{
+	if (decode_state(m->entry[c]) == QCS_SHARED)
+		return i < list_of(m, c)->n ? list_of(m, c)->slot[i] : 0;
+	return i == 0 && decode_state(m->entry[c]) == QCS_REF ? m->entry[c] : 0;
+}
+
+bool qcow_map_has_ref(const struct qcow_map *m, uint64_t c, uint64_t slot)
+{
+	enum qcow_cstate s = decode_state(m->entry[c]);
+	if (s == QCS_REF)
+		return m->entry[c] == slot;
+	if (s != QCS_SHARED)
+		return false;
+	const struct qcow_reflist *l = list_of(m, c);
+	for (uint32_t i = 0; i < l->n; i++)
+		if (l->slot[i] == slot)
+			return true;
+	return false;
 }
 
 uint64_t qcow_map_refcount(const struct qcow_map *m, uint64_t c)
 {
 	enum qcow_cstate s = decode_state(m->entry[c]);
-	return s == QCS_REF ? 1 : s == QCS_PINNED ? qcow_map_pincount(m, c) : 0;
+	return s == QCS_REF ? 1 : s == QCS_PINNED ? qcow_map_pincount(m, c) : s == QCS_SHARED ? list_of(m, c)->n : 0;
 }
 
-uint64_t qcow_map_total_used(const struct qcow_map *m) { return m->count[QCS_REF] + m->count[QCS_PINNED]; }
+uint64_t qcow_map_total_used(const struct qcow_map *m)
+{
+	return m->count[QCS_REF] + m->count[QCS_SHARED] + m->count[QCS_PINNED];
+}
 uint64_t qcow_map_total_free(const struct qcow_map *m)
 {
 	return m->count[QCS_JUNK] + m->count[QCS_ERASED] + m->count[QCS_AVAILABLE];
@@ -285,7 +465,7 @@ uint64_t qcow_map_total_free(const struct qcow_map *m)
 
 uint64_t qcow_map_want_refcount(const struct qcow_map *m, uint64_t c)
 {
-	return c < m->nclusters ? want_of(m->entry[c]) : 0;
+	return c < m->nclusters ? want_of(m, m->entry[c]) : 0;
 }
 
 void qcow_map_mark_rc_dirty(struct qcow_map *m, uint64_t c)
@@ -379,7 +559,7 @@ const char *qcow_map_state_name(enum qcow_cstate s)
 {
 	static const char *const names[QCS_NSTATES] = {
 		"referenced", "pinned", "junk", "erasing", "erased", "flushing",
-		"available", "copies", "roots", "pending",
+		"available", "copies", "roots", "pending", "shared",
 	};
 	return s < QCS_NSTATES ? names[s] : "?";
 }
@@ -395,10 +575,18 @@ const char *qcow_map_check(const struct qcow_map *m)
 			return msg;
 		}
 		count[s]++;
+		if (s == QCS_SHARED) {
+			uint64_t idx = m->entry[c] & VALUE_MASK;
+			if (idx >= m->nlists || m->lists[idx].cap == 0 || m->lists[idx].n < 2 ||
+			    m->lists[idx].n > m->lists[idx].cap) {
+				snprintf(msg, sizeof(msg), "shared cluster %llu has no valid reference list", (unsigned long long)c);
+				return msg;
+			}
+		}
 		if (qcow_bitmap_test(&m->available, c) != (s == QCS_AVAILABLE) ||
 		    qcow_bitmap_test(&m->junk, c) != (s == QCS_JUNK) ||
 		    qcow_bitmap_test(&m->busy, c) == is_free_state(s) ||
-		    qcow_bitmap_test(&m->movable, c) != (s == QCS_REF && c >= m->first_movable)) {
+		    qcow_bitmap_test(&m->movable, c) != (is_referenced(s) && c >= m->first_movable)) {
 			snprintf(msg, sizeof(msg), "inv1: bitmaps disagree with state %s of cluster %llu",
 				 qcow_map_state_name(s), (unsigned long long)c);
 			return msg;
@@ -434,7 +622,7 @@ const char *qcow_map_check(const struct qcow_map *m)
 		}
 		if (mv->state == QMOVE_REFERENCED) {
 			/* the guest may have discarded the new copy since */
-			if (ss != QCS_PENDING || (ds != QCS_REF && !is_free_state(ds) && ds != QCS_ERASING)) {
+			if (ss != QCS_PENDING || (!is_referenced(ds) && !is_free_state(ds) && ds != QCS_ERASING)) {
 				snprintf(msg, sizeof(msg), "inv4: referenced move %llu->%llu has src %s dst %s",
 					 (unsigned long long)mv->src, (unsigned long long)mv->dst,
 					 qcow_map_state_name(ss), qcow_map_state_name(ds));
@@ -442,7 +630,7 @@ const char *qcow_map_check(const struct qcow_map *m)
 			}
 		} else {
 			copies_expected++;
-			if (ss != QCS_REF || ds != QCS_COPIES) {
+			if (!is_referenced(ss) || ds != QCS_COPIES) {
 				snprintf(msg, sizeof(msg), "inv4: move %llu->%llu before rewrite has src %s dst %s",
 					 (unsigned long long)mv->src, (unsigned long long)mv->dst,
 					 qcow_map_state_name(ss), qcow_map_state_name(ds));
@@ -473,5 +661,6 @@ uint64_t qcow_map_memory(const struct qcow_map *m)
 {
 	uint64_t words0 = (m->capacity + 63) / 64;
 	uint64_t bitmap_bytes = (words0 + words0 / 64 + 2) * 8;
-	return m->capacity * 8 + 5 * bitmap_bytes + m->nmoves_cap * sizeof(struct qcow_move);
+	return m->capacity * 8 + 5 * bitmap_bytes + m->nmoves_cap * sizeof(struct qcow_move) +
+	       m->lists_cap * sizeof(struct qcow_reflist) + m->list_slots * sizeof(uint64_t);
 }

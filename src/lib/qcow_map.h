@@ -7,16 +7,30 @@
  * counter per state: about 8.7 bytes per cluster, O(1) state changes,
  * O(log n)-ish searches for the lowest available / junk and the highest
  * movable cluster.  Moves in flight live in a small table (O(1) each).
+ * Clusters with several pointers keep them in an overflow table of
+ * reference lists (about 16 bytes per list plus 8 per slot, capacity
+ * rounded up to a power of two): images without snapshots or compressed
+ * data pay nothing for it.
  *
  * Entry encoding:
  *   bit 63 clear          REF: referenced by exactly one pointer; the value
  *                         is the byte offset in the file of that pointer's
  *                         8-byte slot (in an L1 table, L2 table or refcount
  *                         table).  Movable when >= first_movable.
- *   0x8... (tag 8)        PINNED: referenced with the count in bits 0..55
- *                         (header structures, clusters shared with or
- *                         reachable from snapshots, compressed data).  Never
- *                         moved.
+ *   0x8... (tag 8)        PINNED: referenced with the count in bits 0..55:
+ *                         whole tables (header, L1, refcount table,
+ *                         snapshot table and snapshot L1 tables, bitmap
+ *                         structures), whose references have no 8-byte
+ *                         slot.  Moved only as tables (qcow_relocate.c).
+ *   0x9... (tag 9)        SHARED: referenced by two or more pointers (a
+ *                         cluster reachable from snapshots, a host cluster
+ *                         holding pieces of several compressed clusters);
+ *                         bits 0..55 index the overflow table, which holds
+ *                         every pointer's slot (a slot appears once per
+ *                         reference: a data cluster of an L2 table that two
+ *                         L1 tables share has the same slot twice, as QEMU
+ *                         counts it).  Movable like REF: a move rewrites
+ *                         every pointer.
  *   0xF... (tag F)        a free or transient state in the low byte.
  *
  * The map is not thread-safe by itself: the image lock guards it.
@@ -38,6 +52,7 @@ enum qcow_cstate {
 	QCS_COPIES,     /* destination of a move whose pointer is not rewritten yet */
 	QCS_ROOTS,      /* allocated by an operation in flight, not linked yet */
 	QCS_PENDING,    /* move source after the pointer rewrite, until the completing flush */
+	QCS_SHARED,     /* two or more pointers; their slots in the overflow table */
 	QCS_NSTATES
 };
 
@@ -51,6 +66,12 @@ struct qcow_move {
 	bool in_use;
 };
 
+/* The slots of a SHARED cluster's pointers. */
+struct qcow_reflist {
+	uint64_t *slot;
+	uint32_t n, cap;      /* a free list entry has cap 0 and n = next free index */
+};
+
 struct qcow_map {
 	uint64_t nclusters;
 	uint64_t capacity;        /* clusters the entry array and bitmaps hold */
@@ -61,6 +82,11 @@ struct qcow_map {
 	/* refcount projection: which refcount blocks need rewriting */
 	unsigned rb_shift;        /* log2(entries per refcount block) */
 	struct qcow_bitmap rc_dirty;
+	/* reference lists of SHARED clusters, and the head of their free list */
+	struct qcow_reflist *lists;
+	uint64_t nlists, lists_cap, lists_free;
+	uint64_t list_slots;      /* slots allocated in all lists (memory figure) */
+	bool list_handover;       /* take_refs: the list changes owner, keep it */
 	/* moves in flight */
 	struct qcow_move *moves;
 	unsigned nmoves_cap, nmoves_active;
@@ -78,20 +104,34 @@ int qcow_map_resize(struct qcow_map *m, uint64_t nclusters);
 
 enum qcow_cstate qcow_map_state(const struct qcow_map *m, uint64_t c);
 uint64_t qcow_map_slot(const struct qcow_map *m, uint64_t c);     /* REF only */
+/* The i-th pointer slot of a REF (i = 0) or SHARED cluster. */
+uint64_t qcow_map_ref_slot(const struct qcow_map *m, uint64_t c, uint64_t i);
+/* Whether c has a pointer at slot (REF or SHARED). */
+bool qcow_map_has_ref(const struct qcow_map *m, uint64_t c, uint64_t slot);
 uint64_t qcow_map_pincount(const struct qcow_map *m, uint64_t c); /* PINNED only */
 void qcow_map_set_ref(struct qcow_map *m, uint64_t c, uint64_t slot);
 void qcow_map_set_pinned(struct qcow_map *m, uint64_t c, uint64_t count);
 void qcow_map_set_state(struct qcow_map *m, uint64_t c, enum qcow_cstate s);
-/* Adds one reference from the pointer at slot (REF -> PINNED(2),
- * PINNED(n) -> n+1, free -> REF). */
-void qcow_map_add_ref(struct qcow_map *m, uint64_t c, uint64_t slot);
-/* Drops the reference from the pointer at slot: REF -> Junk,
- * PINNED(1) -> Junk, PINNED(n) -> n-1. */
+/* Adds one reference from the pointer at slot: free -> REF, REF ->
+ * SHARED(2), SHARED(n) -> n+1.  Slot 0 means "a table, no pointer slot":
+ * it pins the cluster (PINNED(n+1)), as does any reference to a PINNED
+ * cluster.  -ENOMEM leaves the map unchanged. */
+int qcow_map_add_ref(struct qcow_map *m, uint64_t c, uint64_t slot);
+/* Drops the reference from the pointer at slot: REF -> Junk, SHARED(2) ->
+ * REF (the other slot), SHARED(n) -> n-1, PINNED(1) -> Junk, PINNED(n) ->
+ * n-1. */
 void qcow_map_drop_ref(struct qcow_map *m, uint64_t c, uint64_t slot);
 /* The pointer at old_slot that references c now lives at new_slot (a
- * table holding it moved or was copied). */
+ * table holding it moved or was copied); one occurrence. */
 void qcow_map_replace_ref(struct qcow_map *m, uint64_t c, uint64_t old_slot, uint64_t new_slot);
-/* References c has (REF 1, PINNED its count, 0 for the other states). */
+/* Every pointer of c whose slot lies in [from, from + len) now lives at
+ * the same place of [to, to + len) (the table holding them moved). */
+void qcow_map_rehome_refs(struct qcow_map *m, uint64_t c, uint64_t from, uint64_t to, uint64_t len);
+/* Gives dst the pointers of src (a move's pointer rewrite): dst becomes
+ * REF or SHARED with src's slots, src goes to src_becomes. */
+void qcow_map_take_refs(struct qcow_map *m, uint64_t dst, uint64_t src, enum qcow_cstate src_becomes);
+/* References c has (REF 1, SHARED and PINNED their count, 0 for the
+ * other states). */
 uint64_t qcow_map_refcount(const struct qcow_map *m, uint64_t c);
 
 /* What the on-disk refcount of c must be, derived from its state. */
@@ -111,7 +151,8 @@ uint64_t qcow_map_highest_movable(const struct qcow_map *m, uint64_t before);
 uint64_t qcow_map_last_block(const struct qcow_map *m);
 bool qcow_map_is_immovable(const struct qcow_map *m, uint64_t c);
 
-/* Moves.  start: src must be movable REF, dst Available; dst becomes Copies. */
+/* Moves.  start: src must be movable REF or SHARED, dst Available; dst
+ * becomes Copies. */
 struct qcow_move *qcow_map_move_start(struct qcow_map *m, uint64_t src, uint64_t dst);
 struct qcow_move *qcow_map_move_find(struct qcow_map *m, uint64_t src);
 bool qcow_map_is_moving(const struct qcow_map *m, uint64_t c);

@@ -104,7 +104,11 @@ static int build_visit(void *opaque, enum qcow_ref_kind kind, uint64_t c, uint64
 		flag |= F_ACTIVE;
 	if ((old & CLS_MASK) == CLS_NONE) {
 		b->cls[c] = (uint8_t)(class_of(kind) | flag);
-		if (kind == QREF_REFBLOCK || kind == QREF_L2 || kind == QREF_DATA)
+		/* a reference through an 8-byte pointer records its slot (the
+		 * cluster can move: the pointer is rewritten); whole tables
+		 * are pinned and move only as tables */
+		if (slot && (kind == QREF_REFBLOCK || kind == QREF_L2 || kind == QREF_DATA || kind == QREF_SNAPSHOT_L2 ||
+			     kind == QREF_SNAPSHOT_DATA || kind == QREF_COMPRESSED))
 			qcow_map_set_ref(m, c, slot);
 		else
 			qcow_map_set_pinned(m, c, 1);
@@ -125,8 +129,7 @@ static int build_visit(void *opaque, enum qcow_ref_kind kind, uint64_t c, uint64
 		b->tolerated++;   /* read-only: reads never touch the map */
 	}
 	b->cls[c] |= flag;
-	qcow_map_add_ref(m, c, slot);
-	return 0;
+	return qcow_map_add_ref(m, c, slot);
 }
 
 static int build_copied(void *opaque, uint64_t c, bool copied, uint64_t slot)

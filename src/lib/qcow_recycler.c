@@ -251,9 +251,16 @@ static uint64_t lowest_destination(const struct qcow_map *m, uint64_t from)
 	return qcow_bitmap_next(&m->available, from);
 }
 
-enum move_kind { MOVE_DATA, MOVE_L2, MOVE_REFBLOCK };
+enum move_kind {
+	MOVE_DATA,      /* pointers in L2 tables (a data cluster, plain or compressed) */
+	MOVE_L2,        /* pointers in the active L1 table or in snapshot L1 tables */
+	MOVE_REFBLOCK,  /* the pointer in the refcount table */
+};
 
-static enum move_kind classify(const struct qcow_image *img, uint64_t slot, uint64_t *index)
+/* Where the pointer at slot lives: the active L1 table (*index = its
+ * entry), the refcount table (*index likewise), a snapshot L1 table (a
+ * pinned table cluster: *index = UINT64_MAX) or an L2 table (*index = 0). */
+static enum move_kind classify_slot(const struct qcow_image *img, uint64_t slot, uint64_t *index)
 {
 	uint64_t l1 = img->hdr.l1_table_offset, rt = img->hdr.refcount_table_offset;
 	if (slot >= l1 && slot < l1 + (uint64_t)img->hdr.l1_size * 8) {
@@ -264,8 +271,32 @@ static enum move_kind classify(const struct qcow_image *img, uint64_t slot, uint
 		*index = (slot - rt) / 8;
 		return MOVE_REFBLOCK;
 	}
+	uint64_t holder = slot >> img->cluster_bits;
+	if (holder < img->map.nclusters && qcow_map_state(&img->map, holder) == QCS_PINNED) {
+		*index = UINT64_MAX;   /* a whole table, not an L2 table: a snapshot's L1 */
+		return MOVE_L2;
+	}
 	*index = 0;
 	return MOVE_DATA;
+}
+
+/* What cluster c is, from its first pointer (they all agree in a valid
+ * image; the rewrite checks every one). */
+static enum move_kind classify(const struct qcow_image *img, uint64_t c)
+{
+	uint64_t index;
+	return classify_slot(img, qcow_map_ref_slot(&img->map, c, 0), &index);
+}
+
+/* The L2 entry at slot, through the cache; false if it cannot be read. */
+static bool entry_at(struct qcow_image *img, uint64_t slot, uint64_t *e)
+{
+	int ret;
+	struct qcow_cached *t = qcow_l2_get(img, slot >> img->cluster_bits, &ret);
+	if (!t)
+		return false;
+	*e = qcow_l2_entry(t, (slot & (img->cluster_size - 1)) / 8);
+	return true;
 }
 
 static int cmp_u64(const void *a, const void *b)
@@ -279,36 +310,56 @@ struct batch {
 	size_t n;
 };
 
+/* Whether c holds compressed streams (img->lock held): those move by
+ * repacking (qcow_repack.c), one stream at a time, not as clusters. */
+static bool holds_compressed(struct qcow_image *img, uint64_t c)
+{
+	uint64_t e, index;
+	uint64_t slot = qcow_map_ref_slot(&img->map, c, 0);
+	if (classify_slot(img, slot, &index) != MOVE_DATA)
+		return false;
+	return !entry_at(img, slot, &e) || (e & QCOW_OFLAG_COMPRESSED);
+}
+
 /* Plans up to max moves under img->lock: the highest movable clusters
  * into the lowest free ones, paired in ascending order of both so runs of
  * neighbours copy as one range. */
 static int plan_batch(struct qcow_image *img, struct batch *b, size_t max)
 {
+	struct qcow_map *m = &img->map;
 	b->src = qcow_malloc(max * sizeof(uint64_t));
 	b->dst = qcow_malloc(max * sizeof(uint64_t));
 	b->n = 0;
 	if (!b->src || !b->dst)
 		return -ENOMEM;
-	uint64_t s = qcow_map_highest_movable(&img->map, img->map.nclusters);
-	uint64_t d = lowest_destination(&img->map, 0);
+	uint64_t s = qcow_map_highest_movable(m, m->nclusters);
+	uint64_t d = lowest_destination(m, 0);
 	while (b->n < max && s != UINT64_MAX && d != UINT64_MAX && d < s) {
-		b->src[b->n] = s;
-		b->dst[b->n] = d;
-		b->n++;
-		s = qcow_map_highest_movable(&img->map, s);
-		d = lowest_destination(&img->map, d + 1);
+		if (!holds_compressed(img, s)) {
+			b->src[b->n] = s;
+			b->dst[b->n] = d;
+			b->n++;
+			d = lowest_destination(m, d + 1);
+		}
+		s = qcow_map_highest_movable(m, s);
 	}
 	qsort(b->src, b->n, sizeof(uint64_t), cmp_u64);
 	/* every destination is below every source, so ascending pairs stay
 	 * downward moves */
 	for (size_t i = 0; i < b->n; i++)
-		if (!qcow_map_move_start(&img->map, b->src[i], b->dst[i])) {
+		if (!qcow_map_move_start(m, b->src[i], b->dst[i])) {
 			for (size_t k = 0; k < i; k++)
-				qcow_map_move_cancel(&img->map, b->src[k]);
+				qcow_map_move_cancel(m, b->src[k]);
 			b->n = 0;
 			return -ENOMEM;
 		}
 	return 0;
+}
+
+static bool is_referenced(const struct qcow_map *m, uint64_t c)
+{
+	enum qcow_cstate s = qcow_map_state(m, c);
+	return s == QCS_REF || s == QCS_SHARED;
 }
 
 /* Copies one planned move (or a run of neighbouring data moves starting at
@@ -319,21 +370,19 @@ static size_t copy_run(struct qcow_image *img, struct batch *b, size_t i, int *r
 	size_t j = i + 1;
 	uint8_t *table = NULL;
 	enum move_kind kind;
-	uint64_t index;
 
 	pthread_mutex_lock(&img->lock);
 	struct qcow_move *mv = qcow_map_move_find(&img->map, b->src[i]);
-	if (!mv || qcow_map_state(&img->map, b->src[i]) != QCS_REF) {
+	if (!mv || !is_referenced(&img->map, b->src[i])) {
 		pthread_mutex_unlock(&img->lock);
 		return 1;
 	}
-	kind = classify(img, qcow_map_slot(&img->map, b->src[i]), &index);
+	kind = classify(img, b->src[i]);
 	if (kind == MOVE_DATA) {
 		while (j < b->n && b->src[j] == b->src[j - 1] + 1 && b->dst[j] == b->dst[j - 1] + 1 &&
-		       qcow_map_move_find(&img->map, b->src[j]) &&
-		       qcow_map_state(&img->map, b->src[j]) == QCS_REF && (j - i) * cs < MOVE_BATCH_BYTES) {
-			uint64_t dummy;
-			if (classify(img, qcow_map_slot(&img->map, b->src[j]), &dummy) != MOVE_DATA)
+		       qcow_map_move_find(&img->map, b->src[j]) && is_referenced(&img->map, b->src[j]) &&
+		       (j - i) * cs < MOVE_BATCH_BYTES) {
+			if (classify(img, b->src[j]) != MOVE_DATA)
 				break;
 			j++;
 		}
@@ -385,63 +434,139 @@ static size_t copy_run(struct qcow_image *img, struct batch *b, size_t i, int *r
 	return j - i;
 }
 
-/* Rewrites the pointer of one Flushed move (img->lock and flush_lock held). */
+/* One pointer to a cluster being moved: its slot and, for pointers in
+ * L2 tables or snapshot L1 tables, the holding table pinned in the cache
+ * (so the rewrite needs no read that could fail halfway). */
+struct pointer {
+	uint64_t slot;
+	struct qcow_cached *holder;   /* NULL: active L1 or refcount table entry */
+};
+
+struct pointer_set {
+	struct pointer *v;
+	size_t n;
+};
+
+static void pointers_release(struct qcow_image *img, struct pointer_set *ps)
+{
+	for (size_t i = 0; i < ps->n; i++)
+		if (ps->v[i].holder)
+			qcow_cache_unpin(&img->cache, ps->v[i].holder);
+	qcow_free(ps->v);
+	ps->v = NULL;
+	ps->n = 0;
+}
+
+static uint64_t pointer_value(struct qcow_image *img, const struct pointer *p)
+{
+	uint64_t index;
+	if (p->holder)
+		return qcow_l2_entry(p->holder, (p->slot & (img->cluster_size - 1)) / 8);
+	return classify_slot(img, p->slot, &index) == MOVE_REFBLOCK ? img->reftable[index] : img->l1[index];
+}
+
+static void pointer_set_value(struct qcow_image *img, const struct pointer *p, uint64_t v)
+{
+	uint64_t index;
+	if (p->holder) {
+		qcow_l2_set_entry(img, p->holder, (p->slot & (img->cluster_size - 1)) / 8, v);
+	} else if (classify_slot(img, p->slot, &index) == MOVE_REFBLOCK) {
+		img->reftable[index] = v;
+		qcow_bitmap_set(&img->reftable_dirty, (index * 8) >> img->cluster_bits);
+	} else {
+		qcow_l1_set(img, index, v);
+	}
+}
+
+/* Collects (and pins the holders of) every pointer of src into ps and
+ * checks that each still holds src's offset.  False when one does not or
+ * a table cannot be read: the move is then cancelled (the caller releases
+ * ps). */
+static bool collect_pointers(struct qcow_image *img, uint64_t src, struct pointer_set *ps)
+{
+	uint64_t n = qcow_map_refcount(&img->map, src);
+	struct pointer *v = qcow_realloc(ps->v, (ps->n + n) * sizeof(*v));
+	if (!v)
+		return false;
+	ps->v = v;
+	for (uint64_t i = 0; i < n; i++) {
+		struct pointer *p = &ps->v[ps->n];
+		uint64_t index;
+		int ret;
+		p->slot = qcow_map_ref_slot(&img->map, src, i);
+		p->holder = NULL;
+		enum move_kind k = classify_slot(img, p->slot, &index);
+		if (k == MOVE_DATA || index == UINT64_MAX) {
+			p->holder = qcow_l2_get(img, p->slot >> img->cluster_bits, &ret);
+			if (!p->holder)
+				return false;
+			qcow_cache_pin(&img->cache, p->holder);
+		}
+		ps->n++;
+		uint64_t e = pointer_value(img, p);
+		if ((e & QCOW_OFLAG_COMPRESSED) || (e & QCOW_L2E_OFFSET_MASK) != src << img->cluster_bits)
+			return false;
+	}
+	return true;
+}
+
+/* Gives every cluster that table tbl points to its pointers' new slots
+ * after the table moved from src to dst. */
+static void rehome_table_refs(struct qcow_image *img, const uint8_t *tbl, uint64_t src, uint64_t dst)
+{
+	uint64_t cs = img->cluster_size;
+	for (uint64_t i = 0; i < cs / 8; i++) {
+		uint64_t first, last;
+		if (!qcow_entry_clusters(img, qcow_get_be64(tbl + i * 8), &first, &last))
+			continue;
+		for (uint64_t h = first; h <= last && h < img->map.nclusters; h++)
+			qcow_map_rehome_refs(&img->map, h, src << img->cluster_bits, dst << img->cluster_bits, cs);
+	}
+}
+
+/* Rewrites the pointers of one Flushed single move (img->lock and
+ * flush_lock held).  Every pointer is checked and its table pinned first,
+ * so the move rewrites all of them or none (then it is cancelled). */
 static void rewrite_pointer(struct qcow_image *img, struct qcow_move *mv)
 {
 	qcow_assert_locked(img);
-	uint64_t cs = img->cluster_size, src = mv->src, dst = mv->dst;
-	uint64_t slot = qcow_map_slot(&img->map, src), index;
+	uint64_t src = mv->src, dst = mv->dst;
+	struct pointer_set ps = { 0 };
+	struct qcow_cached *t = NULL;
 	int ret;
-	enum move_kind kind = classify(img, slot, &index);
-	if (kind == MOVE_L2) {
-		uint64_t e = img->l1[index];
-		if ((e & QCOW_L1E_OFFSET_MASK) != src << img->cluster_bits) {
-			qcow_map_move_cancel(&img->map, src);
-			return;
-		}
-		/* the cached table (if any) follows the move; clusters it points
-		 * to get their reverse references rewritten */
-		struct qcow_cached *t = qcow_cache_find(&img->cache, src);
+	if (!collect_pointers(img, src, &ps))
+		goto cancel;
+	if (classify(img, src) == MOVE_L2) {
+		/* the cached table (if any) follows the move; without one, the
+		 * copy is read back (it must be readable before anything
+		 * points at it) */
+		t = qcow_cache_find(&img->cache, src);
 		if (t)
 			qcow_cache_rekey(&img->cache, t, dst);
-		else if (!(t = qcow_l2_get(img, dst, &ret))) {
-			qcow_map_move_cancel(&img->map, src);   /* cannot read the copy: keep the original */
-			return;
-		}
-		img->l1[index] = (e & ~QCOW_L1E_OFFSET_MASK) | (dst << img->cluster_bits);
-		qcow_bitmap_set(&img->l1_dirty, (index * 8) >> img->cluster_bits);
-		for (uint64_t i = 0; i < cs / 8; i++) {
-			uint64_t h = (qcow_get_be64(t->data + i * 8) & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
-			if (h && h < img->map.nclusters && qcow_map_state(&img->map, h) == QCS_REF &&
-			    qcow_map_slot(&img->map, h) >> img->cluster_bits == src)
-				qcow_map_set_ref(&img->map, h, (dst << img->cluster_bits) + i * 8);
-		}
-	} else if (kind == MOVE_REFBLOCK) {
-		if (img->reftable[index] != src << img->cluster_bits) {
-			qcow_map_move_cancel(&img->map, src);
-			return;
-		}
-		img->reftable[index] = dst << img->cluster_bits;
-		qcow_bitmap_set(&img->reftable_dirty, (index * 8) >> img->cluster_bits);
-	} else {
-		uint64_t holder = slot >> img->cluster_bits;
-		struct qcow_cached *t = qcow_l2_get(img, holder, &ret);
-		uint64_t i = (slot & (cs - 1)) / 8;
-		if (!t || (qcow_get_be64(t->data + i * 8) & QCOW_L2E_OFFSET_MASK) != src << img->cluster_bits) {
-			qcow_map_move_cancel(&img->map, src);
-			return;
-		}
-		uint64_t e = qcow_get_be64(t->data + i * 8);
-		qcow_l2_set_entry(img, t, i, (e & ~QCOW_L2E_OFFSET_MASK) | (dst << img->cluster_bits));
+		else if (!(t = qcow_l2_get(img, dst, &ret)))
+			goto cancel;   /* cannot read the copy: keep the original */
 	}
-	qcow_map_set_ref(&img->map, dst, slot);
-	qcow_map_set_state(&img->map, src, QCS_PENDING);
+	for (size_t i = 0; i < ps.n; i++) {
+		uint64_t e = pointer_value(img, &ps.v[i]);
+		if ((e & QCOW_L2E_OFFSET_MASK) == src << img->cluster_bits)   /* a slot listed twice is done once */
+			pointer_set_value(img, &ps.v[i], (e & ~QCOW_L2E_OFFSET_MASK) | (dst << img->cluster_bits));
+	}
+	if (t)
+		rehome_table_refs(img, t->data, src, dst);
+	pointers_release(img, &ps);
+	qcow_map_take_refs(&img->map, dst, src, QCS_PENDING);
 	qcow_map_move_set_state(&img->map, mv, QMOVE_REFERENCED);
 	img->clusters_moved++;
+	return;
+cancel:
+	pointers_release(img, &ps);
+	qcow_map_move_cancel(&img->map, src);
 }
 
 /* Metadata first: rewriting a data pointer changes its L2 table, which
- * would cancel that table's own move. */
+ * would cancel that table's own move; a table's move re-homes the
+ * reverse references of what it points to, so the data moves after it
+ * find their pointers at the new place. */
 static void rewrite_flushed(struct qcow_image *img)
 {
 	qcow_assert_flush_locked(img);
@@ -450,8 +575,7 @@ static void rewrite_flushed(struct qcow_image *img)
 			struct qcow_move *mv = &img->map.moves[i];
 			if (!mv->in_use || mv->cancelled || mv->state != QMOVE_FLUSHED)
 				continue;
-			uint64_t index;
-			bool data = classify(img, qcow_map_slot(&img->map, mv->src), &index) == MOVE_DATA;
+			bool data = classify(img, mv->src) == MOVE_DATA;
 			if (data == (pass == 1))
 				rewrite_pointer(img, mv);
 		}
@@ -630,7 +754,7 @@ static uint64_t lowest_free(const struct qcow_image *img)
 static bool cannot_move(const struct qcow_map *m, uint64_t c)
 {
 	enum qcow_cstate s = qcow_map_state(m, c);
-	return s == QCS_PINNED || (s == QCS_REF && qcow_map_is_immovable(m, c));
+	return s == QCS_PINNED || ((s == QCS_REF || s == QCS_SHARED) && qcow_map_is_immovable(m, c));
 }
 
 /* Names what cluster c holds, from the metadata on disk.  The walk visits
@@ -664,8 +788,8 @@ static void describe_cluster(struct qcow_image *img, uint64_t c, char *buf, size
 	case QREF_L1: snprintf(buf, len, "L1 table at 0x%llx", off); break;
 	case QREF_REFTABLE: snprintf(buf, len, "refcount table at 0x%llx", off); break;
 	case QREF_REFBLOCK: snprintf(buf, len, "refcount block at 0x%llx", off); break;
-	case QREF_L2: snprintf(buf, len, "L2 table at 0x%llx shared with a snapshot", off); break;
-	case QREF_DATA: snprintf(buf, len, "cluster at 0x%llx shared with a snapshot", off); break;
+	case QREF_L2: snprintf(buf, len, "L2 table at 0x%llx", off); break;
+	case QREF_DATA: snprintf(buf, len, "data cluster at 0x%llx", off); break;
 	case QREF_COMPRESSED: snprintf(buf, len, "compressed data at 0x%llx", off); break;
 	case QREF_SNAPSHOT_TABLE: snprintf(buf, len, "snapshot table at 0x%llx", off); break;
 	case QREF_SNAPSHOT_L1: snprintf(buf, len, "L1 table of a snapshot at 0x%llx", off); break;
@@ -716,7 +840,8 @@ static void find_blocker(struct qcow_image *img)
 	bool fresh = img->blocker_cluster != found || strcmp(img->blocker, text) != 0;
 	img->blocker_cluster = found;
 	snprintf(img->blocker, sizeof(img->blocker), "%s", text);
-	uint64_t min = (img->map.count[QCS_REF] + img->map.count[QCS_PINNED] + img->map.count[QCS_ROOTS]) << img->cluster_bits;
+	uint64_t min = (img->map.count[QCS_REF] + img->map.count[QCS_SHARED] + img->map.count[QCS_PINNED] +
+			img->map.count[QCS_ROOTS]) << img->cluster_bits;
 	uint64_t size = img->map.nclusters << img->cluster_bits;
 	pthread_mutex_unlock(&img->lock);
 	if (fresh)
@@ -728,7 +853,7 @@ void qcow_compact_outcome(struct qcow_image *img, struct qcow_stats *st)
 {
 	pthread_mutex_lock(&img->lock);
 	const struct qcow_map *m = &img->map;
-	uint64_t in_use = m->count[QCS_REF] + m->count[QCS_PINNED] + m->count[QCS_ROOTS];
+	uint64_t in_use = m->count[QCS_REF] + m->count[QCS_SHARED] + m->count[QCS_PINNED] + m->count[QCS_ROOTS];
 	st->compactions_failed = img->compactions_failed;
 	st->min_file_size = in_use << img->cluster_bits;
 	st->blocker[0] = '\0';
@@ -765,6 +890,21 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 		}
 		idle_batches = n > 1 ? 0 : idle_batches + 1;
 		if (n == 0 || idle_batches >= 3) {
+			/* compressed streams next: they move one by one into the
+			 * space the clusters left, then the round starts again
+			 * (their old clusters become free at the flush) */
+			int64_t r = qcow_repack_streams(img);
+			if (r < 0) {
+				ret = (int)r;
+				break;
+			}
+			if (r > 0) {
+				ret = qcow_flush(img);
+				if (ret == 0)
+					ret = erase_all_junk(img);
+				idle_batches = 0;
+				continue;
+			}
 			/* clusters are as low as they go: the tables next, then
 			 * another round into the space they leave */
 			int moved = 0;

@@ -54,8 +54,9 @@ static int switch_in_memory(struct qcow_image *img, enum qcow_table which, uint6
 {
 	uint64_t cs = img->cluster_size;
 	if (which == QCOW_TABLE_REFCOUNT) {
+		uint64_t old = img->hdr.refcount_table_offset;
 		img->hdr.refcount_table_offset = start << img->cluster_bits;
-		qcow_reftable_rehome(img, n);
+		qcow_reftable_rehome(img, old, img->reftable_entries * 8, n);
 		return 0;
 	}
 	uint64_t capacity = n * cs / 8;
@@ -70,10 +71,11 @@ static int switch_in_memory(struct qcow_image *img, enum qcow_table which, uint6
 		img->l1 = l1;
 		img->l1_capacity = (uint32_t)capacity;
 	}
+	uint64_t old = img->hdr.l1_table_offset, old_len = (uint64_t)img->hdr.l1_size * 8;
 	img->hdr.l1_table_offset = start << img->cluster_bits;
 	if (new_l1_size > img->hdr.l1_size)
 		img->hdr.l1_size = new_l1_size;
-	qcow_l1_rehome(img, n);
+	qcow_l1_rehome(img, old, old_len, n);
 	return 0;
 }
 

@@ -112,17 +112,16 @@ struct qcow_cached *qcow_l2_for_write(struct qcow_image *img, uint64_t l1i, int 
 	}
 	if (src) {
 		/* copy-on-write of a shared L2 table: the data clusters keep
-		 * their counts (each L1 path counts once); those that had a
-		 * single reference from the old table now hang off the new one */
+		 * their counts (each L1 path counts once); the active path's
+		 * reference to each now comes from the new table's entry */
 		memcpy(t->data, src->data, img->cluster_size);
 		for (uint64_t i = 0; i < (1ull << img->l2_bits); i++) {
-			uint64_t e = qcow_l2_entry(t, i);
-			uint64_t h = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
-			if (!h || (e & QCOW_OFLAG_COMPRESSED) || h >= img->map.nclusters)
+			uint64_t e = qcow_l2_entry(t, i), first, last;
+			if (!qcow_entry_clusters(img, e, &first, &last))
 				continue;
-			if (qcow_map_state(&img->map, h) == QCS_REF &&
-			    qcow_map_slot(&img->map, h) >> img->cluster_bits == oldc)
-				qcow_map_set_ref(&img->map, h, (c << img->cluster_bits) + i * 8);
+			for (uint64_t h = first; h <= last && h < img->map.nclusters; h++)
+				qcow_map_replace_ref(&img->map, h, (oldc << img->cluster_bits) + i * 8,
+						     (c << img->cluster_bits) + i * 8);
 		}
 		/* the durable L1 entry points at the old table until the next
 		 * flush: it is freed only after that flush */
@@ -142,26 +141,28 @@ out:
 	return *ret ? NULL : t;
 }
 
-void qcow_l1_rehome(struct qcow_image *img, uint64_t clusters)
+void qcow_l1_rehome(struct qcow_image *img, uint64_t old_off, uint64_t old_len, uint64_t clusters)
 {
 	qcow_assert_locked(img);
 	for (uint64_t k = 0; k < clusters; k++)
 		qcow_bitmap_set(&img->l1_dirty, k);
+	uint64_t len = old_len;
 	for (uint32_t i = 0; i < img->hdr.l1_size; i++) {
 		uint64_t t = (img->l1[i] & QCOW_L1E_OFFSET_MASK) >> img->cluster_bits;
-		if (t && t < img->map.nclusters && qcow_map_state(&img->map, t) == QCS_REF)
-			qcow_map_set_ref(&img->map, t, img->hdr.l1_table_offset + (uint64_t)i * 8);
+		if (t && t < img->map.nclusters)
+			qcow_map_rehome_refs(&img->map, t, old_off, img->hdr.l1_table_offset, len);
 	}
 }
 
-void qcow_reftable_rehome(struct qcow_image *img, uint64_t clusters)
+void qcow_reftable_rehome(struct qcow_image *img, uint64_t old_off, uint64_t old_len, uint64_t clusters)
 {
 	qcow_assert_locked(img);
 	for (uint64_t k = 0; k < clusters; k++)
 		qcow_bitmap_set(&img->reftable_dirty, k);
+	uint64_t len = old_len;
 	for (uint64_t i = 0; i < img->reftable_entries; i++) {
 		uint64_t b = img->reftable[i] >> img->cluster_bits;
-		if (b && b < img->map.nclusters && qcow_map_state(&img->map, b) == QCS_REF)
-			qcow_map_set_ref(&img->map, b, img->hdr.refcount_table_offset + i * 8);
+		if (b && b < img->map.nclusters)
+			qcow_map_rehome_refs(&img->map, b, old_off, img->hdr.refcount_table_offset, len);
 	}
 }

@@ -23,9 +23,12 @@ static unsigned long long seed = 0x3a9c1d5ull;
 
 /* ---- model ---------------------------------------------------------------- */
 
+#define MAXSLOTS 12
+
 struct mcl {
 	enum qcow_cstate st;
-	uint64_t val;   /* REF: slot; PINNED: count */
+	uint64_t val;   /* REF: slot; PINNED: count; SHARED: number of slots */
+	uint64_t slots[MAXSLOTS];   /* SHARED: the pointers' slots, in the map's order */
 };
 
 struct mmove {
@@ -49,7 +52,7 @@ static uint64_t want_of(const struct mcl *c)
 	switch (c->st) {
 	case QCS_REF: case QCS_COPIES: case QCS_ROOTS: case QCS_PENDING:
 		return 1;
-	case QCS_PINNED:
+	case QCS_PINNED: case QCS_SHARED:
 		return c->val;
 	default:
 		return 0;
@@ -62,7 +65,7 @@ static void model_resize(struct model *m, uint64_t n)
 {
 	m->c = realloc(m->c, (n ? n : 1) * sizeof(*m->c));
 	for (uint64_t i = m->n; i < n; i++)
-		m->c[i] = (struct mcl){ QCS_AVAILABLE, 0 };
+		m->c[i] = (struct mcl){ .st = QCS_AVAILABLE, .val = 0 };
 	m->n = n;
 }
 
@@ -119,6 +122,14 @@ static void compare(const struct qcow_map *map, const struct model *m, const cha
 		if (s == QCS_REF)
 			MCHECK(qcow_map_slot(map, c) == x->val, "%s step %lu: slot of %llu", ctx, step_no,
 			       (unsigned long long)c);
+		if (s == QCS_SHARED) {
+			MCHECK(qcow_map_refcount(map, c) == x->val, "%s step %lu: refcount of shared %llu is %llu, model %llu",
+			       ctx, step_no, (unsigned long long)c, (unsigned long long)qcow_map_refcount(map, c),
+			       (unsigned long long)x->val);
+			for (uint64_t i = 0; i < x->val && i < MAXSLOTS; i++)
+				MCHECK(qcow_map_ref_slot(map, c, i) == x->slots[i], "%s step %lu: slot %llu of shared %llu",
+				       ctx, step_no, (unsigned long long)i, (unsigned long long)c);
+		}
 		if (s == QCS_PINNED)
 			MCHECK(qcow_map_pincount(map, c) == x->val, "%s step %lu: pincount of %llu is %llu, model %llu",
 			       ctx, step_no, (unsigned long long)c, (unsigned long long)qcow_map_pincount(map, c),
@@ -135,13 +146,13 @@ static void compare(const struct qcow_map *map, const struct model *m, const cha
 			lowest_avail = c;
 		if (!is_free(x->st))
 			last = c;
-		if (x->st == QCS_REF && c >= m->first_movable && !moving[c])
+		if ((x->st == QCS_REF || x->st == QCS_SHARED) && c >= m->first_movable && !moving[c])
 			hi_movable = c;
 	}
 	for (int s = 0; s < QCS_NSTATES; s++)
 		MCHECK(map->count[s] == count[s], "%s step %lu: count[%s] = %llu, model %llu", ctx, step_no,
 		       qcow_map_state_name(s), (unsigned long long)map->count[s], (unsigned long long)count[s]);
-	MCHECK(qcow_map_total_used(map) == count[QCS_REF] + count[QCS_PINNED], "%s step %lu: total_used %llu", ctx, step_no,
+	MCHECK(qcow_map_total_used(map) == count[QCS_REF] + count[QCS_SHARED] + count[QCS_PINNED], "%s step %lu: total_used %llu", ctx, step_no,
 	       (unsigned long long)qcow_map_total_used(map));
 	MCHECK(qcow_map_total_free(map) == count[QCS_JUNK] + count[QCS_ERASED] + count[QCS_AVAILABLE],
 	       "%s step %lu: total_free %llu", ctx, step_no, (unsigned long long)qcow_map_total_free(map));
@@ -163,7 +174,7 @@ static void compare(const struct qcow_map *map, const struct model *m, const cha
 				break;
 			}
 		for (uint64_t c = from; c-- > m->first_movable;)
-			if (m->c[c].st == QCS_REF && !moving[c]) {
+			if ((m->c[c].st == QCS_REF || m->c[c].st == QCS_SHARED) && !moving[c]) {
 				h = c;
 				break;
 			}
@@ -260,10 +271,25 @@ static void basics(void)
 	qcow_map_set_ref(&map, 5, 0x20010);
 	CHECK(map.rc_dirty.count == 0 && qcow_map_slot(&map, 5) == 0x20010, "slot change does not mark");
 
-	/* add_ref: REF -> PINNED(2) -> PINNED(3) */
+	/* add_ref: REF -> SHARED(2) -> SHARED(3), every slot kept, still movable */
 	qcow_map_add_ref(&map, 5, 0x30000);
-	CHECK(qcow_map_state(&map, 5) == QCS_PINNED && qcow_map_pincount(&map, 5) == 2, "add_ref REF -> PINNED(2)");
-	CHECK(qcow_map_want_refcount(&map, 5) == 2 && map.rc_dirty.count == 1, "pinned(2) wants 2, marked");
+	CHECK(qcow_map_state(&map, 5) == QCS_SHARED && qcow_map_refcount(&map, 5) == 2, "add_ref REF -> SHARED(2)");
+	CHECK(qcow_map_want_refcount(&map, 5) == 2 && map.rc_dirty.count == 1, "shared(2) wants 2, marked");
+	CHECK(!qcow_map_is_immovable(&map, 5) && qcow_map_highest_movable(&map, 100) == 5, "shared is movable");
+	CHECK(qcow_map_has_ref(&map, 5, 0x20010) && qcow_map_has_ref(&map, 5, 0x30000) && !qcow_map_has_ref(&map, 5, 0x30008),
+	      "shared keeps both slots");
+	rc_clear(&map);
+	qcow_map_add_ref(&map, 5, 0x30000);   /* the same slot again: a table two L1s share */
+	CHECK(qcow_map_refcount(&map, 5) == 3 && map.rc_dirty.count == 1, "SHARED(3), marked");
+	qcow_map_replace_ref(&map, 5, 0x30000, 0x50000);
+	CHECK(qcow_map_has_ref(&map, 5, 0x50000) && qcow_map_has_ref(&map, 5, 0x30000), "replace_ref moves one occurrence");
+	qcow_map_drop_ref(&map, 5, 0x50000);
+	qcow_map_drop_ref(&map, 5, 0x30000);
+	CHECK(qcow_map_state(&map, 5) == QCS_REF && qcow_map_slot(&map, 5) == 0x20010 && map.nlists - 1 == map.lists_free,
+	      "SHARED(2) -> REF keeps the other slot and frees the list");
+	/* a table reference (slot 0) pins: PINNED(2) -> PINNED(3) */
+	qcow_map_add_ref(&map, 5, 0);
+	CHECK(qcow_map_state(&map, 5) == QCS_PINNED && qcow_map_pincount(&map, 5) == 2, "add_ref slot 0 -> PINNED(2)");
 	CHECK(qcow_map_is_immovable(&map, 5) && qcow_map_highest_movable(&map, 100) == UINT64_MAX, "pinned is immovable");
 	qcow_map_add_ref(&map, 5, 0);
 	CHECK(qcow_map_pincount(&map, 5) == 3 && qcow_map_want_refcount(&map, 5) == 3, "PINNED(3)");
@@ -703,41 +729,81 @@ static void random_step(struct qcow_map *map, struct model *m)
 			/* a change to a move source cancels the move first (as the engine does) */
 			qcow_map_move_cancel(map, c);
 			mm->cancelled = true;
-			m->c[mm->dst] = (struct mcl){ QCS_JUNK, 0 };
+			m->c[mm->dst] = (struct mcl){ .st = QCS_JUNK, .val = 0 };
 		}
-		unsigned k = (unsigned)(tap_rand(&seed) % 6);
+		unsigned k = (unsigned)(tap_rand(&seed) % 7);
 		struct mcl *x = &m->c[c];
+		if (k == 6) {
+			/* the table holding some pointers moved */
+			if (x->st == QCS_REF) {
+				uint64_t to = (8 + tap_rand(&seed) % (1ull << 40)) & ~7ull;
+				qcow_map_rehome_refs(map, c, x->val & ~4095ull, to & ~4095ull, 4096);
+				x->val = (to & ~4095ull) + (x->val & 4095);
+			} else if (x->st == QCS_SHARED) {
+				uint64_t from = x->slots[tap_rand(&seed) % x->val] & ~4095ull;
+				uint64_t to = (8 + tap_rand(&seed) % (1ull << 40)) & ~4095ull;
+				qcow_map_rehome_refs(map, c, from, to, 4096);
+				for (uint64_t j = 0; j < x->val; j++)
+					if ((x->slots[j] & ~4095ull) == from)
+						x->slots[j] = to + (x->slots[j] & 4095);
+			}
+			return;
+		}
 		if (k == 0 && c >= m->first_movable) {
 			uint64_t slot = (tap_rand(&seed) % (1ull << 40)) & ~7ull;
 			qcow_map_set_ref(map, c, slot);
-			*x = (struct mcl){ QCS_REF, slot };
+			*x = (struct mcl){ .st = QCS_REF, .val = slot };
 		} else if (k == 1) {
 			uint64_t n = 1 + tap_rand(&seed) % 5;
 			qcow_map_set_pinned(map, c, n);
-			*x = (struct mcl){ QCS_PINNED, n };
+			*x = (struct mcl){ .st = QCS_PINNED, .val = n };
 		} else if (k == 2) {
 			enum qcow_cstate s = plain_states[tap_rand(&seed) % 7];
 			qcow_map_set_state(map, c, s);
-			*x = (struct mcl){ s, 0 };
+			*x = (struct mcl){ .st = s };
 		} else if (k == 3) {
-			if (x->st != QCS_REF && x->st != QCS_PINNED && c < m->first_movable)
+			if (x->st != QCS_REF && x->st != QCS_PINNED && x->st != QCS_SHARED && c < m->first_movable)
 				return;   /* would be REF below first_movable */
-			uint64_t slot = (tap_rand(&seed) % (1ull << 40)) & ~7ull;
-			qcow_map_add_ref(map, c, slot);
-			if (x->st == QCS_REF)
-				*x = (struct mcl){ QCS_PINNED, 2 };
-			else if (x->st == QCS_PINNED)
-				x->val++;
-			else
-				*x = (struct mcl){ QCS_REF, slot };
-		} else if (k == 4 || k == 5) {
-			if (x->st != QCS_REF && x->st != QCS_PINNED)
+			if (x->st == QCS_SHARED && x->val == MAXSLOTS)
 				return;
-			qcow_map_drop_ref(map, c, 0);
+			/* now and then a table reference (slot 0): it pins */
+			uint64_t slot = tap_rand(&seed) % 8 ? (8 + tap_rand(&seed) % (1ull << 40)) & ~7ull : 0;
+			REQUIRE(qcow_map_add_ref(map, c, slot) == 0, "add_ref");
+			if (x->st == QCS_PINNED || (slot == 0 && (x->st == QCS_REF || x->st == QCS_SHARED))) {
+				*x = (struct mcl){ .st = QCS_PINNED, .val = x->st == QCS_REF ? 2 : x->val + 1 };
+			} else if (x->st == QCS_REF) {
+				*x = (struct mcl){ .st = QCS_SHARED, .val = 2, .slots = { x->val, slot } };
+			} else if (x->st == QCS_SHARED) {
+				x->slots[x->val++] = slot;
+			} else {
+				*x = slot ? (struct mcl){ .st = QCS_REF, .val = slot } : (struct mcl){ .st = QCS_PINNED, .val = 1 };
+			}
+		} else if (k == 4 || k == 5) {
+			if (x->st != QCS_REF && x->st != QCS_PINNED && x->st != QCS_SHARED)
+				return;
+			if (x->st == QCS_SHARED) {
+				/* a known slot, or (rarely) one it does not have: then the
+				 * last reference goes */
+				uint64_t i = tap_rand(&seed) % 8 ? tap_rand(&seed) % x->val : x->val - 1;
+				uint64_t slot = tap_rand(&seed) % 8 ? x->slots[i] : 1;
+				if (slot == 1)
+					i = x->val - 1;
+				for (uint64_t j = 0; j < x->val && slot != 1; j++)
+					if (x->slots[j] == slot) {
+						i = j;
+						break;
+					}
+				qcow_map_drop_ref(map, c, slot);
+				x->slots[i] = x->slots[--x->val];
+				if (x->val == 1)
+					*x = (struct mcl){ .st = QCS_REF, .val = x->slots[0] };
+				return;
+			}
+			qcow_map_drop_ref(map, c, x->st == QCS_REF ? x->val : 0);
 			if (x->st == QCS_PINNED && x->val > 1)
 				x->val--;
 			else
-				*x = (struct mcl){ QCS_JUNK, 0 };
+				*x = (struct mcl){ .st = QCS_JUNK, .val = 0 };
 		}
 	} else if (op < 67) {
 		/* start a move like the compactor: highest movable into the lowest junk */
@@ -763,7 +829,7 @@ static void random_step(struct qcow_map *map, struct model *m)
 		}
 		*mm = (struct mmove){ .src = s, .dst = d, .state = QMOVE_COPYING, .live = true };
 		n_started++;
-		m->c[d] = (struct mcl){ QCS_COPIES, 0 };
+		m->c[d] = (struct mcl){ .st = QCS_COPIES, .val = 0 };
 	} else if (op < 87) {
 		/* advance a random move */
 		int i0 = (int)(tap_rand(&seed) % MAXMOVES);
@@ -793,17 +859,15 @@ static void random_step(struct qcow_map *map, struct model *m)
 				MCHECK(mv->state == mm->state, "set_state");
 			} else if (mm->state == QMOVE_FLUSHED) {
 				/* the pointer rewrite */
-				uint64_t slot = m->c[mm->src].val;
-				qcow_map_set_ref(map, mm->dst, slot);
-				qcow_map_set_state(map, mm->src, QCS_PENDING);
+				qcow_map_take_refs(map, mm->dst, mm->src, QCS_PENDING);
 				qcow_map_move_set_state(map, mv, QMOVE_REFERENCED);
-				m->c[mm->dst] = (struct mcl){ QCS_REF, slot };
-				m->c[mm->src] = (struct mcl){ QCS_PENDING, 0 };
+				m->c[mm->dst] = m->c[mm->src];
+				m->c[mm->src] = (struct mcl){ .st = QCS_PENDING, .val = 0 };
 				mm->state = QMOVE_REFERENCED;
 				n_referenced++;
 			} else {
 				qcow_map_move_complete(map, mv);
-				m->c[mm->src] = (struct mcl){ QCS_JUNK, 0 };
+				m->c[mm->src] = (struct mcl){ .st = QCS_JUNK, .val = 0 };
 				mm->live = false;
 				n_completed++;
 			}
@@ -818,7 +882,7 @@ static void random_step(struct qcow_map *map, struct model *m)
 			if (mm->live && !mm->cancelled && mm->src == c && mm->state != QMOVE_REFERENCED) {
 				mm->cancelled = true;
 				n_cancelled++;
-				m->c[mm->dst] = (struct mcl){ QCS_JUNK, 0 };
+				m->c[mm->dst] = (struct mcl){ .st = QCS_JUNK, .val = 0 };
 			}
 		}
 	} else {
