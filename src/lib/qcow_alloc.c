@@ -120,7 +120,11 @@ void qcow_free_after_flush(struct qcow_image *img, uint64_t c, uint64_t slot)
 {
 	qcow_assert_locked(img);
 	if (qcow_map_refcount(&img->map, c) > 1) {
-		qcow_map_drop_ref(&img->map, c, slot);
+		/* without memory the reference stays until the next open: a
+		 * leak, not a loss */
+		if (qcow_u64_list_add(&img->released_refs, c) == 0 &&
+		    qcow_u64_list_add(&img->released_refs, slot) != 0)
+			img->released_refs.len--;
 		return;
 	}
 	if (qcow_released_add(img, c)) {

@@ -65,6 +65,8 @@ struct flush_plan {
 	struct qcow_u64_list erased;
 	/* replaced clusters that become Junk when this flush ends */
 	struct qcow_u64_list released;
+	/* (cluster, slot) pairs whose reference goes when this flush ends */
+	struct qcow_u64_list released_refs;
 };
 
 static void plan_free(struct flush_plan *p)
@@ -80,6 +82,7 @@ static void plan_free(struct flush_plan *p)
 	qcow_free(p->meta);
 	qcow_u64_list_free(&p->erased);
 	qcow_u64_list_free(&p->released);
+	qcow_u64_list_free(&p->released_refs);
 	qcow_free(p->pending_free);
 }
 
@@ -333,6 +336,7 @@ static int take_snapshot(struct qcow_image *img, struct flush_plan *p)
 			qcow_map_set_state(&img->map, p->erased.v[i], QCS_FLUSHING);
 	/* clusters replaced before this snapshot: free once it is durable */
 	qcow_u64_list_take(&img->released, &p->released);
+	qcow_u64_list_take(&img->released_refs, &p->released_refs);
 	for (unsigned i = 0; i < img->map.nmoves_cap; i++) {
 		struct qcow_move *mv = &img->map.moves[i];
 		if (mv->in_use && !mv->cancelled && (mv->state == QMOVE_COPIED || mv->state == QMOVE_REFERENCED))
@@ -380,6 +384,10 @@ static void undo_snapshot(struct qcow_image *img, struct flush_plan *p)
 	 * they stay Pending, a leak until the next open) */
 	for (size_t i = 0; i < p->released.len; i++)
 		(void)qcow_released_add(img, p->released.v[i]);
+	for (size_t i = 0; i + 1 < p->released_refs.len; i += 2)
+		if (qcow_u64_list_add(&img->released_refs, p->released_refs.v[i]) == 0 &&
+		    qcow_u64_list_add(&img->released_refs, p->released_refs.v[i + 1]) != 0)
+			img->released_refs.len--;   /* the pair stays whole or goes: a leak until reopen */
 	for (unsigned i = 0; i < img->map.nmoves_cap; i++)
 		img->map.moves[i].flush_seen = false;
 }
@@ -396,6 +404,11 @@ static void finish_flush(struct qcow_image *img, struct flush_plan *p)
 		uint64_t c = p->released.v[i];
 		if (c < img->map.nclusters && qcow_map_state(&img->map, c) == QCS_PENDING)
 			qcow_map_set_state(&img->map, c, QCS_JUNK);
+	}
+	for (size_t i = 0; i + 1 < p->released_refs.len; i += 2) {
+		uint64_t c = p->released_refs.v[i], slot = p->released_refs.v[i + 1];
+		if (c < img->map.nclusters && qcow_map_has_ref(&img->map, c, slot))
+			qcow_map_drop_ref(&img->map, c, slot);
 	}
 	for (unsigned i = 0; i < img->map.nmoves_cap; i++) {
 		struct qcow_move *mv = &img->map.moves[i];
@@ -530,7 +543,7 @@ bool qcow_flush_needed(struct qcow_image *img)
 {
 	qcow_assert_locked(img);
 	return img->map.rc_dirty.count || img->cache.ndirty || img->l1_dirty.count || img->reftable_dirty.count ||
-	       img->header_dirty || img->reftable_switch_pending || img->pending_free_len || img->released.len ||
+	       img->header_dirty || img->reftable_switch_pending || img->pending_free_len || img->released.len || img->released_refs.len ||
 	       img->erased.len || img->map.nmoves_active || img->data_dirty;
 }
 

@@ -90,6 +90,12 @@ struct qcow_image {
 	 * copy): Pending until a flush has made the replacement durable, then
 	 * Junk (qcow_free_after_flush) */
 	struct qcow_u64_list released;
+	/* the same for a replaced pointer to a cluster others still use:
+	 * (cluster, slot) pairs whose reference goes when a flush has made
+	 * the replacement durable - until then the durable pointer may still
+	 * be the old one, so the cluster must not become free even if its
+	 * other users go meanwhile */
+	struct qcow_u64_list released_refs;
 	bool data_dirty;             /* something was written since the last sync */
 	bool punch_supported;
 

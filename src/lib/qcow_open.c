@@ -324,6 +324,7 @@ static void image_free(struct qcow_image *img)
 	qcow_free(img->reftable);
 	qcow_u64_list_free(&img->erased);
 	qcow_u64_list_free(&img->released);
+	qcow_u64_list_free(&img->released_refs);
 	qcow_header_free(&img->hdr);
 	pthread_mutex_destroy(&img->lock);
 	pthread_mutex_destroy(&img->flush_lock);

@@ -14,6 +14,11 @@
  *   - show, for every 512-byte sector not written since the last completed
  *     flush, exactly the data of that flush.
  * CRASH_ROUNDS (env) sets the number of rounds (default 1500).
+ *
+ * The same rounds run on images QEMU made with internal snapshots and with
+ * compressed clusters (QEMU_CRASH_ROUNDS, default 200), where compaction
+ * moves clusters that several pointers share and repacks compressed
+ * streams; every snapshot must still read exactly what QEMU wrote.
  */
 #include "qcow_internal.h"
 #include "tap.h"
@@ -309,9 +314,230 @@ static void replaced_clusters(void)
 	qcow_free(got);
 }
 
+/* ---- crashes while shared clusters move and streams are repacked ---- */
+
+struct qimage {
+	const char *name;
+	uint8_t *bytes;          /* the image as QEMU left it */
+	size_t len;
+	uint64_t size, cs;
+	uint8_t *active;         /* its active disk */
+	char snap_raw[2][64];    /* its snapshots' disks, as files */
+	unsigned nsnap;
+};
+
+static uint8_t *slurp(const char *path, size_t *len)
+{
+	FILE *f = fopen(path, "rb");
+	REQUIRE(f, "open %s", path);
+	fseek(f, 0, SEEK_END);
+	long n = ftell(f);
+	fseek(f, 0, SEEK_SET);
+	uint8_t *b = qcow_malloc(n ? (size_t)n : 1);
+	REQUIRE(fread(b, 1, (size_t)n, f) == (size_t)n, "read %s", path);
+	fclose(f);
+	*len = (size_t)n;
+	return b;
+}
+
+static void sh(const char *cmd)
+{
+	char full[4096];
+	snprintf(full, sizeof(full), "( %s ) >/dev/null 2>&1", cmd);
+	REQUIRE(system(full) == 0, "%s", cmd);
+}
+
+static void make_qimage(struct qimage *q, bool snapshots, const char *dir)
+{
+	char cmd[2048], path[256], raw[256];
+	q->size = 4u << 20;
+	q->cs = 4096;
+	snprintf(path, sizeof(path), "%s/%s.qcow2", dir, q->name);
+	snprintf(raw, sizeof(raw), "%s/%s-active.raw", dir, q->name);
+	if (snapshots) {
+		/* s1 and s2 share most clusters with each other and the active
+		 * disk; the active disk overwrote and discarded some */
+		snprintf(cmd, sizeof(cmd),
+			 "qemu-img create -q -f qcow2 -o cluster_size=4096 %s 4M && "
+			 "qemu-io -f qcow2 -c 'write -P 1 0 3M' -c 'write -P 7 3500k 100k' %s && qemu-img snapshot -c s1 %s && "
+			 "qemu-io -f qcow2 -c 'write -P 2 1M 1M' -c 'discard 2560k 256k' %s && qemu-img snapshot -c s2 %s && "
+			 "qemu-io -f qcow2 -c 'write -P 3 1536k 1M' -c 'write -P 4 100k 8k' %s",
+			 path, path, path, path, path, path);
+		sh(cmd);
+		q->nsnap = 2;
+		for (unsigned i = 0; i < 2; i++) {
+			snprintf(q->snap_raw[i], sizeof(q->snap_raw[i]), "%s/%s-s%u.raw", dir, q->name, i + 1);
+			snprintf(cmd, sizeof(cmd), "qemu-img convert -O raw -l snapshot.name=s%u %s %s", i + 1, path, q->snap_raw[i]);
+			sh(cmd);
+		}
+	} else {
+		/* compresses to about half: streams of about 2 KiB, most of them
+		 * crossing from one host cluster into the next */
+		uint8_t *d = qcow_malloc(q->size);
+		for (uint64_t i = 0; i < q->size; i++)
+			d[i] = (uint8_t)('a' + (tap_rand(&seed) & 15));
+		FILE *f = fopen(raw, "wb");
+		REQUIRE(f && fwrite(d, 1, q->size, f) == q->size, "write %s", raw);
+		fclose(f);
+		qcow_free(d);
+		snprintf(cmd, sizeof(cmd), "qemu-img convert -c -f raw -O qcow2 -o cluster_size=4096 %s %s", raw, path);
+		sh(cmd);
+	}
+	snprintf(cmd, sizeof(cmd), "qemu-img convert -O raw %s %s", path, raw);
+	sh(cmd);
+	size_t alen;
+	q->active = slurp(raw, &alen);
+	REQUIRE(alen == q->size, "%s: active disk size", q->name);
+	q->bytes = slurp(path, &q->len);
+}
+
+/* One crash round on a copy of q: discards (so shared and compressed
+ * clusters have space to move into), writes, flushes and compactions;
+ * the disk dies after a random number of writes or a few writes after a
+ * move phase. */
+static void qimage_round(struct qimage *q, unsigned round, unsigned *snap_checks)
+{
+	uint64_t size = q->size, cs = q->cs, nsec = size / 512;
+	struct qcow_io *io = qcow_io_crash_new(q->bytes, q->len);
+	char err[256];
+	int ret;
+	struct qcow_image *img = open_io(io, err, sizeof(err), &ret);
+	REQUIRE(img, "%s round %u: open: %s", q->name, round, err);
+	uint8_t *durable = qcow_malloc(size), *current = qcow_malloc(size), *dirty = qcow_calloc(1, nsec);
+	uint8_t *buf = qcow_malloc(8 * cs);
+	memcpy(durable, q->active, size);
+	memcpy(current, q->active, size);
+	struct phase_arm arm = { .io = io, .target = -1, .after = 1 + tap_rand(&seed) % 8 };
+	bool by_phase = tap_rand(&seed) & 1;
+	if (by_phase) {
+		static const int phases[] = { QMOVE_COPIED, QMOVE_FLUSHED, QMOVE_REFERENCED };
+		arm.target = phases[tap_rand(&seed) % 3];
+		img->move_phase_hook = on_phase;
+		img->move_phase_opaque = &arm;
+	} else {
+		qcow_io_crash_die_after(io, 1 + tap_rand(&seed) % 400);
+	}
+	for (unsigned op = 0; op < 60; op++) {
+		unsigned kind = (unsigned)(tap_rand(&seed) % 100);
+		uint64_t off = tap_rand(&seed) % size;
+		uint64_t n = 1 + tap_rand(&seed) % (kind < 50 ? 64 * cs : 4 * cs);
+		if (n > size - off)
+			n = size - off;
+		if (kind < 50) {
+			for (uint64_t s = off / 512; s <= (off + n - 1) / 512; s++)
+				dirty[s] = 1;
+			if (qcow_image_discard(img, off, n))
+				break;
+			memset(current + off, 0, n);
+		} else if (kind < 70) {
+			for (uint64_t i = 0; i < n; i++)
+				buf[i] = (uint8_t)tap_rand(&seed);
+			for (uint64_t s = off / 512; s <= (off + n - 1) / 512; s++)
+				dirty[s] = 1;
+			if (qcow_image_write(img, buf, n, off) != (ssize_t)n)
+				break;
+			memcpy(current + off, buf, n);
+		} else if (kind < 80) {
+			if (qcow_image_flush(img))
+				break;
+			memcpy(durable, current, size);
+			memset(dirty, 0, nsec);
+		} else {
+			if (qcow_image_compact(img, NULL, NULL))
+				break;
+			memcpy(durable, current, size);
+			memset(dirty, 0, nsec);
+		}
+	}
+	struct qcow_io *after = qcow_io_crash_crash(io, tap_rand(&seed));
+	REQUIRE(after, "crash");
+	qcow_image_close(img);
+	size_t alen;
+	const uint8_t *abytes = qcow_io_mem_data(after, &alen);
+	check_bytes(abytes, alen, round % 10 == 0, round);
+	if (q->nsnap && round % 6 == 0) {
+		/* the snapshots, as QEMU reads them from the crashed image */
+		char path[] = "/tmp/qcow-snapcrash-XXXXXX", out[64], cmd[512];
+		int fd = mkstemp(path);
+		REQUIRE(fd >= 0 && write(fd, abytes, alen) == (ssize_t)alen, "write crashed image");
+		close(fd);
+		snprintf(out, sizeof(out), "%s.raw", path);
+		for (unsigned i = 0; i < q->nsnap; i++) {
+			snprintf(cmd, sizeof(cmd), "qemu-img convert -O raw -l snapshot.name=s%u %s %s >/dev/null 2>&1 && cmp -s %s %s",
+				 i + 1, path, out, out, q->snap_raw[i]);
+			CHECK(system(cmd) == 0, "%s round %u: snapshot s%u differs after the crash (image kept at %s)", q->name,
+			      round, i + 1, path);
+			(*snap_checks)++;
+		}
+		unlink(out);
+		unlink(path);
+	}
+	struct qcow_image *img2 = open_io(after, err, sizeof(err), &ret);
+	CHECK(img2 != NULL, "%s round %u: crashed image does not open: %s", q->name, round, err);
+	if (img2) {
+		uint64_t bad = 0;
+		for (uint64_t s = 0; s < nsec; s++) {
+			if (dirty[s])
+				continue;
+			REQUIRE(qcow_image_read(img2, buf, 512, s * 512) == 512, "read after crash");
+			if (memcmp(buf, durable + s * 512, 512) && bad++ == 0)
+				fprintf(stderr, "%s round %u: sector %llu lost flushed data\n", q->name, round, (unsigned long long)s);
+		}
+		CHECK(bad == 0, "%s round %u: %llu flushed sectors differ after the crash", q->name, round,
+		      (unsigned long long)bad);
+		pthread_mutex_lock(&img2->lock);
+		const char *inv = qcow_map_check(&img2->map);
+		pthread_mutex_unlock(&img2->lock);
+		CHECK(!inv, "%s round %u: map after reopen: %s", q->name, round, inv);
+		CHECK(qcow_image_close(img2) == 0, "%s round %u: close after reopen", q->name, round);
+	} else {
+		qcow_io_close(after);
+	}
+	qcow_free(durable);
+	qcow_free(current);
+	qcow_free(dirty);
+	qcow_free(buf);
+}
+
+static void qemu_image_rounds(void)
+{
+	if (access("/usr/bin/qemu-img", X_OK) != 0) {
+		CHECK(getenv("CI") == NULL || strcmp(getenv("CI"), "true") != 0, "qemu-img missing in CI");
+		printf("# shared and compressed clusters: qemu-img missing, skipped\n");
+		return;
+	}
+	char dir[] = "/tmp/qcow-qcrash-XXXXXX";
+	REQUIRE(mkdtemp(dir), "mkdtemp");
+	struct qimage q[2] = { { .name = "snapshots" }, { .name = "compressed" } };
+	make_qimage(&q[0], true, dir);
+	make_qimage(&q[1], false, dir);
+	const char *env = getenv("QEMU_CRASH_ROUNDS");
+	unsigned rounds = env ? (unsigned)atoi(env) : 200, snap_checks = 0;
+	unsigned before[4];
+	memcpy(before, move_states_hit, sizeof(before));
+	for (unsigned r = 0; r < rounds; r++)
+		qimage_round(&q[r % 2], r, &snap_checks);
+	printf("# shared and compressed clusters: %u rounds, crashes inside move states copied %u, flushed %u, "
+	       "referenced %u, %u snapshot reads after a crash\n", rounds, move_states_hit[QMOVE_COPIED] - before[QMOVE_COPIED],
+	       move_states_hit[QMOVE_FLUSHED] - before[QMOVE_FLUSHED], move_states_hit[QMOVE_REFERENCED] - before[QMOVE_REFERENCED],
+	       snap_checks);
+	if (rounds >= 100)
+		CHECK(move_states_hit[QMOVE_REFERENCED] > before[QMOVE_REFERENCED],
+		      "no crash landed after a shared or compressed move's pointer rewrite");
+	for (int i = 0; i < 2; i++) {
+		qcow_free(q[i].bytes);
+		qcow_free(q[i].active);
+	}
+	char cmd[128];
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	sh(cmd);
+}
+
 int main(void)
 {
 	replaced_clusters();
+	qcow_log_set_sink(quiet_sink, NULL);
+	qemu_image_rounds();
 	qcow_log_set_sink(quiet_sink, NULL);
 	const char *env = getenv("CRASH_ROUNDS");
 	unsigned rounds = env ? (unsigned)atoi(env) : 1500;
