@@ -114,6 +114,9 @@ struct qcow_stats {
 	uint64_t clusters_total;       /* clusters the map covers */
 	uint64_t clusters_header;      /* header, L1, refcount table, snapshot table */
 	uint64_t clusters_referenced;  /* L2 tables, refcount blocks, data */
+	uint64_t clusters_shared;      /* of those, clusters with several pointers
+	                                  (shared with snapshots, compressed streams) */
+	uint64_t map_bytes;            /* memory the cluster map uses */
 	uint64_t clusters_junk;
 	uint64_t clusters_erased;
 	uint64_t clusters_available;

@@ -726,6 +726,8 @@ void qcow_image_get_stats(struct qcow_image *img, struct qcow_stats *st)
 	st->clusters_copies = m->count[QCS_COPIES];
 	st->clusters_roots = m->count[QCS_ROOTS];
 	st->clusters_pending = m->count[QCS_PENDING];
+	st->clusters_shared = m->count[QCS_SHARED];
+	st->map_bytes = qcow_map_memory(m);
 	st->moves_in_flight = m->nmoves_active;
 	st->bytes_reclaimed = img->bytes_reclaimed;
 	st->bytes_discarded = img->bytes_discarded;

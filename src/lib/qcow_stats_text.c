@@ -65,6 +65,8 @@ static const struct stats_field stats_fields[] = {
 	STATS_FIELD(clusters_copies, STATS_U64),
 	STATS_FIELD(clusters_roots, STATS_U64),
 	STATS_FIELD(clusters_pending, STATS_U64),
+	STATS_FIELD(clusters_shared, STATS_U64),
+	STATS_FIELD(map_bytes, STATS_U64),
 	STATS_FIELD(moves_in_flight, STATS_U64),
 	STATS_FIELD(bytes_reclaimed, STATS_U64),
 	STATS_FIELD(bytes_discarded, STATS_U64),

@@ -1077,7 +1077,7 @@ static void status_print_human(const struct qcow_stats *st)
 	printf("cluster size:       %" PRIu64 "\n", st->cluster_size);
 	printf("clusters:           %" PRIu64 " in the file\n", st->clusters_total);
 	printf("  header            %" PRIu64 "\n", st->clusters_header);
-	printf("  used              %" PRIu64 "\n", st->clusters_referenced);
+	printf("  used              %" PRIu64 " (%" PRIu64 " shared)\n", st->clusters_referenced, st->clusters_shared);
 	printf("  junk              %" PRIu64 "\n", st->clusters_junk);
 	printf("  erased            %" PRIu64 "\n", st->clusters_erased);
 	printf("  available         %" PRIu64 "\n", st->clusters_available);
@@ -1085,6 +1085,8 @@ static void status_print_human(const struct qcow_stats *st)
 	printf("  roots             %" PRIu64 "\n", st->clusters_roots);
 	printf("  pending           %" PRIu64 "\n", st->clusters_pending);
 	printf("moves in flight:    %" PRIu64 "\n", st->moves_in_flight);
+	format_size_and_bytes(st->map_bytes, text, sizeof(text));
+	printf("cluster map memory: %s\n", text);
 	printf("clusters moved:     %" PRIu64 "\n", st->clusters_moved);
 	format_size_and_bytes(st->bytes_reclaimed, text, sizeof(text));
 	printf("bytes reclaimed:    %s\n", text);
@@ -1128,6 +1130,8 @@ static void status_print_json(const char *mountpoint, const struct qcow_stats *s
 	json_u64(&j, "clusters-copies", st->clusters_copies);
 	json_u64(&j, "clusters-roots", st->clusters_roots);
 	json_u64(&j, "clusters-pending", st->clusters_pending);
+	json_u64(&j, "clusters-shared", st->clusters_shared);
+	json_u64(&j, "map-bytes", st->map_bytes);
 	json_u64(&j, "moves-in-flight", st->moves_in_flight);
 	json_u64(&j, "clusters-moved", st->clusters_moved);
 	json_u64(&j, "bytes-reclaimed", st->bytes_reclaimed);

@@ -28,6 +28,8 @@ static void fill_all(struct qcow_stats *st, unsigned long long seed)
 	st->clusters_copies = tap_rand(&seed);
 	st->clusters_roots = tap_rand(&seed);
 	st->clusters_pending = tap_rand(&seed);
+	st->clusters_shared = tap_rand(&seed);
+	st->map_bytes = tap_rand(&seed);
 	st->moves_in_flight = tap_rand(&seed);
 	st->bytes_reclaimed = tap_rand(&seed);
 	st->bytes_discarded = tap_rand(&seed);
@@ -55,6 +57,7 @@ static bool same_stats(const struct qcow_stats *a, const struct qcow_stats *b)
 	       a->clusters_erased == b->clusters_erased && a->clusters_available == b->clusters_available &&
 	       a->clusters_copies == b->clusters_copies && a->clusters_roots == b->clusters_roots &&
 	       a->clusters_pending == b->clusters_pending && a->moves_in_flight == b->moves_in_flight &&
+	       a->clusters_shared == b->clusters_shared && a->map_bytes == b->map_bytes &&
 	       a->bytes_reclaimed == b->bytes_reclaimed && a->bytes_discarded == b->bytes_discarded &&
 	       a->compactions_done == b->compactions_done && a->clusters_moved == b->clusters_moved &&
 	       a->compacting == b->compacting && a->compact_progress == b->compact_progress &&
