@@ -55,6 +55,36 @@ static bool is_referenced(enum qcow_cstate s)
 	return s == QCS_REF || s == QCS_SHARED;
 }
 
+/* A list entry is a slot (8-byte aligned) with the number of its
+ * references minus one in the low 3 bits: a data cluster of an L2 table
+ * that several L1 tables share has one slot many times, and takes one
+ * entry for up to 8 of them. */
+#define ENT_REPEAT 7ull
+
+static uint64_t ent_slot(uint64_t e) { return e & ~ENT_REPEAT; }
+static uint64_t ent_count(uint64_t e) { return (e & ENT_REPEAT) + 1; }
+
+/* A list with one entry keeps it in place of the array pointer (cap 1):
+ * the common case of one slot repeated costs no allocation. */
+static uint64_t *ents(struct qcow_reflist *l)
+{
+	return l->cap == 1 ? &l->one : l->ent;
+}
+
+static const uint64_t *ents_c(const struct qcow_reflist *l)
+{
+	return l->cap == 1 ? &l->one : l->ent;
+}
+
+static uint64_t list_total(const struct qcow_reflist *l)
+{
+	uint64_t n = 0;
+	const uint64_t *e = ents_c(l);
+	for (uint32_t i = 0; i < l->len; i++)
+		n += ent_count(e[i]);
+	return n;
+}
+
 static uint64_t want_of(const struct qcow_map *m, uint64_t e)
 {
 	switch (decode_state(e)) {
@@ -63,7 +93,7 @@ static uint64_t want_of(const struct qcow_map *m, uint64_t e)
 	case QCS_PINNED:
 		return e & VALUE_MASK;
 	case QCS_SHARED:
-		return m->lists[e & VALUE_MASK].n;
+		return list_total(&m->lists[e & VALUE_MASK]);
 	case QCS_COPIES:   /* counted before its pointer can become durable */
 	case QCS_ROOTS:
 	case QCS_PENDING:  /* the old pointer may still be the durable one */
@@ -150,62 +180,104 @@ static void map_put(struct qcow_map *m, uint64_t c, uint64_t e)
 
 /* ---- reference lists of SHARED clusters ------------------------------- */
 
+static int list_append(struct qcow_map *m, struct qcow_reflist *l, uint64_t slot)
+{
+	uint64_t *e = ents(l);
+	for (uint32_t i = 0; i < l->len; i++)
+		if (ent_slot(e[i]) == slot && ent_count(e[i]) <= ENT_REPEAT) {
+			e[i]++;
+			return 0;
+		}
+	if (l->cap == 0) {   /* empty: the entry goes in place */
+		l->cap = 1;
+		l->one = slot;
+		l->len = 1;
+		return 0;
+	}
+	if (l->len == l->cap) {
+		if (l->cap >= UINT32_MAX / 2)
+			return -EFBIG;
+		uint32_t cap = l->cap * 2;
+		uint64_t *p = qcow_malloc((size_t)cap * sizeof(uint64_t));
+		if (!p)
+			return -ENOMEM;
+		memcpy(p, e, (size_t)l->len * sizeof(uint64_t));
+		if (l->cap > 1) {
+			qcow_free(l->ent);
+			m->list_slots -= l->cap;
+		}
+		m->list_slots += cap;
+		l->ent = p;
+		l->cap = cap;
+	}
+	ents(l)[l->len++] = slot;
+	return 0;
+}
+
+static void list_free_array(struct qcow_map *m, struct qcow_reflist *l)
+{
+	if (l->cap > 1) {
+		qcow_free(l->ent);
+		m->list_slots -= l->cap;
+	}
+}
+
+/* Removes one reference from slot (or, if the list has no such slot, one
+ * from the last entry: a reference less all the same). */
+static void list_remove(struct qcow_reflist *l, uint64_t slot)
+{
+	uint64_t *e = ents(l);
+	uint32_t i = 0;
+	while (i < l->len && ent_slot(e[i]) != slot)
+		i++;
+	if (i == l->len)
+		i = l->len - 1;
+	if (ent_count(e[i]) > 1)
+		e[i]--;
+	else
+		e[i] = e[--l->len];
+}
+
 /* A new list holding a and b; its index, or UINT64_MAX without memory. */
 static uint64_t list_new(struct qcow_map *m, uint64_t a, uint64_t b)
 {
-	uint64_t *slots = qcow_malloc(4 * sizeof(uint64_t));
-	if (!slots)
-		return UINT64_MAX;
 	uint64_t idx;
 	if (m->lists_free != UINT64_MAX) {
 		idx = m->lists_free;
-		m->lists_free = m->lists[idx].n == UINT32_MAX ? UINT64_MAX : m->lists[idx].n;
+		m->lists_free = m->lists[idx].len == UINT32_MAX ? UINT64_MAX : m->lists[idx].len;
 	} else {
 		if (m->nlists == m->lists_cap) {
-			uint64_t cap = m->lists_cap ? m->lists_cap * 2 : 64;
+			/* by half again: this table is most of a snapshot image's
+			 * extra memory */
+			uint64_t cap = m->lists_cap ? m->lists_cap + m->lists_cap / 2 : 64;
 			struct qcow_reflist *p = qcow_realloc(m->lists, cap * sizeof(*p));
-			if (!p) {
-				qcow_free(slots);
+			if (!p)
 				return UINT64_MAX;
-			}
 			m->lists = p;
 			m->lists_cap = cap;
 		}
 		idx = m->nlists++;
 	}
-	slots[0] = a;
-	slots[1] = b;
-	m->lists[idx] = (struct qcow_reflist){ .slot = slots, .n = 2, .cap = 4 };
-	m->list_slots += 4;
+	struct qcow_reflist *l = &m->lists[idx];
+	*l = (struct qcow_reflist){ 0 };
+	if (list_append(m, l, a) || list_append(m, l, b)) {
+		list_free_array(m, l);
+		*l = (struct qcow_reflist){ .len = m->lists_free == UINT64_MAX ? UINT32_MAX : (uint32_t)m->lists_free };
+		m->lists_free = idx;
+		return UINT64_MAX;
+	}
 	return idx;
 }
 
 static void list_release(struct qcow_map *m, uint64_t idx)
 {
 	struct qcow_reflist *l = &m->lists[idx];
-	m->list_slots -= l->cap;
-	qcow_free(l->slot);
-	/* the free list threads through n (UINT32_MAX ends it); the table
+	list_free_array(m, l);
+	/* the free list threads through len (UINT32_MAX ends it); the table
 	 * holds fewer than 2^32 lists in any image we can map */
-	*l = (struct qcow_reflist){ .slot = NULL, .n = m->lists_free == UINT64_MAX ? UINT32_MAX : (uint32_t)m->lists_free,
+	*l = (struct qcow_reflist){ .ent = NULL, .len = m->lists_free == UINT64_MAX ? UINT32_MAX : (uint32_t)m->lists_free,
 				    .cap = 0 };
 	m->lists_free = idx;
-}
-
-static int list_append(struct qcow_map *m, struct qcow_reflist *l, uint64_t slot)
-{
-	if (l->n == l->cap) {
-		if (l->cap >= UINT32_MAX / 2)
-			return -EFBIG;
-		uint64_t *p = qcow_realloc(l->slot, (size_t)l->cap * 2 * sizeof(uint64_t));
-		if (!p)
-			return -ENOMEM;
-		m->list_slots += l->cap;
-		l->slot = p;
-		l->cap *= 2;
-	}
-	l->slot[l->n++] = slot;
-	return 0;
 }
 
 static struct qcow_reflist *list_of(const struct qcow_map *m, uint64_t c)
@@ -236,7 +308,8 @@ void qcow_map_free(struct qcow_map *m)
 	qcow_bitmap_free(&m->rc_dirty);
 	qcow_free(m->moves);
 	for (uint64_t i = 0; i < m->nlists; i++)
-		qcow_free(m->lists[i].slot);
+		if (m->lists[i].cap > 1)
+			qcow_free(m->lists[i].ent);
 	qcow_free(m->lists);
 	memset(m, 0, sizeof(*m));
 }
@@ -336,7 +409,8 @@ int qcow_map_add_ref(struct qcow_map *m, uint64_t c, uint64_t slot)
 	/* a move copies and rewrites the pointers it knew: a new one cancels it */
 	qcow_map_move_cancel(m, c);
 	enum qcow_cstate s = decode_state(m->entry[c]);
-	if (s == QCS_PINNED || (slot == 0 && is_referenced(s))) {
+	/* a table (slot 0), or a slot that is no 8-byte pointer: pinned */
+	if (s == QCS_PINNED || ((slot == 0 || (slot & ENT_REPEAT)) && is_referenced(s))) {
 		qcow_map_set_pinned(m, c, qcow_map_refcount(m, c) + 1);
 		return 0;
 	}
@@ -353,7 +427,7 @@ int qcow_map_add_ref(struct qcow_map *m, uint64_t c, uint64_t slot)
 			qcow_map_mark_rc_dirty(m, c);
 		return ret;
 	}
-	if (slot == 0)
+	if (slot == 0 || (slot & ENT_REPEAT))
 		qcow_map_set_pinned(m, c, 1);
 	else
 		qcow_map_set_ref(m, c, slot);
@@ -366,16 +440,11 @@ void qcow_map_drop_ref(struct qcow_map *m, uint64_t c, uint64_t slot)
 	enum qcow_cstate s = decode_state(m->entry[c]);
 	if (s == QCS_SHARED) {
 		struct qcow_reflist *l = list_of(m, c);
-		uint32_t i = 0;
-		while (i < l->n && l->slot[i] != slot)
-			i++;
-		if (i == l->n)
-			i = l->n - 1;   /* not a pointer we know: still one reference less */
-		l->slot[i] = l->slot[--l->n];
+		list_remove(l, slot);
 		/* marked here: map_put compares counts after the list shrank */
 		qcow_map_mark_rc_dirty(m, c);
-		if (l->n == 1)
-			qcow_map_set_ref(m, c, l->slot[0]);   /* releases the list */
+		if (l->len == 1 && ent_count(ents(l)[0]) == 1)
+			qcow_map_set_ref(m, c, ent_slot(ents(l)[0]));   /* releases the list */
 		return;
 	}
 	if (s == QCS_PINNED && qcow_map_pincount(m, c) > 1)
@@ -389,13 +458,14 @@ void qcow_map_replace_ref(struct qcow_map *m, uint64_t c, uint64_t old_slot, uin
 	enum qcow_cstate s = decode_state(m->entry[c]);
 	if (s == QCS_REF && m->entry[c] == old_slot) {
 		qcow_map_set_ref(m, c, new_slot);
-	} else if (s == QCS_SHARED) {
+	} else if (s == QCS_SHARED && qcow_map_has_ref(m, c, old_slot)) {
 		struct qcow_reflist *l = list_of(m, c);
-		for (uint32_t i = 0; i < l->n; i++)
-			if (l->slot[i] == old_slot) {
-				l->slot[i] = new_slot;
-				return;
-			}
+		/* the count stays: take one from old_slot, then add it back at
+		 * new_slot (room for it exists: the old one's entry is freed or
+		 * decremented first, and an append reuses that space) */
+		list_remove(l, old_slot);
+		if (list_append(m, l, new_slot))
+			(void)list_append(m, l, old_slot);   /* out of memory: the old slot stays (a stale slot cancels moves) */
 	}
 }
 
@@ -405,10 +475,12 @@ void qcow_map_rehome_refs(struct qcow_map *m, uint64_t c, uint64_t from, uint64_
 	if (s == QCS_REF && m->entry[c] >= from && m->entry[c] - from < len) {
 		qcow_map_set_ref(m, c, m->entry[c] - from + to);
 	} else if (s == QCS_SHARED) {
-		struct qcow_reflist *l = list_of(m, c);
-		for (uint32_t i = 0; i < l->n; i++)
-			if (l->slot[i] >= from && l->slot[i] - from < len)
-				l->slot[i] = l->slot[i] - from + to;
+		uint64_t *e = ents(list_of(m, c));
+		for (uint32_t i = 0; i < list_of(m, c)->len; i++) {
+			uint64_t slot = ent_slot(e[i]);
+			if (slot >= from && slot - from < len)
+				e[i] = (slot - from + to) | (e[i] & ENT_REPEAT);
+		}
 	}
 }
 
@@ -429,9 +501,19 @@ void qcow_map_take_refs(struct qcow_map *m, uint64_t dst, uint64_t src, enum qco
 
 uint64_t qcow_map_ref_slot(const struct qcow_map *m, uint64_t c, uint64_t i)
 {
-	if (decode_state(m->entry[c]) == QCS_SHARED)
-		return i < list_of(m, c)->n ? list_of(m, c)->slot[i] : 0;
-	return i == 0 && decode_state(m->entry[c]) == QCS_REF ? m->entry[c] : 0;
+	enum qcow_cstate s = decode_state(m->entry[c]);
+	if (s == QCS_REF)
+		return i == 0 ? m->entry[c] : 0;
+	if (s != QCS_SHARED)
+		return 0;
+	const struct qcow_reflist *l = list_of(m, c);
+	const uint64_t *e = ents_c(l);
+	for (uint32_t k = 0; k < l->len; k++) {
+		if (i < ent_count(e[k]))
+			return ent_slot(e[k]);
+		i -= ent_count(e[k]);
+	}
+	return 0;
 }
 
 bool qcow_map_has_ref(const struct qcow_map *m, uint64_t c, uint64_t slot)
@@ -442,8 +524,9 @@ bool qcow_map_has_ref(const struct qcow_map *m, uint64_t c, uint64_t slot)
 	if (s != QCS_SHARED)
 		return false;
 	const struct qcow_reflist *l = list_of(m, c);
-	for (uint32_t i = 0; i < l->n; i++)
-		if (l->slot[i] == slot)
+	const uint64_t *e = ents_c(l);
+	for (uint32_t i = 0; i < l->len; i++)
+		if (ent_slot(e[i]) == slot)
 			return true;
 	return false;
 }
@@ -451,7 +534,7 @@ bool qcow_map_has_ref(const struct qcow_map *m, uint64_t c, uint64_t slot)
 uint64_t qcow_map_refcount(const struct qcow_map *m, uint64_t c)
 {
 	enum qcow_cstate s = decode_state(m->entry[c]);
-	return s == QCS_REF ? 1 : s == QCS_PINNED ? qcow_map_pincount(m, c) : s == QCS_SHARED ? list_of(m, c)->n : 0;
+	return s == QCS_REF ? 1 : s == QCS_PINNED ? qcow_map_pincount(m, c) : s == QCS_SHARED ? list_total(list_of(m, c)) : 0;
 }
 
 uint64_t qcow_map_total_used(const struct qcow_map *m)
@@ -577,8 +660,8 @@ const char *qcow_map_check(const struct qcow_map *m)
 		count[s]++;
 		if (s == QCS_SHARED) {
 			uint64_t idx = m->entry[c] & VALUE_MASK;
-			if (idx >= m->nlists || m->lists[idx].cap == 0 || m->lists[idx].n < 2 ||
-			    m->lists[idx].n > m->lists[idx].cap) {
+			if (idx >= m->nlists || m->lists[idx].cap == 0 || m->lists[idx].len == 0 ||
+			    m->lists[idx].len > m->lists[idx].cap || list_total(&m->lists[idx]) < 2) {
 				snprintf(msg, sizeof(msg), "shared cluster %llu has no valid reference list", (unsigned long long)c);
 				return msg;
 			}

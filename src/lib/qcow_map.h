@@ -8,9 +8,10 @@
  * O(log n)-ish searches for the lowest available / junk and the highest
  * movable cluster.  Moves in flight live in a small table (O(1) each).
  * Clusters with several pointers keep them in an overflow table of
- * reference lists (about 16 bytes per list plus 8 per slot, capacity
- * rounded up to a power of two): images without snapshots or compressed
- * data pay nothing for it.
+ * reference lists (16 bytes per list; a list of one distinct slot - up to
+ * 8 references from it - lives in those 16 bytes, longer ones in an array
+ * of 8 bytes per distinct slot, capacity a power of two): images without
+ * snapshots or compressed data pay nothing for it.
  *
  * Entry encoding:
  *   bit 63 clear          REF: referenced by exactly one pointer; the value
@@ -66,10 +67,14 @@ struct qcow_move {
 	bool in_use;
 };
 
-/* The slots of a SHARED cluster's pointers. */
+/* The slots of a SHARED cluster's pointers: entries of an 8-byte aligned
+ * slot with its repeat count minus one in the low 3 bits (qcow_map.c). */
 struct qcow_reflist {
-	uint64_t *slot;
-	uint32_t n, cap;      /* a free list entry has cap 0 and n = next free index */
+	union {
+		uint64_t *ent;    /* cap > 1: the entries */
+		uint64_t one;     /* cap 1: the only entry, in place */
+	};
+	uint32_t len, cap;    /* a free list entry has cap 0 and len = next free index */
 };
 
 struct qcow_map {

@@ -59,6 +59,12 @@ static uint64_t want_of(const struct mcl *c)
 	}
 }
 
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
 static bool is_free(enum qcow_cstate s) { return s == QCS_JUNK || s == QCS_ERASED || s == QCS_AVAILABLE; }
 
 static void model_resize(struct model *m, uint64_t n)
@@ -126,9 +132,15 @@ static void compare(const struct qcow_map *map, const struct model *m, const cha
 			MCHECK(qcow_map_refcount(map, c) == x->val, "%s step %lu: refcount of shared %llu is %llu, model %llu",
 			       ctx, step_no, (unsigned long long)c, (unsigned long long)qcow_map_refcount(map, c),
 			       (unsigned long long)x->val);
-			for (uint64_t i = 0; i < x->val && i < MAXSLOTS; i++)
-				MCHECK(qcow_map_ref_slot(map, c, i) == x->slots[i], "%s step %lu: slot %llu of shared %llu",
-				       ctx, step_no, (unsigned long long)i, (unsigned long long)c);
+			uint64_t got[MAXSLOTS], want[MAXSLOTS];
+			for (uint64_t i = 0; i < x->val && i < MAXSLOTS; i++) {
+				got[i] = qcow_map_ref_slot(map, c, i);
+				want[i] = x->slots[i];
+			}
+			qsort(got, x->val, sizeof(uint64_t), cmp_u64);
+			qsort(want, x->val, sizeof(uint64_t), cmp_u64);
+			MCHECK(memcmp(got, want, x->val * sizeof(uint64_t)) == 0, "%s step %lu: slots of shared %llu", ctx,
+			       step_no, (unsigned long long)c);
 		}
 		if (s == QCS_PINNED)
 			MCHECK(qcow_map_pincount(map, c) == x->val, "%s step %lu: pincount of %llu is %llu, model %llu",
@@ -287,6 +299,16 @@ static void basics(void)
 	qcow_map_drop_ref(&map, 5, 0x30000);
 	CHECK(qcow_map_state(&map, 5) == QCS_REF && qcow_map_slot(&map, 5) == 0x20010 && map.nlists - 1 == map.lists_free,
 	      "SHARED(2) -> REF keeps the other slot and frees the list");
+	/* one slot many times (an L2 table many L1 tables share): one list
+	 * entry per 8 references */
+	for (int i = 0; i < 19; i++)
+		REQUIRE(qcow_map_add_ref(&map, 5, 0x20010) == 0, "add_ref");
+	CHECK(qcow_map_state(&map, 5) == QCS_SHARED && qcow_map_refcount(&map, 5) == 20 &&
+	      map.lists[map.entry[5] & ((1ull << 56) - 1)].len == 3 && qcow_map_ref_slot(&map, 5, 19) == 0x20010,
+	      "20 references from one slot in 3 list entries");
+	for (int i = 0; i < 19; i++)
+		qcow_map_drop_ref(&map, 5, 0x20010);
+	CHECK(qcow_map_state(&map, 5) == QCS_REF && qcow_map_slot(&map, 5) == 0x20010, "back to REF");
 	/* a table reference (slot 0) pins: PINNED(2) -> PINNED(3) */
 	qcow_map_add_ref(&map, 5, 0);
 	CHECK(qcow_map_state(&map, 5) == QCS_PINNED && qcow_map_pincount(&map, 5) == 2, "add_ref slot 0 -> PINNED(2)");
@@ -766,8 +788,13 @@ static void random_step(struct qcow_map *map, struct model *m)
 				return;   /* would be REF below first_movable */
 			if (x->st == QCS_SHARED && x->val == MAXSLOTS)
 				return;
-			/* now and then a table reference (slot 0): it pins */
+			/* now and then a table reference (slot 0): it pins; often a
+			 * slot the cluster has already (an L2 table two L1s share) */
 			uint64_t slot = tap_rand(&seed) % 8 ? (8 + tap_rand(&seed) % (1ull << 40)) & ~7ull : 0;
+			if (slot && x->st == QCS_SHARED && tap_rand(&seed) % 2)
+				slot = x->slots[tap_rand(&seed) % x->val];
+			else if (slot && x->st == QCS_REF && tap_rand(&seed) % 2)
+				slot = x->val;
 			REQUIRE(qcow_map_add_ref(map, c, slot) == 0, "add_ref");
 			if (x->st == QCS_PINNED || (slot == 0 && (x->st == QCS_REF || x->st == QCS_SHARED))) {
 				*x = (struct mcl){ .st = QCS_PINNED, .val = x->st == QCS_REF ? 2 : x->val + 1 };
@@ -782,18 +809,8 @@ static void random_step(struct qcow_map *map, struct model *m)
 			if (x->st != QCS_REF && x->st != QCS_PINNED && x->st != QCS_SHARED)
 				return;
 			if (x->st == QCS_SHARED) {
-				/* a known slot, or (rarely) one it does not have: then the
-				 * last reference goes */
-				uint64_t i = tap_rand(&seed) % 8 ? tap_rand(&seed) % x->val : x->val - 1;
-				uint64_t slot = tap_rand(&seed) % 8 ? x->slots[i] : 1;
-				if (slot == 1)
-					i = x->val - 1;
-				for (uint64_t j = 0; j < x->val && slot != 1; j++)
-					if (x->slots[j] == slot) {
-						i = j;
-						break;
-					}
-				qcow_map_drop_ref(map, c, slot);
+				uint64_t i = tap_rand(&seed) % x->val;
+				qcow_map_drop_ref(map, c, x->slots[i]);
 				x->slots[i] = x->slots[--x->val];
 				if (x->val == 1)
 					*x = (struct mcl){ .st = QCS_REF, .val = x->slots[0] };
