@@ -146,9 +146,13 @@ struct qcow_image {
 	int failed_error;
 
 	/* test hook: called by the compactor after each move phase with the
-	 * state the batch's moves reached (crash tests arm the simulator) */
+	 * state the batch's moves reached (crash tests arm the simulator);
+	 * the stream repacker calls it too, with repacking set, after its
+	 * copies are written (Copied) and after it re-pointed the streams
+	 * (Referenced) */
 	void (*move_phase_hook)(struct qcow_image *img, enum qcow_move_state reached, void *opaque);
 	void *move_phase_opaque;
+	bool repacking;
 	/* test hook: called by a guest write after it resolved its extents and
 	 * before its data I/O (tests run a compaction in that window) */
 	void (*write_io_hook)(struct qcow_image *img, void *opaque);

@@ -247,6 +247,15 @@ static size_t link_streams(struct qcow_image *img, struct stream *v, size_t n)
 	return linked;
 }
 
+static void phase_hook(struct qcow_image *img, enum qcow_move_state reached)
+{
+	if (!img->move_phase_hook)
+		return;
+	img->repacking = true;
+	img->move_phase_hook(img, reached, img->move_phase_opaque);
+	img->repacking = false;
+}
+
 int64_t qcow_repack_streams(struct qcow_image *img)
 {
 	struct stream *v = qcow_calloc(REPACK_STREAMS, sizeof(*v));
@@ -274,6 +283,7 @@ int64_t qcow_repack_streams(struct qcow_image *img)
 	qcow_unlock(img);
 
 	ret = write_clusters(img, v, n, clusters, nc);
+	phase_hook(img, QMOVE_COPIED);
 
 	qcow_lock(img);
 	if (ret == 0)
@@ -286,6 +296,8 @@ int64_t qcow_repack_streams(struct qcow_image *img)
 	img->data_dirty = true;
 	qcow_inflight_end(img, &req);
 	qcow_unlock(img);
+	if (ret > 0)
+		phase_hook(img, QMOVE_REFERENCED);
 out:
 	for (size_t i = 0; v && i < n; i++)
 		qcow_free(v[i].data);
