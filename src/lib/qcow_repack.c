@@ -47,7 +47,7 @@
 struct stream {
 	uint64_t slot;       /* the L2 entry holding the descriptor */
 	uint64_t entry;      /* the descriptor as found */
-	uint64_t refs;       /* references the slot holds on each old cluster */
+	uint64_t refs;       /* references the slot holds on each old cluster (counted again at the link) */
 	uint64_t bytes;      /* true length of the stream */
 	uint64_t new_off;    /* where the copy goes (0: not placed) */
 	uint8_t *data;
@@ -228,6 +228,14 @@ static size_t link_streams(struct qcow_image *img, struct stream *v, size_t n)
 		uint64_t ne = qcow_compressed_descriptor(img, v[i].new_off, v[i].bytes);
 		qcow_entry_clusters(img, v[i].entry, &first, &last);
 		qcow_entry_clusters(img, ne, &nfirst, &nlast);
+		/* one reference per L1 path through the slot, as it is now (a
+		 * copy-on-write of a shared L2 table since the collection moved
+		 * the active path to another slot) */
+		v[i].refs = 0;
+		for (uint64_t k = 0, n = qcow_map_refcount(&img->map, first); k < n; k++)
+			v[i].refs += qcow_map_ref_slot(&img->map, first, k) == v[i].slot;
+		if (!v[i].refs)
+			continue;
 		bool refs_ok = true;
 		for (uint64_t c = nfirst; c <= nlast && refs_ok; c++)
 			for (uint64_t k = 0; k < v[i].refs && refs_ok; k++)

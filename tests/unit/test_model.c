@@ -372,7 +372,12 @@ static const char *const qemu_scripts[] = {
 	"qemu-io -f qcow2 -c 'write -P 3 3M 2M' %s",
 	"seq 1 2000000 | head -c 8388608 > %s.raw && "
 	"qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=4096 %s.raw %s && rm -f %s.raw",
+	/* both: compressed streams in L2 tables a snapshot shares */
+	"seq 3 2000002 | head -c 8388608 > %s.raw && "
+	"qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=4096 %s.raw %s && rm -f %s.raw && "
+	"qemu-img snapshot -c s1 %s && qemu-io -f qcow2 -c 'write -P 5 1M 256k' -c 'discard 6M 1M' %s",
 };
+static const char *const qemu_script_names[] = { "snapshot", "compressed", "compressed snapshot" };
 
 /* Each snapshot's disk as QEMU reads it from image bytes (NULL when
  * there is no such snapshot). */
@@ -446,11 +451,11 @@ static void random_ops_qemu(unsigned which, unsigned nops)
 	struct qcow_stats st;
 	qcow_image_get_stats(img, &st);
 	printf("# %s image after %u operations: file %llu, in use %llu, %llu shared clusters, %llu moved\n",
-	       which ? "compressed" : "snapshot", nops, (unsigned long long)st.file_size,
+	       qemu_script_names[which], nops, (unsigned long long)st.file_size,
 	       (unsigned long long)st.min_file_size, (unsigned long long)st.clusters_shared,
 	       (unsigned long long)st.clusters_moved);
 	CHECK(st.file_size <= st.min_file_size + 4 * cs, "%s image: file %llu, in use %llu after the final compaction",
-	      which ? "compressed" : "snapshot", (unsigned long long)st.file_size, (unsigned long long)st.min_file_size);
+	      qemu_script_names[which], (unsigned long long)st.file_size, (unsigned long long)st.min_file_size);
 	REQUIRE(qcow_image_flush(img) == 0, "flush");
 	size_t flen;
 	const uint8_t *fb = qcow_io_mem_data(img->io, &flen);
@@ -486,7 +491,9 @@ static void concurrent_qemu(unsigned which, unsigned ops)
 		REQUIRE(qcow_image_discard(img, off, 16 * cs) == 0, "discard");
 		memset(model + off, 0, 16 * cs);
 	}
-	concurrent_on(img, model, size, cs, 3, ops, which ? "concurrent on a compressed image" : "concurrent on a snapshot image");
+	char what[80];
+	snprintf(what, sizeof(what), "concurrent on a %s image", qemu_script_names[which]);
+	concurrent_on(img, model, size, cs, 3, ops, what);
 	CHECK(qcow_image_close(img) == 0, "close");
 	qcow_free(model);
 }
@@ -680,7 +687,7 @@ int main(void)
 	concurrent(16, 4, 2000 * scale);
 	concurrent(12, 3, 2000 * scale);
 	if (access("/usr/bin/qemu-img", X_OK) == 0) {
-		for (unsigned which = 0; which < 2; which++) {
+		for (unsigned which = 0; which < 3; which++) {
 			random_ops_qemu(which, 400 * scale);
 			concurrent_qemu(which, 1500 * scale);
 		}
