@@ -14,6 +14,8 @@ prints
   free_first        the file offsets of the first 8 of those (hex)
   last_used         file offset of the last cluster with refcount > 0
   shared            clusters with refcount > 1
+  shared_above_free clusters with refcount > 1 above the lowest free cluster
+                    (what a compaction must move that is shared)
   snapshots         number of internal snapshots
   l2_tables         distinct L2 tables (active and snapshots)
   l2_shared         L2 tables that more than one L1 (or a snapshot) points to
@@ -141,6 +143,7 @@ def main(path):
         "free_first": ["0x%x" % (c * cs) for c in free[:8]],
         "last_used": used[-1] * cs if used else 0,
         "shared": sum(1 for r in refcounts if r > 1),
+        "shared_above_free": sum(1 for r in refcounts[free[0]:] if r > 1) if free else 0,
         "snapshots": nb_snap,
         "l2_tables": len(l2_users),
         "l2_shared": sum(1 for n in l2_users.values() if n > 1),
