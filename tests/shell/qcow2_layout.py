@@ -13,6 +13,7 @@ prints
   free_below_end    clusters below the end of the file with refcount 0
   free_first        the file offsets of the first 8 of those (hex)
   last_used         file offset of the last cluster with refcount > 0
+  references        the sum of all refcounts below the end of the file
   shared            clusters with refcount > 1
   shared_above_free clusters with refcount > 1 above the lowest free cluster
                     (what a compaction must move that is shared)
@@ -142,6 +143,7 @@ def main(path):
         "free_below_end": len(free),
         "free_first": ["0x%x" % (c * cs) for c in free[:8]],
         "last_used": used[-1] * cs if used else 0,
+        "references": sum(refcounts),
         "shared": sum(1 for r in refcounts if r > 1),
         "shared_above_free": sum(1 for r in refcounts[free[0]:] if r > 1) if free else 0,
         "snapshots": nb_snap,
