@@ -40,6 +40,9 @@ usage() {
 usage: ${0##*/} [options]
   --size SIZE         virtual size of the fully written disk (default 8G)
   --snapshots N       internal snapshots of step 3 (default 4)
+  --wait SECONDS      how long after the mount the RSS is read (default 1; the
+                      allocator gives freed memory back to the kernel over
+                      about 10 s, so 15 shows what stays)
   --qcowfs PATH       qcowfs binary (default: build dir of this checkout, then PATH)
   --qcowctl PATH      qcowctl binary (same search)
   --out DIR           results directory (default /tmp/qcowfs-mapmem-DATE)
@@ -52,11 +55,12 @@ EOF
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
 
 ARGS="$*"
-SIZE=8G NSNAP=4 OUT='' WORKDIR='' QCOWFS_OPT='' QCOWCTL_OPT=''
+SIZE=8G NSNAP=4 WAIT=1 OUT='' WORKDIR='' QCOWFS_OPT='' QCOWCTL_OPT=''
 while (($#)); do
 	case $1 in
 	--size) SIZE=$2; shift ;;
 	--snapshots) NSNAP=$2; shift ;;
+	--wait) WAIT=$2; shift ;;
 	--qcowfs) QCOWFS_OPT=$2; shift ;;
 	--qcowctl) QCOWCTL_OPT=$2; shift ;;
 	--out) OUT=$2; shift ;;
@@ -103,7 +107,7 @@ qio_run() {
 	! grep -qiE 'failed|error' <<<"$out" || die "qemu-io $img: $(grep -iE 'failed|error' <<<"$out" | head -n 3)"
 }
 
-# measure STEP IMG: mounts IMG (cache_size=512K), waits 1 s, records the
+# measure STEP IMG: mounts IMG (cache_size=512K), waits WAIT s, records the
 # daemon's VmRSS and VmHWM, the mount time, the status' cluster counts and
 # a map_bytes/map_memory key if there is one; unmounts; records the
 # references and clusters from the refcount blocks.
@@ -111,7 +115,7 @@ measure() {
 	local step=$1 img=$2 st key pid v
 	engine_mount qcowfs "$img" "$VIEW" cache_size=512K
 	pid=$MOUNT_PID
-	sleep 1
+	sleep "$WAIT"
 	record "$step" rss_kb "$(proc_kb "$pid" VmRSS)"
 	record "$step" hwm_kb "$(proc_kb "$pid" VmHWM)"
 	record "$step" mount_s "$MOUNT_SECS"
@@ -173,9 +177,9 @@ QCOWFS_DESC=$QCOWFS
 if rev=$(git -C "$(dirname "$QCOWFS")" describe --always --dirty 2>/dev/null); then
 	QCOWFS_DESC="$QCOWFS (commit $rev)"
 fi
-python3 - "$RES" "$SIZE" "$NSNAP" "$QCOWFS_DESC" "$ARGS" "$(elapsed "$T_START" "$T_END")" "$WORKDIR" <<'EOF' | tee "$OUT/map-memory.md"
+python3 - "$RES" "$SIZE" "$NSNAP" "$QCOWFS_DESC" "$ARGS" "$(elapsed "$T_START" "$T_END")" "$WORKDIR" "$WAIT" <<'EOF' | tee "$OUT/map-memory.md"
 import os, sys
-res, size, nsnap, qdesc, args, total, workdir = sys.argv[1:8]
+res, size, nsnap, qdesc, args, total, workdir, wait = sys.argv[1:9]
 r = {}
 for line in open(res):
     s, k, v = line.rstrip('\n').split('\t')
@@ -187,7 +191,7 @@ def g(s, k):
         return None
 def f(v, nd=1):
     return 'n/a' if v is None else '%.*f' % (nd, v)
-print('## qcowfs map memory (ESTIMATE from daemon RSS, cache_size=512K)\n')
+print('## qcowfs map memory (ESTIMATE from daemon RSS %s s after mounting, cache_size=512K)\n' % wait)
 print('| image | clusters in the file | references | shared clusters | VmRSS (KiB) | VmHWM (KiB) | RSS over the sparse image (KiB) | bytes per cluster over the sparse image | mount (s) | map_bytes (status) | check |')
 print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|')
 labels = {'sparse': '%s sparse, one cluster per L2 table' % size, 'full': '%s written in full, no snapshot' % size,
