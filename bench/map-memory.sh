@@ -15,6 +15,13 @@
 # table, so the cache is full in every measurement and stays out of the
 # differences (against a tiny image the full image's cache alone would add
 # 8 bytes per cluster to the figure).
+# qcowfs links jemalloc, which keeps memory freed by realloc (the map's
+# arrays grow by half again during the opening scan, so the copies they
+# leave behind add up to about the final size) resident for seconds, and
+# after its decay as MADV_FREE pages that still count in RSS until the
+# kernel needs them: the daemons started here get
+# MALLOC_CONF=dirty_decay_ms:0,muzzy_decay_ms:0 (unless MALLOC_CONF is set),
+# so that freed memory leaves RSS at once and RSS is the live memory.
 # If a daemon ever reports a map_bytes (or map_memory) key in its status,
 # it is printed too.
 #
@@ -40,9 +47,7 @@ usage() {
 usage: ${0##*/} [options]
   --size SIZE         virtual size of the fully written disk (default 8G)
   --snapshots N       internal snapshots of step 3 (default 4)
-  --wait SECONDS      how long after the mount the RSS is read (default 1; the
-                      allocator gives freed memory back to the kernel over
-                      about 10 s, so 15 shows what stays)
+  --wait SECONDS      how long after the mount the RSS is read (default 1)
   --qcowfs PATH       qcowfs binary (default: build dir of this checkout, then PATH)
   --qcowctl PATH      qcowctl binary (same search)
   --out DIR           results directory (default /tmp/qcowfs-mapmem-DATE)
@@ -91,6 +96,7 @@ else
 	mkdir -p "$WORKDIR"; WORKDIR=$(cd "$WORKDIR" && pwd)
 fi
 install_cleanup
+export MALLOC_CONF=${MALLOC_CONF:-dirty_decay_ms:0,muzzy_decay_ms:0}
 
 RES=$OUT/map-memory.tsv   # step key value
 : >"$RES"
@@ -222,7 +228,7 @@ try:
 except (KeyError, TypeError, ZeroDivisionError):
     print('Per-reference figure not available.')
 print('\n- qcowfs: %s' % qdesc)
-print('- the status has no map size field: figures are RSS differences (page-granular, allocator slack included)')
+print('- the status has no map size field: figures are RSS differences (page-granular, allocator slack included), MALLOC_CONF=%s' % os.environ.get('MALLOC_CONF', ''))
 print('- disk written in %s s; images in %s' % (r.get('full', {}).get('write_s', 'n/a'), workdir))
 print('- command: `bench/map-memory.sh%s`, total %s s, %s' % ((' ' + args) if args else '', total, os.uname().nodename))
 EOF
