@@ -114,7 +114,7 @@ settle() {
 scenario() {
 	NAME=$1
 	local nsnap=$2 opts=$3 size=$4 discards=$5 i phase=0 cmds=() d off len
-	local ranges=() args=() want_active got
+	local ranges=() args=() want_active got r
 	shift 5
 	IMG=$T/$NAME.qcow2
 	rm -f "$IMG"
