@@ -442,7 +442,9 @@ fig_d() {
 	for img in tiny big; do
 		for e in qcowfs qemu; do
 			if [[ $e == qcowfs ]]; then
-				mount_qcowfs "$WORKDIR/d-$img.qcow2" "$view" cache_size=1M
+				# jemalloc's decay at 0: see bench/map-memory.sh
+				MALLOC_CONF=${MALLOC_CONF:-dirty_decay_ms:0,muzzy_decay_ms:0} \
+					mount_qcowfs "$WORKDIR/d-$img.qcow2" "$view" cache_size=1M
 			else
 				engine_mount qemu "$WORKDIR/d-$img.qcow2" "$view"
 			fi
