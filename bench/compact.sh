@@ -582,7 +582,7 @@ fig_e() {
 	qemu-img convert -c -f raw -O qcow2 -o "cluster_size=$CLUSTER_SIZE" "$raw" "$img"
 	record e convert_c_s "$(elapsed "$t0" "$(now)")"
 	rm -f "$raw"
-	record e before "$(file_size "$img")"
+	record e converted "$(file_size "$img")"
 	record e compressed "$(layout "$img" compressed)"
 
 	mount_qcowfs "$img" "$view"
@@ -594,6 +594,7 @@ fig_e() {
 	(cd "$dir" && find . -type f ! -name 'keep-*' -delete)
 	sync -f "$dir"
 	sleep 1
+	record e before "$(file_size "$img")"
 	qcowfs_status "$view" >"$OUT/e.status-before"
 	reclaim_run e "$view" "$img" fstrim "$dir"
 	qcowfs_status "$view" >"$OUT/e.status-after"
@@ -644,11 +645,11 @@ fig_f() {
 	qio_run "$img" "write -P 0x31 0 $((8 * u))" "write -P 0x32 $((232 * u)) $((16 * u))" \
 		"write -P 0x33 $((100 * u)) 4k" "write -P 0x34 $((150 * u)) 12k"
 	snap_sums "$img" 2 >"$WORKDIR/f.sums"
-	record f before "$(file_size "$img")"
 	record f shared "$(layout "$img" shared)"
 
 	mount_qcowfs "$img" "$view"
 	pid=$MOUNT_PID
+	record f before "$(file_size "$img")"
 	qcowfs_status "$view" >"$OUT/f.status-before"
 	reclaim_run f "$view" "$img" discard_view "$view" "0:$((16 * u))" "$((32 * u)):$((32 * u))" \
 		"$((128 * u)):$((64 * u))" "$((224 * u)):$((32 * u))"
@@ -779,12 +780,13 @@ if d:
 ef = [k for k in ('e', 'f') if r.get(k)]
 if ef:
     print('### (e)/(f) compressed cloud image and snapshot image\n')
-    print('| image | file before (MiB) | after (MiB) | in use after (MiB) | free clusters below the end | trigger→final size (s) | `qemu-img convert -O qcow2` (MiB) | after / convert | read p99 idle (µs) | p99 during (µs) | during / idle | reads during | checks |')
+    print('| image | file before the trigger (MiB) | after (MiB) | in use after (MiB) | free clusters below the end | trigger→final size (s) | `qemu-img convert -O qcow2` (MiB) | after / convert | read p99 idle (µs) | p99 during (µs) | during / idle | reads during | checks |')
     print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|')
     for k in ef:
         x = r[k]
         if k == 'e':
-            label = 'compressed cloud image, fstrim (%s MiB of files, %s compressed clusters)' % (x.get('fill_mb'), x.get('compressed'))
+            label = 'compressed cloud image, fstrim (%s MiB of files, %s compressed clusters; convert -c made %s MiB)' % (
+                x.get('fill_mb'), x.get('compressed'), mib(x.get('converted')))
             checks = 'fsck %s, kept files %s, check %s' % (x.get('fsck'), 'intact' if x.get('kept_ok') == 'yes' else 'CHANGED', x.get('check'))
         else:
             label = '2 snapshots, active layer discarded (%s shared clusters)' % x.get('shared')
