@@ -139,7 +139,11 @@ d = json.load(open(sys.argv[1]))
 for k in ('file_clusters', 'refcounted', 'references', 'shared', 'snapshots', 'l2_tables', 'l2_shared'):
     print('%s\t%s\t%s' % (sys.argv[2], k, d[k]))
 EOF
-	qemu-img check "$img" >"$OUT/$step.check" 2>&1 && record "$step" check clean || record "$step" check "not clean"
+	if qemu-img check "$img" >"$OUT/$step.check" 2>&1; then
+		record "$step" check clean
+	else
+		record "$step" check "not clean"
+	fi
 }
 
 T_START=$(now)

@@ -120,7 +120,6 @@ timeout 60 "$QCOWCTL" compact "$MNT" >"$T/compact.out" 2>&1 ||
 	fail "qcowctl compact failed: $(cat "$T/compact.out")"
 log "qcowctl compact: $(tr '\n' ' ' <"$T/compact.out")"
 "$QCOWCTL" status --raw "$MNT" >"$T/status.log" 2>&1 || true
-live=$(file_size "$IMG")
 
 fs_umount "$DIR"
 e2fsck -fn "$DEV" >"$T/e2fsck.log" 2>&1 || fail "e2fsck -fn not clean after fstrim and compaction: $(tail -n 10 "$T/e2fsck.log")"

@@ -158,9 +158,10 @@ scenario() {
 	$LAYOUT "$T/premise.qcow2" >"$T/$NAME.premise.json"
 	log "$NAME: before: $($LAYOUT "$IMG")"
 	log "$NAME: premise (QEMU discarded a copy): $(cat "$T/$NAME.premise.json")"
-	[ "$(layout_field "$T/$NAME.premise.json" free_below_end)" -gt 0 ] &&
-		[ "$(layout_field "$T/$NAME.premise.json" shared_above_free)" -gt 0 ] ||
+	if [ "$(layout_field "$T/$NAME.premise.json" free_below_end)" = 0 ] ||
+		[ "$(layout_field "$T/$NAME.premise.json" shared_above_free)" = 0 ]; then
 		fail "$NAME: setup: after QEMU's discards no shared cluster lies above a free one: $(cat "$T/$NAME.premise.json")"
+	fi
 	[ "$(snap_sha "$T/premise.qcow2" "")" = "$want_active" ] ||
 		fail "$NAME: setup: QEMU's discards on the copy do not give the expected active disk"
 	rm -f "$T/premise.qcow2"
