@@ -38,12 +38,12 @@
 #    cluster in use and holds no hole a compaction could have filled.
 #
 # Scenarios:
-#  two-snap   64 KiB clusters, 256 MiB disk, snapshots s1 and s2;
-#  four-snap  16 KiB clusters (an L2 table maps 32 MiB), 256 MiB disk, so the
-#             L1 table has 8 L2 tables; 4 snapshots with writes between that
-#             touch only some of them, so several L2 tables are shared by all
-#             the snapshots and the active layer (refcount 5), and the
-#             discards go through shared L2 tables (copied on write first).
+#  two-snap   64 KiB clusters, 64 MiB disk, snapshots s1 and s2;
+#  four-snap  8 KiB clusters (an L2 table maps 8 MiB), 64 MiB disk with 8 L2
+#             tables; 4 snapshots with writes between that touch only some
+#             of them, so several L2 tables are shared by all the snapshots
+#             and the active layer (refcount 5), and the discards go
+#             through shared L2 tables (copied on write first).
 # Fails before issue 7: clusters shared with a snapshot are pinned, so the
 # holes below them stay (free_below_end > 0; qcowctl compact names "shared
 # with a snapshot").
@@ -59,16 +59,15 @@ layout_field() {
 MNT=$T/view.raw
 SIZE_FAILURES=()
 
-# snap_sha IMAGE NAME: sha256 of the snapshot's disk (NAME "" = active)
+# snap_sha IMAGE NAME: sha256 of the snapshot's disk (NAME "" = active).
+# (-t unsafe: the raw copy is read once and deleted, it needs no fsync,
+# which on a busy disk took most of the test's time)
 snap_sha() {
-	local out=$T/snap.raw
+	local out=$T/snap.raw snap=()
 	rm -f "$out"
-	if [ -n "$2" ]; then
-		qemu-img convert -U -f qcow2 -l "snapshot.name=$2" -O raw "$1" "$out" >>"$T/qemu.log" 2>&1 ||
-			fail "qemu-img convert -l snapshot.name=$2 of $1 failed: $(tail -n 3 "$T/qemu.log")"
-	else
-		raw_of "$1" "$out"
-	fi
+	[ -z "$2" ] || snap=(-l "snapshot.name=$2")
+	qemu-img convert -U -t unsafe -f qcow2 "${snap[@]}" -O raw "$1" "$out" >>"$T/qemu.log" 2>&1 ||
+		fail "qemu-img convert ${snap[*]} -O raw of $1 failed: $(tail -n 3 "$T/qemu.log")"
 	sha "$out"
 	rm -f "$out"
 }
@@ -143,7 +142,8 @@ scenario() {
 	for ((i = 1; i <= nsnap; i++)); do
 		snap_sha "$IMG" "s$i" >"$T/$NAME.s$i.sha"
 	done
-	raw_of "$IMG" "$T/active.raw"
+	qemu-img convert -U -t unsafe -f qcow2 -O raw "$IMG" "$T/active.raw" >>"$T/qemu.log" 2>&1 ||
+		fail "qemu-img convert -O raw of $IMG failed: $(tail -n 3 "$T/qemu.log")"
 	for d in $discards; do
 		off=$((${d%%:*} << 20)) len=$((${d#*:} << 20))
 		ranges+=("$off:$len")
@@ -202,28 +202,30 @@ scenario() {
 }
 
 # two-snap: holes in the middle of the file from the scratch range
-# (224M..256M), written first in phase 1 and discarded at its end, below
+# (56M..64M), written first in phase 1 and discarded at its end, below
 # phase 1's other writes (shared with s2); phase 2's writes fill them.
-# Discards: phase 2's 0..8M (active-only, in the hole), the shared 32M..64M
-# (s2 and active) and 128M..192M (s1, s2 and active), 224M..256M.
-scenario two-snap 2 "" 256M "0:16 32:32 128:64 224:32" \
-	-- 'write -P 0x11 0 96M' 'write -P 0x12 128M 64M' \
-	-- 'write -P 0x0f 224M 32M' 'write -P 0x21 32M 32M' 'write -P 0x22 200M 24M' 'discard 224M 32M' \
-	-- 'write -P 0x31 0 8M' 'write -P 0x32 232M 16M' 'write -P 0x33 100M 4k' 'write -P 0x34 150M 12k'
+# Discards: phase 2's 0..2M (active-only, in the hole) with 2M..4M (s1, s2
+# and active), the shared 8M..16M (s2 and active) and 32M..48M (s1, s2
+# and active), 56M..64M (phase 2's, in the hole).
+scenario two-snap 2 "" 64M "0:4 8:8 32:16 56:8" \
+	-- 'write -P 0x11 0 24M' 'write -P 0x12 32M 16M' \
+	-- 'write -P 0x0f 56M 8M' 'write -P 0x21 8M 8M' 'write -P 0x22 50M 6M' 'discard 56M 8M' \
+	-- 'write -P 0x31 0 2M' 'write -P 0x32 58M 4M' 'write -P 0x33 25M 4k' 'write -P 0x34 37M 12k'
 
-# four-snap: 16 KiB clusters, 8 L2 tables of 32 MiB each, all present
-# from phase 0; later phases touch tables 0, 6, 1, 2 and 3 (copies on
-# write), tables 4, 5 and 7 stay shared by s1..s4 and the active layer.
-# The scratch in table 6 is written first in phase 1 and discarded at its
-# end; phase 4 fills the hole.  Discards go into table 3 (phase 4's active-only data), 4 and
-# 7 (shared tables: copied on write by the discard) and 0 (partly shared).
-scenario four-snap 4 cluster_size=16384 256M "96:16 128:8 224:8 0:4" \
-	-- 'write -P 0x40 0 8M' 'write -P 0x41 32M 8M' 'write -P 0x42 64M 8M' 'write -P 0x43 96M 8M' \
-	   'write -P 0x44 128M 8M' 'write -P 0x45 160M 8M' 'write -P 0x46 192M 8M' 'write -P 0x47 224M 8M' \
-	-- 'write -P 0x0f 200M 6M' 'write -P 0x51 0 2M' 'discard 200M 6M' \
-	-- 'write -P 0x52 40M 2M' \
-	-- 'write -P 0x53 72M 1M' 'write -P 0x54 1M 16k' \
-	-- 'write -P 0x61 100M 6M' 'write -P 0x62 3M 4k'
+# four-snap: 8 KiB clusters, so an L2 table maps 8 MiB: the 64 MiB disk has
+# 8 of them, all made in phase 0.  Later phases touch tables 6 (48M, the
+# scratch, written first in phase 1 and discarded at its end), 0, 1, 2 and
+# 3 (copies on write); tables 4, 5 and 7 stay shared by s1..s4 and the
+# active layer (refcount 5).  Phase 4 fills the scratch's hole.  Discards
+# go into table 3 (phase 4's active-only data, in the hole), 4 and 7
+# (shared tables: copied on write by the discard) and 0 (partly shared).
+scenario four-snap 4 cluster_size=8192 64M "24:2 32:1 56:1 0:1" \
+	-- 'write -P 0x40 0 1536k' 'write -P 0x41 8M 1536k' 'write -P 0x42 16M 1536k' 'write -P 0x43 24M 1536k' \
+	   'write -P 0x44 32M 1536k' 'write -P 0x45 40M 1536k' 'write -P 0x46 48M 1536k' 'write -P 0x47 56M 1536k' \
+	-- 'write -P 0x0f 49M 1536k' 'write -P 0x51 0 512k' 'discard 49M 1536k' \
+	-- 'write -P 0x52 8M 512k' \
+	-- 'write -P 0x53 16M 256k' 'write -P 0x54 512k 16k' \
+	-- 'write -P 0x61 24M 1536k' 'write -P 0x62 1M 8k'
 
 if [ ${#SIZE_FAILURES[@]} != 0 ]; then
 	fail "$(printf '%s\n' "${SIZE_FAILURES[@]}")"
