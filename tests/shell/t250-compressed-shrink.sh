@@ -18,10 +18,11 @@
 #  - `qemu-img check` clean (no errors, no leaks);
 #  - the image file is at most 5 % larger than `qemu-img convert -O qcow2`
 #    of the result, or one 64 KiB cluster larger, whichever is more.  The
-#    5 % is the bound.  The one-cluster floor is for rounding only:
-#    QEMU's converted file may end in the middle of its last cluster and
-#    both files carry one refcount block and one L1 table; neither is a
-#    cluster the compaction could have given back.  (qcowfs may well end
+#    5 % is the bound (here about 0.5 MiB of a ~10.6 MiB
+#    reference).  The one-cluster floor only matters for a reference under
+#    1.25 MiB, where 5 % is less than a cluster: one cluster of difference
+#    in where the two programs put their tables (L1, refcount blocks) is
+#    layout, not space a compaction left behind.  (qcowfs may well end
 #    SMALLER than the reference: kept compressed data stays compressed,
 #    while `convert -O qcow2` writes it uncompressed.)
 #  - the data equals the converted copy (qemu-img compare), and the kept
