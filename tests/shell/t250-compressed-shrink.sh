@@ -33,7 +33,7 @@
 #    `-c` compact completely and still end 11 % above convert for that
 #    reason alone, so it is the compressed kept data (~3 MiB smaller) that
 #    leaves the margin: an engine that stored moved compressed data
-#    uncompressed would fail here.
+#    uncompressed would most likely fail here (about 12 MiB).
 #  - the data equals the converted copy (qemu-img compare), and the kept
 #    files are intact when the image is mounted again (read-only) and e2fsck
 #    finds the file system clean.
