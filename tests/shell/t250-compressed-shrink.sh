@@ -28,9 +28,9 @@
 #    the current engine: the clusters in use after the deletes are 9.1 MiB
 #    (min_file_size), the bound ~11.1 MiB.  Of those, about 19 clusters
 #    read all zeros (19 on the same steps without -c: ext4 block bitmaps
-#    of emptied groups, rewritten as
-#    4 KiB blocks): convert drops them, compaction keeps them (that is the
-#    issue's "zeroed space" part, not this test's).  The same steps without
+#    of emptied groups, rewritten as 4 KiB blocks): convert drops them,
+#    compaction keeps them (the "zeroed space" part, not this
+#    test's).  The same steps without
 #    `-c` compact completely and still end 11 % above convert for that
 #    reason alone, so it is the compressed kept data (~3 MiB smaller) that
 #    leaves the margin: an engine that stored moved compressed data
