@@ -12,7 +12,7 @@
  *   unmount   unmount, wait for the daemon's close report, verify the image
  *
  * Rules:
- *  - Talks to a running daemon only through the two ioctls of
+ *  - Talks to a running daemon only through the ioctls of
  *    qcowfs_ioctl.h on the view (status through a descriptor opened for
  *    reading, compact through one opened for writing: the daemon checks
  *    the access mode) and, for unmount, the daemon's close report socket
@@ -1465,7 +1465,8 @@ struct sparsify_display {
 
 static void sparsify_show(struct sparsify_display *d, uint64_t done, uint64_t total, uint64_t freed)
 {
-	int percent = total ? (int)(100.0 * (double)done / (double)total) : 100;
+	/* total 0: a run that has not counted the disk yet */
+	int percent = total ? (int)(100.0 * (double)done / (double)total) : 0;
 	if (percent > 100)
 		percent = 100;
 	if (d->tty) {
@@ -1481,8 +1482,13 @@ static void sparsify_show(struct sparsify_display *d, uint64_t done, uint64_t to
 	d->shown = percent;
 }
 
-static void sparsify_display_end(struct sparsify_display *d)
+/* complete: the run reached the end of the disk (100 % shown once) */
+static void sparsify_display_end(struct sparsify_display *d, bool complete, uint64_t freed)
 {
+	if (complete && d->shown < 100) {
+		d->shown = -1;
+		sparsify_show(d, 1, 1, freed);
+	}
 	if (d->tty && d->shown >= 0)
 		putchar('\n');
 	fflush(stdout);
@@ -1544,12 +1550,12 @@ static int sparsify_mount(const char *mountpoint, const struct qcow_stats *befor
 		sp = (struct qcowfs_sparsify){ .op = QCOWFS_SPARSIFY_QUERY };
 		ret = mount_ioctl(mountpoint, O_RDONLY, QCOWFS_IOC_SPARSIFY, &sp);
 		if (ret < 0) {
-			sparsify_display_end(&d);
+			sparsify_display_end(&d, false, 0);
 			print_error("lost track of the sparsify on %s: %s", mountpoint, strerror(-ret));
 			return EXIT_FAILURE;
 		}
 	}
-	sparsify_display_end(&d);
+	sparsify_display_end(&d, sp.run == run && sp.state == QCOWFS_SPARSIFY_DONE && sp.error == 0, sp.freed);
 	if (sp.run != run) {
 		print_error("lost track of the sparsify on %s: another one started", mountpoint);
 		return EXIT_FAILURE;
@@ -1599,7 +1605,7 @@ static int sparsify_image(const char *image)
 		return EXIT_FAILURE;
 	}
 	ret = qcow_image_sparsify(img, sparsify_image_progress, &d, &r);
-	sparsify_display_end(&d);
+	sparsify_display_end(&d, ret == 0, r.freed);
 	sparsify_summary(r.scanned, r.freed, r.bytes_freed, r.skipped_shared, r.skipped_compressed,
 			 r.skipped_changed, r.skipped_backing);
 	if (ret < 0)
