@@ -47,10 +47,11 @@ void qcow_log_set_verbosity(enum qcow_log_level max_level);
 /* ---- opening ---------------------------------------------------------- */
 
 /* What a guest write of all-zero data over whole clusters becomes
- * (QEMU's detect-zeroes).  DEFAULT means UNMAP: see doc/qcowfs.1. */
+ * (QEMU's detect-zeroes).  The engine's default (zeroed options) is OFF:
+ * a library caller gets what it writes.  The qcowfs daemon defaults to
+ * UNMAP (doc/qcowfs.1 says why). */
 enum qcow_detect_zeroes {
-	QCOW_DETECT_ZEROES_DEFAULT = 0,
-	QCOW_DETECT_ZEROES_OFF,     /* written like any data */
+	QCOW_DETECT_ZEROES_OFF = 0, /* written like any data */
 	QCOW_DETECT_ZEROES_ON,      /* a zero write: the clusters read zero, the data is not written */
 	QCOW_DETECT_ZEROES_UNMAP,   /* a discard: the clusters are freed when nothing can show through */
 };

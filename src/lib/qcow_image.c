@@ -507,13 +507,6 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 
 /* ---- zero detection (-o detect_zeroes) ---------------------------------- */
 
-/* The mode in force; DEFAULT is UNMAP (doc/qcowfs.1 says why). */
-static enum qcow_detect_zeroes detect_mode(const struct qcow_image *img)
-{
-	enum qcow_detect_zeroes m = img->opts.detect_zeroes;
-	return m == QCOW_DETECT_ZEROES_DEFAULT ? QCOW_DETECT_ZEROES_UNMAP : m;
-}
-
 /* Makes whole guest clusters [gc, gc+count) read zeros without writing
  * data (img->lock held), as QEMU's qcow2 write-zeroes does:
  *  - may_unmap and nothing could show through the hole: unmapped, as a
@@ -603,7 +596,7 @@ static int zero_whole_clusters(struct qcow_image *img, uint64_t gc, uint64_t cou
  * cluster, so data writes pay a few loads per cluster. */
 ssize_t qcow_image_write(struct qcow_image *img, const void *buf, size_t len, uint64_t off)
 {
-	enum qcow_detect_zeroes mode = detect_mode(img);
+	enum qcow_detect_zeroes mode = img->opts.detect_zeroes;
 	uint64_t cs = img->cluster_size;
 	if (mode == QCOW_DETECT_ZEROES_OFF || !buf || len < cs ||
 	    (mode == QCOW_DETECT_ZEROES_ON && img->hdr.version < 3))

@@ -377,6 +377,9 @@ int qcowfs_opts_parse(int argc, char **argv, struct qcowfs_opts *opts,
 
 	memset(opts, 0, sizeof(*opts));
 	qcow_open_opts_default(&opts->open);
+	/* a mount gives zeroed space back by default (doc/qcowfs.1); the
+	 * engine's own default is off */
+	opts->open.detect_zeroes = QCOW_DETECT_ZEROES_UNMAP;
 
 	for (int i = 1; i < argc && !ret; i++) {
 		const char *arg = argv[i];

@@ -14,7 +14,7 @@
 # after each unmount.  Then shrinking through the daemon: truncate -s of
 # the view frees what lies past the end, the data below it stays, qemu-img
 # info shows the new size; refused while the image has a snapshot; an open
-# with O_TRUNC is refused.
+# with O_TRUNC is refused.  And the mount's default is detect_zeroes=unmap.
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
 need_loop
@@ -159,6 +159,13 @@ mkimg "$S" 64M
 head -c $((64 << 20)) /dev/urandom >"$T/s.raw"
 qmount "$S" "$MNT"
 dd if="$T/s.raw" of="$MNT" bs=4M conv=notrunc,fsync status=none
+# the mount's default is detect_zeroes=unmap: zeros over data free it
+ref=$(status_field "$MNT" clusters_referenced)
+dd if=/dev/zero of="$MNT" bs=1M count=4 seek=8 conv=notrunc,fsync status=none
+dd if=/dev/zero of="$T/s.raw" bs=1M count=4 seek=8 conv=notrunc status=none
+ref2=$(status_field "$MNT" clusters_referenced)
+[ $((ref - ref2)) -ge 64 ] ||
+	fail "default mount: 4 MiB of zeros written over data freed $((ref - ref2)) clusters, want 64 (detect_zeroes=unmap is the default)"
 rc=0
 sh -c ': >"$1"' sh "$MNT" 2>"$T/out" || rc=$?
 [ $rc != 0 ] || fail "an open with O_TRUNC (emptying the disk) succeeded"
