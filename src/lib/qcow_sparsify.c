@@ -264,8 +264,10 @@ int qcow_image_sparsify(struct qcow_image *img, qcow_sparsify_progress progress,
 
 			memcpy(zero, zero_known, sizeof(zero));
 			for (uint64_t i = 0; i < n; i++) {
-				if (!bit_get(s->mark, i) || bit_get(zero, i))
-					continue;   /* unmarked: racy read, only a hint */
+				/* cand, not mark: writers clear marks under the
+				 * lock, which this read loop does not hold */
+				if (!bit_get(s->cand, i) || bit_get(zero, i))
+					continue;
 				uint64_t host = s->entry[i] & QCOW_L2E_OFFSET_MASK;
 				ret = img->io->ops->pread(img->io, buf, img->cluster_size, host);
 				if (ret)
