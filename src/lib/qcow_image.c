@@ -5,10 +5,11 @@
  *
  * Owns: the translation of guest byte ranges into physical extents and
  * the order of a guest write.  Layering: this file is the top of the
- * engine; it calls the recycler (kick), relocation, flush and the
- * services (tables, allocation, in-flight registry, compressed clusters),
- * and nothing below calls back up into it.  Rules (doc/design.md, "guest
- * I/O"; lock order in qcow_internal.h):
+ * engine; it calls sparsify's write hook and zero check, the recycler
+ * (kick), relocation, flush and the services (tables, allocation,
+ * in-flight registry, compressed clusters), and nothing below calls back
+ * up into it.  Rules (doc/design.md, "guest I/O" and "Zeroed space"; lock
+ * order in qcow_internal.h):
  *  - A request resolves its extents under img->lock, registers in the
  *    in-flight list in the same critical section, drops the lock for the
  *    data I/O, and unregisters afterwards.
@@ -27,6 +28,12 @@
  *    starts again.
  *  - A write to a move source cancels the move; any change to an L2 table
  *    cancels a move of that table.
+ *  - Every write resolution of a guest cluster tells a running sparsify
+ *    (qcow_sparsify_note_write), so it never frees a cluster being
+ *    written.  With detect_zeroes, whole all-zero clusters of a write are
+ *    zeroed or unmapped instead of written (zero_clusters_locked).
+ *  - A shrink sets the new size first; every write checks its range again
+ *    under img->lock, so nothing is allocated past the end afterwards.
  */
 #include "config.h"
 #include "qcow_internal.h"
