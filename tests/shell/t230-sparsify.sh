@@ -11,14 +11,15 @@
 #     file within 5 % of qemu-img convert -O qcow2 of the result;
 #  3. offline: the same after one more zero-fill, 'qcowctl sparsify IMAGE';
 # kept files intact and e2fsck clean after each, qemu-img check clean
-# after each unmount.  Then shrinking through the daemon: truncate -s of
+# after each unmount.  fio writes and verifies 4 KiB blocks inside zero
+# clusters while sparsify runs in a loop.  Then shrinking through the daemon: truncate -s of
 # the view frees what lies past the end, the data below it stays, qemu-img
 # info shows the new size; refused while the image has a snapshot; an open
 # with O_TRUNC is refused.  And the mount's default is detect_zeroes=unmap.
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
 need_loop
-need mkfs.ext4 e2fsck sha256sum mount umount truncate dd
+need mkfs.ext4 e2fsck sha256sum mount umount truncate dd fio
 
 IMG=$T/z.qcow2
 MNT=$T/view.raw
@@ -152,6 +153,39 @@ check_fs "offline sparsify"
 loop_detach "$DEV"
 qumount "$MNT"
 log "phase 3: $(($(date +%s) - t0)) s"
+
+# ---- sparsify online while a guest writes into the zero clusters ------------
+# fio writes 4 KiB blocks at random into 64 MiB of allocated zero clusters
+# (the writes sparsify races: a cluster it read as zeros gets its first
+# data) while qcowctl sparsify runs again and again; fio verifies every
+# block afterwards.  (Without the engine's write hook this loses blocks.)
+t0=$(date +%s)
+F=$T/f.qcow2
+mkimg "$F" 96M
+qmount "$F" "$MNT" -o detect_zeroes=off
+: >"$T/sparsify-runs"
+for round in 1 2; do
+	dd if=/dev/zero of="$MNT" bs=1M count=64 conv=notrunc,fsync status=none
+	(cd "$T" && exec fio --name=zeroes --filename="$MNT" --rw=randwrite --bs=4k --size=64M --direct=1 \
+		--ioengine=psync --verify=crc32c --verify_fatal=1 --randseed=$round --output="$T/fio.log" 2>"$T/fio.err") &
+	fio_pid=$!
+	# sparsify only while fio writes (not before its first write)
+	sleep 0.3
+	while kill -0 "$fio_pid" 2>/dev/null; do
+		"$QCOWCTL" sparsify "$MNT" >>"$T/sparsify-loop.log" 2>&1 || echo "sparsify failed" >>"$T/sparsify-loop.err"
+		echo x >>"$T/sparsify-runs"
+	done
+	rc=0
+	wait "$fio_pid" || rc=$?
+	[ $rc = 0 ] || fail "round $round: fio verify failed while sparsify ran (exit $rc): $(grep -iE 'verify|bad|crc|err' "$T/fio.log" "$T/fio.err" | head -n 5)"
+	grep -q 'err= 0' "$T/fio.log" || fail "round $round: fio reports an error: $(grep 'err=' "$T/fio.log")"
+done
+[ ! -s "$T/sparsify-loop.err" ] || fail "a sparsify failed during fio: $(tail -n 5 "$T/sparsify-loop.log")"
+runs=$(wc -l <"$T/sparsify-runs")
+[ "$runs" -ge 2 ] || fail "only $runs sparsify runs during fio"
+qumount "$MNT"
+qcheck "$F"
+log "sparsify under fio: $runs sparsify runs over 2 fio rounds, every block verified; $(($(date +%s) - t0)) s"
 
 # ---- shrinking the view -----------------------------------------------------
 S=$T/s.qcow2
