@@ -19,7 +19,8 @@
  *  - shrink: data below the end intact, the tail of the last partial
  *    cluster and everything past the end read zeros after a grow, L2
  *    tables past the end freed with the L1 size kept (as QEMU), refused
- *    with snapshots, check clean and the size QEMU reports.
+ *    with snapshots, check clean and the size QEMU reports;
+ *  - crashes at any point of all of the above (crash simulator).
  */
 #include "config.h"
 #include "qcow_internal.h"
@@ -430,6 +431,166 @@ static void test_shrink(void)
 	unlink(path);
 }
 
+/* ---- crashes ---------------------------------------------------------------
+ *
+ * The crash simulator (as test_crash.c): random writes (a third of them
+ * all zeros over whole clusters, with detect_zeroes unmap or on), discards,
+ * sparsifies, shrink-and-grow, flushes and compactions; the disk dies
+ * after a random number of writes and keeps a random torn subset of the
+ * unflushed ones.  The image must check clean (leaks allowed), open, and
+ * show every sector not written since the last completed flush as that
+ * flush left it.  A sparsify changes no contents, so it dirties nothing;
+ * a shrink dirties what lies past its new end until the grow's flush. */
+static struct qcow_image *open_crash_io(struct qcow_io *io, enum qcow_detect_zeroes dz, char *err, size_t errlen)
+{
+	struct qcow_open_opts o;
+	qcow_open_opts_default(&o);
+	o.no_locking = true;
+	o.recycler = false;
+	o.runtime_asserts = true;
+	o.cache_bytes = 32 * 1024;
+	o.detect_zeroes = dz;
+	struct qcow_image *img = NULL;
+	return qcow_image_open_io(io, &o, &img, err, errlen) ? NULL : img;
+}
+
+static void crash_round(unsigned round, const uint8_t *tmpl, size_t tlen, unsigned cb, uint64_t size,
+			unsigned long long *seed)
+{
+	uint64_t cs = 1ull << cb, nsec = size / 512;
+	struct qcow_io *io = qcow_io_crash_new(tmpl, tlen);
+	enum qcow_detect_zeroes dz = tap_rand(seed) % 2 ? QCOW_DETECT_ZEROES_UNMAP : QCOW_DETECT_ZEROES_ON;
+	char err[256] = "";
+	struct qcow_image *img = open_crash_io(io, dz, err, sizeof(err));
+	REQUIRE(img, "crash round %u: open: %s", round, err);
+	uint8_t *durable = calloc(1, size), *current = calloc(1, size), *dirty = calloc(1, nsec);
+	uint8_t *buf = malloc(4 * cs);
+	unsigned ops = 10 + (unsigned)(tap_rand(seed) % 30);
+	uint64_t die_at = 1 + tap_rand(seed) % 400;
+	for (unsigned op = 0; op < ops + 30; op++) {
+		if (op == ops / 2)
+			qcow_io_crash_die_after(io, die_at);
+		unsigned kind = (unsigned)(tap_rand(seed) % 100);
+		uint64_t off = tap_rand(seed) % size, n = 1 + tap_rand(seed) % (4 * cs);
+		if (kind < 25) {   /* zeros over whole clusters, maybe with data around */
+			off &= ~(cs - 1);
+			n = (1 + tap_rand(seed) % 3) * cs;
+		}
+		if (n > size - off)
+			n = size - off;
+		if (kind < 50) {
+			for (uint64_t i = 0; i < n; i++)
+				buf[i] = kind < 25 ? 0 : (uint8_t)tap_rand(seed);
+			for (uint64_t k = off / 512; k <= (off + n - 1) / 512; k++)
+				dirty[k] = 1;
+			if (qcow_image_write(img, buf, n, off) != (ssize_t)n)
+				break;
+			memcpy(current + off, buf, n);
+		} else if (kind < 60) {
+			for (uint64_t k = off / 512; k <= (off + n - 1) / 512; k++)
+				dirty[k] = 1;
+			if (qcow_image_discard(img, off, n))
+				break;
+			memset(current + off, 0, n);
+		} else if (kind < 72) {
+			struct qcow_sparsify_result r;
+			if (qcow_image_sparsify(img, NULL, NULL, &r))
+				break;
+		} else if (kind < 80) {
+			uint64_t small = (tap_rand(seed) % size) & ~511ull;
+			for (uint64_t k = small / 512; k < nsec; k++)
+				dirty[k] = 1;
+			if (qcow_image_resize(img, small))
+				break;
+			memset(current + small, 0, size - small);
+			if (qcow_image_resize(img, size))
+				break;
+			/* both resizes end with a flush */
+			memcpy(durable, current, size);
+			memset(dirty, 0, nsec);
+		} else if (kind < 92) {
+			if (qcow_image_flush(img))
+				break;
+			memcpy(durable, current, size);
+			memset(dirty, 0, nsec);
+		} else {
+			if (qcow_image_compact(img, NULL, NULL))
+				break;
+			memcpy(durable, current, size);
+			memset(dirty, 0, nsec);
+		}
+	}
+	struct qcow_io *after = qcow_io_crash_crash(io, tap_rand(seed));
+	REQUIRE(after, "crash");
+	qcow_image_close(img);   /* the dead disk refuses everything; this only frees */
+	size_t alen;
+	const uint8_t *abytes = qcow_io_mem_data(after, &alen);
+	char path[64];
+	test_tmp_path(path, sizeof(path), "zcrash");
+	test_spill(path, abytes, alen);
+	struct qcow_check_result cr;
+	int ret = qcow_check(path, &cr, err, sizeof(err));
+	CHECK(ret == 0 && cr.errors == 0, "crash round %u: check: ret %d, %llu errors", round, ret,
+	      (unsigned long long)cr.errors);
+	if (round % 25 == 0) {
+		int q = test_sh(NULL, "qemu-img check -q '%s'", path);
+		CHECK(q == 0 || q == 3, "crash round %u: qemu-img check exit %d (image kept at %s)", round, q, path);
+		if (q == 0 || q == 3)
+			unlink(path);
+	} else {
+		unlink(path);
+	}
+	struct qcow_image *img2 = open_crash_io(after, QCOW_DETECT_ZEROES_OFF, err, sizeof(err));
+	CHECK(img2 != NULL, "crash round %u: the crashed image does not open: %s", round, err);
+	if (img2) {
+		uint64_t bad = 0, vs = qcow_image_size(img2);
+		for (uint64_t k = 0; k < nsec; k++) {
+			if (dirty[k])
+				continue;
+			if ((k + 1) * 512 > vs || qcow_image_read(img2, buf, 512, k * 512) != 512 ||
+			    memcmp(buf, durable + k * 512, 512)) {
+				if (bad++ == 0)
+					fprintf(stderr, "# crash round %u (detect_zeroes %d, cluster %llu): sector %llu lost "
+						"flushed data (size after %llu)\n", round, (int)dz, (unsigned long long)cs,
+						(unsigned long long)k, (unsigned long long)vs);
+			}
+		}
+		CHECK(bad == 0, "crash round %u: %llu flushed sectors differ", round, (unsigned long long)bad);
+		CHECK(qcow_image_close(img2) == 0, "crash round %u: close after reopen", round);
+	} else {
+		qcow_io_close(after);
+	}
+	free(durable);
+	free(current);
+	free(dirty);
+	free(buf);
+}
+
+static void quiet_sink(enum qcow_log_level level, const char *msg, void *opaque)
+{
+	(void)level;
+	(void)msg;
+	(void)opaque;   /* a dead disk makes every operation log its error */
+}
+
+static void test_crashes(unsigned rounds)
+{
+	qcow_log_set_sink(quiet_sink, NULL);
+	static const unsigned cbs[] = { 9, 12, 16 };
+	size_t len[3];
+	uint8_t *tmpl[3];
+	uint64_t sizes[3] = { 512u << 10, 2u << 20, 8u << 20 };
+	for (int i = 0; i < 3; i++)
+		tmpl[i] = create_bytes(sizes[i], cbs[i], 4, 3, &len[i]);
+	unsigned long long seed = 0x2e705eedull;
+	for (unsigned r = 0; r < rounds; r++) {
+		int i = (int)(tap_rand(&seed) % 3);
+		crash_round(r, tmpl[i], len[i], cbs[i], sizes[i], &seed);
+	}
+	for (int i = 0; i < 3; i++)
+		free(tmpl[i]);
+}
+
 int main(void)
 {
 	unsigned rounds = getenv("ZEROES_RACE_ROUNDS") ? (unsigned)atoi(getenv("ZEROES_RACE_ROUNDS")) : 300;
@@ -447,5 +608,6 @@ int main(void)
 	test_sparsify_cancel();
 	test_race(rounds);
 	test_shrink();
+	test_crashes(getenv("ZEROES_CRASH_ROUNDS") ? (unsigned)atoi(getenv("ZEROES_CRASH_ROUNDS")) : 300);
 	return tap_done();
 }
