@@ -33,9 +33,11 @@
 #include <string.h>
 
 /* Guest clusters per batch: the marks are one bitmap over a contiguous
- * guest range; one batch is held in flight while its candidates are read
- * (at most 32 MiB with 64 KiB clusters). */
+ * guest range; one batch is held in flight while its candidates are read,
+ * so it covers at most SPARSIFY_BATCH_BYTES (512 clusters of 64 KiB, 16
+ * of 2 MiB): the recycler's grace periods wait for it. */
 #define SPARSIFY_BATCH 512u
+#define SPARSIFY_BATCH_BYTES (32ull << 20)
 
 struct qcow_sparsify_marks {
 	uint64_t base;                          /* first guest cluster of the batch */
@@ -243,7 +245,12 @@ int qcow_image_sparsify(struct qcow_image *img, qcow_sparsify_progress progress,
 			ret = -EIO;
 			goto out;
 		}
-		uint64_t n = total - base < SPARSIFY_BATCH ? total - base : SPARSIFY_BATCH;
+		uint64_t batch = SPARSIFY_BATCH_BYTES >> img->cluster_bits;
+		if (batch > SPARSIFY_BATCH)
+			batch = SPARSIFY_BATCH;
+		if (batch == 0)
+			batch = 1;
+		uint64_t n = total - base < batch ? total - base : batch;
 		int64_t marked = mark_batch(img, s, base, n, zero_known, res);
 		if (marked <= 0) {
 			s->n = 0;
