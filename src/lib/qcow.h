@@ -46,6 +46,16 @@ void qcow_log_set_verbosity(enum qcow_log_level max_level);
 
 /* ---- opening ---------------------------------------------------------- */
 
+/* What a guest write of all-zero data over whole clusters becomes
+ * (QEMU's detect-zeroes).  The engine's default (zeroed options) is OFF:
+ * a library caller gets what it writes.  The qcowfs daemon defaults to
+ * UNMAP (doc/qcowfs.1 says why). */
+enum qcow_detect_zeroes {
+	QCOW_DETECT_ZEROES_OFF = 0, /* written like any data */
+	QCOW_DETECT_ZEROES_ON,      /* a zero write: the clusters read zero, the data is not written */
+	QCOW_DETECT_ZEROES_UNMAP,   /* a discard: the clusters are freed when nothing can show through */
+};
+
 struct qcow_open_opts {
 	bool read_only;          /* shared locks only; every write returns -EROFS */
 	bool runtime_asserts;    /* check every state change, lock contract and map invariant (slow) */
@@ -55,6 +65,7 @@ struct qcow_open_opts {
 	uint64_t compact_threshold_bytes; /* free space below EOF that triggers compaction; 0 = default */
 	unsigned compact_quiet_ms;        /* discards must be quiet this long before auto compaction; 0 = default */
 	bool recycler;           /* start the recycler thread at all (erase + compact) */
+	enum qcow_detect_zeroes detect_zeroes;   /* all-zero writes of whole clusters */
 };
 
 /* Fills *opts with the defaults (read-write, locking on, recycler on). */
@@ -96,9 +107,37 @@ int qcow_image_flush(struct qcow_image *img);
 int qcow_image_discard(struct qcow_image *img, uint64_t off, uint64_t len);
 int qcow_image_zero(struct qcow_image *img, uint64_t off, uint64_t len);
 
-/* Changes the virtual size.  Growing is supported (L1 and refcount table
- * grow or move as needed); shrinking returns -EOPNOTSUPP. */
+/* Changes the virtual size.  Growing: the L1 and refcount tables grow or
+ * move as needed.  Shrinking frees every cluster past the new end (as a
+ * discard does) and the L2 tables that covered only that part, and zeroes
+ * the rest of the last partial cluster; it is refused with -ENOTSUP while
+ * the image has internal snapshots (as QEMU refuses it). */
 int qcow_image_resize(struct qcow_image *img, uint64_t new_size);
+
+/* ---- sparsify --------------------------------------------------------- */
+
+struct qcow_sparsify_result {
+	uint64_t guest_clusters;     /* clusters of the virtual disk (progress total) */
+	uint64_t guest_done;         /* of those, walked so far */
+	uint64_t scanned;            /* allocated data clusters looked at */
+	uint64_t freed;              /* found all zeros and freed (discarded) */
+	uint64_t bytes_freed;        /* freed * cluster size */
+	uint64_t skipped_shared;     /* shared with a snapshot (refcount > 1): left */
+	uint64_t skipped_compressed; /* compressed: left */
+	uint64_t skipped_changed;    /* written by the guest while being checked: left */
+	uint64_t skipped_backing;    /* zeros that would hide backing data: left */
+};
+/* Called after each batch with the counts so far; a non-zero return stops
+ * the scan (qcow_image_sparsify then returns -ECANCELED). */
+typedef int (*qcow_sparsify_progress)(const struct qcow_sparsify_result *so_far, void *opaque);
+
+/* Frees every allocated data cluster that reads all zeros, while guest I/O
+ * continues (never one that a write is changing at the same moment), then
+ * asks the recycler to give the space back.  res (required) holds the
+ * counts, also on failure.  -EBUSY while another sparsify runs on img,
+ * -EROFS on a read-only image. */
+int qcow_image_sparsify(struct qcow_image *img, qcow_sparsify_progress progress, void *opaque,
+			struct qcow_sparsify_result *res);
 
 /* SEEK_DATA / SEEK_HOLE answered from the L2 tables.  Returns the offset or
  * -ENXIO (no data at or after off / off past the end) or -EINVAL. */

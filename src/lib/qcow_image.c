@@ -5,10 +5,11 @@
  *
  * Owns: the translation of guest byte ranges into physical extents and
  * the order of a guest write.  Layering: this file is the top of the
- * engine; it calls the recycler (kick), relocation, flush and the
- * services (tables, allocation, in-flight registry, compressed clusters),
- * and nothing below calls back up into it.  Rules (doc/design.md, "guest
- * I/O"; lock order in qcow_internal.h):
+ * engine; it calls sparsify's write hook and zero check, the recycler
+ * (kick), relocation, flush and the services (tables, allocation,
+ * in-flight registry, compressed clusters), and nothing below calls back
+ * up into it.  Rules (doc/design.md, "guest I/O" and "Zeroed space"; lock
+ * order in qcow_internal.h):
  *  - A request resolves its extents under img->lock, registers in the
  *    in-flight list in the same critical section, drops the lock for the
  *    data I/O, and unregisters afterwards.
@@ -27,6 +28,12 @@
  *    starts again.
  *  - A write to a move source cancels the move; any change to an L2 table
  *    cancels a move of that table.
+ *  - Every write resolution of a guest cluster tells a running sparsify
+ *    (qcow_sparsify_note_write), so it never frees a cluster being
+ *    written.  With detect_zeroes, whole all-zero clusters of a write are
+ *    zeroed or unmapped instead of written (zero_clusters_locked).
+ *  - A shrink sets the new size first; every write checks its range again
+ *    under img->lock, so nothing is allocated past the end afterwards.
  */
 #include "config.h"
 #include "qcow_internal.h"
@@ -279,6 +286,9 @@ static int resolve_cluster(struct qcow_image *img, struct write_plan *p, uint64_
 {
 	uint64_t l1i = gc >> img->l2_bits, idx = gc & ((1ull << img->l2_bits) - 1);
 	int ret;
+	/* whatever this write does to gc, a sparsify must not free the
+	 * cluster it read before (qcow_sparsify.c) */
+	qcow_sparsify_note_write(img, gc);
 	if (qcow_claims_held(img, gc)) {
 		p->wait_gc = gc;
 		return -EAGAIN;
@@ -312,10 +322,20 @@ static int resolve_cluster(struct qcow_image *img, struct write_plan *p, uint64_
 	return 0;
 }
 
-/* Resolves a whole write (buf NULL: zeros) under img->lock. */
-static int resolve_write(struct qcow_image *img, struct write_plan *p, bool zeros, size_t len, uint64_t off)
+/* Resolves a whole write (buf NULL: zeros) under img->lock.  The range
+ * was checked against the size before the lock; a shrink may have come
+ * in between, so it is checked again here: nothing may be written past
+ * the end once a shrink freed it.  tail_ok: the shrink's own zeroing of
+ * the rest of its last partial cluster. */
+static int resolve_write(struct qcow_image *img, struct write_plan *p, bool zeros, size_t len, uint64_t off,
+			 bool tail_ok)
 {
 	qcow_assert_locked(img);
+	uint64_t limit = img->virtual_size;
+	if (tail_ok)
+		limit = (limit + img->cluster_size - 1) & ~(img->cluster_size - 1);
+	if (off > limit || len > limit - off)
+		return -EINVAL;
 	for (size_t pos = 0; pos < len;) {
 		uint64_t gc, o;
 		size_t n = cluster_piece(img, off + pos, len - pos, &gc, &o);
@@ -414,15 +434,15 @@ static void maybe_autoflush(struct qcow_image *img, bool over)
 		(void)qcow_flush(img);   /* errors are noted by the flush itself */
 }
 
-/* Writes buf (NULL = zeros) at off; the shared body of write and of the
- * partial-cluster part of discard/zero. */
-static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len, uint64_t off)
+/* Writes buf (NULL = zeros) at off, checked again under the lock (see
+ * resolve_write); the body of write_common and of the shrink's tail. */
+static ssize_t write_range(struct qcow_image *img, const void *buf, size_t len, uint64_t off, bool tail_ok)
 {
 	struct write_plan plan;
 	struct qcow_inflight req;
-	int ret = check_range(img, len, off);
-	if (ret || len == 0)
-		return ret ? ret : 0;
+	int ret;
+	if (len == 0)
+		return 0;
 	if (img->read_only)
 		return -EROFS;
 	if ((ret = qcow_health_failed(img)))
@@ -430,7 +450,7 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 	plan_init(&plan);
 	qcow_lock(img);
 	for (;;) {
-		ret = resolve_write(img, &plan, buf == NULL, len, off);
+		ret = resolve_write(img, &plan, buf == NULL, len, off, tail_ok);
 		if (ret) {
 			give_back(img, &plan, 0, false);
 			if (ret != -EAGAIN)
@@ -472,9 +492,157 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 	return (ssize_t)len;
 }
 
+/* Writes buf (NULL = zeros) at off; the shared body of write and of the
+ * partial-cluster part of discard/zero. */
+static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len, uint64_t off)
+{
+	int ret = check_range(img, len, off);
+	if (ret)
+		return ret;
+	return write_range(img, buf, len, off, false);
+}
+
+/* ---- zero detection (-o detect_zeroes) ---------------------------------- */
+
+/* Makes whole guest clusters [gc, gc+count) read zeros without writing
+ * data (img->lock held), as QEMU's qcow2 write-zeroes does:
+ *  - may_unmap and nothing could show through the hole: unmapped, as a
+ *    discard (the reference goes now, the entry becomes 0);
+ *  - otherwise (version 3): a plain cluster of this entry keeps its
+ *    allocation and gains the zero flag (QEMU without MAY_UNMAP); a
+ *    compressed or shared cluster is released and the entry becomes a
+ *    bare zero flag (QEMU releases compressed ones too; it would keep a
+ *    shared one zero-flagged, which only keeps a snapshot's cluster
+ *    referenced twice for nothing).
+ * Clusters that read zeros already are left alone (no L2 table is
+ * allocated for them).  -ENOTSUP: a version 2 image would need the zero
+ * flag (issue 8: backing data showing through); the caller writes the
+ * zeros as data then.  -EAGAIN as unmap_clusters. */
+static int zero_clusters_locked(struct qcow_image *img, uint64_t gc, uint64_t count, bool may_unmap)
+{
+	qcow_assert_locked(img);
+	/* checked again under the lock: a shrink may have come in between */
+	uint64_t end_gc = (img->virtual_size + img->cluster_size - 1) >> img->cluster_bits;
+	for (uint64_t g = gc; g < gc + count && g < end_gc; g++) {
+		uint64_t l1i = g >> img->l2_bits, idx = g & ((1ull << img->l2_bits) - 1);
+		bool shows_zero = qcow_sparsify_unmap_reads_zero(img, g);
+		bool unmap = may_unmap && shows_zero;
+		uint64_t e;
+		int ret = qcow_l2_lookup(img, g, &e);
+		if (ret)
+			return ret;
+		if (e == 0 && shows_zero)
+			continue;
+		if (!unmap && img->hdr.version < 3)
+			return -ENOTSUP;
+		if (!unmap && (e & QCOW_OFLAG_ZERO) && !(e & QCOW_OFLAG_COMPRESSED))
+			continue;
+		if (l1i >= img->hdr.l1_size)
+			break;
+		struct qcow_cached *t = qcow_l2_for_write(img, l1i, &ret);
+		if (!t)
+			return ret;
+		e = qcow_l2_entry(t, idx);
+		uint64_t slot = (t->cluster << img->cluster_bits) + idx * 8;
+		uint64_t h = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
+		uint64_t ne;
+		if (!unmap && !(e & QCOW_OFLAG_COMPRESSED) && h && h < img->map.nclusters &&
+		    qcow_map_state(&img->map, h) == QCS_REF && qcow_map_slot(&img->map, h) == slot) {
+			ne = e | QCOW_OFLAG_ZERO;
+		} else {
+			release_entry(img, e, slot, false);
+			ne = unmap ? 0 : QCOW_OFLAG_ZERO;
+		}
+		if (ne != e)
+			qcow_l2_set_entry(img, t, idx, ne);
+	}
+	return 0;
+}
+
+/* zero_clusters_locked over a range of any length, in batches that let
+ * guest I/O in between.  Unmapping counts as a discard for the recycler
+ * (stats, quiet period, free-tail trim). */
+static int zero_whole_clusters(struct qcow_image *img, uint64_t gc, uint64_t count, bool may_unmap)
+{
+	int ret = 0;
+	while (count && ret == 0) {
+		uint64_t n = count < DISCARD_BATCH_CLUSTERS ? count : DISCARD_BATCH_CLUSTERS;
+		qcow_lock(img);
+		while ((ret = zero_clusters_locked(img, gc, n, may_unmap)) == -EAGAIN)
+			qcow_alloc_wait_truncation(img);
+		if (may_unmap && ret == 0) {
+			img->bytes_discarded += n * img->cluster_size;
+			img->last_discard_ms = qcow_now_ms();
+		}
+		bool over = qcow_cache_over_budget(&img->cache);
+		qcow_unlock(img);
+		if (ret == 0)
+			maybe_autoflush(img, over);
+		gc += n;
+		count -= n;
+	}
+	if (may_unmap)
+		qcow_recycler_kick(img);
+	return ret;
+}
+
+/* A guest write.  With detect_zeroes on or unmap, every whole cluster of
+ * the write whose data is all zeros becomes a zero write or a discard
+ * (zero_clusters_locked); the rest, and the partial clusters at the ends,
+ * are written as data.  The check stops at the first non-zero word of each
+ * cluster, so data writes pay a few loads per cluster. */
 ssize_t qcow_image_write(struct qcow_image *img, const void *buf, size_t len, uint64_t off)
 {
-	return write_common(img, buf, len, off);
+	enum qcow_detect_zeroes mode = img->opts.detect_zeroes;
+	uint64_t cs = img->cluster_size;
+	if (mode == QCOW_DETECT_ZEROES_OFF || !buf || len < cs ||
+	    (mode == QCOW_DETECT_ZEROES_ON && img->hdr.version < 3))
+		return write_common(img, buf, len, off);
+	int ret = check_range(img, len, off);
+	if (ret)
+		return ret;
+	if (img->read_only)
+		return -EROFS;
+	if (qcow_health_failed(img))
+		return -EIO;
+	const uint8_t *b = buf;
+	uint64_t end = off + len;
+	uint64_t first = (off + cs - 1) & ~(cs - 1);
+	/* the disk's last cluster may be partial: reaching the end of the
+	 * disk covers it whole (as discard_common) */
+	uint64_t last = end == img->virtual_size ? (end + cs - 1) & ~(cs - 1) : end & ~(cs - 1);
+	uint64_t pos = off;   /* written up to here */
+	for (uint64_t c = first; c < last;) {
+		uint64_t c2 = c;
+		while (c2 < last && qcow_sparsify_buffer_is_zero(b + (c2 - off), end - c2 < cs ? end - c2 : cs))
+			c2 += cs;
+		if (c2 == c) {
+			c += cs;
+			continue;
+		}
+		if (c > pos) {
+			ssize_t w = write_common(img, b + (pos - off), (size_t)(c - pos), pos);
+			if (w < 0)
+				return w;
+		}
+		uint64_t zend = c2 < end ? c2 : end;
+		ret = zero_whole_clusters(img, c >> img->cluster_bits, (c2 - c) >> img->cluster_bits,
+					  mode == QCOW_DETECT_ZEROES_UNMAP);
+		if (ret == -ENOTSUP) {
+			ssize_t w = write_common(img, b + (c - off), (size_t)(zend - c), c);
+			ret = w < 0 ? (int)w : 0;
+		}
+		if (ret)
+			return ret;
+		pos = zend;
+		c = c2;
+	}
+	if (pos < end) {
+		ssize_t w = write_common(img, b + (pos - off), (size_t)(end - pos), pos);
+		if (w < 0)
+			return w;
+	}
+	return (ssize_t)len;
 }
 
 /* ---- discard and zero --------------------------------------------------- */
@@ -642,6 +810,84 @@ static int grow_l1(struct qcow_image *img, uint32_t new_entries)
 	return ret;
 }
 
+/* Frees the L2 tables of L1 entries [from, l1_size) after a shrink
+ * unmapped everything they held (img->lock held).  As QEMU's
+ * qcow2_shrink_l1_table: the entries become 0 and the L1 table keeps its
+ * size and place (a later grow reuses it).  The durable L1 entry shows a
+ * table until the next flush, so a table is Pending until then, as after
+ * a copy-on-write (qcow_l2_for_write). */
+static void drop_l2_tables(struct qcow_image *img, uint64_t from)
+{
+	qcow_assert_locked(img);
+	for (uint64_t i = from; i < img->hdr.l1_size; i++) {
+		uint64_t l2 = (img->l1[i] & QCOW_L1E_OFFSET_MASK) >> img->cluster_bits;
+		if (!l2)
+			continue;
+		qcow_l1_set(img, i, 0);
+		if (l2 >= img->map.nclusters)
+			continue;
+		qcow_map_move_cancel(&img->map, l2);
+		qcow_free_after_flush(img, l2, img->hdr.l1_table_offset + i * 8);
+		struct qcow_cached *t = qcow_cache_find(&img->cache, l2);
+		if (t && qcow_map_state(&img->map, l2) == QCS_PENDING)
+			qcow_cache_remove(&img->cache, t);   /* a zombie if pinned */
+	}
+}
+
+/* Shrinks the view to new_size (flush_lock held; smaller than now). */
+static int shrink(struct qcow_image *img, uint64_t new_size, uint64_t l1_need)
+{
+	qcow_assert_flush_locked(img);
+	uint64_t cs = img->cluster_size;
+	int ret = 0;
+	if (img->hdr.nb_snapshots) {
+		/* QEMU's words: a snapshot's tables describe the old size */
+		qcow_logf(QCOW_LOG_ERROR, "Can't resize an image which has snapshots (nb_snapshots %u at header offset 60): "
+			  "delete them first", img->hdr.nb_snapshots);
+		return -ENOTSUP;
+	}
+	uint64_t old_size = img->virtual_size;
+	qcow_lock(img);
+	img->hdr.size = new_size;
+	img->virtual_size = new_size;
+	img->header_dirty = true;
+	uint64_t ticket = qcow_inflight_ticket(img);
+	qcow_unlock(img);
+	/* Writes that resolved against the old size finish first; later
+	 * ones are refused past the new end (resolve_write), so nothing is
+	 * allocated there after the unmap below. */
+	qcow_inflight_wait_before(img, ticket);
+	/* the rest of the last partial cluster: zeros, so that a later grow
+	 * shows zeros there */
+	uint64_t tail_end = (new_size + cs - 1) & ~(cs - 1);
+	if (tail_end > new_size) {
+		ssize_t w = write_range(img, NULL, (size_t)(tail_end - new_size), new_size, true);
+		if (w < 0)
+			return (int)w;
+	}
+	/* every whole cluster past the new end, as a discard */
+	uint64_t last = (old_size + cs - 1) >> img->cluster_bits;
+	for (uint64_t gc = tail_end >> img->cluster_bits; gc < last && ret == 0;) {
+		uint64_t n = last - gc < DISCARD_BATCH_CLUSTERS ? last - gc : DISCARD_BATCH_CLUSTERS;
+		qcow_lock(img);
+		while ((ret = unmap_clusters(img, gc, n)) == -EAGAIN)
+			qcow_alloc_wait_truncation(img);
+		qcow_unlock(img);
+		gc += n;
+	}
+	if (ret)
+		return ret;
+	qcow_lock(img);
+	drop_l2_tables(img, l1_need);
+	/* for the recycler, as a discard (it trims the free tail after one) */
+	img->bytes_discarded += (last - (tail_end >> img->cluster_bits)) * cs;
+	img->last_discard_ms = qcow_now_ms();
+	qcow_unlock(img);
+	ret = qcow_flush_holding_flush_lock(img);
+	qcow_recycler_kick(img);
+	return ret;
+}
+
 int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 {
 	if (img->read_only)
@@ -665,7 +911,7 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 	if (new_size == img->virtual_size)
 		goto out;
 	if (new_size < img->virtual_size) {
-		ret = -EOPNOTSUPP;
+		ret = shrink(img, new_size, need);
 		goto out;
 	}
 	if (need > img->hdr.l1_size) {

@@ -161,6 +161,11 @@ struct qcow_image {
 	void (*read_io_hook)(struct qcow_image *img, void *opaque);
 	void *read_io_opaque;
 
+	/* the sparsify running now, or NULL (qcow_sparsify.c: its candidate
+	 * marks, which every write resolution of a marked guest cluster
+	 * clears) */
+	struct qcow_sparsify_marks *sparsify;
+
 	/* statistics */
 	uint64_t bytes_reclaimed;
 	uint64_t bytes_discarded;
@@ -369,6 +374,17 @@ int qcow_truncate_tail(struct qcow_image *img);
  * min_file_size, blocker) and reports a failing pass in last_error; takes
  * img->lock (qcow_image_get_stats, after qcow_health_get). */
 void qcow_compact_outcome(struct qcow_image *img, struct qcow_stats *st);
+
+/* qcow_sparsify.c (just below qcow_image.c; img->lock held) */
+/* A write is resolving guest cluster gc: a sparsify must not free it. */
+void qcow_sparsify_note_write(struct qcow_image *img, uint64_t gc);
+/* Whether guest cluster gc reads zeros once unmapped (nothing from a
+ * backing file could show through); false means "keep it allocated, or
+ * zero-flag it". */
+bool qcow_sparsify_unmap_reads_zero(struct qcow_image *img, uint64_t gc);
+/* Whether len bytes at p are all zero (word-wise, stops at the first
+ * non-zero word; no lock needed). */
+bool qcow_sparsify_buffer_is_zero(const void *p, size_t len);
 
 /* qcow_lock.c is declared in qcow_lock.h */
 

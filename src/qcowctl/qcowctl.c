@@ -8,10 +8,11 @@
  *   check     full consistency check, output and exit codes like "qemu-img check"
  *   status    live statistics of a mount, read with the QCOWFS_IOC_STATUS ioctl
  *   compact   shrink an image now: through a live mount, or offline
+ *   sparsify  free the clusters that read all zeros: through a live mount, or offline
  *   unmount   unmount, wait for the daemon's close report, verify the image
  *
  * Rules:
- *  - Talks to a running daemon only through the two ioctls of
+ *  - Talks to a running daemon only through the ioctls of
  *    qcowfs_ioctl.h on the view (status through a descriptor opened for
  *    reading, compact through one opened for writing: the daemon checks
  *    the access mode) and, for unmount, the daemon's close report socket
@@ -1457,6 +1458,211 @@ static int cmd_compact(const struct command *self, int argc, char **argv)
 	return EXIT_FAILURE;
 }
 
+/* ---- sparsify ------------------------------------------------------------ */
+
+/* Progress of a sparsify: on a terminal one line redrawn in place, in a
+ * pipe or log a line per 10 % (the compaction's bar says "compacting"). */
+struct sparsify_display {
+	bool tty;
+	int shown;   /* percent last shown, -1 before the first */
+};
+
+static void sparsify_show(struct sparsify_display *d, uint64_t done, uint64_t total, uint64_t freed)
+{
+	/* total 0: a run that has not counted the disk yet */
+	int percent = total ? (int)(100.0 * (double)done / (double)total) : 0;
+	if (percent > 100)
+		percent = 100;
+	if (d->tty) {
+		if (percent == d->shown)
+			return;
+		printf("\rsparsify: %3d%%, %" PRIu64 " clusters freed", percent, freed);
+	} else {
+		if (d->shown >= 0 && percent / 10 <= d->shown / 10)
+			return;
+		printf("sparsify: %d%%, %" PRIu64 " clusters freed\n", percent, freed);
+	}
+	fflush(stdout);
+	d->shown = percent;
+}
+
+/* complete: the run reached the end of the disk (100 % shown once) */
+static void sparsify_display_end(struct sparsify_display *d, bool complete, uint64_t freed)
+{
+	if (complete && d->shown < 100) {
+		d->shown = -1;
+		sparsify_show(d, 1, 1, freed);
+	}
+	if (d->tty && d->shown >= 0)
+		putchar('\n');
+	fflush(stdout);
+}
+
+/* The summary line, and what was left and why. */
+static void sparsify_summary(uint64_t scanned, uint64_t freed, uint64_t bytes, uint64_t shared,
+			     uint64_t compressed, uint64_t changed, uint64_t backing)
+{
+	char size[32];
+	format_human_size(bytes, size, sizeof(size));
+	printf("scanned %" PRIu64 " allocated cluster%s, freed %" PRIu64 " that read all zeros: %s (%" PRIu64
+	       " bytes) given back\n", scanned, scanned == 1 ? "" : "s", freed, size, bytes);
+	if (shared || compressed || changed || backing) {
+		printf("left allocated:");
+		const char *sep = " ";
+		if (shared)
+			printf("%s%" PRIu64 " shared with a snapshot", sep, shared), sep = ", ";
+		if (compressed)
+			printf("%s%" PRIu64 " compressed", sep, compressed), sep = ", ";
+		if (changed)
+			printf("%s%" PRIu64 " written while being checked", sep, changed), sep = ", ";
+		if (backing)
+			printf("%s%" PRIu64 " whose zeros hide backing data", sep, backing);
+		putchar('\n');
+	}
+	fflush(stdout);
+}
+
+static int sparsify_mount(const char *mountpoint, const struct qcow_stats *before)
+{
+	struct qcowfs_sparsify sp = { .op = QCOWFS_SPARSIFY_START };
+	struct sparsify_display d = { .tty = isatty(STDOUT_FILENO), .shown = -1 };
+	struct qcow_stats after;
+
+	if (before->read_only) {
+		print_error("cannot sparsify %s: the mount is read-only", mountpoint);
+		return EXIT_FAILURE;
+	}
+	int ret = mount_ioctl(mountpoint, O_RDWR, QCOWFS_IOC_SPARSIFY, &sp);
+	if (ret < 0) {
+		if (ret == -EBUSY)
+			print_error("cannot sparsify %s: a sparsify is already running on it", mountpoint);
+		else if (ret == -EACCES || ret == -EBADF || ret == -EPERM)
+			print_error("cannot sparsify %s: %s (it needs write permission on the view)", mountpoint,
+				    strerror(-ret));
+		else if (errno_means_not_qcowfs(-ret))
+			print_error("cannot sparsify %s: this qcowfs does not know sparsify (older daemon?)", mountpoint);
+		else
+			print_error("cannot sparsify %s: %s", mountpoint, strerror(-ret));
+		return EXIT_FAILURE;
+	}
+	uint64_t run = sp.run;
+	for (;;) {
+		sparsify_show(&d, sp.guest_done, sp.guest_clusters, sp.freed);
+		if (sp.state != QCOWFS_SPARSIFY_RUNNING || sp.run != run)
+			break;
+		sleep_ms(STATUS_POLL_MS);
+		sp = (struct qcowfs_sparsify){ .op = QCOWFS_SPARSIFY_QUERY };
+		ret = mount_ioctl(mountpoint, O_RDONLY, QCOWFS_IOC_SPARSIFY, &sp);
+		if (ret < 0) {
+			sparsify_display_end(&d, false, 0);
+			print_error("lost track of the sparsify on %s: %s", mountpoint, strerror(-ret));
+			return EXIT_FAILURE;
+		}
+	}
+	sparsify_display_end(&d, sp.run == run && sp.state == QCOWFS_SPARSIFY_DONE && sp.error == 0, sp.freed);
+	if (sp.run != run) {
+		print_error("lost track of the sparsify on %s: another one started", mountpoint);
+		return EXIT_FAILURE;
+	}
+	sparsify_summary(sp.scanned, sp.freed, sp.bytes_freed, sp.skipped_shared, sp.skipped_compressed,
+			 sp.skipped_changed, sp.skipped_backing);
+	if (sp.error < 0) {
+		print_error("sparsify of %s failed: %s", mountpoint, strerror(-sp.error));
+		return EXIT_FAILURE;
+	}
+	if (mount_read_status(mountpoint, &after) == 0 && sp.freed)
+		printf("the image file is %" PRIu64 " bytes; compaction shortens it in the background "
+		       "('qcowctl compact %s' waits for it)\n", after.file_size, mountpoint);
+	return EXIT_SUCCESS;
+}
+
+static int sparsify_image_progress(const struct qcow_sparsify_result *r, void *opaque)
+{
+	sparsify_show(opaque, r->guest_done, r->guest_clusters, r->freed);
+	return 0;
+}
+
+/* Offline: sparsify, then compact (no recycler runs in this process). */
+static int sparsify_image(const char *image)
+{
+	struct qcow_open_opts opts;
+	struct qcow_image *img = NULL;
+	struct qcow_sparsify_result r;
+	struct sparsify_display d = { .tty = isatty(STDOUT_FILENO), .shown = -1 };
+	struct stat before, after;
+	char err[1024] = "", what[PATH_MAX + 32];
+
+	if (stat(image, &before) < 0) {
+		print_error("cannot access %s: %s", image, strerror(errno));
+		return EXIT_FAILURE;
+	}
+	qcow_open_opts_default(&opts);
+	opts.recycler = false;
+	opts.compact = false;
+	snprintf(what, sizeof(what), "cannot open %s", image);
+	engine_call_begin(true);
+	int ret = qcow_image_open(image, &opts, &img, err, sizeof(err));
+	engine_call_end(ret, what, err);
+	if (ret < 0) {
+		if (ret == -EAGAIN || ret == -EBUSY || ret == -EWOULDBLOCK)
+			fprintf(stderr, "qcowctl: if %s is mounted, run 'qcowctl sparsify MOUNTPOINT'\n", image);
+		return EXIT_FAILURE;
+	}
+	ret = qcow_image_sparsify(img, sparsify_image_progress, &d, &r);
+	sparsify_display_end(&d, ret == 0, r.freed);
+	sparsify_summary(r.scanned, r.freed, r.bytes_freed, r.skipped_shared, r.skipped_compressed,
+			 r.skipped_changed, r.skipped_backing);
+	if (ret < 0)
+		print_error("sparsify of %s failed: %s", image, strerror(-ret));
+	else if (r.freed && (ret = qcow_image_compact(img, NULL, NULL)) < 0)
+		print_error("compacting %s after the sparsify failed: %s", image, strerror(-ret));
+	/* close even after a failure: it writes exact refcounts */
+	int close_ret = qcow_image_close(img);
+	if (close_ret < 0) {
+		print_error("closing %s failed: %s", image, strerror(-close_ret));
+		return EXIT_FAILURE;
+	}
+	if (ret < 0)
+		return EXIT_FAILURE;
+	if (stat(image, &after) == 0)
+		printf("image file %" PRIu64 " -> %" PRIu64 " bytes\n", (uint64_t)before.st_size,
+		       (uint64_t)after.st_size);
+	return EXIT_SUCCESS;
+}
+
+static int cmd_sparsify(const struct command *self, int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct qcow_stats st;
+	const char *target;
+	int opt, ret;
+
+	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+		if (opt == 'h') {
+			print_command_help(self, stdout);
+			return EXIT_SUCCESS;
+		}
+		return bad_option(self, opt, argv);
+	}
+	ret = single_operand(self, argc, argv, "MOUNTPOINT or IMAGE", &target);
+	if (ret)
+		return ret;
+	/* A live mount answers the status ioctl; an image file does not. */
+	ret = mount_read_status(target, &st);
+	if (ret == 0)
+		return sparsify_mount(target, &st);
+	if (errno_means_not_qcowfs(-ret))
+		return sparsify_image(target);
+	if (ret == -ENOENT)
+		print_error("cannot access %s: %s", target, strerror(ENOENT));
+	else
+		report_status_error(target, ret);
+	return EXIT_FAILURE;
+}
+
 /* ---- unmount ------------------------------------------------------------- */
 
 /* Runs "fusermount3 -u MOUNTPOINT"; returns its exit status, 127 when it
@@ -1838,6 +2044,19 @@ static const struct command commands[] = {
 	  "could reach, what holds it there (compressed or snapshot clusters, ...).\n"
 	  "Exit status: 0 when the compaction worked, 1 when it failed (the engine\n"
 	  "counted a failed compaction or returned an error; 100% is never shown then).\n" },
+	{ "sparsify", cmd_sparsify, "sparsify MOUNTPOINT|IMAGE",
+	  "free every cluster that reads all zeros, through a live mount or offline",
+	  "",
+	  "Scans every allocated data cluster of the image and frees those that read\n"
+	  "all zeros (space a guest zero-filled instead of discarding), while the view\n"
+	  "stays in use; a cluster that a write changes meanwhile is never freed.\n"
+	  "Clusters shared with a snapshot and compressed clusters are left (the\n"
+	  "summary counts them).  On a mountpoint (needs write permission on it) the\n"
+	  "running qcowfs does it and compaction then shortens the file in the\n"
+	  "background; on an image that is not in use, it is sparsified and compacted\n"
+	  "in place.  Prints progress, then the clusters scanned and freed and the\n"
+	  "bytes given back.\n"
+	  "Exit status: 0 when the sparsify ran to the end, 1 otherwise.\n" },
 	{ "unmount", cmd_unmount, "unmount MOUNTPOINT",
 	  "unmount, wait for qcowfs to close the image, and check it",
 	  "",

@@ -26,7 +26,8 @@
  *  - Never answer ENOSYS to an operation the kernel may retry later:
  *    ENOSYS disables that operation for the whole connection (fallocate
  *    in particular), so unsupported modes get EOPNOTSUPP.
- *  - The raw view is a disk: it never shrinks, reads stop at EOF, writes
+ *  - The raw view is a disk: it shrinks only by truncate(2), never by
+ *    O_TRUNC; reads stop at EOF, writes
  *    are clipped at EOF (a short write, as QEMU's FUSE export and block
  *    devices do) and a write entirely past EOF fails with ENOSPC.
  *  - All state lives in the one struct qcowfs below; the handlers only
@@ -49,6 +50,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
 #include <signal.h>
@@ -151,10 +153,24 @@ struct qcowfs {
 
 	/* Per-thread read buffer (see read_buffer()). */
 	pthread_key_t read_buffer_key;
+
+	/* The sparsify of QCOWFS_IOC_SPARSIFY: at most one at a time, on
+	 * its own thread; sparsify_lock guards these fields, which the
+	 * engine's progress callback updates after each batch.  Stopped
+	 * (cancel) and joined before the image closes. */
+	pthread_mutex_t sparsify_lock;
+	pthread_t sparsify_thread;
+	bool sparsify_started;        /* a thread exists (joined at close) */
+	bool sparsify_running;
+	bool sparsify_cancel;
+	int sparsify_error;
+	uint64_t sparsify_runs;
+	struct qcow_sparsify_result sparsify_res;
 };
 
 static struct qcowfs qcowfs = {
 	.attr_lock = PTHREAD_MUTEX_INITIALIZER,
+	.sparsify_lock = PTHREAD_MUTEX_INITIALIZER,
 	.report_fd = -1,
 };
 
@@ -338,9 +354,9 @@ static char *read_buffer(size_t len)
  *    each write (which moves mtime) would drop the whole cache on the next
  *    getattr.  Compaction moves clusters inside the image, never bytes of
  *    the raw view, so it cannot make cached pages stale either.
- *  - ATOMIC_O_TRUNC off: the kernel then truncates with setattr(size=0),
- *    which reaches the engine's resize and gets its answer (a shrink is
- *    refused), instead of a flag open() would have to interpret.
+ *  - ATOMIC_O_TRUNC on: O_TRUNC reaches op_open as a flag, which refuses
+ *    it (it would empty the disk).  Without it the kernel truncates with
+ *    setattr(size=0), indistinguishable from truncate(1), which shrinks.
  */
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
@@ -351,10 +367,14 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
 
 	conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE |
 			FUSE_CAP_SPLICE_MOVE | FUSE_CAP_WRITEBACK_CACHE |
-			FUSE_CAP_AUTO_INVAL_DATA | FUSE_CAP_ATOMIC_O_TRUNC);
+			FUSE_CAP_AUTO_INVAL_DATA);
 	/* Asking for a capability the kernel lacks makes libfuse refuse
 	 * the connection, hence the masks. */
 	conn->want |= conn->capable & (FUSE_CAP_ASYNC_READ | FUSE_CAP_ASYNC_DIO);
+	/* O_TRUNC as an open flag, refused by op_open: without it the
+	 * kernel truncates with setattr(size=0), which now shrinks - an
+	 * "echo > view" would empty the disk */
+	conn->want |= conn->capable & FUSE_CAP_ATOMIC_O_TRUNC;
 }
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
@@ -437,7 +457,8 @@ static int setattr_permitted(fuse_req_t req, const struct stat *attr, int to_set
 }
 
 /*
- * The size grows the disk (the engine refuses to shrink: EOPNOTSUPP).  Mode,
+ * The size grows or shrinks the disk (a shrink frees what lies past the new
+ * end; the engine refuses it with ENOTSUP while the image has snapshots).  Mode,
  * owner and group are the view's and last as long as the mount (the image
  * file keeps its own); utimes sets the modification time shown.  On a
  * read-only mount the kernel refuses every setattr (EROFS) before it
@@ -754,6 +775,114 @@ static int status_text(char *buf, size_t cap)
 	return len + more;
 }
 
+/* ---- sparsify (QCOWFS_IOC_SPARSIFY) ---- */
+
+static int sparsify_progress(const struct qcow_sparsify_result *so_far, void *opaque)
+{
+	(void)opaque;
+	pthread_mutex_lock(&qcowfs.sparsify_lock);
+	qcowfs.sparsify_res = *so_far;
+	bool cancel = qcowfs.sparsify_cancel;
+	pthread_mutex_unlock(&qcowfs.sparsify_lock);
+	return cancel;
+}
+
+static void *sparsify_main(void *arg)
+{
+	struct qcow_sparsify_result res;
+	(void)arg;
+	int ret = qcow_image_sparsify(qcowfs.img, sparsify_progress, NULL, &res);
+	if (ret < 0 && ret != -ECANCELED)
+		log_printf(LOG_ERR, "sparsify of %s failed: %s", qcowfs.image_path, strerror(-ret));
+	else
+		log_printf(LOG_INFO, "sparsify of %s: %" PRIu64 " clusters freed (%" PRIu64 " bytes) of %" PRIu64
+			   " scanned%s", qcowfs.image_path, res.freed, res.bytes_freed, res.scanned,
+			   ret == -ECANCELED ? ", stopped by the unmount" : "");
+	pthread_mutex_lock(&qcowfs.sparsify_lock);
+	qcowfs.sparsify_res = res;
+	qcowfs.sparsify_error = ret;
+	qcowfs.sparsify_running = false;
+	pthread_mutex_unlock(&qcowfs.sparsify_lock);
+	return NULL;
+}
+
+/* Before the image closes: a running sparsify stops at its next batch. */
+static void sparsify_stop(void)
+{
+	pthread_mutex_lock(&qcowfs.sparsify_lock);
+	bool started = qcowfs.sparsify_started;
+	qcowfs.sparsify_cancel = true;
+	qcowfs.sparsify_started = false;
+	pthread_mutex_unlock(&qcowfs.sparsify_lock);
+	if (started)
+		pthread_join(qcowfs.sparsify_thread, NULL);
+}
+
+/* Fills the ioctl's answer (sparsify_lock held). */
+static void sparsify_answer(struct qcowfs_sparsify *out)
+{
+	const struct qcow_sparsify_result *r = &qcowfs.sparsify_res;
+	out->state = qcowfs.sparsify_running ? QCOWFS_SPARSIFY_RUNNING
+		   : qcowfs.sparsify_runs ? QCOWFS_SPARSIFY_DONE : QCOWFS_SPARSIFY_NEVER;
+	out->error = qcowfs.sparsify_running ? 0 : qcowfs.sparsify_error;
+	out->run = qcowfs.sparsify_runs;
+	out->cluster_size = qcowfs.sparsify_res.freed ? r->bytes_freed / r->freed : 0;
+	out->guest_clusters = r->guest_clusters;
+	out->guest_done = r->guest_done;
+	out->scanned = r->scanned;
+	out->freed = r->freed;
+	out->bytes_freed = r->bytes_freed;
+	out->skipped_shared = r->skipped_shared;
+	out->skipped_compressed = r->skipped_compressed;
+	out->skipped_changed = r->skipped_changed;
+	out->skipped_backing = r->skipped_backing;
+}
+
+/* START or QUERY; returns 0 or a positive errno for the reply. */
+static int sparsify_ioctl(uint64_t fh, const struct qcowfs_sparsify *in, struct qcowfs_sparsify *out)
+{
+	int err = 0;
+	memset(out, 0, sizeof(*out));
+	out->op = in->op;
+	if (in->op == QCOWFS_SPARSIFY_QUERY) {
+		if (!(fh & (FH_READABLE | FH_WRITABLE)))
+			return EBADF;
+	} else if (in->op == QCOWFS_SPARSIFY_START) {
+		if (!(fh & FH_WRITABLE))
+			return EBADF;
+		if (qcowfs.read_only)
+			return EROFS;
+	} else {
+		return EINVAL;
+	}
+	pthread_mutex_lock(&qcowfs.sparsify_lock);
+	if (in->op == QCOWFS_SPARSIFY_START) {
+		if (qcowfs.sparsify_running || qcowfs.sparsify_cancel) {
+			err = qcowfs.sparsify_cancel ? ESHUTDOWN : EBUSY;
+			goto out;
+		}
+		if (qcowfs.sparsify_started) {
+			/* the last run has ended (not running): reap it */
+			pthread_join(qcowfs.sparsify_thread, NULL);
+			qcowfs.sparsify_started = false;
+		}
+		memset(&qcowfs.sparsify_res, 0, sizeof(qcowfs.sparsify_res));
+		qcowfs.sparsify_error = 0;
+		qcowfs.sparsify_running = true;
+		err = pthread_create(&qcowfs.sparsify_thread, NULL, sparsify_main, NULL);
+		if (err) {
+			qcowfs.sparsify_running = false;
+			goto out;
+		}
+		qcowfs.sparsify_started = true;
+		qcowfs.sparsify_runs++;
+	}
+	sparsify_answer(out);
+out:
+	pthread_mutex_unlock(&qcowfs.sparsify_lock);
+	return err;
+}
+
 /*
  * The control channel of qcowctl (qcowfs_ioctl.h).  There is deliberately
  * no xattr operation: see the comment there.  The kernel lets only a
@@ -802,6 +931,20 @@ static void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg
 		qcow_image_request_compact(qcowfs.img);
 		fuse_reply_ioctl(req, 0, NULL, 0);
 		return;
+	case QCOWFS_IOC_SPARSIFY: {
+		struct qcowfs_sparsify in, out;
+		if (in_bufsz < sizeof(in) || out_bufsz < sizeof(out)) {
+			fuse_reply_err(req, EINVAL);
+			return;
+		}
+		memcpy(&in, in_buf, sizeof(in));
+		int err = sparsify_ioctl(fh, &in, &out);
+		if (err)
+			fuse_reply_err(req, err);
+		else
+			fuse_reply_ioctl(req, 0, &out, sizeof(out));
+		return;
+	}
 	default:
 		fuse_reply_err(req, ENOTTY);
 	}
@@ -1268,6 +1411,7 @@ static int serve(void)
 
 	/* Unmount first so no request can arrive at a closing image. */
 	fuse_session_unmount(qcowfs.se);
+	sparsify_stop();
 	close_ret = qcow_image_close(qcowfs.img);
 	qcowfs.img = NULL;
 	if (close_ret < 0)

@@ -18,6 +18,7 @@
  */
 #ifndef QCOWFS_IOCTL_H
 #define QCOWFS_IOCTL_H
+#include <stdint.h>
 #include <sys/ioctl.h>
 
 #define QCOWFS_IOC_MAGIC 'Q'
@@ -38,5 +39,28 @@ struct qcowfs_status_text {
  * with QCOWFS_IOC_STATUS (compacting, compact_progress, compactions_done,
  * compactions_failed). */
 #define QCOWFS_IOC_COMPACT _IO(QCOWFS_IOC_MAGIC, 2)
+
+/* Sparsify (qcowctl sparsify): frees every allocated cluster of the image
+ * that reads all zeros, on a thread of the daemon while the view stays in
+ * use (qcow_image_sparsify).  op START begins a run and needs a descriptor
+ * open for writing (EBADF otherwise; EBUSY while a run is going on; EROFS
+ * on a read-only mount); op QUERY (any descriptor that may read or write)
+ * reports the current or last run.  Both answer with the state and the
+ * counts of struct qcow_sparsify_result so far; error is 0 or the negative
+ * errno the run ended with.  Numbers 4..9 are reserved for snapshots. */
+enum { QCOWFS_SPARSIFY_START = 1, QCOWFS_SPARSIFY_QUERY = 2 };
+enum { QCOWFS_SPARSIFY_NEVER = 0, QCOWFS_SPARSIFY_RUNNING = 1, QCOWFS_SPARSIFY_DONE = 2 };
+struct qcowfs_sparsify {
+	uint32_t op;                  /* in */
+	uint32_t state;               /* out: NEVER, RUNNING or DONE */
+	int32_t error;                /* out, when DONE */
+	uint32_t reserved;
+	uint64_t run;                 /* out: runs started since the mount (this one's number) */
+	uint64_t cluster_size;
+	uint64_t guest_clusters, guest_done;
+	uint64_t scanned, freed, bytes_freed;
+	uint64_t skipped_shared, skipped_compressed, skipped_changed, skipped_backing;
+};
+#define QCOWFS_IOC_SPARSIFY _IOWR(QCOWFS_IOC_MAGIC, 3, struct qcowfs_sparsify)
 
 #endif

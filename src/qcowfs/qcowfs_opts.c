@@ -264,7 +264,8 @@ static int apply_word(struct qcowfs_opts *opts, struct strbuf *kernel,
 		} else if (KEY_IS("compact") || KEY_IS("cache_size") ||
 			   KEY_IS("compact_threshold") ||
 			   KEY_IS("compact_quiet_ms") || KEY_IS("max_threads") ||
-			   KEY_IS("recycler") || KEY_IS("uid") || KEY_IS("gid")) {
+			   KEY_IS("recycler") || KEY_IS("uid") || KEY_IS("gid") ||
+			   KEY_IS("detect_zeroes")) {
 			set_error(err, errlen, "option '%s' needs a value (%s=...)",
 				  word, word);
 			return -EINVAL;
@@ -284,6 +285,20 @@ static int apply_word(struct qcowfs_opts *opts, struct strbuf *kernel,
 		ret = parse_switch(value, &opts->open.compact);
 	} else if (KEY_IS("recycler")) {
 		ret = parse_switch(value, &opts->open.recycler);
+	} else if (KEY_IS("detect_zeroes")) {
+		/* QEMU's words for QEMU's option */
+		if (!strcmp(value, "off"))
+			opts->open.detect_zeroes = QCOW_DETECT_ZEROES_OFF;
+		else if (!strcmp(value, "on"))
+			opts->open.detect_zeroes = QCOW_DETECT_ZEROES_ON;
+		else if (!strcmp(value, "unmap"))
+			opts->open.detect_zeroes = QCOW_DETECT_ZEROES_UNMAP;
+		else
+			ret = -EINVAL;
+		if (ret) {
+			set_error(err, errlen, "invalid value for detect_zeroes: '%s' (expected off, on or unmap)", value);
+			return -EINVAL;
+		}
 	} else if (KEY_IS("compact_threshold")) {
 		ret = parse_bytes(value, &opts->open.compact_threshold_bytes);
 	} else if (KEY_IS("compact_quiet_ms")) {
@@ -362,6 +377,9 @@ int qcowfs_opts_parse(int argc, char **argv, struct qcowfs_opts *opts,
 
 	memset(opts, 0, sizeof(*opts));
 	qcow_open_opts_default(&opts->open);
+	/* a mount gives zeroed space back by default (doc/qcowfs.1); the
+	 * engine's own default is off */
+	opts->open.detect_zeroes = QCOW_DETECT_ZEROES_UNMAP;
 
 	for (int i = 1; i < argc && !ret; i++) {
 		const char *arg = argv[i];
@@ -477,6 +495,9 @@ void qcowfs_print_usage(FILE *out, const char *progname)
 "                         automatic compaction starts (default: engine's)\n"
 "  recycler=on|off        off: neither punch freed clusters nor compact\n"
 "                         (default on)\n"
+"  detect_zeroes=off|on|unmap  a write of all-zero whole clusters: written\n"
+"                         (off), made a zero write keeping the clusters\n"
+"                         (on), or freed like a discard (unmap, default)\n"
 "  runtime_asserts        check every cluster-state change, lock contract\n"
 "                         and, at each compaction step, every cluster-map\n"
 "                         invariant (slow; for testing)\n"
@@ -502,7 +523,9 @@ void qcowfs_print_usage(FILE *out, const char *progname)
 "                               EBADF through a read-only one)\n"
 "  qcowctl unmount MOUNTPOINT   unmount; prints the daemon's close result\n"
 "\n"
-"The file cannot shrink and O_TRUNC is refused: use 'dd conv=notrunc'.\n"
+"Shrinking the file (truncate -s) frees what lies past the new end; it is\n"
+"refused while IMAGE has internal snapshots.  O_TRUNC would empty the disk\n"
+"and is refused: use 'dd conv=notrunc'.\n"
 "fstab: IMAGE MOUNTPOINT fuse.qcowfs defaults,compact=on 0 0\n",
 		progname, QCOWFS_MAX_THREADS_LIMIT);
 }

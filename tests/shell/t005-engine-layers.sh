@@ -20,7 +20,7 @@ order=(
 	qcow_map qcow_cache qcow_health
 	qcow_inflight qcow_alloc qcow_compress qcow_tables qcow_scan qcow_repack
 	qcow_flush qcow_relocate qcow_recycler
-	qcow_image qcow_open qcow_create qcow_check qcow_stats_text
+	qcow_sparsify qcow_image qcow_open qcow_create qcow_check qcow_stats_text
 )
 
 objdir=$top_builddir/src/lib

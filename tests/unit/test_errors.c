@@ -473,7 +473,10 @@ static void *resize_main(void *arg)
 
 /* Two resizes queue on flush_lock (held by a flush here): a grow to 2 MiB
  * and one to 1.5 MiB.  Whichever runs second must see the other's result:
- * the view never shrinks (shrinking is not supported). */
+ * both succeed and the view ends at the size of one of them (since the
+ * shrink exists, 1.5 MiB when the grow to 2 MiB ran first: a shrink that
+ * compared sizes before the lock would have taken itself for a grow and
+ * left the view at a size nobody asked for, or refused). */
 static void d8_resize_race(void)
 {
 	size_t len;
@@ -493,7 +496,7 @@ static void d8_resize_race(void)
 		pthread_join(a, NULL);
 		pthread_join(b, NULL);
 		uint64_t size = qcow_image_size(f.img);
-		if (size != 2u << 20) {
+		if ((size != 2u << 20 && size != 3u << 19) || small.ret != 0) {
 			if (shrunk++ == 0)
 				fprintf(stderr, "# D8 resize race, round %u: resize to 2 MiB returned %d, to 1.5 MiB %d, the view is %llu bytes\n",
 					i, big.ret, small.ret, (unsigned long long)size);
@@ -502,8 +505,8 @@ static void d8_resize_race(void)
 		CHECK(fimg_close(&f) == 0, "D8 resize race: close");
 		fimg_free(&f);
 	}
-	CHECK(shrunk == 0, "D8 resize race: in %u of 20 rounds the view ended below 2 MiB after a grow to 2 MiB and "
-	      "one to 1.5 MiB raced", shrunk);
+	CHECK(shrunk == 0, "D8 resize race: in %u of 20 rounds a resize failed or the view ended at neither 2 MiB nor "
+	      "1.5 MiB after a grow to 2 MiB and one to 1.5 MiB raced", shrunk);
 	free(bytes);
 }
 
