@@ -94,30 +94,36 @@ static void on_phase(struct qcow_image *img, enum qcow_move_state reached, void 
 	qcow_io_crash_die_after(a->io, a->after);
 }
 
-/* Writes bytes to a file and runs qcow_check (and sometimes qemu-img). */
-static void check_bytes(const uint8_t *bytes, size_t len, bool with_qemu, unsigned round)
+/* Crashes the simulated disk under img and checks what it kept: the
+ * bytes check without errors (inspect, if given, looks at them too), the
+ * image opens, every sector not written since the last completed flush
+ * reads as that flush left it, and the rebuilt map is consistent. */
+static void crash_and_verify(struct qcow_io *io, struct qcow_image *img, const struct crash_model *m, bool with_qemu,
+			     const char *what, void (*inspect)(const uint8_t *, size_t, void *), void *opaque)
 {
-	char path[] = "/tmp/qcow-crashed-XXXXXX";
-	int fd = mkstemp(path);
-	REQUIRE(fd >= 0, "mkstemp");
-	REQUIRE(write(fd, bytes, len) == (ssize_t)len, "write image");
-	close(fd);
-	struct qcow_check_result r;
+	struct qcow_io *after = qcow_io_crash_crash(io, tap_rand(&seed));
+	REQUIRE(after, "crash");
+	qcow_image_close(img);   /* the dead disk refuses everything; this only frees */
+	size_t alen;
+	const uint8_t *abytes = qcow_io_mem_data(after, &alen);
+	crash_check_bytes(abytes, alen, with_qemu, what);
+	if (inspect)
+		inspect(abytes, alen, opaque);
 	char err[256];
-	int ret = qcow_check(path, &r, err, sizeof(err));
-	CHECK(ret == 0 && r.errors == 0, "round %u: check after crash: ret %d, %llu errors (%s)", round, ret,
-	      (unsigned long long)r.errors, ret ? err : "");
-	if (with_qemu && access("/usr/bin/qemu-img", X_OK) == 0) {
-		char cmd[512];
-		snprintf(cmd, sizeof(cmd), "qemu-img check -q %s >/dev/null 2>&1", path);
-		int st = system(cmd);
-		int code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-		CHECK(code == 0 || code == 3, "round %u: qemu-img check exit %d after crash (image kept at %s)", round, code, path);
-		if (code == 0 || code == 3)
-			unlink(path);
+	int ret;
+	struct qcow_image *img2 = open_io(after, err, sizeof(err), &ret);
+	CHECK(img2 != NULL, "%s: crashed image does not open: %s", what, err);
+	if (!img2) {
+		qcow_io_close(after);
 		return;
 	}
-	unlink(path);
+	uint64_t bad = crash_model_verify(img2, m, what);
+	CHECK(bad == 0, "%s: %llu flushed sectors differ after the crash", what, (unsigned long long)bad);
+	pthread_mutex_lock(&img2->lock);
+	const char *inv = qcow_map_check(&img2->map);
+	pthread_mutex_unlock(&img2->lock);
+	CHECK(!inv, "%s: map after reopen: %s", what, inv);
+	CHECK(qcow_image_close(img2) == 0, "%s: close after reopen", what);
 }
 
 static void one_round(unsigned round)
@@ -136,9 +142,8 @@ static void one_round(unsigned round)
 	struct qcow_image *img = open_io(io, err, sizeof(err), &ret);
 	REQUIRE(img, "round %u: open fresh image: %s", round, err);
 
-	uint8_t *durable = qcow_calloc(1, size), *current = qcow_calloc(1, size);
-	uint64_t nsec = size / 512;
-	uint8_t *dirty = qcow_calloc(1, nsec);
+	struct crash_model m;
+	crash_model_init(&m, size, NULL);
 	uint8_t *buf = qcow_malloc(8 * cs + 512);
 
 	/* half the rounds crash after a random number of writes, the other
@@ -164,66 +169,32 @@ static void one_round(unsigned round)
 		uint64_t n = 1 + tap_rand(&seed) % (4 * cs);
 		if (n > size - off)
 			n = size - off;
+		crash_model_touch(&m, off, kind < 65 ? n : 0);
 		if (kind < 45) {
 			for (uint64_t i = 0; i < n; i++)
 				buf[i] = (uint8_t)tap_rand(&seed);
-			for (uint64_t s = off / 512; s <= (off + n - 1) / 512; s++)
-				dirty[s] = 1;
 			if (qcow_image_write(img, buf, n, off) != (ssize_t)n)
 				break;
-			memcpy(current + off, buf, n);
+			crash_model_wrote(&m, buf, off, n);
 		} else if (kind < 65) {
-			for (uint64_t s = off / 512; s <= (off + n - 1) / 512; s++)
-				dirty[s] = 1;
 			if (qcow_image_discard(img, off, n))
 				break;
-			memset(current + off, 0, n);
+			crash_model_wrote(&m, NULL, off, n);
 		} else if (kind < 85) {
 			if (qcow_image_flush(img))
 				break;
-			memcpy(durable, current, size);
-			memset(dirty, 0, nsec);
+			crash_model_synced(&m);
 		} else {
 			if (qcow_image_compact(img, NULL, NULL))
 				break;
 			/* compaction flushes: what was written before it is durable */
-			memcpy(durable, current, size);
-			memset(dirty, 0, nsec);
+			crash_model_synced(&m);
 		}
 	}
-	struct qcow_io *after = qcow_io_crash_crash(io, tap_rand(&seed));
-	REQUIRE(after, "crash");
-	qcow_image_close(img);   /* the dead disk refuses everything; this only frees */
-
-	size_t alen;
-	const uint8_t *abytes = qcow_io_mem_data(after, &alen);
-	check_bytes(abytes, alen, round % 150 == 0, round);
-
-	struct qcow_image *img2 = open_io(after, err, sizeof(err), &ret);
-	CHECK(img2 != NULL, "round %u: crashed image does not open: %s", round, err);
-	if (img2) {
-		REQUIRE(qcow_image_read(img2, buf, 0, 0) == 0, "empty read");
-		uint64_t bad = 0;
-		for (uint64_t s = 0; s < nsec; s++) {
-			if (dirty[s])
-				continue;
-			REQUIRE(qcow_image_read(img2, buf, 512, s * 512) == 512, "read after crash");
-			if (memcmp(buf, durable + s * 512, 512) && bad++ == 0)
-				fprintf(stderr, "round %u: sector %llu lost flushed data (cluster size %llu)\n", round,
-					(unsigned long long)s, (unsigned long long)cs);
-		}
-		CHECK(bad == 0, "round %u: %llu flushed sectors differ after the crash", round, (unsigned long long)bad);
-		pthread_mutex_lock(&img2->lock);
-		const char *inv = qcow_map_check(&img2->map);
-		pthread_mutex_unlock(&img2->lock);
-		CHECK(!inv, "round %u: map after reopen: %s", round, inv);
-		CHECK(qcow_image_close(img2) == 0, "round %u: close after reopen", round);
-	} else {
-		qcow_io_close(after);
-	}
-	qcow_free(durable);
-	qcow_free(current);
-	qcow_free(dirty);
+	char what[64];
+	snprintf(what, sizeof(what), "round %u (cluster size %llu)", round, (unsigned long long)cs);
+	crash_and_verify(io, img, &m, round % 150 == 0, what, NULL, NULL);
+	crash_model_free(&m);
 	qcow_free(buf);
 }
 
@@ -400,18 +371,43 @@ static void make_qimage(struct qimage *q, bool snapshots, const char *dir)
  * clusters have space to move into), writes, flushes and compactions;
  * the disk dies after a random number of writes or a few writes after a
  * move phase. */
+/* Every snapshot, as QEMU reads it from the crashed image, is what QEMU
+ * wrote. */
+struct snap_inspect {
+	const struct qimage *q;
+	const char *what;
+	unsigned *checks;
+};
+
+static void check_snapshots(const uint8_t *bytes, size_t len, void *opaque)
+{
+	struct snap_inspect *si = opaque;
+	char path[] = "/tmp/qcow-snapcrash-XXXXXX", out[64], cmd[512];
+	int fd = mkstemp(path);
+	REQUIRE(fd >= 0 && write(fd, bytes, len) == (ssize_t)len, "write crashed image");
+	close(fd);
+	snprintf(out, sizeof(out), "%s.raw", path);
+	for (unsigned i = 0; i < si->q->nsnap; i++) {
+		snprintf(cmd, sizeof(cmd), "qemu-img convert -O raw -l snapshot.name=s%u %s %s >/dev/null 2>&1 && cmp -s %s %s",
+			 i + 1, path, out, out, si->q->snap_raw[i]);
+		CHECK(system(cmd) == 0, "%s: snapshot s%u differs after the crash", si->what, i + 1);
+		(*si->checks)++;
+	}
+	unlink(out);
+	unlink(path);
+}
+
 static void qimage_round(struct qimage *q, unsigned round, unsigned *snap_checks)
 {
-	uint64_t size = q->size, cs = q->cs, nsec = size / 512;
+	uint64_t size = q->size, cs = q->cs;
 	struct qcow_io *io = qcow_io_crash_new(q->bytes, q->len);
 	char err[256];
 	int ret;
 	struct qcow_image *img = open_io(io, err, sizeof(err), &ret);
 	REQUIRE(img, "%s round %u: open: %s", q->name, round, err);
-	uint8_t *durable = qcow_malloc(size), *current = qcow_malloc(size), *dirty = qcow_calloc(1, nsec);
+	struct crash_model m;
+	crash_model_init(&m, size, q->active);
 	uint8_t *buf = qcow_malloc(8 * cs);
-	memcpy(durable, q->active, size);
-	memcpy(current, q->active, size);
 	struct phase_arm arm = { .io = io, .target = -1, .after = 1 + tap_rand(&seed) % 8 };
 	bool by_phase = tap_rand(&seed) & 1;
 	if (by_phase) {
@@ -432,79 +428,33 @@ static void qimage_round(struct qimage *q, unsigned round, unsigned *snap_checks
 		uint64_t n = 1 + tap_rand(&seed) % (kind < 50 ? 64 * cs : 4 * cs);
 		if (n > size - off)
 			n = size - off;
+		crash_model_touch(&m, off, kind < 70 ? n : 0);
 		if (kind < 50) {
-			for (uint64_t s = off / 512; s <= (off + n - 1) / 512; s++)
-				dirty[s] = 1;
 			if (qcow_image_discard(img, off, n))
 				break;
-			memset(current + off, 0, n);
+			crash_model_wrote(&m, NULL, off, n);
 		} else if (kind < 70) {
 			for (uint64_t i = 0; i < n; i++)
 				buf[i] = (uint8_t)tap_rand(&seed);
-			for (uint64_t s = off / 512; s <= (off + n - 1) / 512; s++)
-				dirty[s] = 1;
 			if (qcow_image_write(img, buf, n, off) != (ssize_t)n)
 				break;
-			memcpy(current + off, buf, n);
+			crash_model_wrote(&m, buf, off, n);
 		} else if (kind < 80) {
 			if (qcow_image_flush(img))
 				break;
-			memcpy(durable, current, size);
-			memset(dirty, 0, nsec);
+			crash_model_synced(&m);
 		} else {
 			if (qcow_image_compact(img, NULL, NULL))
 				break;
-			memcpy(durable, current, size);
-			memset(dirty, 0, nsec);
+			crash_model_synced(&m);
 		}
 	}
-	struct qcow_io *after = qcow_io_crash_crash(io, tap_rand(&seed));
-	REQUIRE(after, "crash");
-	qcow_image_close(img);
-	size_t alen;
-	const uint8_t *abytes = qcow_io_mem_data(after, &alen);
-	check_bytes(abytes, alen, round % 10 == 0, round);
-	if (q->nsnap && round % 6 == 0) {
-		/* the snapshots, as QEMU reads them from the crashed image */
-		char path[] = "/tmp/qcow-snapcrash-XXXXXX", out[64], cmd[512];
-		int fd = mkstemp(path);
-		REQUIRE(fd >= 0 && write(fd, abytes, alen) == (ssize_t)alen, "write crashed image");
-		close(fd);
-		snprintf(out, sizeof(out), "%s.raw", path);
-		for (unsigned i = 0; i < q->nsnap; i++) {
-			snprintf(cmd, sizeof(cmd), "qemu-img convert -O raw -l snapshot.name=s%u %s %s >/dev/null 2>&1 && cmp -s %s %s",
-				 i + 1, path, out, out, q->snap_raw[i]);
-			CHECK(system(cmd) == 0, "%s round %u: snapshot s%u differs after the crash (image kept at %s)", q->name,
-			      round, i + 1, path);
-			(*snap_checks)++;
-		}
-		unlink(out);
-		unlink(path);
-	}
-	struct qcow_image *img2 = open_io(after, err, sizeof(err), &ret);
-	CHECK(img2 != NULL, "%s round %u: crashed image does not open: %s", q->name, round, err);
-	if (img2) {
-		uint64_t bad = 0;
-		for (uint64_t s = 0; s < nsec; s++) {
-			if (dirty[s])
-				continue;
-			REQUIRE(qcow_image_read(img2, buf, 512, s * 512) == 512, "read after crash");
-			if (memcmp(buf, durable + s * 512, 512) && bad++ == 0)
-				fprintf(stderr, "%s round %u: sector %llu lost flushed data\n", q->name, round, (unsigned long long)s);
-		}
-		CHECK(bad == 0, "%s round %u: %llu flushed sectors differ after the crash", q->name, round,
-		      (unsigned long long)bad);
-		pthread_mutex_lock(&img2->lock);
-		const char *inv = qcow_map_check(&img2->map);
-		pthread_mutex_unlock(&img2->lock);
-		CHECK(!inv, "%s round %u: map after reopen: %s", q->name, round, inv);
-		CHECK(qcow_image_close(img2) == 0, "%s round %u: close after reopen", q->name, round);
-	} else {
-		qcow_io_close(after);
-	}
-	qcow_free(durable);
-	qcow_free(current);
-	qcow_free(dirty);
+	char what[64];
+	snprintf(what, sizeof(what), "%s round %u", q->name, round);
+	struct snap_inspect si = { .q = q, .what = what, .checks = snap_checks };
+	bool snaps = q->nsnap && round % 6 == 0;
+	crash_and_verify(io, img, &m, round % 10 == 0, what, snaps ? check_snapshots : NULL, &si);
+	crash_model_free(&m);
 	qcow_free(buf);
 }
 

@@ -155,6 +155,94 @@ static inline int check_image_bytes(const uint8_t *bytes, size_t len, struct qco
 	return ret;
 }
 
+/* ---- the crash model (test_crash.c, test_zeroes.c) ----------------------
+ *
+ * What a crash must keep: the disk as the guest wrote it (current), as of
+ * the last completed flush (durable), and which 512-byte sectors were
+ * written since that flush (dirty: after a crash they may read either
+ * way).  Every other sector must read exactly as the flush left it. */
+struct crash_model {
+	uint64_t size, nsec;
+	uint8_t *current, *durable, *dirty;
+};
+
+/* initial: the disk before the first operation (NULL: zeros). */
+static inline void crash_model_init(struct crash_model *m, uint64_t size, const uint8_t *initial)
+{
+	m->size = size;
+	m->nsec = size / 512;
+	m->current = calloc(1, size);
+	m->durable = calloc(1, size);
+	m->dirty = calloc(1, m->nsec ? m->nsec : 1);
+	REQUIRE(m->current && m->durable && m->dirty, "crash model memory");
+	if (initial) {
+		memcpy(m->current, initial, size);
+		memcpy(m->durable, initial, size);
+	}
+}
+
+static inline void crash_model_free(struct crash_model *m)
+{
+	free(m->current);
+	free(m->durable);
+	free(m->dirty);
+}
+
+/* The sectors of [off, off+n) may read either way until the next flush. */
+static inline void crash_model_touch(struct crash_model *m, uint64_t off, uint64_t n)
+{
+	for (uint64_t k = off / 512; n && k <= (off + n - 1) / 512 && k < m->nsec; k++)
+		m->dirty[k] = 1;
+}
+
+/* A write of buf (NULL: zeros, as a discard) at off succeeded. */
+static inline void crash_model_wrote(struct crash_model *m, const uint8_t *buf, uint64_t off, uint64_t n)
+{
+	if (buf)
+		memcpy(m->current + off, buf, n);
+	else
+		memset(m->current + off, 0, n);
+}
+
+/* A flush (or an operation ending in one) completed. */
+static inline void crash_model_synced(struct crash_model *m)
+{
+	memcpy(m->durable, m->current, m->size);
+	memset(m->dirty, 0, m->nsec);
+}
+
+/* Reads every clean sector of the reopened image; returns how many differ
+ * from the last completed flush (the first one is printed, named by what). */
+static inline uint64_t crash_model_verify(struct qcow_image *img, const struct crash_model *m, const char *what)
+{
+	uint8_t buf[512];
+	uint64_t bad = 0, vs = qcow_image_size(img);
+	for (uint64_t k = 0; k < m->nsec; k++) {
+		if (m->dirty[k])
+			continue;
+		if ((k + 1) * 512 > vs || qcow_image_read(img, buf, 512, k * 512) != 512 ||
+		    memcmp(buf, m->durable + k * 512, 512)) {
+			if (bad++ == 0)
+				fprintf(stderr, "# %s: sector %llu lost flushed data (disk size after %llu)\n", what,
+					(unsigned long long)k, (unsigned long long)vs);
+		}
+	}
+	return bad;
+}
+
+/* The crashed image's bytes check without errors (leaks allowed): qcow_check
+ * always, qemu-img check (no corruption) when with_qemu. */
+static inline void crash_check_bytes(const uint8_t *bytes, size_t len, bool with_qemu, const char *what)
+{
+	struct qcow_check_result r;
+	int q = 0;
+	int ret = check_image_bytes(bytes, len, &r, with_qemu ? &q : NULL, NULL, 0);
+	CHECK(ret == 0 && r.errors == 0, "%s: check after the crash: ret %d, %llu errors", what, ret,
+	      (unsigned long long)r.errors);
+	if (with_qemu)
+		CHECK(q == 0 || q == 3, "%s: qemu-img check exit %d after the crash", what, q);
+}
+
 /* A backend over a memory file that stays alive when the engine closes
  * it (close does nothing; rec_free frees it) and that can record the
  * calls it sees, so tests can read the bytes after close and name the

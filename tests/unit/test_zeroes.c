@@ -457,13 +457,14 @@ static struct qcow_image *open_crash_io(struct qcow_io *io, enum qcow_detect_zer
 static void crash_round(unsigned round, const uint8_t *tmpl, size_t tlen, unsigned cb, uint64_t size,
 			unsigned long long *seed)
 {
-	uint64_t cs = 1ull << cb, nsec = size / 512;
+	uint64_t cs = 1ull << cb;
 	struct qcow_io *io = qcow_io_crash_new(tmpl, tlen);
 	enum qcow_detect_zeroes dz = tap_rand(seed) % 2 ? QCOW_DETECT_ZEROES_UNMAP : QCOW_DETECT_ZEROES_ON;
 	char err[256] = "";
 	struct qcow_image *img = open_crash_io(io, dz, err, sizeof(err));
 	REQUIRE(img, "crash round %u: open: %s", round, err);
-	uint8_t *durable = calloc(1, size), *current = calloc(1, size), *dirty = calloc(1, nsec);
+	struct crash_model m;
+	crash_model_init(&m, size, NULL);
 	uint8_t *buf = malloc(4 * cs);
 	unsigned ops = 10 + (unsigned)(tap_rand(seed) % 30);
 	uint64_t die_at = 1 + tap_rand(seed) % 400;
@@ -481,43 +482,37 @@ static void crash_round(unsigned round, const uint8_t *tmpl, size_t tlen, unsign
 		if (kind < 50) {
 			for (uint64_t i = 0; i < n; i++)
 				buf[i] = kind < 25 ? 0 : (uint8_t)tap_rand(seed);
-			for (uint64_t k = off / 512; k <= (off + n - 1) / 512; k++)
-				dirty[k] = 1;
+			crash_model_touch(&m, off, n);
 			if (qcow_image_write(img, buf, n, off) != (ssize_t)n)
 				break;
-			memcpy(current + off, buf, n);
+			crash_model_wrote(&m, buf, off, n);
 		} else if (kind < 60) {
-			for (uint64_t k = off / 512; k <= (off + n - 1) / 512; k++)
-				dirty[k] = 1;
+			crash_model_touch(&m, off, n);
 			if (qcow_image_discard(img, off, n))
 				break;
-			memset(current + off, 0, n);
+			crash_model_wrote(&m, NULL, off, n);
 		} else if (kind < 72) {
 			struct qcow_sparsify_result r;
 			if (qcow_image_sparsify(img, NULL, NULL, &r))
 				break;
 		} else if (kind < 80) {
 			uint64_t small = (tap_rand(seed) % size) & ~511ull;
-			for (uint64_t k = small / 512; k < nsec; k++)
-				dirty[k] = 1;
+			crash_model_touch(&m, small, size - small);
 			if (qcow_image_resize(img, small))
 				break;
-			memset(current + small, 0, size - small);
+			crash_model_wrote(&m, NULL, small, size - small);
 			if (qcow_image_resize(img, size))
 				break;
 			/* both resizes end with a flush */
-			memcpy(durable, current, size);
-			memset(dirty, 0, nsec);
+			crash_model_synced(&m);
 		} else if (kind < 92) {
 			if (qcow_image_flush(img))
 				break;
-			memcpy(durable, current, size);
-			memset(dirty, 0, nsec);
+			crash_model_synced(&m);
 		} else {
 			if (qcow_image_compact(img, NULL, NULL))
 				break;
-			memcpy(durable, current, size);
-			memset(dirty, 0, nsec);
+			crash_model_synced(&m);
 		}
 	}
 	struct qcow_io *after = qcow_io_crash_crash(io, tap_rand(seed));
@@ -525,44 +520,19 @@ static void crash_round(unsigned round, const uint8_t *tmpl, size_t tlen, unsign
 	qcow_image_close(img);   /* the dead disk refuses everything; this only frees */
 	size_t alen;
 	const uint8_t *abytes = qcow_io_mem_data(after, &alen);
-	char path[64];
-	test_tmp_path(path, sizeof(path), "zcrash");
-	test_spill(path, abytes, alen);
-	struct qcow_check_result cr;
-	int ret = qcow_check(path, &cr, err, sizeof(err));
-	CHECK(ret == 0 && cr.errors == 0, "crash round %u: check: ret %d, %llu errors", round, ret,
-	      (unsigned long long)cr.errors);
-	if (round % 25 == 0) {
-		int q = test_sh(NULL, "qemu-img check -q '%s'", path);
-		CHECK(q == 0 || q == 3, "crash round %u: qemu-img check exit %d (image kept at %s)", round, q, path);
-		if (q == 0 || q == 3)
-			unlink(path);
-	} else {
-		unlink(path);
-	}
+	char what[96];
+	snprintf(what, sizeof(what), "crash round %u (detect_zeroes %d, cluster %llu)", round, (int)dz, (unsigned long long)cs);
+	crash_check_bytes(abytes, alen, round % 25 == 0, what);
 	struct qcow_image *img2 = open_crash_io(after, QCOW_DETECT_ZEROES_OFF, err, sizeof(err));
-	CHECK(img2 != NULL, "crash round %u: the crashed image does not open: %s", round, err);
+	CHECK(img2 != NULL, "%s: the crashed image does not open: %s", what, err);
 	if (img2) {
-		uint64_t bad = 0, vs = qcow_image_size(img2);
-		for (uint64_t k = 0; k < nsec; k++) {
-			if (dirty[k])
-				continue;
-			if ((k + 1) * 512 > vs || qcow_image_read(img2, buf, 512, k * 512) != 512 ||
-			    memcmp(buf, durable + k * 512, 512)) {
-				if (bad++ == 0)
-					fprintf(stderr, "# crash round %u (detect_zeroes %d, cluster %llu): sector %llu lost "
-						"flushed data (size after %llu)\n", round, (int)dz, (unsigned long long)cs,
-						(unsigned long long)k, (unsigned long long)vs);
-			}
-		}
-		CHECK(bad == 0, "crash round %u: %llu flushed sectors differ", round, (unsigned long long)bad);
-		CHECK(qcow_image_close(img2) == 0, "crash round %u: close after reopen", round);
+		uint64_t bad = crash_model_verify(img2, &m, what);
+		CHECK(bad == 0, "%s: %llu flushed sectors differ", what, (unsigned long long)bad);
+		CHECK(qcow_image_close(img2) == 0, "%s: close after reopen", what);
 	} else {
 		qcow_io_close(after);
 	}
-	free(durable);
-	free(current);
-	free(dirty);
+	crash_model_free(&m);
 	free(buf);
 }
 
