@@ -151,6 +151,10 @@ struct qcow_image {
 	void (*read_io_hook)(struct qcow_image *img, void *opaque);
 	void *read_io_opaque;
 
+	/* another process holds QEMU's read lock while we write: a snapshot
+	 * is mounted read-only (qcow_snapshot_reader_present) */
+	bool snapshot_reader;
+
 	/* statistics */
 	uint64_t bytes_reclaimed;
 	uint64_t bytes_discarded;
@@ -328,6 +332,18 @@ int qcow_pending_free_add(struct qcow_image *img, uint64_t first, uint64_t n);
 /* Compares the on-disk refcounts with the map; marks differing blocks
  * dirty.  Returns the number of clusters that differ, or -errno. */
 int64_t qcow_refcounts_compare(struct qcow_image *img);
+
+/* qcow_snapshot.c (flush_lock held for relocate) */
+/* Moves the snapshot table or one snapshot L1 table into a lower free
+ * run: 1 if something moved, 0 if not, -errno. */
+int qcow_snapshot_relocate(struct qcow_image *img);
+/* Makes a read-only image show snapshot key (qcow_open.c). */
+int qcow_snapshot_load_view(struct qcow_image *img, const char *key, char *err, size_t errlen);
+/* Whether another process holds a read lock that shares writes (a
+ * snapshot mounted read-only): nothing it may read may move or be freed.
+ * One probe per call; records the answer in img->snapshot_reader. */
+bool qcow_snapshot_reader_present(struct qcow_image *img);
+#define QCOW_SNAPSHOT_READER_BLOCKER "a snapshot is mounted read-only by another process"
 
 /* qcow_recycler.c */
 int qcow_recycler_start(struct qcow_image *img);

@@ -740,6 +740,8 @@ void qcow_compact_outcome(struct qcow_image *img, struct qcow_stats *st)
 	 * even when a flush in between cleared the health error */
 	if (!st->last_error && img->last_compact_ret)
 		st->last_error = img->last_compact_ret;
+	if (img->snapshot_reader)
+		snprintf(st->blocker, sizeof(st->blocker), "%s", QCOW_SNAPSHOT_READER_BLOCKER);
 	pthread_mutex_unlock(&img->lock);
 }
 
@@ -751,6 +753,8 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 	int ret = qcow_health_failed(img) ? -EIO : erase_all_junk(img);
 	if (ret)
 		goto out;
+	if (qcow_snapshot_reader_present(img))
+		goto out;   /* a snapshot reader: nothing may move or be cut (qcow_snapshot.c) */
 	pthread_mutex_lock(&img->lock);
 	uint64_t gap0 = free_below_end(img);
 	img->compacting = true;
