@@ -411,10 +411,16 @@ static void crashes(enum crash_op op)
 	uint8_t *base = crash_base(op, &blen, active, held_old);
 	unsigned before = tap_failed;
 	uint64_t k;
-	for (k = 1; k < 400; k++)
-		if (crash_case(op, k, base, blen, active, held_old))
+	for (k = 1; k < 400; k++) {
+		/* several torn subsets of the unflushed writes per crash point */
+		bool completed = false;
+		for (int rep = 0; rep < 4; rep++)
+			completed |= crash_case(op, k, base, blen, active, held_old);
+		if (completed)
 			break;
+	}
 	CHECK(k < 400, "%s: the operation never completed", op_name[op]);
+	fprintf(stderr, "# snapshot %s: crashed after each of its first %llu writes\n", op_name[op], (unsigned long long)k - 1);
 	CHECK(tap_failed == before, "%s: a crash at each of its %llu writes leaves a consistent image", op_name[op],
 	      (unsigned long long)k);
 	free(base);
