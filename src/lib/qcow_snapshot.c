@@ -511,7 +511,7 @@ int qcow_snapshot_create(struct qcow_image *img, const char *name)
 	e->extra_len = SN_EXTRA_NEW;
 	qcow_put_be64(e->extra, 0);                          /* vm state size */
 	qcow_put_be64(e->extra + 8, img->virtual_size);      /* disk size */
-	qcow_put_be64(e->extra + 16, UINT64_MAX);            /* icount: none */
+	qcow_put_be64(e->extra + 16, 0);                     /* icount, as qemu-img snapshot -c writes it */
 	if (table_bytes(&t) > SN_MAX_TABLE) {
 		ret = -EFBIG;
 		goto out;
@@ -581,7 +581,7 @@ int qcow_snapshot_create(struct qcow_image *img, const char *name)
 	refs_added = false;   /* published in memory: the flush below (or a later one) writes it */
 	ret = qcow_flush_holding_flush_lock(img);
 	if (!ret)
-		qcow_logf(QCOW_LOG_INFO, "snapshot '%s' (id %s) created: L1 table at 0x%" PRIx64 ", table at 0x%" PRIx64,
+		qcow_logf(QCOW_LOG_DEBUG, "snapshot '%s' (id %s) created: L1 table at 0x%" PRIx64 ", table at 0x%" PRIx64,
 			  name, id, l1_start << img->cluster_bits, t_start << img->cluster_bits);
 out:
 	if (ret && refs_added) {
@@ -700,7 +700,7 @@ int qcow_snapshot_delete(struct qcow_image *img, const char *key)
 		ret = qcow_flush_holding_flush_lock(img);
 	}
 	if (!ret)
-		qcow_logf(QCOW_LOG_INFO, "snapshot '%s' (id %s) deleted", e.name, e.id);
+		qcow_logf(QCOW_LOG_DEBUG, "snapshot '%s' (id %s) deleted", e.name, e.id);
 out:
 	if (removed)
 		t.n++;   /* the removed entry sits after the others: free it too */
@@ -807,7 +807,7 @@ int qcow_snapshot_apply(struct qcow_image *img, const char *key)
 	qcow_unlock(img);
 	ret = qcow_flush_holding_flush_lock(img);
 	if (!ret)
-		qcow_logf(QCOW_LOG_INFO, "snapshot '%s' (id %s) applied: the disk is %" PRIu64 " bytes", e->name, e->id, size);
+		qcow_logf(QCOW_LOG_DEBUG, "snapshot '%s' (id %s) applied: the disk is %" PRIu64 " bytes", e->name, e->id, size);
 out:
 	if (ret && refs_added) {
 		qcow_lock(img);
