@@ -175,7 +175,8 @@ void qcow_image_request_compact(struct qcow_image *img);
  * then a name.  Errors: -ENOENT (no such snapshot), -EEXIST (create: the
  * name is taken), -EBUSY (delete/apply: another process has a snapshot
  * mounted read-only), -EROFS, -EINVAL (empty or too long name), -ENOTSUP
- * (1-bit refcounts cannot share clusters). */
+ * (1-bit refcounts cannot share clusters), -ERANGE (create, apply: a
+ * refcount would exceed the image's refcount width; nothing changed). */
 #define QCOW_SNAPSHOT_NAME_MAX 255
 struct qcow_snapshot_info {
 	char id[32];

@@ -221,6 +221,7 @@ enum tree_op {
 	TREE_UNDO_ADD,  /* exactly reverses TREE_ADD (nothing durable points there yet) */
 	TREE_RELEASE,   /* the pointers go: references dropped after the next flush */
 	TREE_COPIED,    /* COPIED exactly where the refcount is 1 (active tree only) */
+	TREE_CHECK,     /* -ERANGE if a refcount exceeds what the image's width holds */
 };
 
 /* The host clusters an L2 entry references: [*first, *last], false if
@@ -270,6 +271,7 @@ static int tree_walk(struct qcow_image *img, enum tree_op op, uint64_t *l1, uint
 {
 	qcow_assert_locked(img);
 	uint64_t per = 1ull << img->l2_bits;
+	uint64_t max = qcow_rc_max(img->hdr.refcount_order);
 	*done = 0;
 	for (uint32_t i = 0; i < n; i++, *done = i) {
 		uint64_t l2off = l1[i] & QCOW_L1E_OFFSET_MASK;
@@ -293,7 +295,11 @@ static int tree_walk(struct qcow_image *img, enum tree_op op, uint64_t *l1, uint
 					qcow_map_drop_ref(&img->map, c, slot);
 				else if (op == TREE_RELEASE)
 					ref_release(img, c, slot);
+				else if (op == TREE_CHECK && qcow_map_refcount(&img->map, c) > max)
+					return -ERANGE;
 			}
+			if (op == TREE_CHECK)
+				continue;
 			if (e & QCOW_OFLAG_COMPRESSED)
 				continue;   /* never COPIED */
 			uint64_t want = e;
@@ -303,6 +309,11 @@ static int tree_walk(struct qcow_image *img, enum tree_op op, uint64_t *l1, uint
 				want = qcow_map_refcount(&img->map, first) == 1 ? e | QCOW_OFLAG_COPIED : e & ~QCOW_OFLAG_COPIED;
 			if (want != e && op != TREE_RELEASE)
 				qcow_l2_set_entry(img, t, j, want);
+		}
+		if (op == TREE_CHECK) {
+			if (qcow_map_refcount(&img->map, l2c) > max)
+				return -ERANGE;
+			continue;
 		}
 		if (op == TREE_ADD)
 			ref_add(img, l2c, l1_slot);
@@ -366,6 +377,19 @@ static int mark_dirty(struct qcow_image *img)
 			qcow_set_failed(img, ret, "sync of the dirty bit");
 	}
 	return ret;
+}
+
+/* After an operation was taken back in memory: if no flush of it was
+ * attempted, the disk holds exactly what it held before plus the dirty
+ * bit, which the next flush may clear again.  Otherwise a failed flush may
+ * have left raised refcounts or cleared flags behind: the bit stays until
+ * the next open repairs.  img->lock held. */
+static void undo_dirty(struct qcow_image *img, bool flushed)
+{
+	if (flushed || img->hdr.version < 3)
+		return;
+	img->hdr.incompatible_features &= ~QCOW_INCOMPAT_DIRTY;
+	img->header_dirty = true;
 }
 
 /* The header's snapshot fields (not in qcow_header_encode: patched into
@@ -463,7 +487,7 @@ int qcow_snapshot_create(struct qcow_image *img, const char *name)
 	uint8_t *l1buf = NULL, *tbuf = NULL;
 	uint64_t l1_start = 0, l1_n = 0, t_start = 0, t_n = 0;
 	uint32_t done = 0;
-	bool refs_added = false;
+	bool refs_added = false, flushed = false;
 	size_t name_len = name ? strlen(name) : 0;
 	if (!name_len || name_len > QCOW_SNAPSHOT_NAME_MAX)
 		return -EINVAL;
@@ -547,6 +571,10 @@ int qcow_snapshot_create(struct qcow_image *img, const char *name)
 			qcow_put_be64(l1buf + (size_t)i * 8, l1[i] & ~QCOW_OFLAG_COPIED);
 		refs_added = true;
 		ret = tree_walk(img, TREE_ADD, l1, l1_size, e->l1_offset, true, &done);
+		/* QEMU refuses a count past the width too (ERANGE) */
+		uint32_t checked;
+		if (!ret)
+			ret = tree_walk(img, TREE_CHECK, l1, l1_size, e->l1_offset, false, &checked);
 	}
 	uint64_t ticket = qcow_inflight_ticket(img);
 	qcow_unlock(img);
@@ -561,8 +589,10 @@ int qcow_snapshot_create(struct qcow_image *img, const char *name)
 	if (!ret)
 		ret = write_clusters(img, tbuf, t_start, t_n);
 	/* 1: refcounts raised, the new tables and the cleared COPIED flags durable */
-	if (!ret)
+	if (!ret) {
+		flushed = true;
 		ret = qcow_flush_holding_flush_lock(img);
+	}
 	if (ret)
 		goto out;
 	/* 2: the header switch (and the dirty bit off) in one write; the old
@@ -593,6 +623,7 @@ out:
 			qcow_set_failed(img, -EIO, "undoing a failed snapshot create");
 		free_unpublished(img, l1_start, l1_n);
 		free_unpublished(img, t_start, t_n);
+		undo_dirty(img, flushed);
 		qcow_unlock(img);
 	}
 	qcow_free(l1);
@@ -718,7 +749,7 @@ int qcow_snapshot_apply(struct qcow_image *img, const char *key)
 	uint8_t *l1buf = NULL;
 	uint64_t l1_start = 0, l1_n = 0;
 	uint32_t done = 0;
-	bool refs_added = false;
+	bool refs_added = false, flushed = false;
 	int ret = op_begin(img, &t);
 	if (ret)
 		return ret;
@@ -769,13 +800,18 @@ int qcow_snapshot_apply(struct qcow_image *img, const char *key)
 		 * an earlier delete set it in the snapshot's tables) */
 		refs_added = true;
 		ret = tree_walk(img, TREE_ADD, nl1, n, l1_start << img->cluster_bits, false, &done);
+		uint32_t checked;
+		if (!ret)
+			ret = tree_walk(img, TREE_CHECK, nl1, n, l1_start << img->cluster_bits, false, &checked);
 	}
 	qcow_unlock(img);
 	if (!ret)
 		ret = write_clusters(img, l1buf, l1_start, l1_n);
 	/* 1: the new tree's refcounts, its L1 and its cleared flags durable */
-	if (!ret)
+	if (!ret) {
+		flushed = true;
 		ret = qcow_flush_holding_flush_lock(img);
+	}
 	if (ret)
 		goto out;
 	/* 2: switch: L1 offset, L1 size, disk size and the dirty bit off in
@@ -815,6 +851,7 @@ out:
 		if (done && tree_walk(img, TREE_UNDO_ADD, nl1, done, l1_start << img->cluster_bits, false, &undone))
 			qcow_set_failed(img, -EIO, "undoing a failed snapshot apply");
 		free_unpublished(img, l1_start, l1_n);
+		undo_dirty(img, flushed);
 		qcow_unlock(img);
 	}
 	qcow_free(sl1);

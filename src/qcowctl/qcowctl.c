@@ -1488,6 +1488,10 @@ static void snapshot_report_error(enum snap_action act, const char *name, const 
 	case ENOTSUP:
 		print_error("snapshot %s: %s has 1-bit refcounts, which cannot share clusters", what, target);
 		break;
+	case ERANGE:
+		print_error("snapshot %s: a cluster of %s would have more references than its refcount width holds "
+			    "(qemu-img amend -o refcount_bits=16 widens it)", what, target);
+		break;
 	default:
 		print_error("snapshot %s '%s' on %s failed: %s", what, name ? name : "", target, strerror(-ret));
 	}

@@ -236,6 +236,41 @@ static void delete_all(void)
 	free(active);
 }
 
+/* 2-bit refcounts hold 3 references: the active tree and two snapshots.
+ * A third create is refused with nothing changed (QEMU: ERANGE). */
+static void refcount_width(void)
+{
+	char err[256];
+	size_t len;
+	uint8_t *b0 = create_bytes(SIZE, 16, 1, 3, &len);
+	struct qcow_io *io = qcow_io_mem_new(b0, len);
+	free(b0);
+	struct qcow_image *img = open_io(io, false, NULL, err, sizeof(err));
+	REQUIRE(img, "open: %s", err);
+	uint8_t *active = calloc(1, SIZE);
+	random_writes(img, active, 10);
+	REQUIRE(qcow_snapshot_create(img, "a") == 0, "2-bit: create a");
+	REQUIRE(qcow_snapshot_create(img, "b") == 0, "2-bit: create b");
+	CHECK(qcow_snapshot_create(img, "c") == -ERANGE, "2-bit: a third snapshot is refused");
+	CHECK(qcow_snapshot_apply(img, "a") == -ERANGE, "2-bit: an apply that needs a 4th reference is refused");
+	random_writes(img, active, 10);
+	REQUIRE(qcow_image_flush(img) == 0, "flush");
+	CHECK(!(img->hdr.incompatible_features & QCOW_INCOMPAT_DIRTY), "2-bit: a refused create leaves no dirty bit");
+	size_t blen;
+	uint8_t *bytes = bytes_of(io, &blen);
+	CHECK(!(bytes[79] & 1), "2-bit: the dirty bit is clear on disk");
+	check_clean(bytes, blen, "2-bit refcounts");
+	view_equals(bytes, blen, NULL, active, SIZE, "2-bit refcounts");
+	free(bytes);
+	struct qcow_snapshot_info *list;
+	uint32_t n;
+	REQUIRE(qcow_snapshot_list(img, &list, &n) == 0, "list");
+	CHECK(n == 2, "2-bit: two snapshots, not %u", n);
+	free(list);
+	CHECK(qcow_image_close(img) == 0, "2-bit: clean close");
+	free(active);
+}
+
 /* ---- moving snapshot tables down ------------------------------------------- */
 
 static void relocate(void)
@@ -435,6 +470,7 @@ int main(void)
 	round_trip(3, 12);
 	round_trip(2, 16);
 	delete_all();
+	refcount_width();
 	relocate();
 	crashes(OP_CREATE);
 	crashes(OP_DELETE);
