@@ -176,7 +176,12 @@ void qcow_image_request_compact(struct qcow_image *img);
  * name is taken), -EBUSY (delete/apply: another process has a snapshot
  * mounted read-only), -EROFS, -EINVAL (empty or too long name), -ENOTSUP
  * (1-bit refcounts cannot share clusters), -ERANGE (create, apply: a
- * refcount would exceed the image's refcount width; nothing changed). */
+ * refcount would exceed the image's refcount width; nothing changed).
+ * An I/O error before the header switch takes the operation back; one
+ * after it (the last flush failed) leaves it in memory for the next flush
+ * to write, like any write whose flush failed.  Either way the image on
+ * disk is consistent at every instant; a version 3 image may stay marked
+ * dirty until its next read-write open repairs it. */
 #define QCOW_SNAPSHOT_NAME_MAX 255
 struct qcow_snapshot_info {
 	char id[32];

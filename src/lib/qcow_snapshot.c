@@ -322,9 +322,12 @@ static int tree_walk(struct qcow_image *img, enum tree_op op, uint64_t *l1, uint
 		else if (op == TREE_RELEASE)
 			ref_release(img, l2c, l1_slot);
 		if (active && op != TREE_RELEASE) {
+			/* the live entry: l1 may be a copy taken before an earlier
+			 * walk changed the flags */
+			uint64_t cur = img->l1[i];
 			bool one = qcow_map_refcount(&img->map, l2c) == 1;
-			uint64_t v = one && op != TREE_ADD ? l1[i] | QCOW_OFLAG_COPIED : l1[i] & ~QCOW_OFLAG_COPIED;
-			if (v != l1[i])
+			uint64_t v = one && op != TREE_ADD ? cur | QCOW_OFLAG_COPIED : cur & ~QCOW_OFLAG_COPIED;
+			if (v != cur)
 				qcow_l1_set(img, i, v);
 		}
 	}
