@@ -173,8 +173,12 @@ static void round_trip(unsigned version, unsigned cb)
 	view_equals(bytes, blen, "two", held[1], SIZE, what);
 	free(bytes);
 
-	/* apply the second: the active view is it again, the snapshot stays */
+	/* apply the second: the active view is it again (with its size: the
+	 * disk grew meanwhile), the snapshot stays */
+	REQUIRE(qcow_image_resize(img, SIZE * 4) == 0, "%s: grow", what);
 	REQUIRE(qcow_snapshot_apply(img, "two") == 0, "%s: apply two", what);
+	CHECK(qcow_image_size(img) == SIZE, "%s: after apply the disk has the snapshot's size (%llu)", what,
+	      (unsigned long long)qcow_image_size(img));
 	memcpy(active, held[1], SIZE);
 	uint8_t *buf = malloc(SIZE);
 	REQUIRE(qcow_image_read(img, buf, SIZE, 0) == (ssize_t)SIZE, "read");
