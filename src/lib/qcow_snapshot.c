@@ -972,8 +972,10 @@ int qcow_snapshot_relocate(struct qcow_image *img)
 {
 	qcow_assert_flush_locked(img);
 	struct sn_table t;
-	uint64_t *l1 = NULL;
-	uint8_t *buf = NULL, *tbuf = NULL;
+	uint8_t *l1buf = NULL, *tbuf = NULL;
+	uint64_t l1_start = 0, l1_n = 0, t_start = 0, t_n = 0, old_l1 = 0;
+	bool published = false;
+	int pick = -1;
 	if (img->read_only || !img->hdr.nb_snapshots || qcow_snapshot_reader_present(img))
 		return 0;
 	if (qcow_health_failed(img))
@@ -982,119 +984,102 @@ int qcow_snapshot_relocate(struct qcow_image *img)
 	if (ret)
 		return ret;
 	uint64_t cs = img->cluster_size;
+	uint64_t old_t = img->hdr.snapshots_offset >> img->cluster_bits;
+	uint64_t old_tn = clusters_for(img, table_bytes(&t));
+
 	/* at most one snapshot L1 table per call: the highest one that has a
-	 * lower free run of its size */
-	int pick = -1;
-	uint64_t new_start = 0, n = 0;
+	 * lower Available run of its size; claimed at once (Available ->
+	 * pinned table, nothing points there yet) */
 	qcow_lock(img);
 	for (uint32_t i = 0; i < t.n; i++) {
 		uint64_t c = t.v[i].l1_offset >> img->cluster_bits;
 		uint64_t k = clusters_for(img, (uint64_t)t.v[i].l1_size * 8);
-		if (!k)
-			continue;
-		uint64_t dst = lowest_run_below(img, k, c);
+		uint64_t dst = k ? lowest_run_below(img, k, c) : UINT64_MAX;
 		if (dst != UINT64_MAX && (pick < 0 || c > (t.v[pick].l1_offset >> img->cluster_bits))) {
 			pick = (int)i;
-			new_start = dst;
-			n = k;
+			l1_start = dst;
+			l1_n = k;
 		}
 	}
-	if (pick >= 0)
-		for (uint64_t i = 0; i < n; i++)
-			qcow_map_set_pinned(&img->map, new_start + i, 1);   /* Available -> pinned table */
+	for (uint64_t i = 0; pick >= 0 && i < l1_n; i++)
+		qcow_map_set_pinned(&img->map, l1_start + i, 1);
+	/* the table: a new copy whenever an L1 table moves (it names the L1
+	 * offset), and whenever a lower run can take it */
+	tbuf = table_encode(&t, cs, &t_n);   /* size only: the L1 offset is patched below */
+	uint64_t dst = tbuf ? lowest_run_below(img, t_n, old_t) : UINT64_MAX;
+	if (!tbuf)
+		ret = -ENOMEM;
+	else if (dst != UINT64_MAX)
+		for (uint64_t i = 0; i < t_n; i++)
+			qcow_map_set_pinned(&img->map, (t_start = dst) + i, 1);
+	else if (pick >= 0)
+		ret = alloc_table(img, t_n, &t_start);
 	qcow_unlock(img);
+	if (ret || (pick < 0 && dst == UINT64_MAX))
+		goto out;   /* (nothing lower to go to: ret 0) */
 
-	uint64_t old_t = img->hdr.snapshots_offset >> img->cluster_bits;
-	uint64_t t_n = 0;
-	uint64_t moved_l1_old = 0, moved_l1_n = 0;
+	/* the copies, durable with the flush below */
 	if (pick >= 0) {
 		struct sn_entry *e = &t.v[pick];
-		moved_l1_old = e->l1_offset;
-		moved_l1_n = n;
-		buf = qcow_calloc(n, cs);
-		ret = buf ? img->io->ops->pread(img->io, buf, (size_t)e->l1_size * 8, e->l1_offset) : -ENOMEM;
+		old_l1 = e->l1_offset;
+		l1buf = qcow_calloc(l1_n, cs);
+		ret = l1buf ? img->io->ops->pread(img->io, l1buf, (size_t)e->l1_size * 8, old_l1) : -ENOMEM;
 		if (!ret)
-			ret = write_clusters(img, buf, new_start, n);
-		if (ret) {
-			qcow_lock(img);
-			free_unpublished(img, new_start, n);
-			qcow_unlock(img);
-			goto out;
-		}
-		e->l1_offset = new_start << img->cluster_bits;
+			ret = write_clusters(img, l1buf, l1_start, l1_n);
+		e->l1_offset = l1_start << img->cluster_bits;
+		qcow_free(tbuf);
+		tbuf = ret ? NULL : table_encode(&t, cs, &t_n);
+		if (!ret && !tbuf)
+			ret = -ENOMEM;
 	}
-	/* the table itself: a new copy (it must change when an L1 moved, and
-	 * moves down when a lower run exists) */
-	uint64_t tt_start = 0;
-	tbuf = table_encode(&t, cs, &t_n);
-	if (!tbuf) {
-		ret = -ENOMEM;
-		goto undo_l1;
-	}
-	qcow_lock(img);
-	tt_start = lowest_run_below(img, t_n, old_t);
-	if (tt_start == UINT64_MAX && pick < 0) {
-		qcow_unlock(img);
-		ret = 0;   /* nothing lower to go to */
+	if (!ret)
+		ret = write_clusters(img, tbuf, t_start, t_n);
+	if (!ret)
+		ret = qcow_flush_holding_flush_lock(img);
+	if (ret)
 		goto out;
-	}
-	if (tt_start == UINT64_MAX)
-		ret = alloc_table(img, t_n, &tt_start);
-	else
-		for (uint64_t i = 0; i < t_n; i++)
-			qcow_map_set_pinned(&img->map, tt_start + i, 1);
-	qcow_unlock(img);
-	if (!ret)
-		ret = write_clusters(img, tbuf, tt_start, t_n);
-	if (ret) {
-		qcow_lock(img);
-		free_unpublished(img, tt_start, t_n);
-		qcow_unlock(img);
-		goto undo_l1;
-	}
-	/* new copies durable, then the header switch; the moved L1's L2
-	 * tables now hang off its new slots (re-homed in memory now: the
-	 * flush below writes the switch before anything could move them) */
-	ret = qcow_flush_holding_flush_lock(img);
-	if (ret) {
-		qcow_lock(img);
-		free_unpublished(img, tt_start, t_n);
-		qcow_unlock(img);
-		goto undo_l1;
-	}
+
+	/* the switch: in memory now (the moved L1's L2 tables hang off its
+	 * new slots), on disk with the next flush, which frees the old
+	 * clusters once the header it wrote is durable */
 	qcow_lock(img);
 	if (pick >= 0) {
-		ret = read_l1(img, moved_l1_old, t.v[pick].l1_size, &l1);
-		for (uint32_t i = 0; !ret && i < t.v[pick].l1_size; i++) {
-			uint64_t c = (l1[i] & QCOW_L1E_OFFSET_MASK) >> img->cluster_bits;
+		for (uint32_t i = 0; i < t.v[pick].l1_size; i++) {
+			uint64_t c = (qcow_get_be64(l1buf + (size_t)i * 8) & QCOW_L1E_OFFSET_MASK) >> img->cluster_bits;
 			if (c && c < img->map.nclusters)
-				qcow_map_replace_ref(&img->map, c, moved_l1_old + (uint64_t)i * 8,
-						     (new_start << img->cluster_bits) + (uint64_t)i * 8);
+				qcow_map_replace_ref(&img->map, c, old_l1 + (uint64_t)i * 8,
+						     (l1_start << img->cluster_bits) + (uint64_t)i * 8);
 		}
-		if (qcow_pending_free_add(img, moved_l1_old >> img->cluster_bits, moved_l1_n))
-			qcow_logf(QCOW_LOG_WARNING, "out of memory: an old snapshot L1 table stays allocated (a leak)");
+		if (qcow_pending_free_add(img, old_l1 >> img->cluster_bits, l1_n))
+			qcow_logf(QCOW_LOG_WARNING, "out of memory: an old snapshot L1 table at 0x%" PRIx64 " stays allocated (a leak)",
+				  old_l1);
 	}
-	uint64_t old_tn = clusters_for(img, table_bytes(&t));
 	if (qcow_pending_free_add(img, old_t, old_tn))
-		qcow_logf(QCOW_LOG_WARNING, "out of memory: the old snapshot table stays allocated (a leak)");
+		qcow_logf(QCOW_LOG_WARNING, "out of memory: the old snapshot table at 0x%" PRIx64 " stays allocated (a leak)",
+			  old_t << img->cluster_bits);
 	bool dirty = img->hdr.incompatible_features & QCOW_INCOMPAT_DIRTY;
-	set_header_snapshots(img, t.n, tt_start << img->cluster_bits);
+	set_header_snapshots(img, t.n, t_start << img->cluster_bits);
 	if (dirty)
-		img->hdr.incompatible_features |= QCOW_INCOMPAT_DIRTY;
+		img->hdr.incompatible_features |= QCOW_INCOMPAT_DIRTY;   /* not ours to clear */
 	qcow_unlock(img);
+	published = true;
 	ret = qcow_flush_holding_flush_lock(img);
-	if (!ret)
+	if (!ret) {
 		ret = 1;
-	goto out;
-undo_l1:
-	if (pick >= 0) {
-		qcow_lock(img);
-		free_unpublished(img, new_start, n);
-		qcow_unlock(img);
+		qcow_logf(QCOW_LOG_DEBUG, "snapshot table moved to 0x%" PRIx64 "%s", t_start << img->cluster_bits,
+			  pick >= 0 ? ", and a snapshot L1 table down" : "");
 	}
 out:
-	qcow_free(l1);
-	qcow_free(buf);
+	if (ret < 0 && !published) {
+		/* nothing points at the new copies: they may be partial */
+		qcow_lock(img);
+		if (pick >= 0)
+			free_unpublished(img, l1_start, l1_n);
+		if (t_start)
+			free_unpublished(img, t_start, t_n);
+		qcow_unlock(img);
+	}
+	qcow_free(l1buf);
 	qcow_free(tbuf);
 	table_free(&t);
 	return ret;
