@@ -490,7 +490,7 @@ int qcow_snapshot_create(struct qcow_image *img, const char *name)
 	uint8_t *l1buf = NULL, *tbuf = NULL;
 	uint64_t l1_start = 0, l1_n = 0, t_start = 0, t_n = 0;
 	uint32_t done = 0;
-	bool refs_added = false, flushed = false;
+	bool refs_added = false, flushed = false, marked = false;
 	size_t name_len = name ? strlen(name) : 0;
 	if (!name_len || name_len > QCOW_SNAPSHOT_NAME_MAX)
 		return -EINVAL;
@@ -544,6 +544,7 @@ int qcow_snapshot_create(struct qcow_image *img, const char *name)
 		goto out;
 	}
 
+	marked = true;
 	ret = mark_dirty(img);
 	if (ret)
 		goto out;
@@ -626,6 +627,10 @@ out:
 			qcow_set_failed(img, -EIO, "undoing a failed snapshot create");
 		free_unpublished(img, l1_start, l1_n);
 		free_unpublished(img, t_start, t_n);
+		qcow_unlock(img);
+	}
+	if (ret && marked) {
+		qcow_lock(img);
 		undo_dirty(img, flushed);
 		qcow_unlock(img);
 	}
@@ -671,7 +676,7 @@ int qcow_snapshot_delete(struct qcow_image *img, const char *key)
 	struct sn_table t;
 	uint64_t *sl1 = NULL;
 	uint64_t t_start = 0, t_n = 0;
-	bool removed = false;
+	bool removed = false, marked = false, flushed = false;
 	int ret = op_begin(img, &t);
 	if (ret)
 		return ret;
@@ -686,8 +691,10 @@ int qcow_snapshot_delete(struct qcow_image *img, const char *key)
 	}
 	struct sn_entry e = t.v[k];
 	ret = read_l1(img, e.l1_offset, e.l1_size, &sl1);
-	if (!ret)
+	if (!ret) {
+		marked = true;
 		ret = mark_dirty(img);
+	}
 	/* 1: a table without the entry, durable with the next flush */
 	if (!ret) {
 		ret = publish_without(img, &t, (uint32_t)k, &t_start, &t_n);
@@ -715,6 +722,7 @@ int qcow_snapshot_delete(struct qcow_image *img, const char *key)
 		qcow_logf(QCOW_LOG_WARNING, "snapshot delete: %s; the clusters of the snapshot's L1 entries %u.. stay allocated (leaks)",
 			  strerror(-ret), done);
 	}
+	flushed = true;
 	ret = qcow_flush_holding_flush_lock(img);
 	if (ret)
 		goto out;
@@ -736,6 +744,11 @@ int qcow_snapshot_delete(struct qcow_image *img, const char *key)
 	if (!ret)
 		qcow_logf(QCOW_LOG_DEBUG, "snapshot '%s' (id %s) deleted", e.name, e.id);
 out:
+	if (ret && marked && !flushed) {
+		qcow_lock(img);
+		undo_dirty(img, false);
+		qcow_unlock(img);
+	}
 	if (removed)
 		t.n++;   /* the removed entry sits after the others: free it too */
 	qcow_free(sl1);
@@ -752,7 +765,7 @@ int qcow_snapshot_apply(struct qcow_image *img, const char *key)
 	uint8_t *l1buf = NULL;
 	uint64_t l1_start = 0, l1_n = 0;
 	uint32_t done = 0;
-	bool refs_added = false, flushed = false;
+	bool refs_added = false, flushed = false, marked = false;
 	int ret = op_begin(img, &t);
 	if (ret)
 		return ret;
@@ -775,8 +788,10 @@ int qcow_snapshot_apply(struct qcow_image *img, const char *key)
 		goto out;
 	}
 	ret = read_l1(img, e->l1_offset, e->l1_size, &sl1);
-	if (!ret)
+	if (!ret) {
+		marked = true;
 		ret = mark_dirty(img);
+	}
 	if (ret)
 		goto out;
 	qcow_lock(img);
@@ -854,6 +869,10 @@ out:
 		if (done && tree_walk(img, TREE_UNDO_ADD, nl1, done, l1_start << img->cluster_bits, false, &undone))
 			qcow_set_failed(img, -EIO, "undoing a failed snapshot apply");
 		free_unpublished(img, l1_start, l1_n);
+		qcow_unlock(img);
+	}
+	if (ret && marked) {
+		qcow_lock(img);
 		undo_dirty(img, flushed);
 		qcow_unlock(img);
 	}
