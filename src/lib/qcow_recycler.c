@@ -740,7 +740,7 @@ void qcow_compact_outcome(struct qcow_image *img, struct qcow_stats *st)
 	 * even when a flush in between cleared the health error */
 	if (!st->last_error && img->last_compact_ret)
 		st->last_error = img->last_compact_ret;
-	if (img->snapshot_reader)
+	if (img->snapshot_reader && img->io->ops->other_reader(img->io))   /* still there (one fcntl) */
 		snprintf(st->blocker, sizeof(st->blocker), "%s", QCOW_SNAPSHOT_READER_BLOCKER);
 	pthread_mutex_unlock(&img->lock);
 }
