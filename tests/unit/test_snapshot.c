@@ -334,11 +334,13 @@ static const char *op_name[] = { "create", "delete", "relocate", "apply" };
 /* Base image for a crash case: data, a snapshot "old" (its contents in
  * held_old), more data, all flushed; for relocation also a deleted
  * snapshot below "old" and everything erased. */
+static unsigned crash_cb = 12;   /* cluster bits of the crash images */
+
 static uint8_t *crash_base(enum crash_op op, size_t *len, uint8_t *active, uint8_t *held_old)
 {
 	char err[256];
 	size_t l0;
-	uint8_t *b0 = create_bytes(SIZE, 12, 4, 3, &l0);
+	uint8_t *b0 = create_bytes(SIZE, crash_cb, 4, 3, &l0);
 	struct qcow_io *io = qcow_io_mem_new(b0, l0);
 	free(b0);
 	struct qcow_image *img = open_io(io, false, NULL, err, sizeof(err));
@@ -459,7 +461,8 @@ static void crashes(enum crash_op op)
 			break;
 	}
 	CHECK(k < 400, "%s: the operation never completed", op_name[op]);
-	fprintf(stderr, "# snapshot %s: crashed after each of its first %llu writes\n", op_name[op], (unsigned long long)k - 1);
+	fprintf(stderr, "# snapshot %s (%u-byte clusters): crashed after each of its first %llu writes\n", op_name[op],
+		1u << crash_cb, (unsigned long long)k - 1);
 	CHECK(tap_failed == before, "%s: a crash at each of its %llu writes leaves a consistent image", op_name[op],
 	      (unsigned long long)k);
 	free(base);
@@ -561,6 +564,14 @@ int main(void)
 	crashes(OP_DELETE);
 	crashes(OP_APPLY);
 	crashes(OP_RELOCATE);
+	/* 512-byte clusters: 128 L2 tables, L1 tables of two clusters (a
+	 * torn L1 write is possible) */
+	crash_cb = 9;
+	crashes(OP_CREATE);
+	crashes(OP_DELETE);
+	crashes(OP_APPLY);
+	crashes(OP_RELOCATE);
+	crash_cb = 12;
 	failed_writes(OP_CREATE);
 	failed_writes(OP_DELETE);
 	failed_writes(OP_APPLY);
