@@ -101,6 +101,8 @@ interop() {
 	[ "$(active_sha "$IMG")" = "$sha_q" ] || fail "after qcowctl snapshot apply qemu1 the disk differs ($opts)"
 	qcheck "$IMG"
 	qio "$IMG" "write -P 0x51 20M 2M"
+	local size_before
+	size_before=$(file_size "$IMG")
 	ctl snapshot delete qemu1 "$IMG"
 	qcheck "$IMG"
 	qemu_has "$IMG" qemu1 && fail "qemu1 still listed after qcowctl snapshot delete"
@@ -108,7 +110,15 @@ interop() {
 	ctl snapshot delete one "$IMG"
 	qcheck "$IMG"
 	"$QCOWCTL" check "$IMG" >>"$T/ctl.log" 2>&1 || fail "qcowctl check after deleting every snapshot"
-	log "interop ($opts): ok"
+	# what only the snapshots held is free now: compaction gives it back
+	local active
+	active=$(active_sha "$IMG")
+	ctl compact "$IMG"
+	qcheck "$IMG"
+	[ "$(file_size "$IMG")" -lt "$size_before" ] ||
+		fail "deleting the snapshots and compacting left the file at $(file_size "$IMG") bytes (was $size_before)"
+	[ "$(active_sha "$IMG")" = "$active" ] || fail "compaction after the deletes changed the disk ($opts)"
+	log "interop ($opts): ok; the file went from $size_before to $(file_size "$IMG") bytes after the deletes"
 }
 interop compat=1.1
 interop compat=0.10,cluster_size=4096
