@@ -225,4 +225,19 @@ ctl compact "$MNT"
 qumount "$MNT" qcowctl
 qcheck "$IMG"
 [ "$(active_sha "$IMG")" = "$base" ] || fail "the disk after unmount is not the applied snapshot"
-log "snapshot mount next to the rw mount: reads right, compaction paused, delete/apply refused"
+# next to QEMU as the writer: a snapshot mount shares writes like qemu-img -U
+ctl snapshot create final "$IMG"
+final=$(snap_sha "$IMG" final)
+bg_start qemu-io -f qcow2 -c 'sleep 20000' "$IMG"
+QIO=$BG_PID
+# QEMU's writer refuses to share writing: lock byte 201 on the image's inode
+ino=$(stat -c %i "$IMG")
+wait_until 10 eval 'grep -q ":$ino 201 201\$" /proc/locks' || fail "qemu-io did not take its locks"
+qmount "$IMG" "$T/snap.view" -o snapshot=final
+[ "$(view_sha "$T/snap.view")" = "$final" ] || fail "-o snapshot=final next to a QEMU writer reads wrong"
+kill -0 "$QIO" 2>/dev/null || fail "qemu-io ended before the snapshot mount was read: nothing was proven"
+qumount "$T/snap.view"
+kill "$QIO"
+wait "$QIO" || true
+qcheck "$IMG"
+log "snapshot mount next to the rw mount: reads right, compaction paused, delete/apply refused; next to QEMU too"
