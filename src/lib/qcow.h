@@ -66,6 +66,10 @@ struct qcow_open_opts {
 	unsigned compact_quiet_ms;        /* discards must be quiet this long before auto compaction; 0 = default */
 	bool recycler;           /* start the recycler thread at all (erase + compact) */
 	enum qcow_detect_zeroes detect_zeroes;   /* all-zero writes of whole clusters */
+	const char *snapshot;    /* read-only view of this internal snapshot (id or
+	                            name, as qemu-img looks it up); needs read_only.
+	                            The locks then share writes (qemu-img -U), so a
+	                            read-write user may have the image open */
 };
 
 /* Fills *opts with the defaults (read-write, locking on, recycler on). */
@@ -204,6 +208,43 @@ int qcow_image_compact(struct qcow_image *img, void (*progress)(double, void *),
 
 /* Asks the recycler for a compaction pass without waiting for it. */
 void qcow_image_request_compact(struct qcow_image *img);
+
+/* ---- internal snapshots (qcow_snapshot.c) ------------------------------ */
+
+/* Compatible with qemu-img snapshot in both directions.  A snapshot is
+ * the raw view as of the call (everything acknowledged before it); the
+ * VM state size is 0.  Names are looked up as QEMU does: an id first,
+ * then a name.  Errors: -ENOENT (no such snapshot), -EEXIST (create: the
+ * name is taken), -EBUSY (delete/apply: another process has a snapshot
+ * mounted read-only), -EROFS, -EINVAL (empty or too long name), -ENOTSUP
+ * (1-bit refcounts cannot share clusters), -ERANGE (create, apply: a
+ * refcount would exceed the image's refcount width; nothing changed).
+ * An I/O error before the header switch takes the operation back; one
+ * after it (the last flush failed) leaves it in memory for the next flush
+ * to write, like any write whose flush failed.  Either way the image on
+ * disk is consistent at every instant; a version 3 image may stay marked
+ * dirty until its next read-write open repairs it. */
+#define QCOW_SNAPSHOT_NAME_MAX 255
+struct qcow_snapshot_info {
+	char id[32];
+	char name[QCOW_SNAPSHOT_NAME_MAX + 1];
+	uint64_t date_sec;
+	uint32_t date_nsec;
+	uint64_t vm_clock_nsec;
+	uint64_t vm_state_size;
+	uint64_t disk_size;         /* the guest disk size it was taken with */
+	uint64_t l1_offset;
+	uint32_t l1_size;
+};
+/* *out is an array of *count entries, freed with free(). */
+int qcow_snapshot_list(struct qcow_image *img, struct qcow_snapshot_info **out, uint32_t *count);
+int qcow_snapshot_create(struct qcow_image *img, const char *name);
+int qcow_snapshot_delete(struct qcow_image *img, const char *name);
+/* The active disk becomes the snapshot's (its contents and its size);
+ * the old active state is released.  Whoever uses the view must be told
+ * (the daemon invalidates the kernel's cache of it). */
+int qcow_snapshot_apply(struct qcow_image *img, const char *name);
+bool qcow_snapshot_any(struct qcow_image *img);
 
 /* ---- offline tools --------------------------------------------------- */
 

@@ -153,6 +153,9 @@ struct qcow_image {
 	void (*move_phase_hook)(struct qcow_image *img, enum qcow_move_state reached, void *opaque);
 	void *move_phase_opaque;
 	bool repacking;
+	/* test hook: compaction leaves the snapshot tables where they are
+	 * (tests then drive qcow_snapshot_relocate themselves) */
+	bool compact_keeps_snapshot_tables;
 	/* test hook: called by a guest write after it resolved its extents and
 	 * before its data I/O (tests run a compaction in that window) */
 	void (*write_io_hook)(struct qcow_image *img, void *opaque);
@@ -165,6 +168,9 @@ struct qcow_image {
 	 * marks, which every write resolution of a marked guest cluster
 	 * clears) */
 	struct qcow_sparsify_marks *sparsify;
+	/* another process holds QEMU's read lock while we write: a snapshot
+	 * is mounted read-only (qcow_snapshot_reader_present) */
+	bool snapshot_reader;
 
 	/* statistics */
 	uint64_t bytes_reclaimed;
@@ -359,6 +365,18 @@ int qcow_pending_free_add(struct qcow_image *img, uint64_t first, uint64_t n);
 /* Compares the on-disk refcounts with the map; marks differing blocks
  * dirty.  Returns the number of clusters that differ, or -errno. */
 int64_t qcow_refcounts_compare(struct qcow_image *img);
+
+/* qcow_snapshot.c (flush_lock held for relocate) */
+/* Moves the snapshot table or one snapshot L1 table into a lower free
+ * run: 1 if something moved, 0 if not, -errno. */
+int qcow_snapshot_relocate(struct qcow_image *img);
+/* Makes a read-only image show snapshot key (qcow_open.c). */
+int qcow_snapshot_load_view(struct qcow_image *img, const char *key, char *err, size_t errlen);
+/* Whether another process holds a read lock that shares writes (a
+ * snapshot mounted read-only): nothing it may read may move or be freed.
+ * One probe per call; records the answer in img->snapshot_reader. */
+bool qcow_snapshot_reader_present(struct qcow_image *img);
+#define QCOW_SNAPSHOT_READER_BLOCKER "a snapshot is mounted read-only by another process"
 
 /* qcow_recycler.c */
 int qcow_recycler_start(struct qcow_image *img);

@@ -36,6 +36,11 @@ struct qcow_io_ops {
 	int (*copy)(struct qcow_io *io, uint64_t src, uint64_t dst, uint64_t len);
 	/* QEMU-compatible locks; NULL = no locking possible */
 	int (*lock)(struct qcow_io *io, bool read_only, char *err, size_t errlen);
+	/* QEMU's read lock that shares writes (qemu-img -U), for a snapshot
+	 * view; and whether another process holds a read lock while we
+	 * write (qcow_lock.c).  NULL = no locking possible */
+	int (*lock_shared)(struct qcow_io *io, char *err, size_t errlen);
+	bool (*other_reader)(struct qcow_io *io);
 	void (*close)(struct qcow_io *io);
 };
 

@@ -179,6 +179,18 @@ static int file_copy(struct qcow_io *io, uint64_t src, uint64_t dst, uint64_t le
 	return 0;
 }
 
+static int file_lock_shared(struct qcow_io *io, char *err, size_t errlen)
+{
+	struct file_io *f = FILE_IO(io);
+	return qcow_lock_image_shared(f->fd, f->path, err, errlen);
+}
+
+static bool file_other_reader(struct qcow_io *io)
+{
+	struct file_io *f = FILE_IO(io);
+	return qcow_lock_other_reader(f->fd);
+}
+
 static int file_lock(struct qcow_io *io, bool read_only, char *err, size_t errlen)
 {
 	struct file_io *f = FILE_IO(io);
@@ -197,6 +209,7 @@ static const struct qcow_io_ops file_ops = {
 	.pread = file_pread, .pwrite = file_pwrite, .flush = file_flush,
 	.punch = file_punch, .truncate = file_truncate, .size = file_size,
 	.allocated = file_allocated, .copy = file_copy, .lock = file_lock,
+	.lock_shared = file_lock_shared, .other_reader = file_other_reader,
 	.close = file_close,
 };
 

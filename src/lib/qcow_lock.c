@@ -6,6 +6,12 @@
  * 200+i (i: 0 consistent read, 1 write, 3 resize).  We behave like a QEMU
  * read-write user (qemu-io): hold 100, 101, 103 and refuse 201, 203; a
  * read-only mount holds 100 and refuses writers (201, 203), like qemu-io -r.
+ * A snapshot view (qcowfs -o snapshot=) is a reader that shares writes,
+ * like qemu-img -U: it holds 100 only and refuses nothing, so it can sit
+ * next to a read-write user.  That user then must not move or free what
+ * the reader may read: qcow_lock_other_reader asks the kernel, through
+ * the user's own descriptor (F_OFD_GETLK ignores the locks of the asking
+ * description), whether anyone else holds byte 100.
  * Rules: take our locks first, then probe the bytes we conflict with
  * through a second open file description (F_OFD_GETLK ignores locks held
  * through the same description), which narrows the race as QEMU does.
@@ -90,4 +96,32 @@ bool qcow_lock_writer_present(const char *path)
 	bool held = byte_is_locked(probe, QCOW_LOCK_PERM_BASE + QCOW_PERM_WRITE);
 	close(probe);
 	return held;
+}
+
+int qcow_lock_image_shared(int fd, const char *path, char *err, size_t errlen)
+{
+	int probe = open(path, O_RDONLY | O_CLOEXEC);
+	if (probe >= 0) {
+		/* the one permission we hold is consistent read */
+		if (byte_is_locked(probe, QCOW_LOCK_SHARED_BASE + QCOW_PERM_CONSISTENT_READ)) {
+			qcow_set_error(err, errlen, "image %s is in use: another process refuses to share reading (QEMU lock byte %d is held)",
+				       path, QCOW_LOCK_SHARED_BASE + QCOW_PERM_CONSISTENT_READ);
+			close(probe);
+			return -EAGAIN;
+		}
+		close(probe);
+	}
+	int ret = set_read_lock(fd, QCOW_LOCK_PERM_BASE + QCOW_PERM_CONSISTENT_READ);
+	if (ret == -EINVAL || ret == -ENOLCK || ret == -EOPNOTSUPP)
+		return 0;
+	if (ret)
+		qcow_set_error(err, errlen, "cannot take QEMU lock byte %d on the image: %s",
+			       QCOW_LOCK_PERM_BASE + QCOW_PERM_CONSISTENT_READ, strerror(-ret));
+	return ret;
+}
+
+bool qcow_lock_other_reader(int fd)
+{
+	/* through our own description: only other descriptions' locks show */
+	return byte_is_locked(fd, QCOW_LOCK_PERM_BASE + QCOW_PERM_CONSISTENT_READ);
 }

@@ -15,4 +15,12 @@ int qcow_lock_image(int fd, const char *path, bool read_only, char *err, size_t 
 /* True if some process holds QEMU's write permission (lock byte 101). */
 bool qcow_lock_writer_present(const char *path);
 
+/* A reader that shares writes (qemu-img -U, a snapshot view): probes byte
+ * 200 (someone refuses to share reading), then holds byte 100 only. */
+int qcow_lock_image_shared(int fd, const char *path, char *err, size_t errlen);
+
+/* True if a process other than the holder of fd (a description with our
+ * own locks) holds QEMU's consistent-read lock, byte 100. */
+bool qcow_lock_other_reader(int fd);
+
 #endif

@@ -375,6 +375,17 @@ static bool probe_punch(struct qcow_io *io)
 	return io->ops->punch(io, (uint64_t)(sz > 0 ? sz : 0) + (1u << 20), 4096) == 0;
 }
 
+/* -o snapshot=NAME: a read-only image whose view is the snapshot's disk
+ * (qcow_snapshot.c reads its L1 table in place of the active one). */
+static int open_snapshot_view(struct qcow_image *img, const char *key, char *err, size_t errlen)
+{
+	if (!img->read_only) {
+		qcow_set_error(err, errlen, "a snapshot can only be opened read-only");
+		return -EINVAL;
+	}
+	return qcow_snapshot_load_view(img, key, err, errlen);
+}
+
 static int open_nomem(char *err, size_t errlen)
 {
 	qcow_set_error(err, errlen, "out of memory while opening the image");
@@ -473,6 +484,11 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 		goto out;
 	}
 
+	if (opts.snapshot) {
+		ret = open_snapshot_view(img, opts.snapshot, err, errlen);
+		if (ret)
+			goto out;
+	}
 	if (!img->read_only) {
 		bool dirty = img->hdr.incompatible_features & QCOW_INCOMPAT_DIRTY;
 		struct judge j = { .b = &b, .lenient = dirty };
@@ -565,7 +581,14 @@ int qcow_image_open(const char *path, const struct qcow_open_opts *opts_in, stru
 		qcow_set_error(err, errlen, "%s", strerror(-ret));
 		return ret;
 	}
-	if (!opts.no_locking && io->ops->lock) {
+	if (!opts.no_locking && opts.snapshot && opts.read_only && io->ops->lock_shared) {
+		/* a snapshot view shares writes, as qemu-img -U does */
+		ret = io->ops->lock_shared(io, err, errlen);
+		if (ret) {
+			qcow_io_close(io);
+			return ret;
+		}
+	} else if (!opts.no_locking && io->ops->lock) {
 		ret = io->ops->lock(io, opts.read_only, err, errlen);
 		if (ret) {
 			qcow_io_close(io);

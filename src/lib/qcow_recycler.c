@@ -865,6 +865,8 @@ void qcow_compact_outcome(struct qcow_image *img, struct qcow_stats *st)
 	 * even when a flush in between cleared the health error */
 	if (!st->last_error && img->last_compact_ret)
 		st->last_error = img->last_compact_ret;
+	if (img->snapshot_reader && img->io->ops->other_reader(img->io))   /* still there (one fcntl) */
+		snprintf(st->blocker, sizeof(st->blocker), "%s", QCOW_SNAPSHOT_READER_BLOCKER);
 	pthread_mutex_unlock(&img->lock);
 }
 
@@ -876,6 +878,8 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 	int ret = qcow_health_failed(img) ? -EIO : erase_all_junk(img);
 	if (ret)
 		goto out;
+	if (qcow_snapshot_reader_present(img))
+		goto out;   /* a snapshot reader: nothing may move or be cut (qcow_snapshot.c) */
 	pthread_mutex_lock(&img->lock);
 	uint64_t gap0 = free_below_end(img);
 	img->compacting = true;
@@ -914,6 +918,18 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 					ret = r;
 				moved += r > 0;
 			}
+			/* the snapshot table and the snapshots' L1 tables, one per
+			 * call, each only ever into a lower free run (so this ends) */
+			pthread_mutex_lock(&img->flush_lock);
+			for (int k = 0; k < 64 && ret == 0 && !img->compact_keeps_snapshot_tables; k++) {
+				int r = qcow_snapshot_relocate(img);
+				if (r < 0)
+					ret = r;
+				if (r <= 0)
+					break;
+				moved++;
+			}
+			pthread_mutex_unlock(&img->flush_lock);
 			if (ret == 0 && moved) {
 				relocations++;
 				ret = erase_all_junk(img);

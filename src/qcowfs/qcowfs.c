@@ -883,6 +883,85 @@ out:
 	return err;
 }
 
+/* Snapshot create / delete / apply (qcowfs_ioctl.h): write access.  An
+ * apply changes the disk under whoever uses the view, so it needs the
+ * force flag, and afterwards the kernel's cached pages and size of the
+ * view are dropped (after the reply: the notification must not wait for
+ * a request of ours). */
+static void snapshot_ioctl(fuse_req_t req, unsigned int cmd, uint64_t fh, const void *in_buf, size_t in_bufsz)
+{
+	struct qcowfs_snapshot_req r;
+	if (!(fh & FH_WRITABLE)) {
+		fuse_reply_err(req, EBADF);
+		return;
+	}
+	if (!in_buf || in_bufsz < sizeof(r)) {
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	memcpy(&r, in_buf, sizeof(r));
+	r.name[sizeof(r.name) - 1] = '\0';
+	int ret;
+	if (cmd == QCOWFS_IOC_SNAPSHOT_CREATE) {
+		ret = qcow_snapshot_create(qcowfs.img, r.name);
+	} else if (cmd == QCOWFS_IOC_SNAPSHOT_DELETE) {
+		ret = qcow_snapshot_delete(qcowfs.img, r.name);
+	} else if (!(r.flags & QCOWFS_SNAPSHOT_FORCE)) {
+		ret = -EPERM;
+	} else {
+		ret = qcow_snapshot_apply(qcowfs.img, r.name);
+	}
+	if (ret) {
+		fuse_reply_err(req, -ret);
+		return;
+	}
+	fuse_reply_ioctl(req, 0, NULL, 0);
+	if (cmd == QCOWFS_IOC_SNAPSHOT_APPLY) {
+		int n = fuse_lowlevel_notify_inval_inode(qcowfs.se, FUSE_ROOT_ID, 0, 0);
+		if (n && n != -ENOENT)
+			log_printf(LOG_WARNING, "after a snapshot apply, the kernel's cache of the view could not be dropped: %s",
+				strerror(-n));
+	}
+}
+
+static void snapshot_list_ioctl(fuse_req_t req, uint64_t fh)
+{
+	if (!(fh & FH_READABLE)) {
+		fuse_reply_err(req, EBADF);
+		return;
+	}
+	struct qcow_snapshot_info *v;
+	uint32_t n;
+	int ret = qcow_snapshot_list(qcowfs.img, &v, &n);
+	if (ret) {
+		fuse_reply_err(req, -ret);
+		return;
+	}
+	struct qcowfs_snapshot_list *l = calloc(1, sizeof(*l));
+	if (!l) {
+		free(v);
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	size_t len = 0;
+	for (uint32_t i = 0; i < n && ret == 0; i++) {
+		int k = snprintf(l->text + len, sizeof(l->text) - len, "%s\t%s\t%llu\t%llu\t%u\t%llu\t%llu\n",
+				 v[i].id, v[i].name, (unsigned long long)v[i].vm_state_size,
+				 (unsigned long long)v[i].date_sec, v[i].date_nsec,
+				 (unsigned long long)v[i].vm_clock_nsec, (unsigned long long)v[i].disk_size);
+		if (k < 0 || (size_t)k >= sizeof(l->text) - len)
+			ret = -ERANGE;
+		else
+			len += (size_t)k;
+	}
+	free(v);
+	if (ret)
+		fuse_reply_err(req, -ret);
+	else
+		fuse_reply_ioctl(req, 0, l, sizeof(*l));
+	free(l);
+}
+
 /*
  * The control channel of qcowctl (qcowfs_ioctl.h).  There is deliberately
  * no xattr operation: see the comment there.  The kernel lets only a
@@ -945,6 +1024,14 @@ static void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg
 			fuse_reply_ioctl(req, 0, &out, sizeof(out));
 		return;
 	}
+	case QCOWFS_IOC_SNAPSHOT_CREATE:
+	case QCOWFS_IOC_SNAPSHOT_DELETE:
+	case QCOWFS_IOC_SNAPSHOT_APPLY:
+		snapshot_ioctl(req, cmd, fh, in_buf, in_bufsz);
+		return;
+	case QCOWFS_IOC_SNAPSHOT_LIST:
+		snapshot_list_ioctl(req, fh);
+		return;
 	default:
 		fuse_reply_err(req, ENOTTY);
 	}

@@ -46,6 +46,7 @@ struct qcowfs_opts {
 	unsigned max_threads;       /* FUSE worker threads, 0 = libfuse default */
 
 	bool has_fsname, has_subtype; /* the user chose them; do not add ours */
+	char *snapshot;             /* snapshot=NAME (owned; open.snapshot points here) */
 
 	/* Options for libfuse and the kernel (comma separated, commas inside
 	 * values escaped for fuse_opt), without the ones the daemon adds

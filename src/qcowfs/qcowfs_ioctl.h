@@ -62,5 +62,33 @@ struct qcowfs_sparsify {
 	uint64_t skipped_shared, skipped_compressed, skipped_changed, skipped_backing;
 };
 #define QCOWFS_IOC_SPARSIFY _IOWR(QCOWFS_IOC_MAGIC, 3, struct qcowfs_sparsify)
+/* Internal snapshots (numbers 4..9; 3 belongs to sparsify).  FUSE passes
+ * restricted ioctls with the fixed size of their argument, so the name
+ * travels in a struct.  CREATE, DELETE and APPLY need a descriptor open
+ * for writing, LIST one open for reading.  The daemon does the work in
+ * the engine, which serialises it with flushes and compaction and waits
+ * for the guest requests in flight (qcow_snapshot.c).  Errors: ENOENT no
+ * such snapshot, EEXIST name taken, EBUSY another process has a snapshot
+ * mounted read-only (delete, apply), EPERM apply without
+ * QCOWFS_SNAPSHOT_FORCE, EROFS read-only mount, EINVAL empty name. */
+#define QCOWFS_SNAPSHOT_NAME_MAX 256      /* including the NUL; QCOW_SNAPSHOT_NAME_MAX + 1 */
+#define QCOWFS_SNAPSHOT_FORCE 1u          /* apply: change the disk under its users */
+struct qcowfs_snapshot_req {
+	char name[QCOWFS_SNAPSHOT_NAME_MAX];
+	unsigned int flags;
+};
+#define QCOWFS_IOC_SNAPSHOT_CREATE _IOW(QCOWFS_IOC_MAGIC, 4, struct qcowfs_snapshot_req)
+#define QCOWFS_IOC_SNAPSHOT_DELETE _IOW(QCOWFS_IOC_MAGIC, 5, struct qcowfs_snapshot_req)
+#define QCOWFS_IOC_SNAPSHOT_APPLY _IOW(QCOWFS_IOC_MAGIC, 6, struct qcowfs_snapshot_req)
+
+/* The snapshots as text, one line each, fields separated by tabs:
+ * id, name, vm state size, date seconds, date nanoseconds, vm clock ns,
+ * disk size.  Names with a tab or newline are not listed faithfully
+ * (qcowctl snapshot list on the image file shows them). */
+#define QCOWFS_SNAPSHOT_LIST_MAX 16000
+struct qcowfs_snapshot_list {
+	char text[QCOWFS_SNAPSHOT_LIST_MAX];
+};
+#define QCOWFS_IOC_SNAPSHOT_LIST _IOR(QCOWFS_IOC_MAGIC, 7, struct qcowfs_snapshot_list)
 
 #endif

@@ -265,7 +265,7 @@ static int apply_word(struct qcowfs_opts *opts, struct strbuf *kernel,
 			   KEY_IS("compact_threshold") ||
 			   KEY_IS("compact_quiet_ms") || KEY_IS("max_threads") ||
 			   KEY_IS("recycler") || KEY_IS("uid") || KEY_IS("gid") ||
-			   KEY_IS("detect_zeroes")) {
+			   KEY_IS("detect_zeroes") || KEY_IS("snapshot")) {
 			set_error(err, errlen, "option '%s' needs a value (%s=...)",
 				  word, word);
 			return -EINVAL;
@@ -307,6 +307,19 @@ static int apply_word(struct qcowfs_opts *opts, struct strbuf *kernel,
 		ret = parse_unsigned(value, QCOWFS_MAX_THREADS_LIMIT, &opts->max_threads);
 		if (!ret && opts->max_threads == 0)
 			ret = -ERANGE;
+	} else if (KEY_IS("snapshot")) {
+		/* a snapshot's disk, read-only; the engine takes QEMU's locks
+		 * as a reader that shares writes (qemu-img -U), so this works
+		 * next to a read-write mount of the same image */
+		if (!*value || strlen(value) > QCOW_SNAPSHOT_NAME_MAX) {
+			ret = -EINVAL;
+		} else {
+			free(opts->snapshot);
+			opts->snapshot = strdup(value);
+			if (!opts->snapshot)
+				return -ENOMEM;
+			opts->open.snapshot = opts->snapshot;
+		}
 	} else if (KEY_IS("uid")) {
 		ret = parse_uid(value, &opts->uid);
 		opts->has_uid = !ret;
@@ -439,6 +452,8 @@ int qcowfs_opts_parse(int argc, char **argv, struct qcowfs_opts *opts,
 				  "(usage: qcowfs [-o opts] IMAGE MOUNTPOINT)");
 			return -EINVAL;
 		}
+		if (opts->snapshot)
+			opts->open.read_only = true;   /* a snapshot is never written */
 		if (opts->allow_other && opts->allow_root) {
 			set_error(err, errlen, "allow_other and allow_root "
 				  "cannot be used together");
@@ -452,6 +467,9 @@ void qcowfs_opts_free(struct qcowfs_opts *opts)
 {
 	free(opts->kernel_opts);
 	opts->kernel_opts = NULL;
+	free(opts->snapshot);
+	opts->snapshot = NULL;
+	opts->open.snapshot = NULL;
 }
 
 void qcowfs_print_usage(FILE *out, const char *progname)
@@ -481,6 +499,11 @@ void qcowfs_print_usage(FILE *out, const char *progname)
 "  ro                     read-only: image opened with shared locks, the\n"
 "                         file has no write bits, writes fail (EROFS)\n"
 "  rw                     read-write (default)\n"
+"  snapshot=NAME          show the internal snapshot NAME (id or name, as\n"
+"                         qemu-img looks it up) read-only; works while\n"
+"                         another qcowfs or QEMU writes IMAGE (shared read\n"
+"                         lock, like qemu-img -U), and pauses that writer's\n"
+"                         compaction until this mount ends\n"
 "  allow_other            let other users access the file (non-root needs\n"
 "                         user_allow_other in /etc/fuse.conf)\n"
 "  allow_root             let root access the file as well as its owner\n"
@@ -522,6 +545,8 @@ void qcowfs_print_usage(FILE *out, const char *progname)
 "  qcowctl compact MOUNTPOINT   compact now (needs one open for writing;\n"
 "                               EBADF through a read-only one)\n"
 "  qcowctl unmount MOUNTPOINT   unmount; prints the daemon's close result\n"
+"  qcowctl snapshot create|delete|list|apply NAME MOUNTPOINT\n"
+"                               internal snapshots of the live image\n"
 "\n"
 "Shrinking the file (truncate -s) frees what lies past the new end; it is\n"
 "refused while IMAGE has internal snapshots.  O_TRUNC would empty the disk\n"
