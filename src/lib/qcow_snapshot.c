@@ -224,23 +224,6 @@ enum tree_op {
 	TREE_CHECK,     /* -ERANGE if a refcount exceeds what the image's width holds */
 };
 
-/* The host clusters an L2 entry references: [*first, *last], false if
- * none (unallocated, or a plain zero cluster). */
-static bool entry_hosts(struct qcow_image *img, uint64_t e, uint64_t *first, uint64_t *last)
-{
-	if (e & QCOW_OFLAG_COMPRESSED) {
-		uint64_t off, len;
-		qcow_compressed_range(img, e, &off, &len);
-		if (!off)
-			return false;
-		*first = off >> img->cluster_bits;
-		*last = (off + len - 1) >> img->cluster_bits;
-		return true;
-	}
-	*first = *last = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
-	return *first != 0;
-}
-
 static void ref_add(struct qcow_image *img, uint64_t c, uint64_t slot)
 {
 	/* a copy made by a move would not carry the new reference */
@@ -286,7 +269,7 @@ static int tree_walk(struct qcow_image *img, enum tree_op op, uint64_t *l1, uint
 		for (uint64_t j = 0; j < per; j++) {
 			uint64_t e = qcow_l2_entry(t, j), first, last;
 			uint64_t slot = l2off + j * 8;
-			if (!e || !entry_hosts(img, e, &first, &last) || first >= img->map.nclusters)
+			if (!e || !qcow_entry_clusters(img, e, &first, &last) || first >= img->map.nclusters)
 				continue;   /* (the open's scan refused pointers past the map) */
 			for (uint64_t c = first; c <= last && c < img->map.nclusters; c++) {
 				if (op == TREE_ADD)
