@@ -22,8 +22,8 @@
 # kernel needs them: the daemons started here get
 # MALLOC_CONF=dirty_decay_ms:0,muzzy_decay_ms:0 (unless MALLOC_CONF is set),
 # so that freed memory leaves RSS at once and RSS is the live memory.
-# If a daemon ever reports a map_bytes (or map_memory) key in its status,
-# it is printed too.
+# The daemon reports the map's own count of its memory (map_bytes) in its status;
+# it is printed too, with the exact bytes per cluster and per extra reference.
 #
 # Steps:
 #  1. the sparse SIZE disk (one 64 KiB write per 512 MiB): the daemon's
@@ -115,7 +115,7 @@ qio_run() {
 
 # measure STEP IMG: mounts IMG (cache_size=512K), waits WAIT s, records the
 # daemon's VmRSS and VmHWM, the mount time, the status' cluster counts and
-# a map_bytes/map_memory key if there is one; unmounts; records the
+# map_bytes (map_memory, for older daemons) if it reports it; unmounts; records the
 # references and clusters from the refcount blocks.
 measure() {
 	local step=$1 img=$2 st key pid v
@@ -231,8 +231,19 @@ try:
           '%.2f bytes per extra reference.' % (nsnap, dn, dref, per['full'], extra, extra / dref))
 except (KeyError, TypeError, ZeroDivisionError):
     print('Per-reference figure not available.')
+# the exact figure: the map's own count of its memory (map_bytes)
+have_mb = all(g(s, 'map_bytes') is not None for s in ('full', 'snap'))
+if have_mb:
+    nf, ns = g('full', 'file_clusters'), g('snap', 'file_clusters')
+    mbf, mbs = g('full', 'map_bytes'), g('snap', 'map_bytes')
+    dref = g('snap', 'references') - g('full', 'references')
+    print('Exact (map_bytes of the status): %.2f bytes per cluster without snapshots; with %s snapshots %.2f per '
+          'cluster, %.2f bytes per extra reference beyond what the new clusters cost.'
+          % (mbf / nf, nsnap, mbs / ns, (mbs - ns * mbf / nf) / dref))
 print('\n- qcowfs: %s' % qdesc)
-print('- the status has no map size field: figures are RSS differences (page-granular, allocator slack included), MALLOC_CONF=%s' % os.environ.get('MALLOC_CONF', ''))
+print('- the table\'s per-cluster figures are RSS differences (page-granular, allocator slack included), '
+      'MALLOC_CONF=%s%s' % (os.environ.get('MALLOC_CONF', ''),
+                            '; map_bytes is the map\'s own count' if have_mb else '; the status reports no map size'))
 print('- disk written in %s s; images in %s' % (r.get('full', {}).get('write_s', 'n/a'), workdir))
 print('- command: `bench/map-memory.sh%s`, total %s s, %s' % ((' ' + args) if args else '', total, os.uname().nodename))
 EOF

@@ -381,6 +381,19 @@ int qcow_map_resize(struct qcow_map *m, uint64_t n)
 	return 0;
 }
 
+void qcow_map_fit(struct qcow_map *m)
+{
+	if (m->capacity > m->nclusters)
+		(void)set_capacity(m, m->nclusters);   /* a failed shrink keeps the bigger arrays */
+	if (m->lists_cap > m->nlists && m->nlists) {
+		struct qcow_reflist *p = qcow_realloc(m->lists, m->nlists * sizeof(*p));
+		if (p) {
+			m->lists = p;
+			m->lists_cap = m->nlists;
+		}
+	}
+}
+
 enum qcow_cstate qcow_map_state(const struct qcow_map *m, uint64_t c)
 {
 	return decode_state(m->entry[c]);

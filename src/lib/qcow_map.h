@@ -106,6 +106,9 @@ void qcow_map_free(struct qcow_map *m);
  * have a capacity that grows geometrically, so growing one cluster at a
  * time is cheap; memory follows the clusters in the map, not the file. */
 int qcow_map_resize(struct qcow_map *m, uint64_t nclusters);
+/* Gives back the capacity beyond the clusters in the map (after the open's
+ * scan, which grew it by half again at a time). */
+void qcow_map_fit(struct qcow_map *m);
 
 enum qcow_cstate qcow_map_state(const struct qcow_map *m, uint64_t c);
 uint64_t qcow_map_slot(const struct qcow_map *m, uint64_t c);     /* REF only */

@@ -446,8 +446,7 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 	/* the map starts empty and grows with the clusters referenced: a
 	 * file that ends in a huge hole costs nothing */
 	ret = qcow_map_init(&img->map, 1, img->rb_shift);
-	if (ret)
-		{
+	if (ret) {
 		ret = open_nomem(err, errlen);
 		goto out;
 	}
@@ -476,10 +475,11 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 	/* a fresh map has nothing to write until the comparison says so */
 	for (uint64_t i = 0; i < img->map.rc_dirty.nbits; i++)
 		qcow_bitmap_clear(&img->map.rc_dirty, i);
+	/* the scan grew the map by half again at a time: give back the slack */
+	qcow_map_fit(&img->map);
 
 	size_t cache_bytes = opts.cache_bytes ? opts.cache_bytes : QCOW_DEFAULT_CACHE_BYTES;
-	if (qcow_cache_init(&img->cache, cache_bytes / img->cluster_size, img->cluster_size))
-		{
+	if (qcow_cache_init(&img->cache, cache_bytes / img->cluster_size, img->cluster_size)) {
 		ret = open_nomem(err, errlen);
 		goto out;
 	}
