@@ -10,6 +10,14 @@
 #     view's sha256 taken right after); then a delete and a compaction;
 #     after the unmount every snapshot left reads by qemu-img convert -l
 #     exactly what the view held at its create.
+#  2b. Snapshots taken while a writer never pauses: two writers put
+#     self-describing 16 KiB records (offset, sequence number, checksum,
+#     the same in each of its four 4 KiB blocks) at random places through
+#     O_DIRECT, with discards among them, while compaction runs and
+#     qcowctl snapshot create runs four times; every snapshot, read by
+#     QEMU, holds only whole records at their own offsets or zeros (a
+#     snapshot is a point between requests: no torn record), and records
+#     no newer than what the writers had issued when the create returned.
 #  3. A snapshot mounted read-only (-o snapshot=) next to the read-write
 #     mount of the same image: it reads right, the read-write mount's
 #     compaction pauses and says why, delete and apply are refused until
@@ -191,6 +199,117 @@ done
 [ "$(active_sha "$IMG")" = "$final" ] || fail "the active disk after unmount differs from the view"
 qemu_has "$IMG" live2 && fail "live2 still there after its delete"
 log "online: ${#held[@]} snapshots read right after fio, delete and compaction"
+
+# ---- 2b. snapshots while the writers never pause -------------------------------
+cat >"$T/recwriter.py" <<'PYEOF'
+# recwriter.py VIEW REGION_START REGION_LEN SEED STOPFILE SEQFILE: writes
+# 16 KiB records (4 blocks of 4 KiB, each: magic, offset, seq, crc32 of
+# the block's payload) at random 16 KiB-aligned places of the region with
+# O_DIRECT, and now and then punches one record's place; keeps the
+# highest sequence number issued in SEQFILE (written after each record)
+# until STOPFILE exists.  Sequence numbers carry the writer in bit 40.
+import mmap, os, random, struct, sys, zlib, fcntl
+view, start, length, seed, stopfile, seqfile = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+REC, BLK = 16384, 4096
+rng = random.Random(seed)
+fd = os.open(view, os.O_RDWR | os.O_DIRECT)
+buf = mmap.mmap(-1, REC)
+seq = seed << 40
+FALLOC_PUNCH = 0x03   # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+while not os.path.exists(stopfile):
+    off = start + rng.randrange(length // REC) * REC
+    if rng.random() < 0.1:
+        if libc.fallocate(fd, FALLOC_PUNCH, off, REC) != 0:
+            sys.exit('punch failed: errno %d' % ctypes.get_errno())
+        continue
+    seq += 1
+    for b in range(4):
+        payload = rng.randbytes(BLK - 32)
+        hdr = struct.pack('<8sQQI4x', b'QCOWREC1', off, seq, zlib.crc32(payload))
+        buf[b * BLK:(b + 1) * BLK] = hdr + payload
+    if os.pwrite(fd, buf, off) != REC:
+        sys.exit('short write')
+    with open(seqfile + '.tmp', 'w') as f:
+        f.write('%d\n' % seq)
+    os.rename(seqfile + '.tmp', seqfile)
+PYEOF
+cat >"$T/recverify.py" <<'PYEOF'
+# recverify.py RAW LIMIT0 LIMIT1: every 16 KiB record of RAW is all zeros
+# or four valid blocks of one record written at that offset; writer w's
+# records (bit 40 of seq) are no newer than LIMITw.  Prints the records.
+import struct, sys, zlib
+raw, limits = sys.argv[1], [int(sys.argv[2]), int(sys.argv[3])]
+REC, BLK = 16384, 4096
+n = 0
+with open(raw, 'rb') as f:
+    off = 0
+    while True:
+        rec = f.read(REC)
+        if not rec:
+            break
+        if rec.count(0) != len(rec):
+            seqs = set()
+            for b in range(4):
+                blk = rec[b * BLK:(b + 1) * BLK]
+                magic, o, seq, crc = struct.unpack('<8sQQI4x', blk[:32])
+                if magic != b'QCOWREC1' or o != off or zlib.crc32(blk[32:]) != crc:
+                    sys.exit('offset %d block %d: not a whole record (magic %r, offset %d, crc ok %s)' %
+                             (off, b, magic, o, zlib.crc32(blk[32:]) == crc))
+                seqs.add(seq)
+            if len(seqs) != 1:
+                sys.exit('offset %d: a torn record (blocks of sequence numbers %s)' % (off, sorted(seqs)))
+            seq = seqs.pop()
+            if seq > limits[seq >> 40]:
+                sys.exit('offset %d: record %d is newer than the snapshot (writer %d had issued up to %d)' %
+                         (off, seq, seq >> 40, limits[seq >> 40]))
+            n += 1
+        off += REC
+print(n)
+PYEOF
+rm -f "$IMG"
+mkimg "$IMG" 64M
+qmount "$IMG" "$MNT" -o compact_threshold=1M,compact_quiet_ms=100
+rm -f "$T/stop" "$T/seq0" "$T/seq1"
+bg_start "$PYTHON" "$T/recwriter.py" "$MNT" 0 $((32 << 20)) 0 "$T/stop" "$T/seq0"
+W0=$BG_PID
+bg_start "$PYTHON" "$T/recwriter.py" "$MNT" $((32 << 20)) $((32 << 20)) 1 "$T/stop" "$T/seq1"
+W1=$BG_PID
+wait_until 30 test -s "$T/seq1" || fail "the record writers did not start"
+declare -A limit0=() limit1=()
+for n in 1 2 3 4; do
+	sleep 0.7
+	kill -0 "$W0" 2>/dev/null && kill -0 "$W1" 2>/dev/null || fail "a record writer died before snapshot $n"
+	ctl snapshot create "busy$n" "$MNT"
+	# what the writers had issued when the create returned bounds what
+	# the snapshot may hold (a record issued later cannot be in it)
+	limit0[busy$n]=$(cat "$T/seq0")
+	limit1[busy$n]=$(cat "$T/seq1")
+	[ "$n" = 2 ] && ctl compact "$MNT"
+done
+touch "$T/stop"
+wait "$W0" || fail "record writer 0 failed"
+wait "$W1" || fail "record writer 1 failed"
+_forget _PIDS "$W0"
+_forget _PIDS "$W1"
+ctl snapshot delete busy3 "$MNT"
+ctl compact "$MNT"
+qumount "$MNT" qcowctl
+qcheck "$IMG"
+for s in busy1 busy2 busy4; do
+	qemu-img convert -U -f qcow2 -O raw -l "snapshot.name=$s" "$IMG" "$T/snap.raw" >>"$T/qemu.log" 2>&1 ||
+		fail "qemu-img convert -l snapshot.name=$s failed"
+	# one more record each may be issued between the create's return
+	# and the read of the sequence file
+	records=$("$PYTHON" "$T/recverify.py" "$T/snap.raw" $((${limit0[$s]} + 1)) $((${limit1[$s]} + 1)) 2>&1) ||
+		fail "snapshot $s taken under the writers is not consistent: $records"
+	log "busy: snapshot $s holds $records whole records"
+done
+raw_of "$IMG" "$T/active.raw"
+"$PYTHON" "$T/recverify.py" "$T/active.raw" $((1 << 62)) $((1 << 62)) >/dev/null ||
+	fail "the active disk holds a torn record"
 
 # ---- 3. a snapshot mounted next to the read-write mount ----------------------
 rm -f "$IMG"
