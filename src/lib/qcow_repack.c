@@ -9,12 +9,13 @@
  * its edges).  Instead the streams move, one at a time, as a guest write
  * moves data: each stream touching one of the highest compressed
  * clusters is copied byte-exact (its true length, found by inflating it)
- * into new clusters at the lowest free place, packed at 512-byte offsets
- * and never across a cluster edge; then its descriptor is pointed at the
+ * into new clusters at the lowest free place, packed back to back byte by
+ * byte as QEMU packs them (across a cluster edge only into a free next
+ * cluster); then its descriptor is pointed at the
  * copy and the old clusters lose that reference.  A cluster whose every
  * stream moved becomes free and compaction truncates it away.
  *
- * Rules (doc/design.md, "Compressed clusters"):
+ * Rules (doc/design.md: "Compressed data moves by repacking streams", invariants 8 and 13):
  *  - The same order as a write into a new cluster (invariant 8): the copy
  *    is written before the descriptor changes, so the flush protocol
  *    makes the copy durable (step 2) before the pointer (step 3), raises
@@ -140,8 +141,8 @@ static void read_streams(struct qcow_image *img, struct stream *v, size_t n)
 	qcow_free(out);
 }
 
-/* Places the streams into new clusters, lowest first, back to back at
- * 512-byte offsets as QEMU packs them (img->lock held).  A stream may
+/* Places the streams into new clusters, lowest first, back to back byte
+ * by byte as QEMU packs them (img->lock held).  A stream may
  * run into the next cluster when that one is free too (it is then taken
  * next); otherwise the rest of the cluster stays unused.  Fills
  * clusters[] with the clusters taken (Roots), in order; returns how many. */
@@ -153,7 +154,7 @@ static size_t place_streams(struct qcow_image *img, struct stream *v, size_t n, 
 	for (size_t i = 0; i < n; i++) {
 		if (!v[i].bytes)
 			continue;
-		uint64_t need = (v[i].bytes + 511) & ~511ull, first, last;
+		uint64_t need = v[i].bytes, first, last;
 		qcow_entry_clusters(img, v[i].entry, &first, &last);
 		if (used + need > cs) {
 			/* only downwards: a copy above its stream gains nothing */
