@@ -119,8 +119,10 @@ static size_t collect_streams(struct qcow_image *img, struct stream *v)
 }
 
 /* Reads each stream and finds its true length (no lock held; the caller
- * is registered in flight).  A stream that cannot be read or inflated is
- * left where it is (bytes 0). */
+ * is registered in flight).  A stream that cannot be read or inflated,
+ * or is longer than a cluster (QEMU stores a cluster uncompressed rather
+ * than as a longer stream; only a stream whose end inflating cannot find
+ * counts its whole descriptor range), is left where it is (bytes 0). */
 static void read_streams(struct qcow_image *img, struct stream *v, size_t n)
 {
 	uint8_t *out = qcow_malloc(img->cluster_size);
@@ -132,7 +134,7 @@ static void read_streams(struct qcow_image *img, struct stream *v, size_t n)
 			break;
 		if (img->io->ops->pread(img->io, v[i].data, (size_t)len, off) ||
 		    qcow_compressed_inflate(img, v[i].data, (size_t)len, off, out, &v[i].bytes) ||
-		    v[i].bytes == 0 || v[i].bytes > img->cluster_size - 512) {
+		    v[i].bytes == 0 || v[i].bytes > img->cluster_size) {
 			qcow_free(v[i].data);
 			v[i].data = NULL;
 			v[i].bytes = 0;
