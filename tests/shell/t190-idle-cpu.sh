@@ -1,7 +1,10 @@
 #!/bin/bash
-# t190-idle-cpu: an idle daemon does not spin when the free space lies below
-# clusters the compactor may not move (issue 6, item 14).  The issue's two
-# reproductions, mounted side by side with default options:
+# t190-idle-cpu: an idle daemon does not spin (issue 6, item 14).  The
+# issue's two reproductions, where the free space lay below clusters the
+# compactor could not move then; since issue 7 those clusters move (shared
+# clusters with all their pointers, compressed streams by repacking), so
+# the daemons compact to the minimum first and must then stay idle.
+# Mounted side by side with default options:
 #  - sn.qcow2: data written at 200M and 100M, the first discarded, then an
 #    internal snapshot (qemu-img snapshot -c): everything left is shared;
 #  - c.qcow2: qemu-img convert -c of 128 MiB of half-random data, then
