@@ -34,8 +34,9 @@
  *  - The thread never repeats a step at once that failed or achieved
  *    nothing: failures back off exponentially (1 s to 60 s; a request
  *    resets it), and after a pass that could move nothing (what is left
- *    is pinned: compressed, shared with a snapshot, a table) automatic
- *    passes wait until the image changes (recycler_main).  An idle daemon
+ *    cannot move: a bitmap structure, clusters a snapshot reader of
+ *    another process may read) automatic passes wait until the image
+ *    changes (recycler_main).  An idle daemon
  *    costs nothing whatever the image holds.
  *  - The automatic trigger counts all the space the file could lose:
  *    free clusters below the last busy one and the free tail.  A free tail
@@ -759,8 +760,8 @@ static bool cannot_move(const struct qcow_map *m, uint64_t c)
 
 /* Names what cluster c holds, from the metadata on disk.  The walk visits
  * the header structures first, then the active tables, then the
- * snapshots', so the first reference found is the one that says most: an
- * active data cluster that is PINNED is shared with a snapshot.  Holds
+ * snapshots', so the first reference found is the one that says most
+ * (an active data cluster before the snapshot that shares it).  Holds
  * flush_lock so that no flush changes the metadata under the walk (it
  * runs once per compaction pass that ends above the minimum). */
 static void describe_cluster(struct qcow_image *img, uint64_t c, char *buf, size_t len)

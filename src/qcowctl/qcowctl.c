@@ -2310,7 +2310,8 @@ static const struct command commands[] = {
 	  "compact and follows its progress.  On an image that is not in use, compacts\n"
 	  "it in place.  At the end it says how many clusters moved and the file size\n"
 	  "before -> after, and, when the file stays above the smallest size the engine\n"
-	  "could reach, what holds it there (compressed or snapshot clusters, ...).\n"
+	  "could reach, what holds it there (a persistent bitmap, a snapshot mounted\n"
+	  "by another process, ...).\n"
 	  "Exit status: 0 when the compaction worked, 1 when it failed (the engine\n"
 	  "counted a failed compaction or returned an error; 100% is never shown then).\n" },
 	{ "sparsify", cmd_sparsify, "sparsify MOUNTPOINT|IMAGE",
