@@ -1,11 +1,13 @@
 /*
- * qcow_compress.c - compressed clusters (deflate, as QEMU writes them).
+ * qcow_compress.c - compressed clusters, as QEMU writes them: raw deflate
+ * streams (compression type 0) or zstd frames (type 1, header byte 104).
  *
  * Owns: decoding a compressed L2 entry into the host byte range of its
- * stream, and inflating that stream into one guest cluster.  Rules: the
- * range is derived from the entry alone (the scan at open has checked it
- * lies inside the file); a stream that does not inflate to exactly one
- * full cluster is an I/O error with the offset in the log, never a crash.
+ * stream, and decompressing that stream into one guest cluster.  Rules:
+ * the range is derived from the entry alone (the scan at open has checked
+ * it lies inside the file); a stream that does not decompress to exactly
+ * one full cluster is an I/O error with the offset in the log, never a
+ * crash.
  * No lock is needed: the caller keeps the host clusters referenced (or
  * registered in flight) while it reads.
  */
@@ -16,6 +18,7 @@
 #include <inttypes.h>
 #include <string.h>
 #include <zlib.h>
+#include <zstd.h>
 
 void qcow_compressed_range(const struct qcow_image *img, uint64_t e, uint64_t *off, uint64_t *len)
 {
@@ -39,9 +42,28 @@ bool qcow_entry_clusters(const struct qcow_image *img, uint64_t e, uint64_t *fir
 	return *first != 0;
 }
 
+/* One zstd frame (QEMU writes one per cluster) into one cluster; the
+ * frame's own length says where the stream ends. */
+static int zstd_decompress(const struct qcow_image *img, const uint8_t *in, size_t len, uint64_t off, uint8_t *out,
+			   uint64_t *consumed)
+{
+	size_t frame = ZSTD_findFrameCompressedSize(in, len);
+	size_t got = ZSTD_isError(frame) ? frame : ZSTD_decompress(out, img->cluster_size, in, frame);
+	if (ZSTD_isError(got) || got != img->cluster_size) {
+		qcow_logf(QCOW_LOG_ERROR, "corrupt zstd-compressed cluster at 0x%" PRIx64 "%s%s", off,
+			  ZSTD_isError(got) ? ": " : " (short output)", ZSTD_isError(got) ? ZSTD_getErrorName(got) : "");
+		return -EIO;
+	}
+	if (consumed)
+		*consumed = frame;
+	return 0;
+}
+
 int qcow_compressed_inflate(const struct qcow_image *img, const uint8_t *in, size_t len, uint64_t off, uint8_t *out,
 			    uint64_t *consumed)
 {
+	if (img->hdr.compression_type == QCOW_COMPRESSION_ZSTD)
+		return zstd_decompress(img, in, len, off, out, consumed);
 	z_stream zs;
 	memset(&zs, 0, sizeof(zs));
 	if (inflateInit2(&zs, -15) != Z_OK)

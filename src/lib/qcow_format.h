@@ -49,7 +49,10 @@
 #define QCOW_INCOMPAT_COMPRESSION (1ull << 3)
 #define QCOW_INCOMPAT_EXTL2 (1ull << 4)
 /* incompatible bits this engine implements */
-#define QCOW_INCOMPAT_SUPPORTED (QCOW_INCOMPAT_DIRTY | QCOW_INCOMPAT_CORRUPT)
+#define QCOW_INCOMPAT_SUPPORTED (QCOW_INCOMPAT_DIRTY | QCOW_INCOMPAT_CORRUPT | QCOW_INCOMPAT_COMPRESSION)
+/* header byte 104 */
+#define QCOW_COMPRESSION_ZLIB 0   /* raw deflate streams */
+#define QCOW_COMPRESSION_ZSTD 1   /* zstd frames */
 #define QCOW_COMPAT_LAZY_REFCOUNTS (1ull << 0)
 
 #define QCOW_EXT_END 0x00000000u

@@ -4,7 +4,7 @@
  * Every limit below comes from research/qemu.md section 1: we accept what
  * QEMU accepts and refuse, with the field named, what QEMU refuses, plus
  * the features this engine does not implement yet (backing files,
- * encryption, external data files, extended L2, zstd compression).
+ * encryption, external data files, extended L2).
  */
 #include "config.h"
 #include "qcow_internal.h"
@@ -170,8 +170,16 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 		FAIL(ENOTSUP, "unsupported incompatible feature bits 0x%" PRIx64 " (header offset 72): %s",
 		     unknown, names);
 	}
-	if (h->compression_type != 0 && !info_only)
-		FAIL(ENOTSUP, "unsupported compression_type %u (header offset 104)", h->compression_type);
+	/* as QEMU: the incompatible bit announces exactly a non-zlib type */
+	if (h->compression_type > QCOW_COMPRESSION_ZSTD && !info_only)
+		FAIL(ENOTSUP, "unknown compression_type %u (header offset 104): 0 (zlib) and 1 (zstd) are defined",
+		     h->compression_type);
+	if (!info_only && h->compression_type != QCOW_COMPRESSION_ZLIB && !(h->incompatible_features & QCOW_INCOMPAT_COMPRESSION))
+		FAIL(EINVAL, "compression_type %u (header offset 104) is not zlib, but the compression type bit "
+		     "(0x8 of the incompatible features at header offset 72) is not set", h->compression_type);
+	if (!info_only && h->compression_type == QCOW_COMPRESSION_ZLIB && (h->incompatible_features & QCOW_INCOMPAT_COMPRESSION))
+		FAIL(EINVAL, "the compression type bit (0x8 of the incompatible features at header offset 72) is set, "
+		     "but compression_type (header offset 104) is zlib");
 	if (h->crypt_method != 0 && !info_only)
 		FAIL(ENOTSUP, "encrypted images are not supported (crypt_method %u at header offset 32)", h->crypt_method);
 

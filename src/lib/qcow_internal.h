@@ -280,9 +280,9 @@ int qcow_released_add(struct qcow_image *img, uint64_t c);
 void qcow_compressed_range(const struct qcow_image *img, uint64_t e, uint64_t *off, uint64_t *len);
 /* The descriptor of a stream of `bytes` bytes at host offset off. */
 uint64_t qcow_compressed_descriptor(const struct qcow_image *img, uint64_t off, uint64_t bytes);
-/* Inflates the stream in[0..len) (read from host offset off, for the
- * message) into one cluster; *consumed (if not NULL) gets the stream's
- * true length in bytes. */
+/* Decompresses the stream in[0..len) (read from host offset off, for the
+ * message) into one cluster, by the image's compression type (deflate or
+ * zstd); *consumed (if not NULL) gets the stream's true length in bytes. */
 int qcow_compressed_inflate(const struct qcow_image *img, const uint8_t *in, size_t len, uint64_t off, uint8_t *out,
 			    uint64_t *consumed);
 /* The host clusters an L2 entry references (a compressed stream may span

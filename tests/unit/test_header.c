@@ -320,10 +320,15 @@ static void hostile(void)
 	expect_fail(&b, "external data file bit", "external data file", ENOTSUP);
 	b = base; b.incompat = QCOW_INCOMPAT_EXTL2;
 	expect_fail(&b, "extended L2 bit", "extended L2", ENOTSUP);
+	/* zstd (type 1) goes with the compression type bit, as QEMU wants */
 	b = base; b.incompat = QCOW_INCOMPAT_COMPRESSION; b.compression_type = 1;
-	expect_fail(&b, "compression bit with zstd", "compression", ENOTSUP);
+	expect_ok(&b, "compression bit with zstd");
 	b = base; b.compression_type = 1;
-	expect_fail(&b, "compression_type 1", "compression_type", ENOTSUP);
+	expect_fail(&b, "compression_type 1 without the bit", "compression type bit", EINVAL);
+	b = base; b.incompat = QCOW_INCOMPAT_COMPRESSION;
+	expect_fail(&b, "compression bit with zlib", "compression type bit", EINVAL);
+	b = base; b.incompat = QCOW_INCOMPAT_COMPRESSION; b.compression_type = 2;
+	expect_fail(&b, "compression_type 2", "unknown compression_type", ENOTSUP);
 	b = base; b.crypt = 1;
 	expect_fail(&b, "crypt_method 1", "crypt_method", ENOTSUP);
 	b = base; b.crypt = 2;
