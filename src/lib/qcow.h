@@ -171,6 +171,7 @@ struct qcow_stats {
 	uint64_t bytes_discarded;      /* guest bytes discarded since open */
 	uint64_t compactions_done;
 	uint64_t clusters_moved;
+	uint64_t streams_repacked;     /* compressed streams moved down by compaction */
 	bool compacting;
 	double compact_progress;       /* 0..1 of the current compaction, 1 when idle */
 	bool punch_supported;          /* host file system can punch holes */

@@ -979,6 +979,7 @@ void qcow_image_get_stats(struct qcow_image *img, struct qcow_stats *st)
 	st->bytes_discarded = img->bytes_discarded;
 	st->compactions_done = img->compactions_done;
 	st->clusters_moved = img->clusters_moved;
+	st->streams_repacked = img->streams_repacked;
 	st->compacting = img->compacting;
 	st->compact_progress = img->compacting ? img->compact_progress : 1.0;
 	st->punch_supported = img->punch_supported;

@@ -177,6 +177,7 @@ struct qcow_image {
 	uint64_t bytes_discarded;
 	uint64_t compactions_done;
 	uint64_t clusters_moved;
+	uint64_t streams_repacked;     /* compressed streams moved (qcow_repack.c) */
 };
 
 static inline void qcow_lock(struct qcow_image *img) { pthread_mutex_lock(&img->lock); }

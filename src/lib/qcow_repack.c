@@ -297,8 +297,10 @@ int64_t qcow_repack_streams(struct qcow_image *img)
 	phase_hook(img, QMOVE_COPIED);
 
 	qcow_lock(img);
-	if (ret == 0)
+	if (ret == 0) {
 		ret = (int64_t)link_streams(img, v, n);
+		img->streams_repacked += (uint64_t)ret;
+	}
 	/* packed clusters nothing points at: written, so Junk (never
 	 * Available: they are not known to read zeros) */
 	for (size_t k = 0; k < nc; k++)

@@ -72,6 +72,7 @@ static const struct stats_field stats_fields[] = {
 	STATS_FIELD(bytes_discarded, STATS_U64),
 	STATS_FIELD(compactions_done, STATS_U64),
 	STATS_FIELD(clusters_moved, STATS_U64),
+	STATS_FIELD(streams_repacked, STATS_U64),
 	STATS_FIELD(compacting, STATS_BOOL),
 	STATS_FIELD(compact_progress, STATS_DOUBLE),
 	STATS_FIELD(punch_supported, STATS_BOOL),

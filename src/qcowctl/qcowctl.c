@@ -1090,6 +1090,7 @@ static void status_print_human(const struct qcow_stats *st)
 	format_size_and_bytes(st->map_bytes, text, sizeof(text));
 	printf("cluster map memory: %s\n", text);
 	printf("clusters moved:     %" PRIu64 "\n", st->clusters_moved);
+	printf("streams repacked:   %" PRIu64 " (compressed)\n", st->streams_repacked);
 	format_size_and_bytes(st->bytes_reclaimed, text, sizeof(text));
 	printf("bytes reclaimed:    %s\n", text);
 	format_size_and_bytes(st->bytes_discarded, text, sizeof(text));
@@ -1136,6 +1137,7 @@ static void status_print_json(const char *mountpoint, const struct qcow_stats *s
 	json_u64(&j, "map-bytes", st->map_bytes);
 	json_u64(&j, "moves-in-flight", st->moves_in_flight);
 	json_u64(&j, "clusters-moved", st->clusters_moved);
+	json_u64(&j, "streams-repacked", st->streams_repacked);
 	json_u64(&j, "bytes-reclaimed", st->bytes_reclaimed);
 	json_u64(&j, "bytes-discarded", st->bytes_discarded);
 	json_u64(&j, "compactions-done", st->compactions_done);
@@ -1216,7 +1218,7 @@ static int cmd_status(const struct command *self, int argc, char **argv)
  * the file's size before -> after) and, when the file is still longer than
  * the engine says it could be, what holds it there.
  */
-static void print_compact_result(uint64_t moved, uint64_t size_before, uint64_t alloc_before,
+static void print_compact_result(uint64_t moved, uint64_t streams, uint64_t size_before, uint64_t alloc_before,
 				 uint64_t size_after, uint64_t alloc_after,
 				 const struct qcow_stats *after)
 {
@@ -1226,8 +1228,10 @@ static void print_compact_result(uint64_t moved, uint64_t size_before, uint64_t 
 	format_human_size(size_after, size_b, sizeof(size_b));
 	format_human_size(alloc_before, alloc_a, sizeof(alloc_a));
 	format_human_size(alloc_after, alloc_b, sizeof(alloc_b));
-	printf("moved %" PRIu64 " cluster%s; image file %s -> %s (%" PRIu64 " -> %" PRIu64
-	       " bytes), allocated %s -> %s\n", moved, moved == 1 ? "" : "s", size_a, size_b,
+	printf("moved %" PRIu64 " cluster%s", moved, moved == 1 ? "" : "s");
+	if (streams)
+		printf(" and %" PRIu64 " compressed stream%s", streams, streams == 1 ? "" : "s");
+	printf("; image file %s -> %s (%" PRIu64 " -> %" PRIu64 " bytes), allocated %s -> %s\n", size_a, size_b,
 	       size_before, size_after, alloc_a, alloc_b);
 	if (after->min_file_size && size_after > after->min_file_size) {
 		format_human_size(after->min_file_size, min, sizeof(min));
@@ -1340,7 +1344,8 @@ static int compact_mount(const char *mountpoint, const struct qcow_stats *before
 		return EXIT_FAILURE;
 	}
 	progress_finish(&progress, true);
-	print_compact_result(now.clusters_moved - before->clusters_moved, before->file_size,
+	print_compact_result(now.clusters_moved - before->clusters_moved, now.streams_repacked - before->streams_repacked,
+			     before->file_size,
 			     before->file_allocated, now.file_size, now.file_allocated, &now);
 	return EXIT_SUCCESS;
 }
@@ -1401,7 +1406,7 @@ static int compact_image(const char *image)
 		return EXIT_FAILURE;
 	}
 	print_compact_result(st_after.clusters_moved - st_before.clusters_moved,
-			     (uint64_t)before.st_size, (uint64_t)before.st_blocks * 512,
+			     st_after.streams_repacked - st_before.streams_repacked, (uint64_t)before.st_size, (uint64_t)before.st_blocks * 512,
 			     (uint64_t)after.st_size, (uint64_t)after.st_blocks * 512, &st_after);
 	return EXIT_SUCCESS;
 }
@@ -2308,10 +2313,10 @@ static const struct command commands[] = {
 	  "      --no-wait            on a mountpoint: request the compaction and return at once\n",
 	  "On a mountpoint (needs write permission on it), asks the running qcowfs to\n"
 	  "compact and follows its progress.  On an image that is not in use, compacts\n"
-	  "it in place.  At the end it says how many clusters moved and the file size\n"
-	  "before -> after, and, when the file stays above the smallest size the engine\n"
-	  "could reach, what holds it there (a persistent bitmap, a snapshot mounted\n"
-	  "by another process, ...).\n"
+	  "it in place.  At the end it says how many clusters (and compressed streams)\n"
+	  "moved and the file size before -> after, and, when the file stays above the\n"
+	  "smallest size the engine could reach, what holds it there (a persistent\n"
+	  "bitmap, a snapshot mounted by another process, ...).\n"
 	  "Exit status: 0 when the compaction worked, 1 when it failed (the engine\n"
 	  "counted a failed compaction or returned an error; 100% is never shown then).\n" },
 	{ "sparsify", cmd_sparsify, "sparsify MOUNTPOINT|IMAGE",

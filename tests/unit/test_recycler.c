@@ -353,6 +353,8 @@ static void run(const char *cmd)
  * settle, then checks that an idle recycler does not spin; with a
  * blocker_prefix the file must stay above its minimum and the blocker
  * say why, without one it must reach the minimum. */
+static uint64_t last_streams_repacked;   /* by the last idle_image's live open */
+
 static void idle_image(const char *path, const char *what, const char *blocker_prefix, uint64_t discard_len,
 		       bool pin_last)
 {
@@ -406,6 +408,7 @@ static void idle_image(const char *path, const char *what, const char *blocker_p
 		      "%s: compaction reached the minimum: file %llu, min %llu, blocker \"%s\"", what,
 		      (unsigned long long)st.file_size, (unsigned long long)st.min_file_size, st.blocker);
 	}
+	last_streams_repacked = st.streams_repacked;
 	CHECK(qcow_image_close(img) == 0, "%s: close", what);
 	if (pin_last)
 		return;   /* the pin lived in that open only */
@@ -471,6 +474,8 @@ static void test_minimum_then_idle(void)
 	snprintf(cmd, sizeof(cmd), "qemu-img convert -c -f raw -O qcow2 '%s' '%s'", raw, path);
 	run(cmd);
 	idle_image(path, "compressed image", NULL, 40ull << 20, false);
+	CHECK(last_streams_repacked > 0, "compressed image: the stats count the repacked streams (%llu)",
+	      (unsigned long long)last_streams_repacked);
 	/* what is left reads as before: the discarded part zero */
 	snprintf(cmd, sizeof(cmd), "dd if=/dev/zero of='%s' bs=1M count=40 conv=notrunc status=none && "
 		 "qemu-img convert -O raw '%s' '%s/c.raw' && cmp -s '%s' '%s/c.raw'", raw, path, dir, raw, dir);

@@ -35,6 +35,7 @@ static void fill_all(struct qcow_stats *st, unsigned long long seed)
 	st->bytes_discarded = tap_rand(&seed);
 	st->compactions_done = tap_rand(&seed);
 	st->clusters_moved = tap_rand(&seed);
+	st->streams_repacked = tap_rand(&seed);
 	st->compacting = true;
 	st->compact_progress = 0.25;
 	st->punch_supported = true;
@@ -60,6 +61,7 @@ static bool same_stats(const struct qcow_stats *a, const struct qcow_stats *b)
 	       a->clusters_shared == b->clusters_shared && a->map_bytes == b->map_bytes &&
 	       a->bytes_reclaimed == b->bytes_reclaimed && a->bytes_discarded == b->bytes_discarded &&
 	       a->compactions_done == b->compactions_done && a->clusters_moved == b->clusters_moved &&
+	       a->streams_repacked == b->streams_repacked &&
 	       a->compacting == b->compacting && a->compact_progress == b->compact_progress &&
 	       a->punch_supported == b->punch_supported && a->read_only == b->read_only &&
 	       a->last_error == b->last_error && a->failed == b->failed &&
