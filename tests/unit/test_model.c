@@ -376,8 +376,11 @@ static const char *const qemu_scripts[] = {
 	"seq 3 2000002 | head -c 8388608 > %s.raw && "
 	"qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=4096 %s.raw %s && rm -f %s.raw && "
 	"qemu-img snapshot -c s1 %s && qemu-io -f qcow2 -c 'write -P 5 1M 256k' -c 'discard 6M 1M' %s",
+	/* zstd frames instead of deflate streams */
+	"seq 5 2000004 | head -c 8388608 > %s.raw; "
+	"qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=4096,compression_type=zstd %s.raw %s && rm -f %s.raw",
 };
-static const char *const qemu_script_names[] = { "snapshot", "compressed", "compressed snapshot" };
+static const char *const qemu_script_names[] = { "snapshot", "compressed", "compressed snapshot", "zstd" };
 
 /* Each snapshot's disk as QEMU reads it from image bytes (NULL when
  * there is no such snapshot). */
@@ -687,7 +690,7 @@ int main(void)
 	concurrent(16, 4, 2000 * scale);
 	concurrent(12, 3, 2000 * scale);
 	if (access("/usr/bin/qemu-img", X_OK) == 0) {
-		for (unsigned which = 0; which < 3; which++) {
+		for (unsigned which = 0; which < 4; which++) {
 			random_ops_qemu(which, 400 * scale);
 			concurrent_qemu(which, 1500 * scale);
 		}
