@@ -365,17 +365,20 @@ static int mark_dirty(struct qcow_image *img)
 	return ret;
 }
 
-/* After an operation was taken back in memory: if no flush of it was
- * attempted, the disk holds exactly what it held before plus the dirty
- * bit, which the next flush may clear again.  Otherwise a failed flush may
- * have left raised refcounts or cleared flags behind: the bit stays until
- * the next open repairs.  img->lock held. */
-static void undo_dirty(struct qcow_image *img, bool flushed)
+/* After an operation that failed (ret) was taken back in memory: if it
+ * had set the dirty bit (marked) but no flush of it was attempted, the
+ * disk holds exactly what it held before plus that bit, which the next
+ * flush may clear again.  Otherwise a failed flush may have left raised
+ * refcounts or cleared flags behind: the bit stays until the next open
+ * repairs.  Takes img->lock. */
+static void undo_dirty(struct qcow_image *img, int ret, bool marked, bool flushed)
 {
-	if (flushed || img->hdr.version < 3)
+	if (!ret || !marked || flushed || img->hdr.version < 3)
 		return;
+	qcow_lock(img);
 	img->hdr.incompatible_features &= ~QCOW_INCOMPAT_DIRTY;
 	img->header_dirty = true;
+	qcow_unlock(img);
 }
 
 /* The header's snapshot fields (not in qcow_header_encode: patched into
@@ -612,11 +615,7 @@ out:
 		free_unpublished(img, t_start, t_n);
 		qcow_unlock(img);
 	}
-	if (ret && marked) {
-		qcow_lock(img);
-		undo_dirty(img, flushed);
-		qcow_unlock(img);
-	}
+	undo_dirty(img, ret, marked, flushed);
 	qcow_free(l1);
 	qcow_free(l1buf);
 	qcow_free(tbuf);
@@ -727,11 +726,7 @@ int qcow_snapshot_delete(struct qcow_image *img, const char *key)
 	if (!ret)
 		qcow_logf(QCOW_LOG_DEBUG, "snapshot '%s' (id %s) deleted", e.name, e.id);
 out:
-	if (ret && marked && !flushed) {
-		qcow_lock(img);
-		undo_dirty(img, false);
-		qcow_unlock(img);
-	}
+	undo_dirty(img, ret, marked, flushed);
 	if (removed)
 		t.n++;   /* the removed entry sits after the others: free it too */
 	qcow_free(sl1);
@@ -854,11 +849,7 @@ out:
 		free_unpublished(img, l1_start, l1_n);
 		qcow_unlock(img);
 	}
-	if (ret && marked) {
-		qcow_lock(img);
-		undo_dirty(img, flushed);
-		qcow_unlock(img);
-	}
+	undo_dirty(img, ret, marked, flushed);
 	qcow_free(sl1);
 	qcow_free(nl1);
 	qcow_free(l1buf);
