@@ -169,27 +169,11 @@ static void one_round(unsigned round)
 		uint64_t n = 1 + tap_rand(&seed) % (4 * cs);
 		if (n > size - off)
 			n = size - off;
-		crash_model_touch(&m, off, kind < 65 ? n : 0);
-		if (kind < 45) {
-			for (uint64_t i = 0; i < n; i++)
-				buf[i] = (uint8_t)tap_rand(&seed);
-			if (qcow_image_write(img, buf, n, off) != (ssize_t)n)
-				break;
-			crash_model_wrote(&m, buf, off, n);
-		} else if (kind < 65) {
-			if (qcow_image_discard(img, off, n))
-				break;
-			crash_model_wrote(&m, NULL, off, n);
-		} else if (kind < 85) {
-			if (qcow_image_flush(img))
-				break;
-			crash_model_synced(&m);
-		} else {
-			if (qcow_image_compact(img, NULL, NULL))
-				break;
-			/* compaction flushes: what was written before it is durable */
-			crash_model_synced(&m);
-		}
+		enum crash_op what = kind < 45 ? CRASH_WRITE : kind < 65 ? CRASH_DISCARD : kind < 85 ? CRASH_FLUSH : CRASH_COMPACT;
+		for (uint64_t i = 0; what == CRASH_WRITE && i < n; i++)
+			buf[i] = (uint8_t)tap_rand(&seed);
+		if (!crash_model_do(img, &m, what, buf, off, n))
+			break;
 	}
 	char what[64];
 	snprintf(what, sizeof(what), "round %u (cluster size %llu)", round, (unsigned long long)cs);
@@ -428,26 +412,11 @@ static void qimage_round(struct qimage *q, unsigned round, unsigned *snap_checks
 		uint64_t n = 1 + tap_rand(&seed) % (kind < 50 ? 64 * cs : 4 * cs);
 		if (n > size - off)
 			n = size - off;
-		crash_model_touch(&m, off, kind < 70 ? n : 0);
-		if (kind < 50) {
-			if (qcow_image_discard(img, off, n))
-				break;
-			crash_model_wrote(&m, NULL, off, n);
-		} else if (kind < 70) {
-			for (uint64_t i = 0; i < n; i++)
-				buf[i] = (uint8_t)tap_rand(&seed);
-			if (qcow_image_write(img, buf, n, off) != (ssize_t)n)
-				break;
-			crash_model_wrote(&m, buf, off, n);
-		} else if (kind < 80) {
-			if (qcow_image_flush(img))
-				break;
-			crash_model_synced(&m);
-		} else {
-			if (qcow_image_compact(img, NULL, NULL))
-				break;
-			crash_model_synced(&m);
-		}
+		enum crash_op what = kind < 50 ? CRASH_DISCARD : kind < 70 ? CRASH_WRITE : kind < 80 ? CRASH_FLUSH : CRASH_COMPACT;
+		for (uint64_t i = 0; what == CRASH_WRITE && i < n; i++)
+			buf[i] = (uint8_t)tap_rand(&seed);
+		if (!crash_model_do(img, &m, what, buf, off, n))
+			break;
 	}
 	char what[64];
 	snprintf(what, sizeof(what), "%s round %u", q->name, round);

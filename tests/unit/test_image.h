@@ -211,6 +211,40 @@ static inline void crash_model_synced(struct crash_model *m)
 	memset(m->dirty, 0, m->nsec);
 }
 
+/* One guest operation on img, recorded in m: a write of buf (filled by
+ * the caller), a discard, a flush or a compaction (both make everything
+ * written before them durable).  False when the engine refused it (the
+ * simulated disk died): the round stops there. */
+enum crash_op { CRASH_WRITE, CRASH_DISCARD, CRASH_FLUSH, CRASH_COMPACT };
+static inline bool crash_model_do(struct qcow_image *img, struct crash_model *m, enum crash_op op, const uint8_t *buf,
+				  uint64_t off, uint64_t n)
+{
+	switch (op) {
+	case CRASH_WRITE:
+		crash_model_touch(m, off, n);
+		if (qcow_image_write(img, buf, n, off) != (ssize_t)n)
+			return false;
+		crash_model_wrote(m, buf, off, n);
+		return true;
+	case CRASH_DISCARD:
+		crash_model_touch(m, off, n);
+		if (qcow_image_discard(img, off, n))
+			return false;
+		crash_model_wrote(m, NULL, off, n);
+		return true;
+	case CRASH_FLUSH:
+		if (qcow_image_flush(img))
+			return false;
+		break;
+	case CRASH_COMPACT:
+		if (qcow_image_compact(img, NULL, NULL))
+			return false;
+		break;
+	}
+	crash_model_synced(m);
+	return true;
+}
+
 /* Reads every clean sector of the reopened image; returns how many differ
  * from the last completed flush (the first one is printed, named by what). */
 static inline uint64_t crash_model_verify(struct qcow_image *img, const struct crash_model *m, const char *what)

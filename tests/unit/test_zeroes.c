@@ -482,15 +482,11 @@ static void crash_round(unsigned round, const uint8_t *tmpl, size_t tlen, unsign
 		if (kind < 50) {
 			for (uint64_t i = 0; i < n; i++)
 				buf[i] = kind < 25 ? 0 : (uint8_t)tap_rand(seed);
-			crash_model_touch(&m, off, n);
-			if (qcow_image_write(img, buf, n, off) != (ssize_t)n)
+			if (!crash_model_do(img, &m, CRASH_WRITE, buf, off, n))
 				break;
-			crash_model_wrote(&m, buf, off, n);
 		} else if (kind < 60) {
-			crash_model_touch(&m, off, n);
-			if (qcow_image_discard(img, off, n))
+			if (!crash_model_do(img, &m, CRASH_DISCARD, NULL, off, n))
 				break;
-			crash_model_wrote(&m, NULL, off, n);
 		} else if (kind < 72) {
 			struct qcow_sparsify_result r;
 			if (qcow_image_sparsify(img, NULL, NULL, &r))
@@ -505,14 +501,8 @@ static void crash_round(unsigned round, const uint8_t *tmpl, size_t tlen, unsign
 				break;
 			/* both resizes end with a flush */
 			crash_model_synced(&m);
-		} else if (kind < 92) {
-			if (qcow_image_flush(img))
-				break;
-			crash_model_synced(&m);
-		} else {
-			if (qcow_image_compact(img, NULL, NULL))
-				break;
-			crash_model_synced(&m);
+		} else if (!crash_model_do(img, &m, kind < 92 ? CRASH_FLUSH : CRASH_COMPACT, NULL, 0, 0)) {
+			break;
 		}
 	}
 	struct qcow_io *after = qcow_io_crash_crash(io, tap_rand(seed));
