@@ -169,7 +169,7 @@ static void one_round(unsigned round)
 		uint64_t n = 1 + tap_rand(&seed) % (4 * cs);
 		if (n > size - off)
 			n = size - off;
-		enum crash_op what = kind < 45 ? CRASH_WRITE : kind < 65 ? CRASH_DISCARD : kind < 85 ? CRASH_FLUSH : CRASH_COMPACT;
+		enum crash_guest_op what = kind < 45 ? CRASH_WRITE : kind < 65 ? CRASH_DISCARD : kind < 85 ? CRASH_FLUSH : CRASH_COMPACT;
 		for (uint64_t i = 0; what == CRASH_WRITE && i < n; i++)
 			buf[i] = (uint8_t)tap_rand(&seed);
 		if (!crash_model_do(img, &m, what, buf, off, n))
@@ -412,7 +412,7 @@ static void qimage_round(struct qimage *q, unsigned round, unsigned *snap_checks
 		uint64_t n = 1 + tap_rand(&seed) % (kind < 50 ? 64 * cs : 4 * cs);
 		if (n > size - off)
 			n = size - off;
-		enum crash_op what = kind < 50 ? CRASH_DISCARD : kind < 70 ? CRASH_WRITE : kind < 80 ? CRASH_FLUSH : CRASH_COMPACT;
+		enum crash_guest_op what = kind < 50 ? CRASH_DISCARD : kind < 70 ? CRASH_WRITE : kind < 80 ? CRASH_FLUSH : CRASH_COMPACT;
 		for (uint64_t i = 0; what == CRASH_WRITE && i < n; i++)
 			buf[i] = (uint8_t)tap_rand(&seed);
 		if (!crash_model_do(img, &m, what, buf, off, n))

@@ -215,8 +215,8 @@ static inline void crash_model_synced(struct crash_model *m)
  * the caller), a discard, a flush or a compaction (both make everything
  * written before them durable).  False when the engine refused it (the
  * simulated disk died): the round stops there. */
-enum crash_op { CRASH_WRITE, CRASH_DISCARD, CRASH_FLUSH, CRASH_COMPACT };
-static inline bool crash_model_do(struct qcow_image *img, struct crash_model *m, enum crash_op op, const uint8_t *buf,
+enum crash_guest_op { CRASH_WRITE, CRASH_DISCARD, CRASH_FLUSH, CRASH_COMPACT };
+static inline bool crash_model_do(struct qcow_image *img, struct crash_model *m, enum crash_guest_op op, const uint8_t *buf,
 				  uint64_t off, uint64_t n)
 {
 	switch (op) {
