@@ -252,6 +252,14 @@ static inline uint64_t qcow_l2_entry(const struct qcow_cached *t, uint64_t idx)
 {
 	return qcow_get_be64(t->data + idx * 8);
 }
+/* Which table holds the 8-byte pointer at file offset slot: the active L1
+ * table or the refcount table (*index = its entry), a snapshot's L1 table
+ * (a pinned whole table), or else an L2 table (img->lock held). */
+enum qcow_slot_kind { QSLOT_L2, QSLOT_ACTIVE_L1, QSLOT_SNAPSHOT_L1, QSLOT_REFTABLE };
+enum qcow_slot_kind qcow_slot_kind(const struct qcow_image *img, uint64_t slot, uint64_t *index);
+/* The entry at slot of the L2 (or other pointer) table holding it, through
+ * the cache; false if the table cannot be read. */
+bool qcow_l2_entry_at(struct qcow_image *img, uint64_t slot, uint64_t *e);
 /* The L2 table at host cluster l2_cluster, read on a miss; NULL and *ret. */
 struct qcow_cached *qcow_l2_get(struct qcow_image *img, uint64_t l2_cluster, int *ret);
 /* Sets entry idx of L2 table t, marks it dirty and cancels a move of t. */

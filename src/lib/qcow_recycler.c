@@ -263,21 +263,17 @@ enum move_kind {
  * pinned table cluster: *index = UINT64_MAX) or an L2 table (*index = 0). */
 static enum move_kind classify_slot(const struct qcow_image *img, uint64_t slot, uint64_t *index)
 {
-	uint64_t l1 = img->hdr.l1_table_offset, rt = img->hdr.refcount_table_offset;
-	if (slot >= l1 && slot < l1 + (uint64_t)img->hdr.l1_size * 8) {
-		*index = (slot - l1) / 8;
+	switch (qcow_slot_kind(img, slot, index)) {
+	case QSLOT_ACTIVE_L1:
 		return MOVE_L2;
-	}
-	if (slot >= rt && slot < rt + img->reftable_entries * 8) {
-		*index = (slot - rt) / 8;
+	case QSLOT_REFTABLE:
 		return MOVE_REFBLOCK;
-	}
-	uint64_t holder = slot >> img->cluster_bits;
-	if (holder < img->map.nclusters && qcow_map_state(&img->map, holder) == QCS_PINNED) {
+	case QSLOT_SNAPSHOT_L1:
 		*index = UINT64_MAX;   /* a whole table, not an L2 table: a snapshot's L1 */
 		return MOVE_L2;
+	case QSLOT_L2:
+		break;
 	}
-	*index = 0;
 	return MOVE_DATA;
 }
 
@@ -287,17 +283,6 @@ static enum move_kind classify(const struct qcow_image *img, uint64_t c)
 {
 	uint64_t index;
 	return classify_slot(img, qcow_map_ref_slot(&img->map, c, 0), &index);
-}
-
-/* The L2 entry at slot, through the cache; false if it cannot be read. */
-static bool entry_at(struct qcow_image *img, uint64_t slot, uint64_t *e)
-{
-	int ret;
-	struct qcow_cached *t = qcow_l2_get(img, slot >> img->cluster_bits, &ret);
-	if (!t)
-		return false;
-	*e = qcow_l2_entry(t, (slot & (img->cluster_size - 1)) / 8);
-	return true;
 }
 
 static int cmp_u64(const void *a, const void *b)
@@ -319,7 +304,7 @@ static bool holds_compressed(struct qcow_image *img, uint64_t c)
 	uint64_t slot = qcow_map_ref_slot(&img->map, c, 0);
 	if (classify_slot(img, slot, &index) != MOVE_DATA)
 		return false;
-	return !entry_at(img, slot, &e) || (e & QCOW_OFLAG_COMPRESSED);
+	return !qcow_l2_entry_at(img, slot, &e) || (e & QCOW_OFLAG_COMPRESSED);
 }
 
 /* Plans up to max moves under img->lock: the highest movable clusters

@@ -56,30 +56,12 @@ struct stream {
 
 /* Whether host cluster c holds compressed streams: its first pointer is
  * an L2 entry with a compressed descriptor. */
-static bool holds_streams(struct qcow_image *img, uint64_t c, uint64_t *slot0)
+static bool holds_streams(struct qcow_image *img, uint64_t c)
 {
-	uint64_t slot = qcow_map_ref_slot(&img->map, c, 0);
-	uint64_t holder = slot >> img->cluster_bits;
-	int ret;
-	if (!slot || holder >= img->map.nclusters || qcow_map_state(&img->map, holder) == QCS_PINNED)
+	uint64_t slot = qcow_map_ref_slot(&img->map, c, 0), index, e;
+	if (qcow_slot_kind(img, slot, &index) != QSLOT_L2 || slot >> img->cluster_bits >= img->map.nclusters)
 		return false;   /* a table's pointer, not an L2 entry */
-	uint64_t l1 = img->hdr.l1_table_offset, rt = img->hdr.refcount_table_offset;
-	if ((slot >= l1 && slot < l1 + (uint64_t)img->hdr.l1_size * 8) ||
-	    (slot >= rt && slot < rt + img->reftable_entries * 8))
-		return false;
-	struct qcow_cached *t = qcow_l2_get(img, holder, &ret);
-	if (!t)
-		return false;
-	*slot0 = slot;
-	return (qcow_l2_entry(t, (slot & (img->cluster_size - 1)) / 8) & QCOW_OFLAG_COMPRESSED) != 0;
-}
-
-static uint64_t entry_at(struct qcow_image *img, uint64_t slot, bool *ok)
-{
-	int ret;
-	struct qcow_cached *t = qcow_l2_get(img, slot >> img->cluster_bits, &ret);
-	*ok = t != NULL;
-	return t ? qcow_l2_entry(t, (slot & (img->cluster_size - 1)) / 8) : 0;
+	return qcow_l2_entry_at(img, slot, &e) && (e & QCOW_OFLAG_COMPRESSED);
 }
 
 /* Collects the streams of the highest compressed clusters that lie above
@@ -94,18 +76,15 @@ static size_t collect_streams(struct qcow_image *img, struct stream *v)
 		return 0;
 	for (uint64_t c = qcow_map_highest_movable(m, m->nclusters);
 	     c != UINT64_MAX && c > lowest && n < REPACK_STREAMS && bytes < REPACK_BYTES; c = qcow_map_highest_movable(m, c)) {
-		uint64_t slot0;
-		if (!holds_streams(img, c, &slot0))
+		if (!holds_streams(img, c))
 			continue;
 		for (uint64_t i = 0, refs = qcow_map_refcount(m, c); i < refs && n < REPACK_STREAMS; i++) {
 			uint64_t slot = qcow_map_ref_slot(m, c, i);
-			bool ok, seen = false;
+			bool seen = false;
 			for (size_t k = 0; k < n && !seen; k++)
 				seen = v[k].slot == slot;
-			if (seen)
-				continue;
-			uint64_t e = entry_at(img, slot, &ok);
-			if (!ok || !(e & QCOW_OFLAG_COMPRESSED))
+			uint64_t e;
+			if (seen || !qcow_l2_entry_at(img, slot, &e) || !(e & QCOW_OFLAG_COMPRESSED))
 				continue;
 			uint64_t count = 0, off, len;
 			for (uint64_t j = 0; j < refs; j++)

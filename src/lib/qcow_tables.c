@@ -63,6 +63,34 @@ void qcow_l1_set(struct qcow_image *img, uint64_t idx, uint64_t v)
 	qcow_bitmap_set(&img->l1_dirty, (idx * 8) >> img->cluster_bits);
 }
 
+enum qcow_slot_kind qcow_slot_kind(const struct qcow_image *img, uint64_t slot, uint64_t *index)
+{
+	uint64_t l1 = img->hdr.l1_table_offset, rt = img->hdr.refcount_table_offset;
+	if (slot >= l1 && slot < l1 + (uint64_t)img->hdr.l1_size * 8) {
+		*index = (slot - l1) / 8;
+		return QSLOT_ACTIVE_L1;
+	}
+	if (slot >= rt && slot < rt + img->reftable_entries * 8) {
+		*index = (slot - rt) / 8;
+		return QSLOT_REFTABLE;
+	}
+	*index = 0;
+	uint64_t holder = slot >> img->cluster_bits;
+	if (holder < img->map.nclusters && qcow_map_state(&img->map, holder) == QCS_PINNED)
+		return QSLOT_SNAPSHOT_L1;   /* a whole table that is no L2 table */
+	return QSLOT_L2;
+}
+
+bool qcow_l2_entry_at(struct qcow_image *img, uint64_t slot, uint64_t *e)
+{
+	int ret;
+	struct qcow_cached *t = qcow_l2_get(img, slot >> img->cluster_bits, &ret);
+	if (!t)
+		return false;
+	*e = qcow_l2_entry(t, (slot & (img->cluster_size - 1)) / 8);
+	return true;
+}
+
 int qcow_l2_lookup(struct qcow_image *img, uint64_t gc, uint64_t *entry)
 {
 	uint64_t l1i = gc >> img->l2_bits;
