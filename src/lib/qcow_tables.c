@@ -3,8 +3,9 @@
  *
  * Owns: reading L2 tables through the metadata cache, changing L1 and L2
  * entries (marking what the next flush must write), making an L2 table
- * writable in place (allocating it, or copying a shared one), and
- * re-pointing reverse references after the L1 or refcount table moved.
+ * writable in place (allocating it, or copying a shared one),
+ * re-pointing reverse references after the L1 or refcount table moved,
+ * and telling which table holds a pointer slot (moves and the repacker).
  * Rules:
  *  - Everything here runs with img->lock held (asserted).
  *  - A table handle that must survive a call that may evict, insert,
