@@ -48,7 +48,9 @@
 
 /* ---- extents ------------------------------------------------------------ */
 
-enum seg_kind { SEG_ZERO, SEG_DATA, SEG_COMPRESSED };
+/* SEG_BACKING: unallocated here, read from the backing chain (host holds
+ * the guest offset) */
+enum seg_kind { SEG_ZERO, SEG_DATA, SEG_COMPRESSED, SEG_BACKING };
 
 struct seg {
 	enum seg_kind kind;
@@ -97,7 +99,7 @@ static int segs_add(struct seg_list *s, enum seg_kind kind, uint64_t host, uint6
 	if (s->n) {
 		struct seg *p = &s->v[s->n - 1];
 		if (p->kind == kind && p->buf_off + p->len == buf_off &&
-		    (kind == SEG_ZERO || (kind == SEG_DATA && p->host + p->len == host))) {
+		    (kind == SEG_ZERO || ((kind == SEG_DATA || kind == SEG_BACKING) && p->host + p->len == host))) {
 			p->len += len;
 			return 0;
 		}
@@ -108,13 +110,61 @@ static int segs_add(struct seg_list *s, enum seg_kind kind, uint64_t host, uint6
 	return 0;
 }
 
-static bool entry_reads_zero(const struct qcow_image *img, uint64_t e)
+/* An entry that shows the backing chain (or zeros without one): no host
+ * cluster and no zero flag. */
+static bool entry_unallocated(const struct qcow_image *img, uint64_t e)
 {
 	if (e & QCOW_OFLAG_COMPRESSED)
 		return false;
 	if (img->hdr.version >= 3 && (e & QCOW_OFLAG_ZERO))
-		return true;
+		return false;
 	return (e & QCOW_L2E_OFFSET_MASK) == 0;
+}
+
+/* An entry whose cluster reads zeros whatever the backing chain holds. */
+static bool entry_is_zero(const struct qcow_image *img, uint64_t e)
+{
+	return !(e & QCOW_OFLAG_COMPRESSED) && img->hdr.version >= 3 && (e & QCOW_OFLAG_ZERO);
+}
+
+/* An entry whose cluster reads zeros: zero-flagged, or unallocated with
+ * no backing file. */
+static bool entry_reads_zero(const struct qcow_image *img, uint64_t e)
+{
+	return entry_is_zero(img, e) || (entry_unallocated(img, e) && !img->backing);
+}
+
+/* The L2 entry that makes a cluster read zeros with nothing allocated:
+ * unallocated without a backing file; with one, the zero flag (version 3
+ * only: the caller writes zeros as data on version 2). */
+static uint64_t zero_entry(const struct qcow_image *img)
+{
+	return img->backing ? QCOW_OFLAG_ZERO : 0;
+}
+
+/* Reads len bytes of what the backing chain shows at guest offset off:
+ * zeros past its end (or without one).  No engine lock held: the backing
+ * image is read-only and has locks of its own (taken after ours, never
+ * before: the chain only goes down). */
+static int backing_read(struct qcow_image *img, uint8_t *dst, size_t len, uint64_t off)
+{
+	struct qcow_backing *b = img->backing;
+	size_t have = 0;
+	if (b && off < b->size)
+		have = b->size - off < len ? (size_t)(b->size - off) : len;
+	if (have) {
+		int ret;
+		if (b->img) {
+			ssize_t r = qcow_image_read(b->img, dst, have, off);
+			ret = r < 0 ? (int)r : 0;
+		} else {
+			ret = b->raw->ops->pread(b->raw, dst, have, off);
+		}
+		if (ret)
+			return ret == -EAGAIN ? -EIO : ret;
+	}
+	memset(dst + have, 0, len - have);
+	return 0;
 }
 
 /* The part of a request at guest offset g (left bytes to go) that lies in
@@ -134,11 +184,13 @@ static int check_range(struct qcow_image *img, size_t len, uint64_t off)
 	return 0;
 }
 
-/* Reads what guest cluster entry e currently shows into buf. */
-static int read_entry_contents(struct qcow_image *img, uint64_t e, uint8_t *buf)
+/* Reads what guest cluster gc with entry e currently shows into buf. */
+static int read_entry_contents(struct qcow_image *img, uint64_t gc, uint64_t e, uint8_t *buf)
 {
 	if (e & QCOW_OFLAG_COMPRESSED)
 		return qcow_compressed_read(img, e, buf);
+	if (entry_unallocated(img, e))
+		return backing_read(img, buf, img->cluster_size, gc << img->cluster_bits);
 	if (entry_reads_zero(img, e)) {
 		memset(buf, 0, img->cluster_size);
 		return 0;
@@ -168,6 +220,8 @@ ssize_t qcow_image_read(struct qcow_image *img, void *buf, size_t len, uint64_t 
 			ret = segs_add(&segs, SEG_COMPRESSED, e, o, n, pos);
 		else if (entry_reads_zero(img, e))
 			ret = segs_add(&segs, SEG_ZERO, 0, 0, n, pos);
+		else if (entry_unallocated(img, e))
+			ret = segs_add(&segs, SEG_BACKING, off + pos, 0, n, pos);
 		else
 			ret = segs_add(&segs, SEG_DATA, (e & QCOW_L2E_OFFSET_MASK) + o, 0, n, pos);
 		pos += n;
@@ -188,6 +242,8 @@ ssize_t qcow_image_read(struct qcow_image *img, void *buf, size_t len, uint64_t 
 			memset(dst, 0, s->len);
 		} else if (s->kind == SEG_DATA) {
 			ret = img->io->ops->pread(img->io, dst, s->len, s->host);
+		} else if (s->kind == SEG_BACKING) {
+			ret = backing_read(img, dst, s->len, s->host);
 		} else {
 			if (!cbuf && !(cbuf = qcow_malloc(img->cluster_size))) {
 				ret = -ENOMEM;
@@ -385,7 +441,7 @@ static int write_data(struct qcow_image *img, const void *buf, struct write_plan
 			ret = -ENOMEM;
 			break;
 		}
-		ret = read_entry_contents(img, nc->old, cbuf);
+		ret = read_entry_contents(img, nc->gc, nc->old, cbuf);
 		if (ret)
 			break;
 		if (buf)
@@ -658,7 +714,7 @@ static int unmap_clusters(struct qcow_image *img, uint64_t gc, uint64_t count)
 		uint64_t l1i = g >> img->l2_bits, idx = g & ((1ull << img->l2_bits) - 1);
 		if (l1i >= img->hdr.l1_size)
 			break;
-		if (!(img->l1[l1i] & QCOW_L1E_OFFSET_MASK)) {
+		if (!(img->l1[l1i] & QCOW_L1E_OFFSET_MASK) && !img->backing) {
 			/* no table: the rest of this table's range is already zero */
 			i += ((1ull << img->l2_bits) - idx) - 1;
 			continue;
@@ -667,7 +723,7 @@ static int unmap_clusters(struct qcow_image *img, uint64_t gc, uint64_t count)
 		int ret = qcow_l2_lookup(img, g, &e);
 		if (ret)
 			return ret;
-		if (e == 0)
+		if (e == zero_entry(img))
 			continue;
 		struct qcow_cached *t = qcow_l2_for_write(img, l1i, &ret);
 		if (!t)
@@ -675,8 +731,10 @@ static int unmap_clusters(struct qcow_image *img, uint64_t gc, uint64_t count)
 		e = qcow_l2_entry(t, idx);
 		release_entry(img, e, (t->cluster << img->cluster_bits) + idx * 8, false);
 		/* no backing file: an unallocated cluster reads zeros in both
-		 * versions, and it frees the most */
-		qcow_l2_set_entry(img, t, idx, 0);
+		 * versions, and it frees the most; with one, the zero flag keeps
+		 * the backing data from showing through (version 3 only: the
+		 * caller writes zeros on version 2) */
+		qcow_l2_set_entry(img, t, idx, zero_entry(img));
 	}
 	return 0;
 }
@@ -698,6 +756,12 @@ static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
 	 * disk covers it whole */
 	uint64_t last = end == img->virtual_size ? (end + cs - 1) & ~(cs - 1) : end & ~(cs - 1);
 	int ret = 0;
+	if (img->backing && img->hdr.version < 3) {
+		/* no zero flag, and an unmapped cluster would show the backing
+		 * file: zeros are written, as QEMU's write-zeroes does */
+		ssize_t w = write_common(img, NULL, (size_t)len, off);
+		return w < 0 ? (int)w : 0;
+	}
 	if (first >= last) {   /* inside one cluster */
 		ssize_t w = write_common(img, NULL, (size_t)len, off);
 		return w < 0 ? (int)w : 0;

@@ -46,8 +46,22 @@ struct qcow_inflight {
 	struct qcow_inflight *prev, *next;
 };
 
+/* The image a qcow2 image reads through where its clusters are
+ * unallocated (qcow_open.c opens it, qcow_image.c reads it): a qcow2
+ * image opened read-only (itself with a chain of its own), or a raw file.
+ * Reads past `size` are zeros. */
+struct qcow_backing {
+	struct qcow_image *img;      /* qcow2 backing image, or NULL */
+	struct qcow_io *raw;         /* raw backing file, or NULL */
+	uint64_t size;               /* guest bytes it covers */
+	char *path;                  /* as opened (resolved against the naming image's folder) */
+	char format[8];              /* "qcow2" or "raw" */
+};
+
 struct qcow_image {
 	struct qcow_io *io;
+	/* the backing chain's next image; NULL: unallocated clusters read zeros */
+	struct qcow_backing *backing;
 	struct qcow_header hdr;
 	struct qcow_open_opts opts;
 	bool read_only;

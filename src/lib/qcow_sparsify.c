@@ -61,13 +61,13 @@ void qcow_sparsify_note_write(struct qcow_image *img, uint64_t gc)
 
 bool qcow_sparsify_unmap_reads_zero(struct qcow_image *img, uint64_t gc)
 {
-	(void)img;
 	(void)gc;
-	/* No backing files yet (refused at open): an unallocated cluster
-	 * reads zeros.  Issue 8: false when the backing chain has data in gc
-	 * (then detect_zeroes falls back to a zero flag and sparsify leaves
-	 * the cluster). */
-	return true;
+	/* With a backing file an unallocated cluster may show backing data:
+	 * then detect_zeroes falls back to a zero flag and sparsify leaves
+	 * the cluster.  (Asking the chain whether it holds data in gc would
+	 * unmap a little more; the zero flag frees the host cluster all the
+	 * same.) */
+	return !img->backing;
 }
 
 /* True when len bytes at p are all zero.  Word-wise, and it stops at the
