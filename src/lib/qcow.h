@@ -236,9 +236,16 @@ struct qcow_snapshot_info {
 	uint64_t disk_size;         /* the guest disk size it was taken with */
 	uint64_t l1_offset;
 	uint32_t l1_size;
+	int64_t icount;             /* QEMU's instruction count at the snapshot,
+	                               -1 when the entry records none (as QEMU) */
 };
 /* *out is an array of *count entries, freed with free(). */
 int qcow_snapshot_list(struct qcow_image *img, struct qcow_snapshot_info **out, uint32_t *count);
+/* The same list read from the file at path without opening the image
+ * (no locks, header structure checked only, as qcow_info_read), for
+ * `qcowctl info`.  -errno with a message in err on failure. */
+int qcow_snapshot_list_file(const char *path, struct qcow_snapshot_info **out, uint32_t *count,
+			    char *err, size_t errlen);
 int qcow_snapshot_create(struct qcow_image *img, const char *name);
 int qcow_snapshot_delete(struct qcow_image *img, const char *name);
 /* The active disk becomes the snapshot's (its contents and its size);
@@ -278,6 +285,8 @@ struct qcow_info {
 	uint64_t virtual_size;
 	unsigned cluster_bits;
 	unsigned refcount_bits;
+	unsigned compression_type; /* header byte 104: 0 zlib, 1 zstd */
+	unsigned crypt_method;     /* 0 none, 1 AES (legacy), 2 LUKS */
 	uint64_t file_size;
 	uint64_t file_allocated;
 	uint64_t incompatible_features, compatible_features, autoclear_features;
@@ -287,6 +296,7 @@ struct qcow_info {
 	uint64_t refcount_table_offset;
 	uint32_t refcount_table_clusters;
 	char backing_file[1024];   /* empty if none */
+	char backing_format[32];   /* the backing format extension, empty if none */
 	bool dirty, corrupt;
 };
 /* Reads and validates the header only (no locks taken). */

@@ -859,6 +859,37 @@ out:
 
 /* ---- list, any, view ---------------------------------------------------- */
 
+/* One entry of the table as the public API shows it; cur is the image's
+ * virtual size (QEMU's disk size of entries that do not record one). */
+static void entry_info(const struct sn_entry *e, uint64_t cur, struct qcow_snapshot_info *v)
+{
+	snprintf(v->id, sizeof(v->id), "%s", e->id);
+	snprintf(v->name, sizeof(v->name), "%s", e->name);
+	v->date_sec = e->date_sec;
+	v->date_nsec = e->date_nsec;
+	v->vm_clock_nsec = e->vm_clock_nsec;
+	v->vm_state_size = entry_vm_state(e);
+	v->disk_size = entry_disk_size(e, cur);
+	v->l1_offset = e->l1_offset;
+	v->l1_size = e->l1_size;
+	/* QEMU: the icount is extra data bytes 16..23, "none" (-1) in
+	 * entries written before it existed */
+	v->icount = e->extra_len >= 24 ? (int64_t)qcow_get_be64(e->extra + 16) : -1;
+}
+
+/* The table read by table_read, as an array the caller frees with free(). */
+static int table_to_info(struct sn_table *t, uint64_t cur, struct qcow_snapshot_info **out, uint32_t *count)
+{
+	struct qcow_snapshot_info *v = calloc(t->n ? t->n : 1, sizeof(*v));
+	if (!v)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < t->n; i++)
+		entry_info(&t->v[i], cur, &v[i]);
+	*out = v;
+	*count = t->n;
+	return 0;
+}
+
 int qcow_snapshot_list(struct qcow_image *img, struct qcow_snapshot_info **out, uint32_t *count)
 {
 	struct sn_table t;
@@ -870,27 +901,40 @@ int qcow_snapshot_list(struct qcow_image *img, struct qcow_snapshot_info **out, 
 	pthread_mutex_unlock(&img->flush_lock);
 	if (ret)
 		return ret;
-	struct qcow_snapshot_info *v = calloc(t.n ? t.n : 1, sizeof(*v));
-	if (!v) {
-		table_free(&t);
-		return -ENOMEM;
-	}
-	for (uint32_t i = 0; i < t.n; i++) {
-		struct sn_entry *e = &t.v[i];
-		snprintf(v[i].id, sizeof(v[i].id), "%s", e->id);
-		snprintf(v[i].name, sizeof(v[i].name), "%s", e->name);
-		v[i].date_sec = e->date_sec;
-		v[i].date_nsec = e->date_nsec;
-		v[i].vm_clock_nsec = e->vm_clock_nsec;
-		v[i].vm_state_size = entry_vm_state(e);
-		v[i].disk_size = entry_disk_size(e, cur);
-		v[i].l1_offset = e->l1_offset;
-		v[i].l1_size = e->l1_size;
-	}
-	*out = v;
-	*count = t.n;
+	ret = table_to_info(&t, cur, out, count);
 	table_free(&t);
-	return 0;
+	return ret;
+}
+
+int qcow_snapshot_list_file(const char *path, struct qcow_snapshot_info **out, uint32_t *count,
+			    char *err, size_t errlen)
+{
+	struct qcow_io *io;
+	struct qcow_header h;
+	struct sn_table t;
+
+	*out = NULL;
+	*count = 0;
+	int ret = qcow_io_file_open(path, true, &io);
+	if (ret) {
+		qcow_set_error(err, errlen, "cannot open %s: %s", path, strerror(-ret));
+		return ret;
+	}
+	ret = qcow_header_read_info(io, &h, err, errlen);
+	if (ret)
+		goto out;
+	ret = table_read(io, &h, &t);
+	if (ret == 0) {
+		ret = table_to_info(&t, h.size, out, count);
+		table_free(&t);
+	} else {
+		qcow_set_error(err, errlen, "cannot read the snapshot table (%u entries at offset 0x%" PRIx64 "): %s",
+			       h.nb_snapshots, h.snapshots_offset, strerror(-ret));
+	}
+	qcow_header_free(&h);
+out:
+	qcow_io_close(io);
+	return ret;
 }
 
 bool qcow_snapshot_any(struct qcow_image *img)
