@@ -29,6 +29,42 @@ static const char *incompat_name(unsigned bit)
 	}
 }
 
+/* The name the image's feature name table extension gives incompatible
+ * feature bit `bit` (QEMU's way of naming bits newer than itself), copied
+ * into out; false if there is none.  Runs before the extensions are
+ * validated, so every bound is checked here. */
+static bool feature_table_name(const struct qcow_header *h, uint64_t cs, unsigned bit, char *out, size_t len)
+{
+	uint64_t end = cs, pos = h->header_length;
+
+	if (h->backing_file_offset && h->backing_file_offset < end)
+		end = h->backing_file_offset;
+	while (pos + 8 <= end) {
+		uint32_t type = qcow_get_be32(h->raw + pos);
+		uint32_t n = qcow_get_be32(h->raw + pos + 4);
+		if (type == QCOW_EXT_END || n > end - pos - 8)
+			return false;
+		if (type == QCOW_EXT_FEATURE_TABLE) {
+			/* entries of 48 bytes: type (0 = incompatible), bit, name[46] */
+			for (uint32_t e = 0; e + 48 <= n; e += 48) {
+				const uint8_t *p = h->raw + pos + 8 + e;
+				if (p[0] == 0 && p[1] == bit) {
+					size_t k = strnlen((const char *)p + 2, 46);
+					if (k >= len)
+						k = len - 1;
+					for (size_t i = 0; i < k; i++)   /* printable only: it goes into messages */
+						out[i] = p[2 + i] >= 0x20 && p[2 + i] < 0x7f ? (char)p[2 + i] : '?';
+					out[k] = '\0';
+					return k > 0;
+				}
+			}
+			return false;
+		}
+		pos += 8 + (((uint64_t)n + 7) & ~7ull);
+	}
+	return false;
+}
+
 /* Checks that a table of len bytes at off is cluster aligned, inside the
  * addressable range and does not start inside cluster 0. */
 static int check_table(const char *what, unsigned field_off, uint64_t off, uint64_t len,
@@ -159,16 +195,22 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 	if (info_only)
 		unknown &= ~0x1full;   /* known to QEMU: report, do not refuse */
 	if (unknown) {
-		char names[256] = "";
+		/* each bit by number, as the spec numbers them, with its name
+		 * (ours, or the image's own feature name table) */
+		char names[512] = "";
+		unsigned count = 0;
 		for (unsigned b = 0; b < 64; b++)
 			if (unknown & (1ull << b)) {
+				char one[96], tname[48];
 				const char *n = incompat_name(b);
-				char one[64];
-				snprintf(one, sizeof(one), "%s%s", names[0] ? ", " : "", n ? n : "unknown");
+				if (!n && feature_table_name(h, cs, b, tname, sizeof(tname)))
+					n = tname;
+				snprintf(one, sizeof(one), "%sbit %u (%s)", names[0] ? ", " : "", b, n ? n : "unknown");
 				strncat(names, one, sizeof(names) - strlen(names) - 1);
+				count++;
 			}
-		FAIL(ENOTSUP, "unsupported incompatible feature bits 0x%" PRIx64 " (header offset 72): %s",
-		     unknown, names);
+		FAIL(ENOTSUP, "unsupported incompatible feature%s %s (incompatible features 0x%" PRIx64 " at header offset 72)",
+		     count == 1 ? "" : "s", names, unknown);
 	}
 	/* as QEMU: the incompatible bit announces exactly a non-zlib type */
 	if (h->compression_type > QCOW_COMPRESSION_ZSTD && !info_only)
@@ -181,7 +223,8 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 		FAIL(EINVAL, "the compression type bit (0x8 of the incompatible features at header offset 72) is set, "
 		     "but compression_type (header offset 104) is zlib");
 	if (h->crypt_method != 0 && !info_only)
-		FAIL(ENOTSUP, "encrypted images are not supported (crypt_method %u at header offset 32)", h->crypt_method);
+		FAIL(ENOTSUP, "encrypted images (%s) are not supported (crypt_method %u at header offset 32)",
+		     h->crypt_method == 1 ? "AES" : h->crypt_method == 2 ? "LUKS" : "unknown method", h->crypt_method);
 
 	/* backing file name: must lie in cluster 0 after the header */
 	if (h->backing_file_offset) {
