@@ -273,8 +273,10 @@ static void engine_call_begin(bool hold_errors)
  * the err buffer, else the last error logged, else strerror; an error the
  * sink already printed verbatim is not repeated.  An error held back from a
  * call that then succeeded is still news, so it is shown on its own.
+ * reason (if len > 0) receives "WHAT: REASON" on failure, for the JSON
+ * error object of --json.
  */
-static void engine_call_end(int ret, const char *what, const char *err)
+static void engine_call_end_reason(int ret, const char *what, const char *err, char *reason, size_t len)
 {
 	char last[sizeof(engine_log.last_error)];
 	bool held;
@@ -297,6 +299,32 @@ static void engine_call_end(int ret, const char *what, const char *err)
 		print_error("%s: %s", what, err);
 	else
 		print_error("%s: %s", what, strerror(-ret));
+	if (len)
+		snprintf(reason, len, "%s: %s", what, err[0] ? err : strerror(-ret));
+}
+
+static void engine_call_end(int ret, const char *what, const char *err)
+{
+	engine_call_end_reason(ret, what, err, NULL, 0);
+}
+
+/* Text from the engine or an image (the blocker, snapshot names) on a
+ * terminal: control bytes become '?' so that a hostile image cannot drive
+ * the terminal through them. */
+static void print_text_safely(const char *text)
+{
+	for (const unsigned char *p = (const unsigned char *)text; *p; p++)
+		putchar(*p < 0x20 || *p == 0x7f ? '?' : *p);
+}
+
+/* The same, padded with spaces to width columns (bytes, as printf's %-Ns). */
+static void print_padded_safely(const char *text, size_t width)
+{
+	size_t len = strlen(text);
+
+	print_text_safely(text);
+	if (len < width)
+		printf("%*s", (int)(width - len), "");
 }
 
 /* ---- numbers ------------------------------------------------------------ */
@@ -542,6 +570,44 @@ static void json_string(struct json_writer *j, const char *key, const char *valu
 	json_write_string(j->out, value);
 }
 
+static void json_array_begin(struct json_writer *j, const char *key)
+{
+	json_member_start(j, key);
+	fputc('[', j->out);
+	j->depth++;
+	j->need_comma = false;
+}
+
+static void json_array_end(struct json_writer *j)
+{
+	j->depth--;
+	fprintf(j->out, "\n%*s]", 4 * j->depth, "");
+	j->need_comma = true;
+	if (j->depth == 0)
+		fputc('\n', j->out);
+}
+
+/* The symbolic name of an errno for JSON error objects ("ENOTSUP"), which
+ * scripts can test without parsing a translated message. */
+static const char *errno_name(int err)
+{
+	static const struct { int value; const char *name; } names[] = {
+		{ EPERM, "EPERM" }, { ENOENT, "ENOENT" }, { EIO, "EIO" }, { ENXIO, "ENXIO" },
+		{ EBADF, "EBADF" }, { EAGAIN, "EAGAIN" }, { ENOMEM, "ENOMEM" }, { EACCES, "EACCES" },
+		{ EBUSY, "EBUSY" }, { EEXIST, "EEXIST" }, { ENODEV, "ENODEV" }, { ENOTDIR, "ENOTDIR" },
+		{ EISDIR, "EISDIR" }, { EINVAL, "EINVAL" }, { ENOTTY, "ENOTTY" }, { EFBIG, "EFBIG" },
+		{ ENOSPC, "ENOSPC" }, { EROFS, "EROFS" }, { ERANGE, "ERANGE" }, { ENAMETOOLONG, "ENAMETOOLONG" },
+		{ ENOSYS, "ENOSYS" }, { ELOOP, "ELOOP" }, { ENODATA, "ENODATA" }, { EPROTO, "EPROTO" },
+		{ EOVERFLOW, "EOVERFLOW" }, { ENOTSUP, "ENOTSUP" }, { ENOTCONN, "ENOTCONN" },
+		{ ETIMEDOUT, "ETIMEDOUT" }, { ECANCELED, "ECANCELED" }, { EOPNOTSUPP, "EOPNOTSUPP" },
+	};
+
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+		if (names[i].value == err)
+			return names[i].name;
+	return "EUNKNOWN";
+}
+
 /* ---- talking to a live mount ------------------------------------------- */
 
 /* ENOTTY: a file that knows no such ioctl (not a qcowfs mount); EINVAL,
@@ -610,21 +676,29 @@ static char *status_value(const char *text, const char *key)
 }
 
 /* The message for a status read that failed, naming the path. */
-static void report_status_error(const char *mountpoint, int ret)
+static void status_error_message(const char *mountpoint, int ret, char *buf, size_t len)
 {
 	if (errno_means_not_qcowfs(-ret))
-		print_error("%s is not a qcowfs mount", mountpoint);
+		snprintf(buf, len, "%s is not a qcowfs mount", mountpoint);
 	else if (ret == -ENOTCONN)
-		print_error("%s: the qcowfs daemon is gone (killed or crashed); "
-			    "'fusermount3 -u %s' detaches the dead mount", mountpoint, mountpoint);
+		snprintf(buf, len, "%s: the qcowfs daemon is gone (killed or crashed); "
+			 "'fusermount3 -u %s' detaches the dead mount", mountpoint, mountpoint);
 	else if (ret == -EPROTO)
-		print_error("%s: the status from qcowfs could not be parsed (qcowctl and qcowfs versions differ?)",
-			    mountpoint);
+		snprintf(buf, len, "%s: the status from qcowfs could not be parsed (qcowctl and qcowfs versions differ?)",
+			 mountpoint);
 	else if (ret == -EACCES)
-		print_error("cannot read the status of %s: %s (it needs read permission on the view)",
-			    mountpoint, strerror(EACCES));
+		snprintf(buf, len, "cannot read the status of %s: %s (it needs read permission on the view)",
+			 mountpoint, strerror(EACCES));
 	else
-		print_error("cannot read the status of %s: %s", mountpoint, strerror(-ret));
+		snprintf(buf, len, "cannot read the status of %s: %s", mountpoint, strerror(-ret));
+}
+
+static void report_status_error(const char *mountpoint, int ret)
+{
+	char msg[2 * PATH_MAX + 256];
+
+	status_error_message(mountpoint, ret, msg, sizeof(msg));
+	print_error("%s", msg);
 }
 
 /* The message for a compaction request the daemon refused. */
@@ -796,135 +870,457 @@ static int cmd_create(const struct command *self, int argc, char **argv)
 
 /* ---- info ---------------------------------------------------------------- */
 
+/*
+ * qcowctl info shows what "qemu-img info" shows for the same image, in the
+ * same order and, with --json, with the same key names and nesting
+ * (ImageInfo of QEMU's QAPI schema); --backing-chain shows every image of
+ * the chain, top first, as "qemu-img info --backing-chain" does.  What
+ * qemu-img leaves out and a qcowfs user wants (table offsets, feature
+ * bits, the file size) comes after it: "qcowfs details:" in the text, a
+ * "qcowfs" object in JSON, so that no qemu-img key changes meaning.
+ *
+ * One function per block of the output (info_block_*), each writing both
+ * forms through struct info_out, so that a new block (the bitmaps, the
+ * external data file) is one new function called at its place.
+ */
+
 /* Header feature bits (qcow2 spec), named for the output. */
-#define INCOMPAT_COMPRESSION_TYPE  (1ULL << 3)
 #define INCOMPAT_EXTENDED_L2       (1ULL << 4)
 #define COMPAT_LAZY_REFCOUNTS      (1ULL << 0)
+
+/* Everything info shows about one image of the chain. */
+struct info_image {
+	const char *filename;          /* as given (or as the chain names it) */
+	const char *format;            /* "qcow2" or "raw" */
+	uint64_t virtual_size;
+	uint64_t actual_size;          /* bytes allocated on the host */
+	struct qcow_info q;            /* qcow2 only */
+	struct qcow_snapshot_info *snapshots;   /* qcow2 only, free() */
+	uint32_t nb_snapshots;
+	char full_backing[PATH_MAX + 1024];     /* backing name resolved as QEMU does */
+};
+
+/* Where the blocks write: text lines indented like qemu-img's, or the
+ * members of a JSON object. */
+struct info_out {
+	bool json;
+	struct json_writer j;
+	int indent;                    /* text: spaces before each line */
+};
+
+static void out_str(struct info_out *o, const char *text_key, const char *json_key, const char *value)
+{
+	if (o->json)
+		json_string(&o->j, json_key, value);
+	else
+		printf("%*s%s: %s\n", o->indent, "", text_key, value);
+}
+
+static void out_bool(struct info_out *o, const char *text_key, const char *json_key, bool value)
+{
+	if (o->json)
+		json_bool(&o->j, json_key, value);
+	else
+		printf("%*s%s: %s\n", o->indent, "", text_key, value ? "true" : "false");
+}
+
+static void out_u64(struct info_out *o, const char *text_key, const char *json_key, uint64_t value)
+{
+	if (o->json)
+		json_u64(&o->j, json_key, value);
+	else
+		printf("%*s%s: %" PRIu64 "\n", o->indent, "", text_key, value);
+}
+
+/* A nested object: "text_key:" with its lines indented below it. */
+static void out_section_begin(struct info_out *o, const char *text_key, const char *json_key)
+{
+	if (o->json) {
+		json_object_begin(&o->j, json_key);
+	} else {
+		printf("%*s%s:\n", o->indent, "", text_key);
+		o->indent += 4;
+	}
+}
+
+static void out_section_end(struct info_out *o)
+{
+	if (o->json)
+		json_object_end(&o->j);
+	else
+		o->indent -= 4;
+}
+
+static bool info_is_qcow2(const struct info_image *im)
+{
+	return strcmp(im->format, "qcow2") == 0;
+}
 
 static const char *info_compat_name(const struct qcow_info *info)
 {
 	return info->version == 2 ? "0.10" : "1.1";
 }
 
-/* The only compression type besides zlib the format defines is zstd, and
- * the header may only announce a non-zlib type with this bit. */
+/* The types the format defines (header byte 104); QEMU refuses others. */
 static const char *info_compression_name(const struct qcow_info *info)
 {
-	return info->incompatible_features & INCOMPAT_COMPRESSION_TYPE ? "zstd" : "zlib";
+	switch (info->compression_type) {
+	case 0: return "zlib";
+	case 1: return "zstd";
+	default: return "unknown";
+	}
 }
 
-static void info_print_human(const char *image, const struct qcow_info *info)
+/* QEMU's names of the encryption methods (header offset 32). */
+static const char *info_encrypt_format(const struct qcow_info *info)
+{
+	switch (info->crypt_method) {
+	case 1: return "aes";
+	case 2: return "luks";
+	default: return "unknown";
+	}
+}
+
+/* QEMU's path_combine: a relative backing name is relative to the folder
+ * of the image that names it; an image named without a folder leaves it
+ * as it is. */
+static void info_resolve_backing(const char *image, const char *backing, char *out, size_t len)
+{
+	const char *slash = strrchr(image, '/');
+
+	if (backing[0] == '/' || !slash)
+		snprintf(out, len, "%s", backing);
+	else
+		snprintf(out, len, "%.*s%s", (int)(slash - image + 1), image, backing);
+}
+
+/* image, file format, sizes, encryption, cluster size. */
+static void info_block_general(struct info_out *o, const struct info_image *im)
 {
 	char text[128];
-	bool v3 = info->version >= 3;
+	bool encrypted = info_is_qcow2(im) && im->q.crypt_method != 0;
 
-	/* The first lines are laid out exactly like "qemu-img info". */
-	printf("image: %s\n", image);
-	printf("file format: qcow2\n");
-	format_size_and_bytes(info->virtual_size, text, sizeof(text));
-	printf("virtual size: %s\n", text);
-	format_human_size(info->file_allocated, text, sizeof(text));
-	printf("disk size: %s\n", text);
-	printf("cluster_size: %" PRIu64 "\n", (uint64_t)1 << info->cluster_bits);
-	if (info->backing_file[0])
-		printf("backing file: %s\n", info->backing_file);
-	printf("Format specific information:\n");
-	printf("    compat: %s\n", info_compat_name(info));
-	printf("    compression type: %s\n", info_compression_name(info));
-	if (v3)
-		printf("    lazy refcounts: %s\n",
-		       info->compatible_features & COMPAT_LAZY_REFCOUNTS ? "true" : "false");
-	printf("    refcount bits: %u\n", info->refcount_bits);
-	if (v3) {
-		printf("    corrupt: %s\n", info->corrupt ? "true" : "false");
-		printf("    extended l2: %s\n",
-		       info->incompatible_features & INCOMPAT_EXTENDED_L2 ? "true" : "false");
+	if (o->json) {
+		json_u64(&o->j, "virtual-size", im->virtual_size);
+		json_string(&o->j, "filename", im->filename);
+		if (info_is_qcow2(im))
+			json_u64(&o->j, "cluster-size", (uint64_t)1 << im->q.cluster_bits);
+		json_string(&o->j, "format", im->format);
+		json_u64(&o->j, "actual-size", im->actual_size);
+		if (encrypted)
+			json_bool(&o->j, "encrypted", true);
+		return;
 	}
-	/* What qemu-img info leaves out and a qcowfs user wants to see. */
-	printf("qcowfs details:\n");
-	printf("    dirty: %s\n", info->dirty ? "true" : "false");
-	format_size_and_bytes(info->file_size, text, sizeof(text));
-	printf("    file size: %s\n", text);
-	printf("    snapshots: %" PRIu32 "\n", info->nb_snapshots);
-	printf("    l1 table: offset 0x%" PRIx64 ", %" PRIu32 " entries\n",
-	       info->l1_table_offset, info->l1_size);
-	printf("    refcount table: offset 0x%" PRIx64 ", %" PRIu32 " cluster%s\n",
-	       info->refcount_table_offset, info->refcount_table_clusters,
-	       info->refcount_table_clusters == 1 ? "" : "s");
-	if (v3)
-		printf("    features: incompatible 0x%" PRIx64 ", compatible 0x%" PRIx64
-		       ", autoclear 0x%" PRIx64 "\n", info->incompatible_features,
-		       info->compatible_features, info->autoclear_features);
+	printf("image: %s\n", im->filename);
+	printf("file format: %s\n", im->format);
+	format_size_and_bytes(im->virtual_size, text, sizeof(text));
+	printf("virtual size: %s\n", text);
+	format_human_size(im->actual_size, text, sizeof(text));
+	printf("disk size: %s\n", text);
+	if (encrypted)
+		printf("encrypted: yes\n");
+	if (info_is_qcow2(im))
+		printf("cluster_size: %" PRIu64 "\n", (uint64_t)1 << im->q.cluster_bits);
 }
 
-static void info_print_json(const char *image, const struct qcow_info *info)
+/* The backing file as the header names it, where QEMU finds it, and its
+ * format from the backing format extension. */
+static void info_block_backing(struct info_out *o, const struct info_image *im)
+{
+	if (!info_is_qcow2(im) || !im->q.backing_file[0])
+		return;
+	if (o->json) {
+		json_string(&o->j, "backing-filename", im->q.backing_file);
+		json_string(&o->j, "full-backing-filename", im->full_backing);
+		if (im->q.backing_format[0])
+			json_string(&o->j, "backing-filename-format", im->q.backing_format);
+		return;
+	}
+	if (strcmp(im->q.backing_file, im->full_backing) != 0)
+		printf("backing file: %s (actual path: %s)\n", im->q.backing_file, im->full_backing);
+	else
+		printf("backing file: %s\n", im->q.backing_file);
+	if (im->q.backing_format[0])
+		printf("backing file format: %s\n", im->q.backing_format);
+}
+
+/* The internal snapshots: qemu-img's table (its columns and widths), or
+ * an array of objects with QEMU's SnapshotInfo keys. */
+static void info_block_snapshots(struct info_out *o, const struct info_image *im)
+{
+	if (!im->nb_snapshots)
+		return;
+	if (o->json) {
+		json_array_begin(&o->j, "snapshots");
+		for (uint32_t i = 0; i < im->nb_snapshots; i++) {
+			const struct qcow_snapshot_info *s = &im->snapshots[i];
+
+			json_object_begin(&o->j, NULL);
+			if (s->icount >= 0)
+				json_u64(&o->j, "icount", (uint64_t)s->icount);
+			json_u64(&o->j, "vm-clock-nsec", s->vm_clock_nsec % 1000000000);
+			json_string(&o->j, "name", s->name);
+			json_u64(&o->j, "date-sec", s->date_sec);
+			json_u64(&o->j, "date-nsec", s->date_nsec);
+			json_u64(&o->j, "vm-clock-sec", s->vm_clock_nsec / 1000000000);
+			json_string(&o->j, "id", s->id);
+			json_u64(&o->j, "vm-state-size", s->vm_state_size);
+			json_object_end(&o->j);
+		}
+		json_array_end(&o->j);
+		return;
+	}
+	printf("Snapshot list:\n");
+	printf("%-9s %-17s %7s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
+	for (uint32_t i = 0; i < im->nb_snapshots; i++) {
+		const struct qcow_snapshot_info *s = &im->snapshots[i];
+		char size[32], date[32] = "", clock[32], icount[32] = "";
+		time_t t = (time_t)s->date_sec;
+		struct tm tm;
+		uint64_t ms = s->vm_clock_nsec / 1000000;
+
+		format_human_size(s->vm_state_size, size, sizeof(size));
+		if (localtime_r(&t, &tm))
+			strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+		snprintf(clock, sizeof(clock), "%02" PRIu64 ":%02" PRIu64 ":%02" PRIu64 ".%03" PRIu64,
+			 ms / 3600000, ms / 60000 % 60, ms / 1000 % 60, ms % 1000);
+		if (s->icount >= 0)
+			snprintf(icount, sizeof(icount), "%" PRId64, s->icount);
+		/* names are bytes from the image: no terminal control through them */
+		print_padded_safely(s->id, 9);
+		putchar(' ');
+		print_padded_safely(s->name, 17);
+		printf(" %7s%20s%13s%11s\n", size, date, clock, icount);
+	}
+}
+
+/* The persistent dirty bitmaps (name, granularity, flags), between the
+ * lazy refcounts and the refcount bits as qemu-img shows them: written
+ * by the bitmap support of issue 8, nothing until then. */
+static void info_block_bitmaps(struct info_out *o, const struct info_image *im)
+{
+	(void)o;
+	(void)im;
+}
+
+/* The external data file (data-file, data-file-raw), after the refcount
+ * bits as qemu-img shows it: written by the data file support of issue
+ * 8, nothing until then. */
+static void info_block_data_file(struct info_out *o, const struct info_image *im)
+{
+	(void)o;
+	(void)im;
+}
+
+/* The encryption format, as qemu-img names it (the LUKS header details
+ * qemu-img adds need the key material's header parsed: not shown). */
+static void info_block_encrypt(struct info_out *o, const struct info_image *im)
+{
+	if (!im->q.crypt_method)
+		return;
+	out_section_begin(o, "encrypt", "encrypt");
+	out_str(o, "format", "format", info_encrypt_format(&im->q));
+	out_section_end(o);
+}
+
+/* "Format specific information" / "format-specific": {"type": "qcow2",
+ * "data": {...}}, keys in qemu-img's order. */
+static void info_block_format_specific(struct info_out *o, const struct info_image *im)
+{
+	const struct qcow_info *q = &im->q;
+	bool v3 = q->version >= 3;
+
+	if (!info_is_qcow2(im))
+		return;
+	if (o->json) {
+		json_object_begin(&o->j, "format-specific");
+		json_string(&o->j, "type", "qcow2");
+		json_object_begin(&o->j, "data");
+	} else {
+		printf("Format specific information:\n");
+		o->indent += 4;
+	}
+	out_str(o, "compat", "compat", info_compat_name(q));
+	out_str(o, "compression type", "compression-type", info_compression_name(q));
+	if (v3)
+		out_bool(o, "lazy refcounts", "lazy-refcounts", q->compatible_features & COMPAT_LAZY_REFCOUNTS);
+	info_block_bitmaps(o, im);
+	out_u64(o, "refcount bits", "refcount-bits", q->refcount_bits);
+	info_block_data_file(o, im);
+	info_block_encrypt(o, im);
+	if (v3) {
+		out_bool(o, "corrupt", "corrupt", q->corrupt);
+		out_bool(o, "extended l2", "extended-l2", q->incompatible_features & INCOMPAT_EXTENDED_L2);
+	}
+	if (o->json) {
+		json_object_end(&o->j);
+		json_object_end(&o->j);
+	} else {
+		o->indent -= 4;
+	}
+}
+
+/* What qemu-img leaves out: the file size, the tables, the feature bits. */
+static void info_block_qcowfs(struct info_out *o, const struct info_image *im)
+{
+	const struct qcow_info *q = &im->q;
+	char text[128];
+
+	if (!info_is_qcow2(im))
+		return;
+	if (o->json) {
+		json_object_begin(&o->j, "qcowfs");
+		json_u64(&o->j, "file-size", q->file_size);
+		json_u64(&o->j, "l1-table-offset", q->l1_table_offset);
+		json_u64(&o->j, "l1-size", q->l1_size);
+		json_u64(&o->j, "refcount-table-offset", q->refcount_table_offset);
+		json_u64(&o->j, "refcount-table-clusters", q->refcount_table_clusters);
+		json_u64(&o->j, "incompatible-features", q->incompatible_features);
+		json_u64(&o->j, "compatible-features", q->compatible_features);
+		json_u64(&o->j, "autoclear-features", q->autoclear_features);
+		json_object_end(&o->j);
+		return;
+	}
+	printf("qcowfs details:\n");
+	printf("    dirty: %s\n", q->dirty ? "true" : "false");
+	format_size_and_bytes(q->file_size, text, sizeof(text));
+	printf("    file size: %s\n", text);
+	printf("    l1 table: offset 0x%" PRIx64 ", %" PRIu32 " entries\n", q->l1_table_offset, q->l1_size);
+	printf("    refcount table: offset 0x%" PRIx64 ", %" PRIu32 " cluster%s\n",
+	       q->refcount_table_offset, q->refcount_table_clusters,
+	       q->refcount_table_clusters == 1 ? "" : "s");
+	if (q->version >= 3)
+		printf("    features: incompatible 0x%" PRIx64 ", compatible 0x%" PRIx64
+		       ", autoclear 0x%" PRIx64 "\n", q->incompatible_features,
+		       q->compatible_features, q->autoclear_features);
+}
+
+/* One image, every block in qemu-img's order. */
+static void info_print(struct info_out *o, const struct info_image *im)
+{
+	if (o->json)
+		json_object_begin(&o->j, NULL);
+	info_block_general(o, im);
+	info_block_backing(o, im);
+	info_block_snapshots(o, im);
+	info_block_format_specific(o, im);
+	if (o->json)
+		json_bool(&o->j, "dirty-flag", info_is_qcow2(im) && im->q.dirty);
+	info_block_qcowfs(o, im);
+	if (o->json)
+		json_object_end(&o->j);
+}
+
+static void info_image_free(struct info_image *im)
+{
+	free(im->snapshots);
+	im->snapshots = NULL;
+	im->nb_snapshots = 0;
+}
+
+/* Reads what info shows of the image at path in the given format
+ * (format NULL: qcow2).  Prints the reason and returns -errno on failure;
+ * reason (if not NULL) receives it for a JSON error object. */
+static int info_image_read(const char *path, const char *format, struct info_image *im,
+			   char *reason, size_t reason_len)
+{
+	char err[1024] = "", what[PATH_MAX + 32];
+	int ret;
+
+	memset(im, 0, sizeof(*im));
+	im->filename = path;
+	im->format = format && strcmp(format, "raw") == 0 ? "raw" : "qcow2";
+	snprintf(what, sizeof(what), "cannot read %s", path);
+	if (!info_is_qcow2(im)) {
+		struct stat st;
+
+		if (stat(path, &st) < 0) {
+			ret = -errno;
+			engine_call_begin(true);
+			engine_call_end_reason(ret, what, "", reason, reason_len);
+			return ret;
+		}
+		im->virtual_size = (uint64_t)st.st_size;
+		im->actual_size = (uint64_t)st.st_blocks * 512;
+		return 0;
+	}
+	engine_call_begin(true);
+	ret = qcow_info_read(path, &im->q, err, sizeof(err));
+	if (ret == 0 && im->q.nb_snapshots)
+		ret = qcow_snapshot_list_file(path, &im->snapshots, &im->nb_snapshots, err, sizeof(err));
+	engine_call_end_reason(ret, what, err, reason, reason_len);
+	if (ret < 0) {
+		info_image_free(im);
+		return ret;
+	}
+	/* The engine fills fixed arrays; never trust them to be terminated. */
+	im->q.backing_file[sizeof(im->q.backing_file) - 1] = '\0';
+	im->q.backing_format[sizeof(im->q.backing_format) - 1] = '\0';
+	im->virtual_size = im->q.virtual_size;
+	im->actual_size = im->q.file_allocated;
+	info_resolve_backing(path, im->q.backing_file, im->full_backing, sizeof(im->full_backing));
+	return 0;
+}
+
+/* A failure as JSON, so that a script reading stdout gets an answer it
+ * can parse instead of nothing: {"filename": ..., "error": {"message":
+ * ..., "errno": "EINVAL", "errno-value": 22}} (key "mountpoint" instead of
+ * "filename" for status).  The message is on stderr
+ * as well, and the exit status stays what it was. */
+static void json_print_error(const char *key, const char *path, const char *message, int err)
 {
 	struct json_writer j = { .out = stdout };
-	bool v3 = info->version >= 3;
 
-	/* Keys as in "qemu-img info --output=json" where qemu has them. */
+	if (err < 0)
+		err = -err;
 	json_object_begin(&j, NULL);
-	json_u64(&j, "virtual-size", info->virtual_size);
-	json_string(&j, "filename", image);
-	json_u64(&j, "cluster-size", (uint64_t)1 << info->cluster_bits);
-	json_string(&j, "format", "qcow2");
-	json_u64(&j, "actual-size", info->file_allocated);
-	json_u64(&j, "file-size", info->file_size);
-	if (info->backing_file[0])
-		json_string(&j, "backing-filename", info->backing_file);
-	json_u64(&j, "snapshots", info->nb_snapshots);
-	json_object_begin(&j, "format-specific");
-	json_string(&j, "type", "qcow2");
-	json_object_begin(&j, "data");
-	json_string(&j, "compat", info_compat_name(info));
-	json_string(&j, "compression-type", info_compression_name(info));
-	if (v3)
-		json_bool(&j, "lazy-refcounts", info->compatible_features & COMPAT_LAZY_REFCOUNTS);
-	json_u64(&j, "refcount-bits", info->refcount_bits);
-	if (v3) {
-		json_bool(&j, "corrupt", info->corrupt);
-		json_bool(&j, "extended-l2", info->incompatible_features & INCOMPAT_EXTENDED_L2);
-	}
-	json_u64(&j, "l1-table-offset", info->l1_table_offset);
-	json_u64(&j, "l1-size", info->l1_size);
-	json_u64(&j, "refcount-table-offset", info->refcount_table_offset);
-	json_u64(&j, "refcount-table-clusters", info->refcount_table_clusters);
-	json_u64(&j, "incompatible-features", info->incompatible_features);
-	json_u64(&j, "compatible-features", info->compatible_features);
-	json_u64(&j, "autoclear-features", info->autoclear_features);
+	json_string(&j, key, path);
+	json_object_begin(&j, "error");
+	json_string(&j, "message", message);
+	json_string(&j, "errno", errno_name(err));
+	json_u64(&j, "errno-value", (uint64_t)err);
 	json_object_end(&j);
 	json_object_end(&j);
-	json_bool(&j, "dirty-flag", info->dirty);
-	json_object_end(&j);
+	fflush(stdout);
 }
 
 static int cmd_info(const struct command *self, int argc, char **argv)
 {
-	struct qcow_info info;
-	bool json = false;
+	static const struct option longopts[] = {
+		{ "json", no_argument, NULL, 'j' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct info_out o = { .j = { .out = stdout } };
+	struct info_image im;
 	const char *image;
-	char err[1024] = "", what[PATH_MAX + 32];
-	int ret = parse_json_only(self, argc, argv, &json);
+	char reason[2048] = "";
+	int opt, ret;
 
-	if (ret >= 0)
-		return ret;
+	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'j':
+			o.json = true;
+			break;
+		case 'h':
+			print_command_help(self, stdout);
+			return EXIT_SUCCESS;
+		default:
+			return bad_option(self, opt, argv);
+		}
+	}
 	ret = single_operand(self, argc, argv, "IMAGE", &image);
 	if (ret)
 		return ret;
 
-	memset(&info, 0, sizeof(info));
-	snprintf(what, sizeof(what), "cannot read %s", image);
-	engine_call_begin(true);
-	ret = qcow_info_read(image, &info, err, sizeof(err));
-	engine_call_end(ret, what, err);
-	if (ret < 0)
+	ret = info_image_read(image, NULL, &im, reason, sizeof(reason));
+	if (ret < 0) {
+		if (o.json)
+			json_print_error("filename", image, reason, ret);
 		return EXIT_FAILURE;
-	/* The engine fills a fixed array; never trust it to be terminated. */
-	info.backing_file[sizeof(info.backing_file) - 1] = '\0';
-	if (json)
-		info_print_json(image, &info);
-	else
-		info_print_human(image, &info);
+	}
+	info_print(&o, &im);
+	info_image_free(&im);
 	return EXIT_SUCCESS;
 }
 
@@ -990,6 +1386,7 @@ static int cmd_check(const struct command *self, int argc, char **argv)
 	bool json = false;
 	const char *image;
 	char err[1024] = "", what[PATH_MAX + 32];
+	char reason[2048] = "";
 	int ret = parse_json_only(self, argc, argv, &json);
 
 	if (ret == EXIT_SUCCESS)
@@ -1011,9 +1408,12 @@ static int cmd_check(const struct command *self, int argc, char **argv)
 	engine_call_begin(false);
 	ret = qcow_check(image, &res, err, sizeof(err));
 	engine_log_route(false, stderr);
-	engine_call_end(ret, what, err);
-	if (ret < 0)
+	engine_call_end_reason(ret, what, err, reason, sizeof(reason));
+	if (ret < 0) {
+		if (json)
+			json_print_error("filename", image, reason, ret);
 		return CHECK_EXIT_FAILED;
+	}
 	if (json)
 		check_print_json(image, &res);
 	else
@@ -1022,14 +1422,6 @@ static int cmd_check(const struct command *self, int argc, char **argv)
 }
 
 /* ---- status -------------------------------------------------------------- */
-
-/* Text from the engine (the blocker) on a terminal: control bytes become
- * '?' so that a hostile image cannot drive the terminal through them. */
-static void print_text_safely(const char *text)
-{
-	for (const unsigned char *p = (const unsigned char *)text; *p; p++)
-		putchar(*p < 0x20 || *p == 0x7f ? '?' : *p);
-}
 
 /* The words for the engine's health (struct qcow_stats: failed, last_error). */
 #define STATE_FAILED_TEXT "failed: writes refused after an I/O error; unmount and check the image"
@@ -1201,7 +1593,12 @@ static int cmd_status(const struct command *self, int argc, char **argv)
 	}
 	ret = mount_read_status(mountpoint, &st);
 	if (ret < 0) {
-		report_status_error(mountpoint, ret);
+		char msg[2 * PATH_MAX + 256];
+
+		status_error_message(mountpoint, ret, msg, sizeof(msg));
+		print_error("%s", msg);
+		if (json)
+			json_print_error("mountpoint", mountpoint, msg, ret);
 		return EXIT_FAILURE;
 	}
 	if (json)
