@@ -58,7 +58,6 @@ static bool feature_table_name(const struct qcow_header *h, uint64_t cs, unsigne
 					return k > 0;
 				}
 			}
-			return false;
 		}
 		pos += 8 + (((uint64_t)n + 7) & ~7ull);
 	}
