@@ -23,6 +23,10 @@ prints
   compressed        compressed descriptors in the active L2 tables
   compressed_all    distinct compressed descriptors, snapshots included
   compressed_hosts  host clusters touched by compressed data
+  compressed_crossing     compressed descriptors whose data crosses a
+                          host-cluster boundary (active and snapshots)
+  compressed_shared_hosts host clusters touched by several compressed
+                          descriptors
   data_clusters     distinct host clusters of normal (not compressed) data
 
 The refcounts say which clusters are in use only when the image is clean
@@ -103,6 +107,8 @@ def main(path):
     compressed_active = 0
     compressed_all = set()
     comp_hosts = set()
+    comp_users = {}      # host cluster -> distinct descriptors touching it
+    crossing = set()
     data = set()
     for k, (lo, ls) in enumerate(l1s):
         l1 = rd(lo, ls * 8)
@@ -128,6 +134,9 @@ def main(path):
                     compressed_active += 1
                 for c in range(host // cs, (end - 1) // cs + 1):
                     comp_hosts.add(c)
+                    comp_users.setdefault(c, set()).add(e & ~COMPRESSED)
+                if host // cs != (end - 1) // cs:
+                    crossing.add(e & ~COMPRESSED)
             else:
                 h = e & OFFSET_MASK
                 if h:
@@ -152,6 +161,8 @@ def main(path):
         "compressed": compressed_active,
         "compressed_all": len(compressed_all),
         "compressed_hosts": len(comp_hosts),
+        "compressed_crossing": len(crossing),
+        "compressed_shared_hosts": sum(1 for u in comp_users.values() if len(u) > 1),
         "data_clusters": len(data),
     }
     json.dump(out, sys.stdout, sort_keys=True)
