@@ -486,8 +486,13 @@ static int link_new_clusters(struct qcow_image *img, struct write_plan *p)
  * write whose data is in place has succeeded. */
 static void maybe_autoflush(struct qcow_image *img, bool over)
 {
-	if (over)
-		(void)qcow_flush(img);   /* errors are noted by the flush itself */
+	/* A flush, resize or compaction step holding flush_lock writes the
+	 * cache soon enough; a resize that writes through this path holds it
+	 * itself (and would wait for itself). */
+	if (over && pthread_mutex_trylock(&img->flush_lock) == 0) {
+		(void)qcow_flush_holding_flush_lock(img);   /* errors are noted by the flush itself */
+		pthread_mutex_unlock(&img->flush_lock);
+	}
 }
 
 /* Writes buf (NULL = zeros) at off, checked again under the lock (see
@@ -739,16 +744,12 @@ static int unmap_clusters(struct qcow_image *img, uint64_t gc, uint64_t count)
 	return 0;
 }
 
-static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
+/* Makes [off, off+len) read zeros: partial clusters at the ends are
+ * written as zeros, whole ones released (release: a discard) or
+ * zero-flagged with nothing new allocated but L2 tables (a grow over a
+ * backing file). */
+static int clear_range(struct qcow_image *img, uint64_t off, uint64_t len, bool release)
 {
-	if (img->read_only)
-		return -EROFS;
-	if (off > img->virtual_size || len > img->virtual_size - off)
-		return -EINVAL;
-	if (len == 0)
-		return 0;
-	if (qcow_health_failed(img))
-		return -EIO;
 	uint64_t cs = img->cluster_size;
 	uint64_t first = (off + cs - 1) & ~(cs - 1);
 	uint64_t end = off + len;
@@ -776,6 +777,8 @@ static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
 		if (w < 0)
 			return (int)w;
 	}
+	if (!release)
+		return zero_whole_clusters(img, first >> img->cluster_bits, (last - first) >> img->cluster_bits, false);
 	/* whole clusters, in batches so guest I/O is never held off long */
 	for (uint64_t gc = first >> img->cluster_bits; gc < last >> img->cluster_bits && ret == 0;) {
 		uint64_t n = (last >> img->cluster_bits) - gc;
@@ -796,6 +799,19 @@ static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
 	return ret;
 }
 
+static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
+{
+	if (img->read_only)
+		return -EROFS;
+	if (off > img->virtual_size || len > img->virtual_size - off)
+		return -EINVAL;
+	if (len == 0)
+		return 0;
+	if (qcow_health_failed(img))
+		return -EIO;
+	return clear_range(img, off, len, true);
+}
+
 int qcow_image_discard(struct qcow_image *img, uint64_t off, uint64_t len)
 {
 	return discard_common(img, off, len);
@@ -807,6 +823,50 @@ int qcow_image_zero(struct qcow_image *img, uint64_t off, uint64_t len)
 }
 
 /* ---- seek --------------------------------------------------------------- */
+
+/* Whether guest cluster gc shows the backing chain: unallocated here
+ * (no L2 table, or an unallocated entry) with a chain below
+ * (img->lock held). */
+static int shows_backing(struct qcow_image *img, uint64_t gc, bool *out)
+{
+	*out = false;
+	if (!img->backing)
+		return 0;
+	uint64_t e;
+	int ret = qcow_l2_lookup(img, gc, &e);
+	if (ret == 0)
+		*out = entry_unallocated(img, e);
+	return ret;
+}
+
+/* SEEK_DATA/SEEK_HOLE over the backing chain for the guest bytes
+ * [pos, end) that show it: *found gets the first offset there that is data
+ * (want_data) or a hole, or -1 for none.  Past the end of the backing
+ * file is a hole.  img->lock held: the chain's locks nest inside ours (the
+ * chain only goes down).  0 or -errno. */
+static int backing_seek(struct qcow_image *img, uint64_t pos, uint64_t end, bool want_data, int64_t *found)
+{
+	struct qcow_backing *b = img->backing;
+	uint64_t bend = b->size < end ? b->size : end;
+	/* nothing of the chain's in [pos, end): a hole up to the end */
+	int64_t none = want_data ? -1 : (bend < end ? (int64_t)(pos > bend ? pos : bend) : -1);
+	*found = none;
+	if (pos >= bend)
+		return 0;
+	if (!b->img) {   /* a raw file: all data */
+		if (want_data)
+			*found = (int64_t)pos;
+		return 0;
+	}
+	int64_t r = qcow_image_seek(b->img, pos, want_data ? SEEK_DATA : SEEK_HOLE);
+	if (r == -ENXIO)
+		return 0;
+	if (r < 0)
+		return (int)r;
+	if ((uint64_t)r < bend)
+		*found = r;
+	return 0;
+}
 
 int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence)
 {
@@ -822,6 +882,34 @@ int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence)
 	qcow_lock(img);
 	while (gc < nclusters && result < 0) {
 		uint64_t l1i = gc >> img->l2_bits;
+		bool through;
+		if ((ret = shows_backing(img, gc, &through)))
+			break;
+		if (through) {
+			/* a run of clusters that show the chain: one question to it */
+			uint64_t end = gc + 1;
+			while (end < nclusters && (end - gc) < (1ull << img->l2_bits)) {
+				bool more;
+				if ((ret = shows_backing(img, end, &more)) || !more)
+					break;
+				end++;
+			}
+			if (ret)
+				break;
+			uint64_t pos = gc << img->cluster_bits;
+			if (pos < off)
+				pos = off;
+			uint64_t end_off = end << img->cluster_bits;
+			if (end_off > img->virtual_size)
+				end_off = img->virtual_size;
+			int64_t r;
+			if ((ret = backing_seek(img, pos, end_off, want_data, &r)))
+				break;
+			if (r >= 0)
+				result = r;
+			gc = end;
+			continue;
+		}
 		if (l1i < img->hdr.l1_size && !(img->l1[l1i] & QCOW_L1E_OFFSET_MASK)) {
 			if (!want_data) {
 				result = (int64_t)(gc << img->cluster_bits);
@@ -993,12 +1081,19 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 		}
 	}
 	if (ret == 0) {
+		uint64_t old_size = img->virtual_size;
 		qcow_lock(img);
 		img->hdr.size = new_size;
 		img->virtual_size = new_size;
 		img->header_dirty = true;
 		qcow_unlock(img);
-		ret = qcow_flush_holding_flush_lock(img);
+		/* A backing file longer than the old disk would show its data
+		 * in the new part: zeros there, as QEMU's truncate does. */
+		uint64_t bsize = img->backing ? img->backing->size : 0;
+		if (bsize > old_size)
+			ret = clear_range(img, old_size, (bsize < new_size ? bsize : new_size) - old_size, false);
+		if (ret == 0)
+			ret = qcow_flush_holding_flush_lock(img);
 	}
 out:
 	pthread_mutex_unlock(&img->flush_lock);

@@ -427,6 +427,20 @@ bool qcow_sparsify_unmap_reads_zero(struct qcow_image *img, uint64_t gc);
  * non-zero word; no lock needed). */
 bool qcow_sparsify_buffer_is_zero(const void *p, size_t len);
 
+/* qcow_open.c: an open over a backend with the backing chain below it
+ * already open (the image owns backing on success; on failure the caller
+ * keeps both).  Tests use it with a raw backing on the memory backend. */
+int qcow_image_open_io_backing(struct qcow_io *io, const struct qcow_open_opts *opts, struct qcow_backing *backing,
+			       struct qcow_image **out, char *err, size_t errlen);
+/* Closes a backing chain (NULL: nothing). */
+void qcow_backing_free(struct qcow_backing *b);
+
+/* qcow_chain.c (no lock): the file a backing name means (relative to the
+ * folder of image_path), and a backing file's format ("qcow2" or "raw":
+ * the recorded one if any, else probed); 0 or -errno with a message. */
+int qcow_chain_resolve(const char *image_path, const char *name, char *out, size_t outlen, char *err, size_t errlen);
+int qcow_chain_probe(const char *path, const char *recorded, char format[8], char *err, size_t errlen);
+
 /* qcow_lock.c is declared in qcow_lock.h */
 
 #define QCOW_DEFAULT_CACHE_BYTES (32u << 20)
