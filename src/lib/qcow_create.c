@@ -125,35 +125,6 @@ int qcow_create(const char *path, const struct qcow_create_opts *o, char *err, s
 	return ret;
 }
 
-/* The backing format extension of a parsed header (the format name QEMU
- * records next to the backing file name), copied into out ("" if none).
- * The header parser has checked that every record lies inside cluster 0;
- * the bounds are checked again here because nothing else ties this walk
- * to that one. */
-static void info_backing_format(const struct qcow_header *h, char *out, size_t len)
-{
-	uint64_t end = h->backing_file_offset ? h->backing_file_offset : h->raw_len;
-	uint64_t pos = h->header_length;
-
-	out[0] = '\0';
-	if (end > h->raw_len)
-		end = h->raw_len;
-	while (pos + 8 <= end) {
-		uint32_t type = qcow_get_be32(h->raw + pos);
-		uint32_t n = qcow_get_be32(h->raw + pos + 4);
-		if (type == QCOW_EXT_END || n > end - pos - 8)
-			return;
-		if (type == QCOW_EXT_BACKING_FORMAT) {
-			size_t k = n < len - 1 ? n : len - 1;
-			memcpy(out, h->raw + pos + 8, k);
-			out[k] = '\0';
-			out[strnlen(out, k)] = '\0';
-			return;
-		}
-		pos += 8 + (((uint64_t)n + 7) & ~7ull);
-	}
-}
-
 int qcow_info_read(const char *path, struct qcow_info *info, char *err, size_t errlen)
 {
 	struct qcow_io *io;
@@ -184,7 +155,8 @@ int qcow_info_read(const char *path, struct qcow_info *info, char *err, size_t e
 		info->refcount_table_offset = h.refcount_table_offset;
 		info->refcount_table_clusters = h.refcount_table_clusters;
 		memcpy(info->backing_file, h.backing_file, sizeof(info->backing_file));
-		info_backing_format(&h, info->backing_format, sizeof(info->backing_format));
+		_Static_assert(sizeof(info->backing_format) == sizeof(h.backing_format), "backing format sizes");
+		memcpy(info->backing_format, h.backing_format, sizeof(info->backing_format));
 		info->dirty = h.incompatible_features & QCOW_INCOMPAT_DIRTY;
 		info->corrupt = h.incompatible_features & QCOW_INCOMPAT_CORRUPT;
 		qcow_header_free(&h);
