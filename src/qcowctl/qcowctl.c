@@ -994,7 +994,8 @@ static void info_resolve_backing(const char *image, const char *backing, char *o
 		snprintf(out, len, "%.*s%s", (int)(slash - image + 1), image, backing);
 }
 
-/* image, file format, sizes, encryption, cluster size. */
+/* image, file format, sizes, encryption, cluster size, the dirty flag
+ * (the JSON has it as "dirty-flag", after the format-specific data). */
 static void info_block_general(struct info_out *o, const struct info_image *im)
 {
 	char text[128];
@@ -1021,6 +1022,8 @@ static void info_block_general(struct info_out *o, const struct info_image *im)
 		printf("encrypted: yes\n");
 	if (info_is_qcow2(im))
 		printf("cluster_size: %" PRIu64 "\n", (uint64_t)1 << im->q.cluster_bits);
+	if (info_is_qcow2(im) && im->q.dirty)
+		printf("cleanly shut down: no\n");
 }
 
 /* The backing file as the header names it, where QEMU finds it, and its
@@ -1044,7 +1047,9 @@ static void info_block_backing(struct info_out *o, const struct info_image *im)
 		printf("backing file format: %s\n", im->q.backing_format);
 }
 
-/* The internal snapshots: qemu-img's table (its columns and widths), or
+/* The internal snapshots: qemu-img's table (its columns and widths: rows
+ * are "%-9s %-16s %8s%20s%13s%11s", so a long name shifts the rest by the
+ * same amount as in qemu-img), or
  * an array of objects with QEMU's SnapshotInfo keys. */
 static void info_block_snapshots(struct info_out *o, const struct info_image *im)
 {
@@ -1089,8 +1094,8 @@ static void info_block_snapshots(struct info_out *o, const struct info_image *im
 		/* names are bytes from the image: no terminal control through them */
 		print_padded_safely(s->id, 9);
 		putchar(' ');
-		print_padded_safely(s->name, 17);
-		printf(" %7s%20s%13s%11s\n", size, date, clock, icount);
+		print_padded_safely(s->name, 16);
+		printf(" %8s%20s%13s%11s\n", size, date, clock, icount);
 	}
 }
 

@@ -1,0 +1,204 @@
+#!/bin/bash
+# t015-info-like-qemu: qcowctl info shows what qemu-img info shows for the
+# same image (issue 8, "qcowctl info as qemu-img users expect"): the text
+# line for line, the JSON key for key (the whole object, nesting and
+# values), for --backing-chain too; only qcowctl's own additions ("qcowfs
+# details:" in the text, the "qcowfs" object in JSON) and the LUKS header
+# details qemu-img decodes (qcowctl shows the encryption format only) are
+# left out of the comparison.
+#
+# Images (all made by qemu-img and qemu-io, some with qcowctl snapshot):
+# compat 0.10 and 1.1, lazy refcounts, 1-bit and 64-bit refcounts, 512 B
+# and 2 MiB clusters, zstd, extended L2, several internal snapshots (made
+# by qemu-img and by qcowctl), encrypted with LUKS and AES, marked corrupt
+# and dirty, and backing chains: a relative name, an absolute name, no
+# backing format recorded (probed), a raw base, three levels; each named
+# from its own folder and through a path, since QEMU resolves and shows
+# backing names relative to the image's folder.  Then a --json failure:
+# the JSON error object.
+. "$(dirname "$0")/lib.sh"
+need qemu-img qemu-io python3
+[ -x "$QCOWCTL" ] || fail "QCOWCTL=$QCOWCTL is not an executable"
+
+# same IMAGE [--backing-chain]: text and JSON agree with qemu-img info.
+# Run from the image's folder with the name given as NAME (relative) or
+# as a path, so that both ways of naming an image are compared.
+n=0
+same() {
+	local name=$1 out
+	shift
+	n=$((n + 1))
+	qemu-img info "$@" "$name" >"$T/q.txt" 2>"$T/q.err" || fail "qemu-img info $* $name failed: $(cat "$T/q.err")"
+	qemu-img info --output=json "$@" "$name" >"$T/q.json" 2>"$T/q.err" || fail "qemu-img info --output=json $* $name failed"
+	"$QCOWCTL" info "$@" "$name" >"$T/c.txt" 2>"$T/c.err" || fail "qcowctl info $* $name failed: $(cat "$T/c.err")"
+	"$QCOWCTL" info --json "$@" "$name" >"$T/c.json" 2>"$T/c.err" || fail "qcowctl info --json $* $name failed: $(cat "$T/c.err")"
+	out=$($PYTHON - "$T/q.txt" "$T/c.txt" "$T/q.json" "$T/c.json" 2>&1 <<'EOF'
+import json, sys
+
+def text(path, ours):
+    lines, skip, enc = [], False, None
+    for line in open(path).read().splitlines():
+        if ours and line == "qcowfs details:":
+            skip = True
+            continue
+        if skip:
+            if line.startswith("    "):
+                continue
+            skip = False
+        # qemu-img decodes the LUKS header under "encrypt:"; keep "format" only
+        if line.strip() == "encrypt:":
+            enc = len(line) - len(line.lstrip())
+            lines.append(line)
+            continue
+        if enc is not None:
+            ind = len(line) - len(line.lstrip())
+            if ind > enc:
+                if line.strip().startswith("format:") and ind == enc + 4:
+                    lines.append(line)
+                continue
+            enc = None
+        lines.append(line)
+    return lines
+
+def clean(v, ours):
+    if isinstance(v, list):
+        return [clean(x, ours) for x in v]
+    if not isinstance(v, dict):
+        return v
+    v = dict(v)
+    if ours:
+        v.pop("qcowfs", None)
+    d = v.get("format-specific", {}).get("data", {})
+    if "encrypt" in d:
+        d["encrypt"] = {"format": d["encrypt"].get("format")}
+    return {k: clean(x, ours) for k, x in v.items()}
+
+q, c = text(sys.argv[1], False), text(sys.argv[2], True)
+if q != c:
+    import difflib
+    sys.exit("text differs (- qemu-img, + qcowctl):\n" + "\n".join(difflib.unified_diff(q, c, lineterm="", n=1)))
+try:
+    qj, cj = clean(json.load(open(sys.argv[3])), False), clean(json.load(open(sys.argv[4])), True)
+except ValueError as e:
+    sys.exit("qcowctl info --json is not JSON: %s" % e)
+if qj != cj:
+    a = json.dumps(qj, indent=1, sort_keys=True).splitlines()
+    b = json.dumps(cj, indent=1, sort_keys=True).splitlines()
+    import difflib
+    sys.exit("JSON differs (- qemu-img, + qcowctl):\n" + "\n".join(difflib.unified_diff(a, b, lineterm="", n=1)))
+EOF
+) || fail "qcowctl info $* $name (in $(pwd)): $out"
+	log "same as qemu-img: info $* $name"
+}
+
+mkdir -p "$T/d/sub"
+cd "$T/d"
+
+# ---- formats and features --------------------------------------------------------
+W=('write -P 0x11 0 1M' 'write -P 0x22 5M 12345' 'write -z 8M 1M')
+for opts in compat=1.1 compat=0.10 lazy_refcounts=on refcount_bits=1 refcount_bits=64 \
+	cluster_size=512 cluster_size=2M compression_type=zstd extended_l2=on; do
+	img=f-${opts//[=,]/-}.qcow2
+	mkimg "$img" 64M "$opts"
+	qio "$img" "${W[@]}"
+	same "$img"
+done
+same "$T/d/f-compat-1.1.qcow2"
+# bigger: sizes in GiB, a disk size in MiB
+mkimg big.qcow2 20G
+qio big.qcow2 'write -P 0x33 0 5M' 'write -P 0x44 19G 3M'
+same big.qcow2
+
+# ---- snapshots --------------------------------------------------------------------
+mkimg snap.qcow2 64M
+qio snap.qcow2 'write -P 0x11 0 1M'
+qemu-img snapshot -c first snap.qcow2
+qio snap.qcow2 'write -P 0x22 0 2M'
+qemu-img snapshot -c 'second one' snap.qcow2
+"$QCOWCTL" snapshot create by-qcowctl snap.qcow2 >/dev/null 2>"$T/snap.err" ||
+	fail "qcowctl snapshot create failed: $(cat "$T/snap.err")"
+qemu-img snapshot -c "a-name-longer-than-the-tag-column-of-the-table" snap.qcow2
+qemu-img snapshot -d first snap.qcow2
+same snap.qcow2
+[ "$($PYTHON -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["snapshots"]))' "$T/c.json")" = 3 ] ||
+	fail "qcowctl info --json does not list the 3 snapshots as an array: $(cat "$T/c.json")"
+
+# ---- encryption, corrupt and dirty flags ---------------------------------------------
+qemu-img create -q -f qcow2 --object secret,id=sec0,data=t015 \
+	-o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 luks.qcow2 64M >>"$T/qemu.log" 2>&1 ||
+	fail "qemu-img create (LUKS) failed"
+same luks.qcow2
+if qemu-img create -q -f qcow2 --object secret,id=sec0,data=t015 -o encryption=on,encrypt.key-secret=sec0 \
+	aes.qcow2 64M >>"$T/qemu.log" 2>&1; then
+	same aes.qcow2
+else
+	log "this qemu-img no longer creates AES images: not compared"
+fi
+cp f-compat-1.1.qcow2 corrupt.qcow2
+$PYTHON "$MKBAD" corrupt corrupt.qcow2
+same corrupt.qcow2
+cp f-compat-1.1.qcow2 dirty.qcow2
+$PYTHON "$MKBAD" dirty dirty.qcow2
+same dirty.qcow2
+
+# ---- backing chains ---------------------------------------------------------------------
+truncate -s 32M base.raw
+printf 'base data' | dd of=base.raw bs=1 seek=4096 conv=notrunc status=none
+mkimg sub/mid.qcow2 64M "backing_file=../base.raw,backing_fmt=raw"
+qio sub/mid.qcow2 'write -P 0x55 1M 1M'
+mkimg top.qcow2 64M "backing_file=sub/mid.qcow2,backing_fmt=qcow2"
+qio top.qcow2 'write -P 0x66 2M 64k'
+mkimg abs.qcow2 64M "backing_file=$T/d/sub/mid.qcow2,backing_fmt=qcow2"
+# no backing format recorded (older QEMUs made such images; this one
+# refuses to, so the extension is taken out): qemu-img probes it
+mkimg sub/base2.qcow2 64M
+mkimg sub/probed.qcow2 64M "backing_file=base2.qcow2,backing_fmt=qcow2"
+$PYTHON - sub/probed.qcow2 <<'EOF'
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    h = f.read(65536)
+    off = struct.unpack(">I", h[100:104])[0]
+    while True:
+        t, n = struct.unpack(">II", h[off:off + 8])
+        if t == 0:
+            sys.exit("no backing format extension")
+        if t == 0xE2792ACA:
+            # an extension type nobody knows, which QEMU skips
+            f.seek(off)
+            f.write(struct.pack(">I", 0x7163F5E2))
+            break
+        off += 8 + ((n + 7) & ~7)
+EOF
+[ "$(qinfo_field sub/probed.qcow2 backing-filename-format 2>/dev/null || true)" != qcow2 ] ||
+	fail "setup: the backing format extension is still there"
+for img in top.qcow2 abs.qcow2 sub/probed.qcow2 sub/mid.qcow2; do
+	same "$img"
+	same "$img" --backing-chain
+done
+same "$T/d/top.qcow2" --backing-chain
+(cd sub && same ../top.qcow2 --backing-chain)
+[ "$($PYTHON -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$T/c.json")" = 3 ] ||
+	fail "qcowctl info --backing-chain --json of a 3-level chain is not an array of 3: $(cat "$T/c.json")"
+
+# ---- a failure with --json: a JSON error object, and the exit status --------------------
+for args in "info --json" "info --json --backing-chain" "check --json"; do
+	rc=0
+	# shellcheck disable=SC2086
+	"$QCOWCTL" $args nosuch.qcow2 >"$T/err.json" 2>"$T/err.txt" || rc=$?
+	[ $rc = 1 ] || fail "qcowctl $args of a missing file exited $rc, want 1"
+	grep -q 'nosuch.qcow2' "$T/err.txt" || fail "qcowctl $args of a missing file: no message on stderr"
+	$PYTHON - "$T/err.json" <<'EOF' || fail "qcowctl $args of a missing file: $(cat "$T/err.json")"
+import json, sys
+v = json.load(open(sys.argv[1]))
+e = v["error"]
+assert v["filename"] == "nosuch.qcow2" and e["errno"] == "ENOENT" and e["errno-value"] == 2, v
+assert "nosuch.qcow2" in e["message"] and "No such file" in e["message"], v
+EOF
+done
+cp f-compat-1.1.qcow2 magic.qcow2
+$PYTHON "$MKBAD" magic magic.qcow2
+rc=0
+"$QCOWCTL" info --json magic.qcow2 >"$T/err.json" 2>/dev/null || rc=$?
+[ $rc = 1 ] || fail "qcowctl info --json of a bad magic exited $rc"
+grep -q '"errno": "EINVAL"' "$T/err.json" || fail "qcowctl info --json of a bad magic: $(cat "$T/err.json")"
+log "ok ($n comparisons)"
