@@ -304,6 +304,27 @@ struct qcow_info {
 /* Reads and validates the header only (no locks taken). */
 int qcow_info_read(const char *path, struct qcow_info *info, char *err, size_t errlen);
 
+/* The LUKS header of a LUKS-encrypted image (crypt_method 2), decoded as
+ * qemu-img info shows it (no key needed: nothing secret is read). */
+struct qcow_luks_info {
+	char cipher_alg[48];      /* "aes-256" */
+	char cipher_mode[33];     /* "xts" */
+	char ivgen_alg[33];       /* "plain64", "essiv" */
+	char ivgen_hash_alg[33];  /* "" unless the IV generator has a hash */
+	char hash_alg[33];        /* "sha256" */
+	char uuid[41];
+	uint64_t payload_offset;  /* bytes */
+	uint32_t master_key_iters;
+	struct {
+		bool active;
+		uint32_t iters, stripes;   /* meaningful for active slots */
+		uint64_t key_offset;       /* bytes */
+	} slots[8];
+};
+/* Reads it (no locks taken); -EINVAL with a message naming the offset when
+ * the image has no readable LUKS version 1 header. */
+int qcow_info_luks(const char *path, struct qcow_luks_info *out, char *err, size_t errlen);
+
 /* ---- backing chains ---------------------------------------------- */
 
 /* Images below a top image, at most this many (QEMU's limit too). */

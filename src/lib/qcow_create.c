@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -161,6 +162,140 @@ int qcow_info_read(const char *path, struct qcow_info *info, char *err, size_t e
 		info->corrupt = h.incompatible_features & QCOW_INCOMPAT_CORRUPT;
 		qcow_header_free(&h);
 	}
+	qcow_io_close(io);
+	return ret;
+}
+
+/* ---- the LUKS header of an encrypted image, for info ------------------- */
+
+/* LUKS1 on-disk header (the cryptsetup format QEMU writes into the
+ * clusters the crypto header extension points at): big-endian, fixed
+ * offsets. */
+#define LUKS_MAGIC "LUKS\xba\xbe"
+#define LUKS_HDR_BYTES 592u
+#define LUKS_CIPHER_NAME 8u
+#define LUKS_CIPHER_MODE 40u
+#define LUKS_HASH_SPEC 72u
+#define LUKS_PAYLOAD_OFFSET 104u      /* 512-byte sectors */
+#define LUKS_KEY_BYTES 108u
+#define LUKS_MK_ITERS 164u
+#define LUKS_UUID 168u
+#define LUKS_SLOTS 208u               /* 8 slots of 48 bytes */
+#define LUKS_SLOT_BYTES 48u
+#define LUKS_SLOT_ACTIVE 0x00AC71F3u
+
+/* A fixed-size text field: up to the first NUL, printable ASCII only
+ * (the header is hostile input and the text ends up on a terminal). */
+static void luks_text(const uint8_t *p, size_t n, char *out, size_t len)
+{
+	size_t k = 0;
+
+	for (; k < n && k + 1 < len && p[k]; k++)
+		out[k] = p[k] >= 0x20 && p[k] < 0x7f ? (char)p[k] : '?';
+	out[k] = '\0';
+}
+
+/* The crypto header extension (offset and length of the LUKS header). */
+static bool luks_extension(const struct qcow_header *h, uint64_t *off, uint64_t *len)
+{
+	uint64_t end = h->backing_file_offset ? h->backing_file_offset : h->raw_len;
+	uint64_t pos = h->header_length;
+
+	if (end > h->raw_len)
+		end = h->raw_len;
+	while (pos + 8 <= end) {
+		uint32_t type = qcow_get_be32(h->raw + pos);
+		uint32_t n = qcow_get_be32(h->raw + pos + 4);
+		if (type == QCOW_EXT_END || n > end - pos - 8)
+			return false;
+		if (type == QCOW_EXT_CRYPTO && n >= 16) {
+			*off = qcow_get_be64(h->raw + pos + 8);
+			*len = qcow_get_be64(h->raw + pos + 16);
+			return true;
+		}
+		pos += 8 + (((uint64_t)n + 7) & ~7ull);
+	}
+	return false;
+}
+
+int qcow_info_luks(const char *path, struct qcow_luks_info *out, char *err, size_t errlen)
+{
+	struct qcow_io *io;
+	struct qcow_header h;
+	uint8_t b[LUKS_HDR_BYTES];
+	uint64_t off = 0, len = 0;
+	int ret = qcow_io_file_open(path, true, &io);
+
+	memset(out, 0, sizeof(*out));
+	memset(&h, 0, sizeof(h));   /* qcow_header_free is safe on it */
+	if (ret) {
+		qcow_set_error(err, errlen, "cannot open %s: %s", path, strerror(-ret));
+		return ret;
+	}
+	ret = qcow_header_read_info(io, &h, err, errlen);
+	if (ret)
+		goto out;
+	if (h.crypt_method != 2 || !luks_extension(&h, &off, &len)) {
+		qcow_set_error(err, errlen, "no LUKS header: crypt_method %u (header offset 32)%s", h.crypt_method,
+			       h.crypt_method == 2 ? ", but no crypto header extension" : "");
+		ret = -EINVAL;
+		goto out;
+	}
+	if (len < LUKS_HDR_BYTES || off > h.file_size || h.file_size - off < LUKS_HDR_BYTES) {
+		qcow_set_error(err, errlen, "the LUKS header at offset 0x%" PRIx64 " (%" PRIu64 " bytes, named by the crypto header extension) "
+			       "does not fit in the extension's length or the file", off, len);
+		ret = -EINVAL;
+		goto out;
+	}
+	ret = io->ops->pread(io, b, sizeof(b), off);
+	if (ret) {
+		qcow_set_error(err, errlen, "cannot read the LUKS header at offset 0x%" PRIx64 ": %s", off, strerror(-ret));
+		goto out;
+	}
+	if (memcmp(b, LUKS_MAGIC, 6) != 0 || qcow_get_be16(b + 6) != 1) {
+		qcow_set_error(err, errlen, "no LUKS version 1 header at offset 0x%" PRIx64 " (magic or version wrong)", off);
+		ret = -EINVAL;
+		goto out;
+	}
+
+	char name[33], mode[33];
+	uint32_t key_bytes = qcow_get_be32(b + LUKS_KEY_BYTES);
+	luks_text(b + LUKS_CIPHER_NAME, 32, name, sizeof(name));
+	luks_text(b + LUKS_CIPHER_MODE, 32, mode, sizeof(mode));
+	luks_text(b + LUKS_HASH_SPEC, 32, out->hash_alg, sizeof(out->hash_alg));
+	luks_text(b + LUKS_UUID, 40, out->uuid, sizeof(out->uuid));
+	/* "xts-plain64", "cbc-essiv:sha256": the mode, the IV generator and
+	 * its hash, as QEMU splits them */
+	char *dash = strchr(mode, '-');
+	if (dash) {
+		*dash = '\0';
+		char *colon = strchr(dash + 1, ':');
+		if (colon) {
+			*colon = '\0';
+			snprintf(out->ivgen_hash_alg, sizeof(out->ivgen_hash_alg), "%s", colon + 1);
+		}
+		snprintf(out->ivgen_alg, sizeof(out->ivgen_alg), "%s", dash + 1);
+	}
+	snprintf(out->cipher_mode, sizeof(out->cipher_mode), "%s", mode);
+	/* QEMU names a cipher by algorithm and key size; XTS keys are two
+	 * keys of the cipher's size */
+	uint32_t bits = (strcmp(mode, "xts") == 0 ? key_bytes / 2 : key_bytes) * 8;
+	if (strcmp(name, "sm4") == 0)
+		snprintf(out->cipher_alg, sizeof(out->cipher_alg), "sm4");
+	else
+		snprintf(out->cipher_alg, sizeof(out->cipher_alg), "%s-%u", name, bits);
+	out->payload_offset = (uint64_t)qcow_get_be32(b + LUKS_PAYLOAD_OFFSET) * 512;
+	out->master_key_iters = qcow_get_be32(b + LUKS_MK_ITERS);
+	for (unsigned i = 0; i < 8; i++) {
+		const uint8_t *s = b + LUKS_SLOTS + i * LUKS_SLOT_BYTES;
+		out->slots[i].active = qcow_get_be32(s) == LUKS_SLOT_ACTIVE;
+		out->slots[i].iters = qcow_get_be32(s + 4);
+		out->slots[i].key_offset = (uint64_t)qcow_get_be32(s + 40) * 512;
+		out->slots[i].stripes = qcow_get_be32(s + 44);
+	}
+	ret = 0;
+out:
+	qcow_header_free(&h);
 	qcow_io_close(io);
 	return ret;
 }

@@ -897,6 +897,8 @@ struct info_image {
 	struct qcow_info q;            /* qcow2 only */
 	struct qcow_snapshot_info *snapshots;   /* qcow2 only, free() */
 	uint32_t nb_snapshots;
+	bool has_luks;                 /* luks holds the decoded LUKS header */
+	struct qcow_luks_info luks;
 	char full_backing[PATH_MAX + 1024];     /* backing name resolved as QEMU does */
 };
 
@@ -1117,14 +1119,53 @@ static void info_block_data_file(struct info_out *o, const struct info_image *im
 	(void)im;
 }
 
-/* The encryption format, as qemu-img names it (the LUKS header details
- * qemu-img adds need the key material's header parsed: not shown). */
+/* The encryption format, as qemu-img names it, and for LUKS the header
+ * fields qemu-img decodes, in its order (QCryptoBlockInfoLUKS). */
 static void info_block_encrypt(struct info_out *o, const struct info_image *im)
 {
+	const struct qcow_luks_info *l = &im->luks;
+
 	if (!im->q.crypt_method)
 		return;
 	out_section_begin(o, "encrypt", "encrypt");
+	if (im->has_luks) {
+		out_str(o, "ivgen alg", "ivgen-alg", l->ivgen_alg);
+		out_str(o, "hash alg", "hash-alg", l->hash_alg);
+		out_str(o, "cipher alg", "cipher-alg", l->cipher_alg);
+		out_str(o, "uuid", "uuid", l->uuid);
+		if (l->ivgen_hash_alg[0])
+			out_str(o, "ivgen hash alg", "ivgen-hash-alg", l->ivgen_hash_alg);
+	}
 	out_str(o, "format", "format", info_encrypt_format(&im->q));
+	if (im->has_luks) {
+		out_str(o, "cipher mode", "cipher-mode", l->cipher_mode);
+		if (o->json)
+			json_array_begin(&o->j, "slots");
+		else
+			printf("%*sslots:\n", o->indent, "");
+		for (unsigned i = 0; i < 8; i++) {
+			if (o->json) {
+				json_object_begin(&o->j, NULL);
+			} else {
+				printf("%*s[%u]:\n", o->indent + 4, "", i);
+				o->indent += 8;
+			}
+			out_bool(o, "active", "active", l->slots[i].active);
+			if (l->slots[i].active)
+				out_u64(o, "iters", "iters", l->slots[i].iters);
+			out_u64(o, "key offset", "key-offset", l->slots[i].key_offset);
+			if (l->slots[i].active)
+				out_u64(o, "stripes", "stripes", l->slots[i].stripes);
+			if (o->json)
+				json_object_end(&o->j);
+			else
+				o->indent -= 8;
+		}
+		if (o->json)
+			json_array_end(&o->j);
+		out_u64(o, "payload offset", "payload-offset", l->payload_offset);
+		out_u64(o, "master key iters", "master-key-iters", l->master_key_iters);
+	}
 	out_section_end(o);
 }
 
@@ -1261,6 +1302,15 @@ static int info_image_read(const char *path, const char *format, struct info_ima
 	/* The engine fills fixed arrays; never trust them to be terminated. */
 	im->q.backing_file[sizeof(im->q.backing_file) - 1] = '\0';
 	im->q.backing_format[sizeof(im->q.backing_format) - 1] = '\0';
+	/* The LUKS details are extra: without them the format is still shown
+	 * (with a warning), where qemu-img would refuse the image. */
+	if (im->q.crypt_method == 2) {
+		ret = qcow_info_luks(path, &im->luks, err, sizeof(err));
+		if (ret == 0)
+			im->has_luks = true;
+		else
+			print_error("warning: %s: %s", path, err[0] ? err : strerror(-ret));
+	}
 	im->virtual_size = im->q.virtual_size;
 	im->actual_size = im->q.file_allocated;
 	info_resolve_backing(path, im->q.backing_file, im->full_backing, sizeof(im->full_backing));

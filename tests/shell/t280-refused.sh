@@ -24,12 +24,27 @@ MNT=$T/view.raw
 : >"$MNT"   # the mountpoint: a regular file, as for any mount
 SECRET=(--object secret,id=sec0,data=qcowfs-test)
 
+# mkluks IMAGE SIZE [OPTS]: a LUKS-encrypted image from qemu-img (secret
+# "sec0").  Retried: QEMU calibrates its PBKDF by thread CPU time and gives
+# up with "Unable to get accurate CPU usage" when a fast hash measures 0 ms,
+# which happens now and then on a busy or fast machine.
+mkluks() {
+	local img=$1 size=$2 opts=${3:+,$3} try
+	for try in 1 2 3 4 5 6; do
+		rm -f "$img"
+		qemu-img create -q -f qcow2 --object secret,id=sec0,data=qcowfs-test \
+			-o "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10$opts" \
+			"$img" "$size" >"$T/mkluks.log" 2>&1 && return 0
+		cat "$T/mkluks.log" >>"$T/qemu.log"
+		grep -q 'Unable to get accurate CPU usage' "$T/mkluks.log" || break
+	done
+	fail "qemu-img create of a LUKS image ($opts) failed: $(tail -n 3 "$T/mkluks.log")"
+}
+
 # ---- the images -------------------------------------------------------------
 # LUKS: a short PBKDF time keeps the creation fast; the header is a real
 # LUKS1 header all the same.
-qemu-img create -q -f qcow2 "${SECRET[@]}" \
-	-o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 "$T/luks.qcow2" 64M \
-	>>"$T/qemu.log" 2>&1 || fail "qemu-img create (LUKS) failed: $(tail -n 3 "$T/qemu.log")"
+mkluks "$T/luks.qcow2" 64M
 qemu-io --object secret,id=sec0,data=qcowfs-test \
 	--image-opts "driver=qcow2,file.filename=$T/luks.qcow2,encrypt.key-secret=sec0" \
 	-c 'write -P 0x5a 0 1M' >>"$T/qemu.log" 2>&1 || fail "qemu-io could not write the LUKS image"
