@@ -1,11 +1,16 @@
 /*
- * qcow_create.c - creating new, empty images.
+ * qcow_create.c - creating new, empty images, and reading what `qcowctl
+ * info` shows of an image without opening it.
  *
  * Owns: the initial layout, which mirrors qemu-img's: header in cluster 0,
  * then the refcount table, the refcount blocks that count the initial
  * clusters, and the L1 table sized exactly for the virtual size.  Rules:
  * the file is built in memory and written with one write, then synced;
  * an existing path is never overwritten.
+ * Also owns the offline readers for info: the header fields
+ * (qcow_info_read) and the LUKS header of an encrypted image
+ * (qcow_info_luks).  They take no lock and write nothing; every field
+ * read from the file is bounds-checked before use.
  */
 #include "config.h"
 #include "qcow_internal.h"

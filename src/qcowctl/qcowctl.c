@@ -4,7 +4,7 @@
  * Owns the user-facing commands around libqcow and a running qcowfs:
  *
  *   create    make a new qcow2 image (qcow_create)
- *   info      show the header of an image, like "qemu-img info"
+ *   info      what "qemu-img info" shows of an image (or of its backing chain)
  *   check     full consistency check, output and exit codes like "qemu-img check"
  *   status    live statistics of a mount, read with the QCOWFS_IOC_STATUS ioctl
  *   compact   shrink an image now: through a live mount, or offline
@@ -30,6 +30,9 @@
  *    scripts written for "qemu-img check" keep working.
  *  - Numbers go out locale-independent (the tool never calls setlocale),
  *    JSON goes to stdout pretty-printed like qemu-img's --output=json.
+ *  - A --json command that fails still prints one JSON object on stdout
+ *    (json_print_error: the message and the errno's name), so that a
+ *    script parsing stdout gets an answer; the exit status is unchanged.
  */
 /* config.h (PACKAGE_VERSION, _GNU_SOURCE) is forced into every compile by
  * Makefile.am's -include, so it is not included here a second time. */
