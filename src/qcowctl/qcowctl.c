@@ -1044,12 +1044,20 @@ static void info_block_backing(struct info_out *o, const struct info_image *im)
 			json_string(&o->j, "backing-filename-format", im->q.backing_format);
 		return;
 	}
-	if (strcmp(im->q.backing_file, im->full_backing) != 0)
-		printf("backing file: %s (actual path: %s)\n", im->q.backing_file, im->full_backing);
-	else
-		printf("backing file: %s\n", im->q.backing_file);
-	if (im->q.backing_format[0])
-		printf("backing file format: %s\n", im->q.backing_format);
+	/* names are bytes from the image: no terminal control through them */
+	printf("backing file: ");
+	print_text_safely(im->q.backing_file);
+	if (strcmp(im->q.backing_file, im->full_backing) != 0) {
+		printf(" (actual path: ");
+		print_text_safely(im->full_backing);
+		putchar(')');
+	}
+	putchar('\n');
+	if (im->q.backing_format[0]) {
+		printf("backing file format: ");
+		print_text_safely(im->q.backing_format);
+		putchar('\n');
+	}
 }
 
 /* The internal snapshots: qemu-img's table (its columns and widths: rows
