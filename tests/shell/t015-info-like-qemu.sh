@@ -204,4 +204,47 @@ rc=0
 "$QCOWCTL" info --json magic.qcow2 >"$T/err.json" 2>/dev/null || rc=$?
 [ $rc = 1 ] || fail "qcowctl info --json of a bad magic exited $rc"
 grep -q '"errno": "EINVAL"' "$T/err.json" || fail "qcowctl info --json of a bad magic: $(cat "$T/err.json")"
+# ---- hostile bytes: info never crashes, and --json always prints JSON ---------------
+# Random bytes changed in the header, the header extensions (backing
+# format, crypto header extension), the snapshot table and the LUKS header
+# of images made above: exit 0 or 1, never a signal, and with --json one
+# JSON object either way.
+out=$($PYTHON - "$QCOWCTL" snap.qcow2 luks.qcow2 top.qcow2 2>&1 <<'EOF'
+import json, random, struct, subprocess, sys
+ctl, images = sys.argv[1], sys.argv[2:]
+r = random.Random(15)
+bad = []
+for img in images:
+    src = open(img, "rb").read()
+    hl = struct.unpack(">I", src[100:104])[0]
+    spots = [(0, 112), (hl, 1024), (struct.unpack(">Q", src[64:72])[0], 256)]
+    off = hl
+    while True:                      # the LUKS header, where there is one
+        t, n = struct.unpack(">II", src[off:off + 8])
+        if t == 0:
+            break
+        if t == 0x0537BE77:
+            spots.append((struct.unpack(">Q", src[off + 8:off + 16])[0], 600))
+        off += 8 + ((n + 7) & ~7)
+    for it in range(60):
+        b = bytearray(src)
+        for _ in range(r.randint(1, 8)):
+            lo, n = r.choice(spots)
+            if lo + n <= len(b):
+                b[lo + r.randrange(n)] = r.randrange(256)
+        open("hostile.qcow2", "wb").write(b)
+        for args in (["info"], ["info", "--json"], ["info", "--json", "--backing-chain"]):
+            p = subprocess.run([ctl] + args + ["hostile.qcow2"], capture_output=True, timeout=60)
+            if p.returncode not in (0, 1):
+                bad.append("%s %s round %d: exit %d: %s" % (img, " ".join(args), it, p.returncode, p.stderr[-300:]))
+            elif "--json" in args:
+                try:
+                    json.loads(p.stdout)
+                except ValueError:
+                    bad.append("%s %s round %d: not JSON: %r" % (img, " ".join(args), it, p.stdout[:300]))
+if bad:
+    sys.exit("\n".join(bad[:10]))
+EOF
+) || fail "qcowctl info on damaged images: $out"
+
 log "ok ($n comparisons)"
