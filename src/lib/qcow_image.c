@@ -8,7 +8,9 @@
  * engine; it calls sparsify's write hook and zero check, the recycler
  * (kick), relocation, flush and the services (tables, allocation,
  * in-flight registry, compressed clusters), and nothing below calls back
- * up into it.  Rules (doc/design.md, "guest I/O" and "Zeroed space"; lock
+ * up into it.  Unallocated clusters read through the backing chain: the
+ * backing image's own qcow_image_read (another image, read-only, whose
+ * locks nest inside ours) or its raw file.  Rules (doc/design.md, "guest I/O" and "Zeroed space"; lock
  * order in qcow_internal.h):
  *  - A request resolves its extents under img->lock, registers in the
  *    in-flight list in the same critical section, drops the lock for the
