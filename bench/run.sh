@@ -29,7 +29,8 @@ usage: ${0##*/} [options]
   --repeat N         run every workload N times per engine, report the median
                      (default 2, 1 with --quick)
   --only LIST        comma-separated subset of workloads:
-                     seqwrite,seqread,randread,randwrite,randwrite-unalloc
+                     seqwrite,seqread,randread,randwrite,randwrite-unalloc,
+                     randread-overlay,randwrite-overlay
   --standin          play qcowfs with qemu-storage-daemon too (tests this
                      script before qcowfs exists; numbers are then QEMU vs QEMU)
 EOF
@@ -179,13 +180,18 @@ make_template() {
 }
 
 # ---- workloads ----------------------------------------------------------------
-# name | image (fresh|filled) | fio arguments | metric (bw|iops) of (read|write)
+# name | image (fresh|filled|overlay) | fio arguments | metric (bw|iops) of (read|write)
+# overlay: an empty qcow2 image on the filled template as its backing file
+# (the ceiling: the template's raw copy); reads fall through to the base,
+# 4 KiB writes copy the rest of their cluster up from it.
 WORKLOADS=(
 	"seqwrite|fresh|--rw=write --bs=1M --iodepth=4|bw|write"
 	"seqread|filled|--rw=read --bs=1M --iodepth=4 --time_based|bw|read"
 	"randread|filled|--rw=randread --bs=4k --iodepth=32 --time_based|iops|read"
 	"randwrite|filled|--rw=randwrite --bs=4k --iodepth=32 --time_based|iops|write"
 	"randwrite-unalloc|fresh|--rw=randwrite --bs=4k --iodepth=32 --time_based|iops|write"
+	"randread-overlay|overlay|--rw=randread --bs=4k --iodepth=32 --time_based|iops|read"
+	"randwrite-overlay|overlay|--rw=randwrite --bs=4k --iodepth=32 --time_based|iops|write"
 )
 declare -A WL_LABEL=(
 	[seqwrite]="1 MiB sequential write, QD4, fresh image (MB/s)"
@@ -193,6 +199,8 @@ declare -A WL_LABEL=(
 	[randread]="4 KiB random read, QD32, allocated (IOPS)"
 	[randwrite]="4 KiB random write, QD32, allocated (IOPS)"
 	[randwrite-unalloc]="4 KiB random write, QD32, fresh image (IOPS)"
+	[randread-overlay]="4 KiB random read, QD32, empty overlay on a filled base (IOPS)"
+	[randwrite-overlay]="4 KiB random write, QD32, empty overlay on a filled base (IOPS)"
 )
 
 selected() { [[ -z $ONLY || ",$ONLY," == *",$1,"* ]]; }
@@ -204,6 +212,12 @@ run_one() {   # run_one WORKLOAD ENGINE IMAGEKIND FIOARGS REP
 		if [[ $e == ceiling ]]; then cp --sparse=always "$TEMPLATE_RAW" "$img"
 		else cp --sparse=always "$TEMPLATE" "$img"; fi
 		sync "$img"
+	elif [[ $kind == overlay && $e == ceiling ]]; then
+		cp --sparse=always "$TEMPLATE_RAW" "$img"
+		sync "$img"
+	elif [[ $kind == overlay ]]; then
+		rm -f "$img"
+		qemu-img create -q -f qcow2 -o "cluster_size=$CLUSTER_SIZE" -b "$TEMPLATE" -F qcow2 "$img" "$SIZE_B"
 	elif [[ $e == ceiling ]]; then
 		new_raw "$img" "$SIZE_B"
 	else
@@ -221,7 +235,7 @@ run_one() {   # run_one WORKLOAD ENGINE IMAGEKIND FIOARGS REP
 	record "$wl" "$e" "hwm_kb_$r" "${hwm:-}"
 	engine_unmount "$e" "$view" "$pid"
 	# (the ceiling's raw file has no metadata to check)
-	if [[ $e != ceiling ]] && [[ $kind == fresh || $wl == randwrite ]]; then
+	if [[ $e != ceiling ]] && [[ $kind == fresh || $wl == randwrite || $wl == randwrite-overlay ]]; then
 		if qemu-img check -q "$img" >"$OUT/$wl-$e-$r.check" 2>&1; then
 			record "$wl" "$e" "check_$r" ok
 		else
@@ -236,7 +250,7 @@ T_START=$(now)
 need_template=0
 for w in "${WORKLOADS[@]}"; do
 	IFS='|' read -r wl kind _ _ _ <<<"$w"
-	selected "$wl" && [[ $kind == filled ]] && need_template=1
+	selected "$wl" && [[ $kind == filled || $kind == overlay ]] && need_template=1
 done
 ((need_template)) && make_template
 

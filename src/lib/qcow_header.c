@@ -230,7 +230,9 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 		if (h->backing_file_size > QCOW_MAX_BACKING_NAME)
 			FAIL(EINVAL, "backing_file_size %u (header offset 16) is too long (at most %u)",
 			     h->backing_file_size, QCOW_MAX_BACKING_NAME);
-		if (h->backing_file_offset < h->header_length || h->backing_file_offset > cs ||
+		/* (QEMU does not compare it with header_length: a name inside
+		 * the header fields is the check's business, not the open's) */
+		if ((h->backing_file_offset < h->header_length && !like_qemu) || h->backing_file_offset > cs ||
 		    h->backing_file_offset + h->backing_file_size > cs)
 			FAIL(EINVAL, "backing_file_offset 0x%" PRIx64 " (header offset 8) with size %u does not lie inside the header cluster",
 			     h->backing_file_offset, h->backing_file_size);

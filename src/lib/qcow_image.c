@@ -8,7 +8,9 @@
  * engine; it calls sparsify's write hook and zero check, the recycler
  * (kick), relocation, flush and the services (tables, allocation,
  * in-flight registry, compressed clusters), and nothing below calls back
- * up into it.  Rules (doc/design.md, "guest I/O" and "Zeroed space"; lock
+ * up into it.  Unallocated clusters read through the backing chain: the
+ * backing image's own qcow_image_read (another image, read-only, whose
+ * locks nest inside ours) or its raw file.  Rules (doc/design.md, "guest I/O" and "Zeroed space"; lock
  * order in qcow_internal.h):
  *  - A request resolves its extents under img->lock, registers in the
  *    in-flight list in the same critical section, drops the lock for the
@@ -45,6 +47,8 @@
 #include <unistd.h>
 
 #define DISCARD_BATCH_CLUSTERS 4096u
+/* zeros written as data (version 2 over a backing file): clusters per write */
+#define ZERO_WRITE_CLUSTERS 256u
 
 /* ---- extents ------------------------------------------------------------ */
 
@@ -759,9 +763,16 @@ static int clear_range(struct qcow_image *img, uint64_t off, uint64_t len, bool 
 	int ret = 0;
 	if (img->backing && img->hdr.version < 3) {
 		/* no zero flag, and an unmapped cluster would show the backing
-		 * file: zeros are written, as QEMU's write-zeroes does */
-		ssize_t w = write_common(img, NULL, (size_t)len, off);
-		return w < 0 ? (int)w : 0;
+		 * file: zeros are written, as QEMU's write-zeroes does, in
+		 * pieces of ZERO_WRITE_CLUSTERS (a whole-disk fstrim would
+		 * otherwise resolve millions of clusters in one plan) */
+		for (uint64_t pos = off; pos < end && ret == 0;) {
+			uint64_t n = end - pos < ZERO_WRITE_CLUSTERS * cs ? end - pos : ZERO_WRITE_CLUSTERS * cs;
+			ssize_t w = write_common(img, NULL, (size_t)n, pos);
+			ret = w < 0 ? (int)w : 0;
+			pos += n;
+		}
+		return ret;
 	}
 	if (first >= last) {   /* inside one cluster */
 		ssize_t w = write_common(img, NULL, (size_t)len, off);

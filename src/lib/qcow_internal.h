@@ -12,6 +12,10 @@
  *   3. img->err_lock     the health fields (qcow_health.c); held for a few
  *                        instructions, nothing is taken under it
  *   4. backend locks     inside struct qcow_io, never held across calls
+ * A backing image (img->backing->img) is another struct qcow_image with
+ * locks of its own; they are taken only inside ours (a read or seek
+ * falls through to the chain), never the other way round: a chain only
+ * goes down, so no cycle can form.
  * Guest data I/O is done with no engine lock held.  Instead every guest
  * request registers itself in the in-flight list while its physical
  * extents are in use; the recycler waits for a grace period

@@ -871,13 +871,15 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 	img->compacting = true;
 	img->compact_progress = 0;
 	pthread_mutex_unlock(&img->lock);
-	unsigned idle_batches = 0, relocations = 0;
+	unsigned idle_batches = 0, relocations = 0, settles = 0;
 	while (ret >= 0 && idle_batches < 3) {
 		int64_t n = compact_batch(img);
 		if (n < 0) {
 			ret = (int)n;
 			break;
 		}
+		if (n > 1)
+			settles = 0;   /* progress (as idle_batches counts it) */
 		idle_batches = n > 1 ? 0 : idle_batches + 1;
 		if (n == 0 || idle_batches >= 3) {
 			/* compressed streams next: they move one by one into the
@@ -893,6 +895,7 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 				if (ret == 0)
 					ret = erase_all_junk(img);
 				idle_batches = 0;
+				settles = 0;
 				continue;
 			}
 			/* clusters are as low as they go: the tables next, then
@@ -919,6 +922,22 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 			if (ret == 0 && moved) {
 				relocations++;
 				ret = erase_all_junk(img);
+				idle_batches = 0;
+				continue;
+			}
+			/* Nothing could move - perhaps only because what the last
+			 * moves freed is still Pending or Junk, not yet a
+			 * destination: settle it (flush, erase, flush) and try
+			 * again, twice at most without progress. */
+			pthread_mutex_lock(&img->lock);
+			const uint64_t *cnt = img->map.count;
+			bool unsettled = cnt[QCS_PENDING] + cnt[QCS_JUNK] + cnt[QCS_ERASING] + cnt[QCS_ERASED] + cnt[QCS_FLUSHING];
+			pthread_mutex_unlock(&img->lock);
+			if (ret == 0 && unsettled && settles < 2) {
+				settles++;
+				ret = qcow_flush(img);
+				if (ret == 0)
+					ret = erase_all_junk(img);
 				idle_batches = 0;
 				continue;
 			}

@@ -5,7 +5,8 @@ usage: check_corpus.py DIR SEED COUNT QCOWCTL OPEN_RW [JOBS]
 
 Builds a few base images with qemu-img and qemu-io in DIR (plain v3 and
 v2, internal snapshots (also v2, also over compressed clusters),
-compressed clusters, persistent bitmaps with data, refcount widths
+compressed clusters (deflate and zstd), an overlay on a backing file,
+persistent bitmaps with data, refcount widths
 1/8/16/64, cluster sizes 512, 4K and 64K; 2M clusters would make every
 mutant a 10 MB write, t170 covers them), then makes
 COUNT mutants from them with a random generator seeded with SEED.  Each
@@ -445,6 +446,15 @@ def make_bases(d):
     base("v2snap", "compat=0.10,cluster_size=4096", "4M", ["write -P 1 0 64k"], ["s1"], post=["write -P 2 0 8k"])
     base("rc8c4k", "cluster_size=4096,refcount_bits=8", "8M", ["write -P 1 0 100k", "write -P 2 6M 12k"], ["s1", "s2"],
          post=["write -P 3 4k 4k"])
+    p = os.path.join(d, "zstd.qcow2")
+    must(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096,compression_type=zstd", raw, p])
+    must(["qemu-io", "-f", "qcow2", "-c", "write -P 6 2M 8k", p])
+    bases.append(p)
+    # an overlay on plain.qcow2 (named relatively: the mutants sit next to it)
+    p = os.path.join(d, "overlay.qcow2")
+    must(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "plain.qcow2", "-F", "qcow2", p, "20M"])
+    must(["qemu-io", "-f", "qcow2", "-c", "write -P 9 64k 128k", "-c", "write -z 4M 64k", "-c", "write -P 8 18M 64k", p])
+    bases.append(p)
     p = os.path.join(d, "compsnap.qcow2")
     must(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", raw, p])
     must(["qemu-img", "snapshot", "-c", "s1", p])

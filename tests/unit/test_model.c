@@ -359,6 +359,48 @@ static void concurrent(unsigned cluster_bits, unsigned nwriters, unsigned ops)
 	qcow_free(model);
 }
 
+/* The concurrent phase over a raw backing file (three quarters of the
+ * disk long): writers' partial writes fill from it, their discards must
+ * hide it, and reads fall through it while compaction moves the top. */
+static void concurrent_backing(unsigned cluster_bits, unsigned nwriters, unsigned ops)
+{
+	uint64_t cs = 1ull << cluster_bits;
+	uint64_t size = 16u << 20, bsize = 12u << 20;
+	uint8_t *model = qcow_calloc(1, size);
+	fill_random(model, bsize);
+	struct qcow_backing *b = qcow_calloc(1, sizeof(*b));
+	REQUIRE(b && (b->raw = qcow_io_mem_new(model, bsize)), "backing");
+	b->size = bsize;
+	strcpy(b->format, "raw");
+	struct qcow_open_opts o;
+	qcow_open_opts_default(&o);
+	o.no_locking = true;
+	o.recycler = false;
+	o.runtime_asserts = true;
+	o.cache_bytes = 64 * 1024;
+	struct qcow_image *img;
+	char err[256];
+	REQUIRE(qcow_image_open_io_backing(new_image(size, cluster_bits, 4, 3), &o, b, &img, err, sizeof(err)) == 0,
+		"open over a backing file: %s", err);
+	verify_all(img, model, size);
+	/* some of it written here, some discarded: a fragmented top */
+	uint8_t *buf = qcow_malloc(size);
+	fill_random(buf, size);
+	for (uint64_t off = 0; off < size; off += 2 * cs) {
+		REQUIRE(qcow_image_write(img, buf + off, cs, off) == (ssize_t)cs, "fill");
+		memcpy(model + off, buf + off, cs);
+	}
+	for (uint64_t off = 0; off < size; off += 6 * cs) {
+		REQUIRE(qcow_image_discard(img, off, 2 * cs) == 0, "discard");
+		memset(model + off, 0, 2 * cs);
+	}
+	qcow_free(buf);
+	verify_all(img, model, size);
+	concurrent_on(img, model, size, cs, nwriters, ops, "concurrent phase over a backing file");
+	CHECK(qcow_image_close(img) == 0, "close");
+	qcow_free(model);
+}
+
 /* ---- images QEMU made: snapshots and compressed streams ------------- */
 
 /* The image scripts (every %s is the image path).  Snapshots: s1 and s2
@@ -689,6 +731,7 @@ int main(void)
 	compaction_inside_read_window();
 	concurrent(16, 4, 2000 * scale);
 	concurrent(12, 3, 2000 * scale);
+	concurrent_backing(16, 3, 1500 * scale);
 	if (access("/usr/bin/qemu-img", X_OK) == 0) {
 		for (unsigned which = 0; which < 4; which++) {
 			random_ops_qemu(which, 400 * scale);
