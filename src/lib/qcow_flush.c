@@ -502,6 +502,8 @@ int qcow_flush_holding_flush_lock(struct qcow_image *img)
 	for (size_t i = 0; i < p.nmeta; i++)
 		if (!p.meta[i].reftable)
 			pointers = true;
+	if (ret == 0 && p.data_dirty)
+		ret = qcow_datafile_sync(img);   /* the data the pointers show, in its own file */
 	if (ret == 0 && (wrote || p.data_dirty || pointers || p.switch_reftable))
 		ret = sync_or_fail(img);
 	/* 3. pointers */

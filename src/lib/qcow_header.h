@@ -38,6 +38,10 @@ struct qcow_header {
 	uint32_t header_length;
 	uint8_t compression_type;
 	char backing_file[1024];
+	/* the external data file's name (header extension 0x44415441), ""
+	 * without one; data_file_ext: the extension's offset, 0 without one */
+	char data_file[1024];
+	uint64_t data_file_ext;
 	/* raw bytes of cluster 0 as read (up to the cluster size) */
 	uint8_t *raw;
 	size_t raw_len;

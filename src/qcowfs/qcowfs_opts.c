@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #include <fuse_lowlevel.h>
 
@@ -265,7 +266,7 @@ static int apply_word(struct qcowfs_opts *opts, struct strbuf *kernel,
 			   KEY_IS("compact_threshold") ||
 			   KEY_IS("compact_quiet_ms") || KEY_IS("max_threads") ||
 			   KEY_IS("recycler") || KEY_IS("uid") || KEY_IS("gid") ||
-			   KEY_IS("detect_zeroes") || KEY_IS("snapshot")) {
+			   KEY_IS("detect_zeroes") || KEY_IS("snapshot") || KEY_IS("data_file")) {
 			set_error(err, errlen, "option '%s' needs a value (%s=...)",
 				  word, word);
 			return -EINVAL;
@@ -319,6 +320,23 @@ static int apply_word(struct qcowfs_opts *opts, struct strbuf *kernel,
 			if (!opts->snapshot)
 				return -ENOMEM;
 			opts->open.snapshot = opts->snapshot;
+		}
+	} else if (KEY_IS("data_file")) {
+		/* the image's external data file for this mount; made absolute
+		 * now, as the daemon chdirs to / */
+		if (!*value) {
+			ret = -EINVAL;
+		} else {
+			char cwd[4096];
+			bool rel = value[0] != '/' && getcwd(cwd, sizeof(cwd));
+			size_t n = (rel ? strlen(cwd) + 1 : 0) + strlen(value) + 1;
+			char *p = malloc(n);
+			if (!p)
+				return -ENOMEM;
+			snprintf(p, n, "%s%s%s", rel ? cwd : "", rel ? "/" : "", value);
+			free(opts->data_file);
+			opts->data_file = p;
+			opts->open.data_file = p;
 		}
 	} else if (KEY_IS("uid")) {
 		ret = parse_uid(value, &opts->uid);
@@ -470,6 +488,9 @@ void qcowfs_opts_free(struct qcowfs_opts *opts)
 	free(opts->snapshot);
 	opts->snapshot = NULL;
 	opts->open.snapshot = NULL;
+	free(opts->data_file);
+	opts->data_file = NULL;
+	opts->open.data_file = NULL;
 }
 
 void qcowfs_print_usage(FILE *out, const char *progname)
@@ -504,6 +525,9 @@ void qcowfs_print_usage(FILE *out, const char *progname)
 "                         another qcowfs or QEMU writes IMAGE (shared read\n"
 "                         lock, like qemu-img -U), and pauses that writer's\n"
 "                         compaction until this mount ends\n"
+"  data_file=PATH         the image's external data file, instead of the\n"
+"                         name IMAGE records (relative names there resolve\n"
+"                         against IMAGE's folder)\n"
 "  allow_other            let other users access the file (non-root needs\n"
 "                         user_allow_other in /etc/fuse.conf)\n"
 "  allow_root             let root access the file as well as its owner\n"
