@@ -34,6 +34,10 @@
  *    zeroed or unmapped instead of written (zero_clusters_locked).
  *  - A shrink sets the new size first; every write checks its range again
  *    under img->lock, so nothing is allocated past the end afterwards.
+ *  - Guest data goes through img->data_io: the external data file
+ *    (qcow_datafile.c: a new cluster sits at its guest offset, outside the
+ *    map; whole clusters released are punched there after a grace
+ *    period), or the image itself.
  */
 #include "config.h"
 #include "qcow_internal.h"

@@ -22,6 +22,9 @@
  * makes QEMU's open or check fail (a failed read, an invalid bitmap
  * directory or table entry) stops the walk in every mode, so qcow_check
  * then reports "could not check" as qemu-img check does.
+ * With an external data file (incompatible bit 2) data clusters live in
+ * that file and are no references of the qcow2 file; a compressed cluster
+ * there is a problem (QEMU cannot have written it).
  */
 #include "config.h"
 #include "qcow_internal.h"

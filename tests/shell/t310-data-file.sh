@@ -145,6 +145,13 @@ for raw in off on; do
 	[ "$(file_size "$img")" -le $((16 * 65536)) ] ||
 		fail "the qcow2 file grew to $(file_size "$img") bytes: data went into it"
 
+	# read-only: shared locks on both files, QEMU may read them meanwhile
+	qmount "$img" "$MNT" -o ro
+	same_file "$MNT" "$T/shadow.raw" "read-only view (data_file_raw=$raw)"
+	out=$(qemu-io -r -f raw -c 'read 0 512' "$data" 2>&1) ||
+		fail "qemu-io -r on the data file of a read-only mount was refused: $out"
+	qumount "$MNT"
+
 	# qcowctl info and check
 	"$QCOWCTL" info "$img" >"$T/info.out"
 	grep -qx "    data file: $data" "$T/info.out" || fail "qcowctl info: no 'data file: $data': $(cat "$T/info.out")"
