@@ -81,6 +81,14 @@ int qcow_datafile_open(struct qcow_image *img, char *err, size_t errlen)
 		img->data_owned = false;
 		return 0;
 	}
+	if (!img->io->ops->lock && !o->data_file) {
+		/* a memory backend (unit tests, the fuzz driver): its name is
+		 * no folder, and a file an untrusted image names is not opened
+		 * from there */
+		qcow_set_error(err, errlen, "the image has an external data file (\"%s\", header extension at offset %" PRIu64
+			       ") but its backend is not a file: pass the data file's backend", h->data_file, h->data_file_ext);
+		return -EINVAL;
+	}
 	if (!o->data_file && !h->data_file[0]) {
 		qcow_set_error(err, errlen, "the image has an external data file (bit 0x4 of the incompatible features at header "
 			       "offset 72) but no data file name extension: give it with -o data_file=PATH");
