@@ -62,7 +62,10 @@ for op in range(nops):
         off = r.randrange(size - 1)
         ln = min(r.randint(1, 9000), size - off)
     if x < 0.65:
-        data = bytes([r.randrange(1, 256)]) * ln if r.random() < 0.5 else os.urandom(ln)
+        # zeros too: qcowfs's detect_zeroes=unmap turns whole zero
+        # clusters into discards (punched in the data file)
+        k = r.random()
+        data = bytes(ln) if k < 0.15 else bytes([r.randrange(1, 256)]) * ln if k < 0.55 else os.urandom(ln)
         os.pwrite(fv, data, off)
         os.pwrite(fs, data, off)
     elif x < 0.8:

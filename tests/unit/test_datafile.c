@@ -37,10 +37,15 @@ struct pair {
 	uint8_t *view;           /* what the disk shows (the model's start) */
 };
 
+/* the next open's detect_zeroes (whole zero clusters of a write become
+ * discards or zero flags, punched in the data file) */
+static enum qcow_detect_zeroes next_detect = QCOW_DETECT_ZEROES_OFF;
+
 static struct qcow_image *open_pair(struct qcow_io *io, struct qcow_io *dio, char *err, size_t errlen)
 {
 	struct qcow_open_opts o;
 	qcow_open_opts_default(&o);
+	o.detect_zeroes = next_detect;
 	o.no_locking = true;
 	o.recycler = false;
 	o.runtime_asserts = true;
@@ -101,7 +106,9 @@ static void one_round(struct pair *p, unsigned round)
 	struct qcow_io *dio = clean ? qcow_io_mem_new(p->data, p->data_len) : qcow_io_crash_new(p->data, p->data_len);
 	char err[256], what[64];
 	snprintf(what, sizeof(what), "round %u (data_file_raw %s)", round, p->raw ? "on" : "off");
+	next_detect = (enum qcow_detect_zeroes)(tap_rand(&seed) % 3);
 	struct qcow_image *img = open_pair(io, dio, err, sizeof(err));
+	next_detect = QCOW_DETECT_ZEROES_OFF;
 	REQUIRE(img, "%s: open: %s", what, err);
 	struct crash_model m;
 	crash_model_init(&m, size, p->view);
@@ -117,8 +124,9 @@ static void one_round(struct pair *p, unsigned round)
 		if (n > size - off)
 			n = size - off;
 		enum crash_guest_op w = kind < 50 ? CRASH_WRITE : kind < 75 ? CRASH_DISCARD : kind < 92 ? CRASH_FLUSH : CRASH_COMPACT;
+		bool zeros = tap_rand(&seed) % 4 == 0;
 		for (uint64_t i = 0; w == CRASH_WRITE && i < n; i++)
-			buf[i] = (uint8_t)tap_rand(&seed);
+			buf[i] = zeros ? 0 : (uint8_t)tap_rand(&seed);
 		if (!crash_model_do(img, &m, w, buf, off, n))
 			break;
 	}
