@@ -1030,9 +1030,6 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 {
 	if (img->read_only)
 		return -EROFS;
-	/* the data file would have to follow (and stay raw): not yet */
-	if (qcow_datafile_present(img))
-		return -ENOTSUP;
 	/* QEMU counts the disk in 512-byte sectors: a size that is not a
 	 * multiple of 512 would show QEMU a smaller disk than ours */
 	if (new_size > (1ull << 62))
@@ -1052,9 +1049,14 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 	if (new_size == img->virtual_size)
 		goto out;
 	if (new_size < img->virtual_size) {
-		ret = shrink(img, new_size, need);
+		/* a data file would have to be punched and cut too: not yet */
+		ret = qcow_datafile_present(img) ? -ENOTSUP : shrink(img, new_size, need);
 		goto out;
 	}
+	/* a raw data file grows with the disk, before the disk does */
+	ret = qcow_datafile_grow(img, new_size);
+	if (ret)
+		goto out;
 	if (need > img->hdr.l1_size) {
 		if (need <= img->l1_capacity) {
 			/* the tail of the table's last cluster is ours: zero it */
