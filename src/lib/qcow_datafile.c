@@ -29,6 +29,7 @@
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* name relative to the folder of image_path; a fresh string */
 static char *resolve_name(const char *image_path, const char *name)
@@ -98,6 +99,15 @@ int qcow_datafile_open(struct qcow_image *img, char *err, size_t errlen)
 	if (!img->data_path)
 		return -ENOMEM;
 	struct qcow_io *io = NULL;
+	struct stat a, b;
+	if (img->io->name && stat(img->io->name, &a) == 0 && stat(img->data_path, &b) == 0 && a.st_dev == b.st_dev &&
+	    a.st_ino == b.st_ino) {
+		/* guest writes would land on the tables */
+		qcow_set_error(err, errlen, "the external data file \"%s\" (header extension at offset %" PRIu64 ") is the image "
+			       "itself", img->data_path, h->data_file_ext);
+		ret = -EINVAL;
+		goto out;
+	}
 	ret = qcow_io_file_open(img->data_path, img->read_only, &io);
 	if (ret) {
 		if (o->data_file)

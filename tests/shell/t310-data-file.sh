@@ -232,6 +232,24 @@ grep -q "compressed cluster in an image with an external data file" "$QM_ERR" ||
 	fail "compressed cluster with a data file: message: $(cat "$QM_ERR")"
 [ "$(sha "$comp")" = "$before" ] || fail "a refused mount (compressed cluster) changed the image"
 
+# refused: an image that names itself as its data file (guest writes
+# would land on its tables)
+self=$T/self.img
+mkimg "$self" 1M "data_file=self.raw"
+"$PYTHON" - "$self" <<'EOF'
+import sys
+f = open(sys.argv[1], "r+b")
+d = f.read(4096)
+i = d.find(b"DATA\0\0\0\x08self.raw")
+assert i > 0, "no data file extension"
+f.seek(i + 8)
+f.write(b"self.img")   # the same length: the image's own name
+EOF
+before=$(sha "$self")
+qmount_fails "$self" "$MNT"
+grep -q "is the image itself" "$QM_ERR" || fail "data file = image: message: $(cat "$QM_ERR")"
+[ "$(sha "$self")" = "$before" ] || fail "a refused mount (data file = image) changed the image"
+
 # refused offline too: snapshot create (QEMU: Operation not supported)
 img=$T/img-on.qcow2
 before=$(sha "$img")
