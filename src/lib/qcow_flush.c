@@ -13,6 +13,7 @@
  *   1. write refcount blocks raised to max(on disk, wanted), and a new
  *      refcount table (then sync and switch the header to it)
  *   2. sync          data, erases, file growth and move copies are durable
+ *                    (an external data file first: qcow_datafile_sync)
  *   3. write the L2 tables, L1 clusters and header fields
  *   4. sync          pointers durable
  *   5. write refcount blocks lowered to the wanted values (a crash here
