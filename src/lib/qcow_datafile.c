@@ -211,16 +211,17 @@ int qcow_datafile_release(struct qcow_image *img, uint64_t gc, uint64_t count, u
 	return ret;
 }
 
-int qcow_datafile_grow(struct qcow_image *img, uint64_t new_size)
+int qcow_datafile_resize(struct qcow_image *img, uint64_t new_size)
 {
 	if (!img->data_raw || img->data_io == img->io)
 		return 0;
-	/* a raw image is as long as the disk it shows (as qemu-img creates
-	 * it); the new part reads zeros, as the grown disk does */
+	/* a raw image is exactly as long as the disk it shows (as qemu-img
+	 * creates it): a grown part reads zeros, as the grown disk does; a
+	 * cut part was punched and unmapped by the shrink */
 	int64_t sz = img->data_io->ops->size(img->data_io);
 	if (sz < 0)
 		return (int)sz;
-	if ((uint64_t)sz >= new_size)
+	if ((uint64_t)sz == new_size)
 		return 0;
 	int ret = img->data_io->ops->truncate(img->data_io, new_size);
 	if (ret == 0) {

@@ -1008,9 +1008,13 @@ static int shrink(struct qcow_image *img, uint64_t new_size, uint64_t l1_need)
 	for (uint64_t gc = tail_end >> img->cluster_bits; gc < last && ret == 0;) {
 		uint64_t n = last - gc < DISCARD_BATCH_CLUSTERS ? last - gc : DISCARD_BATCH_CLUSTERS;
 		qcow_lock(img);
-		while ((ret = unmap_clusters(img, gc, n)) == -EAGAIN)
-			qcow_alloc_wait_truncation(img);
-		qcow_unlock(img);
+		/* (with a data file, their range there is punched) */
+		int claimed = datafile_begin_batch(img, gc, n);
+		ret = claimed < 0 ? claimed : 0;
+		if (ret == 0)
+			while ((ret = unmap_clusters(img, gc, n)) == -EAGAIN)
+				qcow_alloc_wait_truncation(img);
+		ret = datafile_end_batch(img, claimed, ret, gc, n);
 		gc += n;
 	}
 	if (ret)
@@ -1049,12 +1053,15 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 	if (new_size == img->virtual_size)
 		goto out;
 	if (new_size < img->virtual_size) {
-		/* a data file would have to be punched and cut too: not yet */
-		ret = qcow_datafile_present(img) ? -ENOTSUP : shrink(img, new_size, need);
+		ret = shrink(img, new_size, need);
+		/* a raw data file is cut with the disk, once nothing past
+		 * the end is in use */
+		if (ret == 0)
+			ret = qcow_datafile_resize(img, new_size);
 		goto out;
 	}
 	/* a raw data file grows with the disk, before the disk does */
-	ret = qcow_datafile_grow(img, new_size);
+	ret = qcow_datafile_resize(img, new_size);
 	if (ret)
 		goto out;
 	if (need > img->hdr.l1_size) {

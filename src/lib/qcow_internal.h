@@ -325,9 +325,9 @@ int qcow_datafile_claim(struct qcow_image *img, uint64_t gc, uint64_t count, uin
  * (img->lock not held): waits for the requests before the ticket, zeros
  * (punches) their range of the data file, drops the claims. */
 int qcow_datafile_release(struct qcow_image *img, uint64_t gc, uint64_t count, uint64_t ticket);
-/* Before the disk grows to new_size (flush_lock held): a raw data file
- * grows with it.  0 or -errno. */
-int qcow_datafile_grow(struct qcow_image *img, uint64_t new_size);
+/* A raw data file takes the disk's new size (flush_lock held): before
+ * the disk grows, after it shrank.  0 or -errno. */
+int qcow_datafile_resize(struct qcow_image *img, uint64_t new_size);
 
 /* qcow_compress.c: compressed clusters (no lock needed) */
 void qcow_compressed_range(const struct qcow_image *img, uint64_t e, uint64_t *off, uint64_t *len);
