@@ -72,6 +72,9 @@ struct qcow_open_opts {
 	                            read-write user may have the image open */
 	const char *backing;     /* this file instead of the backing name the image
 	                            records (format probed); NULL: as recorded */
+	const char *data_file;   /* the external data file to use instead of the
+	                            name the image records (-o data_file=PATH) */
+	struct qcow_io *data_io; /* or this backend (unit tests; stays the caller's) */
 };
 
 /* Fills *opts with the defaults (read-write, locking on, recycler on). */
@@ -300,6 +303,9 @@ struct qcow_info {
 	char backing_file[1024];   /* empty if none */
 	char backing_format[32];   /* the backing format extension, empty if none */
 	bool dirty, corrupt;
+	char data_file[1024];      /* external data file name as recorded; empty if none */
+	bool has_data_file;        /* incompatible bit 2 (the name may still be missing) */
+	bool data_file_raw;        /* autoclear bit 1 */
 };
 /* Reads and validates the header only (no locks taken). */
 int qcow_info_read(const char *path, struct qcow_info *info, char *err, size_t errlen);

@@ -165,6 +165,9 @@ int qcow_info_read(const char *path, struct qcow_info *info, char *err, size_t e
 		memcpy(info->backing_format, h.backing_format, sizeof(info->backing_format));
 		info->dirty = h.incompatible_features & QCOW_INCOMPAT_DIRTY;
 		info->corrupt = h.incompatible_features & QCOW_INCOMPAT_CORRUPT;
+		memcpy(info->data_file, h.data_file, sizeof(info->data_file));
+		info->has_data_file = h.incompatible_features & QCOW_INCOMPAT_DATA_FILE;
+		info->data_file_raw = h.autoclear_features & QCOW_AUTOCLEAR_DATA_FILE_RAW;
 		qcow_header_free(&h);
 	}
 	qcow_io_close(io);

@@ -13,6 +13,7 @@
  *   1. write refcount blocks raised to max(on disk, wanted), and a new
  *      refcount table (then sync and switch the header to it)
  *   2. sync          data, erases, file growth and move copies are durable
+ *                    (an external data file first: qcow_datafile_sync)
  *   3. write the L2 tables, L1 clusters and header fields
  *   4. sync          pointers durable
  *   5. write refcount blocks lowered to the wanted values (a crash here
@@ -502,6 +503,8 @@ int qcow_flush_holding_flush_lock(struct qcow_image *img)
 	for (size_t i = 0; i < p.nmeta; i++)
 		if (!p.meta[i].reftable)
 			pointers = true;
+	if (ret == 0 && p.data_dirty)
+		ret = qcow_datafile_sync(img);   /* the data the pointers show, in its own file */
 	if (ret == 0 && (wrote || p.data_dirty || pointers || p.switch_reftable))
 		ret = sync_or_fail(img);
 	/* 3. pointers */

@@ -49,11 +49,14 @@
 #define QCOW_INCOMPAT_COMPRESSION (1ull << 3)
 #define QCOW_INCOMPAT_EXTL2 (1ull << 4)
 /* incompatible bits this engine implements */
-#define QCOW_INCOMPAT_SUPPORTED (QCOW_INCOMPAT_DIRTY | QCOW_INCOMPAT_CORRUPT | QCOW_INCOMPAT_COMPRESSION)
+#define QCOW_INCOMPAT_SUPPORTED (QCOW_INCOMPAT_DIRTY | QCOW_INCOMPAT_CORRUPT | QCOW_INCOMPAT_COMPRESSION | \
+				 QCOW_INCOMPAT_DATA_FILE)
 /* header byte 104 */
 #define QCOW_COMPRESSION_ZLIB 0   /* raw deflate streams */
 #define QCOW_COMPRESSION_ZSTD 1   /* zstd frames */
 #define QCOW_COMPAT_LAZY_REFCOUNTS (1ull << 0)
+/* autoclear bit 1: the external data file is a valid raw image by itself */
+#define QCOW_AUTOCLEAR_DATA_FILE_RAW (1ull << 1)
 
 #define QCOW_EXT_END 0x00000000u
 #define QCOW_EXT_BACKING_FORMAT 0xe2792acau

@@ -3,8 +3,8 @@
  *
  * Every limit below comes from research/qemu.md section 1: we accept what
  * QEMU accepts and refuse, with the field named, what QEMU refuses, plus
- * the features this engine does not implement yet (encryption, external
- * data files, extended L2).
+ * the features this engine does not implement yet (encryption, extended
+ * L2).
  */
 #include "config.h"
 #include "qcow_internal.h"
@@ -264,12 +264,25 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 			memcpy(h->backing_format, r + pos + 8, len);
 			h->backing_format[len] = 0;
 		}
-		if (type == QCOW_EXT_DATA_FILE && !info_only)
-			FAIL(ENOTSUP, "external data files are not supported (header extension at offset %" PRIu64 ")", pos);
+		if (type == QCOW_EXT_DATA_FILE) {
+			/* the name, not NUL-terminated (qcow_datafile.c opens it) */
+			if (len == 0 || len >= sizeof(h->data_file) || memchr(r + pos + 8, 0, len))
+				FAIL(EINVAL, "external data file name (header extension at offset %" PRIu64 ") has length %u "
+				     "or a NUL byte: it must be 1..%zu bytes", pos, len, sizeof(h->data_file) - 1);
+			memcpy(h->data_file, r + pos + 8, len);
+			h->data_file[len] = 0;
+			h->data_file_ext = pos;
+		}
 		if (type == QCOW_EXT_CRYPTO && !info_only)
 			FAIL(ENOTSUP, "encryption header extension at offset %" PRIu64 " is not supported", pos);
 		pos += 8 + padded;
 	}
+
+	/* as QEMU: data_file_raw only means something with a data file */
+	if (!info_only && (h->autoclear_features & QCOW_AUTOCLEAR_DATA_FILE_RAW) &&
+	    !(h->incompatible_features & QCOW_INCOMPAT_DATA_FILE))
+		FAIL(EINVAL, "data_file_raw (0x2 of the autoclear features at header offset 88) is set, but the image has "
+		     "no external data file (0x4 of the incompatible features at header offset 72): data-file-raw requires a data file");
 
 	/* QEMU reads a size-0 name as no backing file at all */
 	if (h->backing_file_offset && h->backing_file_size == 0 && !info_only)

@@ -39,6 +39,10 @@ struct qcow_header {
 	uint8_t compression_type;
 	char backing_file[1024];
 	char backing_format[32];     /* backing format extension; empty: probe */
+	/* the external data file's name (header extension 0x44415441), ""
+	 * without one; data_file_ext: the extension's offset, 0 without one */
+	char data_file[1024];
+	uint64_t data_file_ext;
 	/* raw bytes of cluster 0 as read (up to the cluster size) */
 	uint8_t *raw;
 	size_t raw_len;

@@ -36,6 +36,10 @@
  *    zeroed or unmapped instead of written (zero_clusters_locked).
  *  - A shrink sets the new size first; every write checks its range again
  *    under img->lock, so nothing is allocated past the end afterwards.
+ *  - Guest data goes through img->data_io: the external data file
+ *    (qcow_datafile.c: a new cluster sits at its guest offset, outside the
+ *    map; whole clusters released are punched there after a grace
+ *    period), or the image itself.
  */
 #include "config.h"
 #include "qcow_internal.h"
@@ -122,6 +126,9 @@ static bool entry_unallocated(const struct qcow_image *img, uint64_t e)
 		return false;
 	if (img->hdr.version >= 3 && (e & QCOW_OFLAG_ZERO))
 		return false;
+	/* with a data file, COPIED and offset 0: allocated at host offset 0 */
+	if ((e & QCOW_OFLAG_COPIED) && qcow_datafile_present(img))
+		return false;
 	return (e & QCOW_L2E_OFFSET_MASK) == 0;
 }
 
@@ -199,7 +206,7 @@ static int read_entry_contents(struct qcow_image *img, uint64_t gc, uint64_t e, 
 		memset(buf, 0, img->cluster_size);
 		return 0;
 	}
-	return img->io->ops->pread(img->io, buf, img->cluster_size, e & QCOW_L2E_OFFSET_MASK);
+	return img->data_io->ops->pread(img->data_io, buf, img->cluster_size, e & QCOW_L2E_OFFSET_MASK);
 }
 
 /* ---- reads ------------------------------------------------------------ */
@@ -245,7 +252,7 @@ ssize_t qcow_image_read(struct qcow_image *img, void *buf, size_t len, uint64_t 
 		if (s->kind == SEG_ZERO) {
 			memset(dst, 0, s->len);
 		} else if (s->kind == SEG_DATA) {
-			ret = img->io->ops->pread(img->io, dst, s->len, s->host);
+			ret = img->data_io->ops->pread(img->data_io, dst, s->len, s->host);
 		} else if (s->kind == SEG_BACKING) {
 			ret = backing_read(img, dst, s->len, s->host);
 		} else {
@@ -312,7 +319,9 @@ static void give_back(struct qcow_image *img, struct write_plan *p, size_t from,
 {
 	for (size_t i = from; i < p->nnc; i++) {
 		qcow_claims_drop(img, p->nc[i].gc);
-		qcow_map_set_state(&img->map, p->nc[i].host, written ? QCS_JUNK : QCS_AVAILABLE);
+		/* a data file's clusters are not in the map: nothing to free */
+		if (!qcow_datafile_present(img))
+			qcow_map_set_state(&img->map, p->nc[i].host, written ? QCS_JUNK : QCS_AVAILABLE);
 	}
 	p->nnc = from;
 }
@@ -325,7 +334,8 @@ static void give_back(struct qcow_image *img, struct write_plan *p, size_t from,
 static void release_entry(struct qcow_image *img, uint64_t e, uint64_t slot, bool overwrite)
 {
 	uint64_t first, last;
-	if (!qcow_entry_clusters(img, e, &first, &last))
+	/* data in a data file has no references (qcow_datafile.c) */
+	if (qcow_datafile_present(img) || !qcow_entry_clusters(img, e, &first, &last))
 		return;
 	for (uint64_t c = first; c <= last && c < img->map.nclusters; c++) {
 		/* only a cluster that this pointer references is ours to drop */
@@ -337,6 +347,26 @@ static void release_entry(struct qcow_image *img, uint64_t e, uint64_t slot, boo
 		else
 			qcow_map_drop_ref(&img->map, c, slot);
 	}
+}
+
+/* resolve_cluster with a data file (qcow_datafile.c): an allocated
+ * cluster is written in place; any other is given its host cluster at its
+ * guest offset, as QEMU places it, claimed, written whole (the data file
+ * may hold anything there: zero-flagged data, an old discard that could
+ * not punch) and linked later.  No map state: data clusters are not in it. */
+static int resolve_in_data_file(struct qcow_image *img, struct write_plan *p, uint64_t gc, uint64_t e, uint64_t o,
+				uint64_t n, size_t buf_off)
+{
+	if (!entry_unallocated(img, e) && !entry_is_zero(img, e))
+		return segs_add(&p->in_place, SEG_DATA, (e & QCOW_L2E_OFFSET_MASK) + o, 0, n, buf_off);
+	if (p->nnc == p->nc_cap && vec_grow((void **)&p->nc, &p->nc_cap, p->inline_nc, sizeof(*p->nc)))
+		return -ENOMEM;
+	int ret = qcow_claims_add(img, gc);
+	if (ret)
+		return ret;
+	p->nc[p->nnc++] = (struct new_cluster){ .gc = gc, .host = gc, .old = e, .o = o, .n = n, .buf_off = buf_off,
+						.fill = n != img->cluster_size };
+	return 0;
 }
 
 /* Resolves guest cluster gc for a write of [o, o+n) at buf_off: an extent
@@ -360,6 +390,8 @@ static int resolve_cluster(struct qcow_image *img, struct write_plan *p, uint64_
 	uint64_t slot = (t->cluster << img->cluster_bits) + idx * 8;
 	uint64_t h = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
 	bool zero = entry_reads_zero(img, e);
+	if (qcow_datafile_present(img))
+		return resolve_in_data_file(img, p, gc, e, o, n, buf_off);
 	if (!zero && !(e & QCOW_OFLAG_COMPRESSED) && (e & QCOW_OFLAG_COPIED) && h < img->map.nclusters &&
 	    qcow_map_state(&img->map, h) == QCS_REF && qcow_map_slot(&img->map, h) == slot) {
 		/* in place; a move of this cluster would copy stale data */
@@ -427,16 +459,16 @@ static int write_data(struct qcow_image *img, const void *buf, struct write_plan
 	int ret = 0;
 	for (size_t i = 0; i < p->in_place.n && ret == 0; i++) {
 		struct seg *s = &p->in_place.v[i];
-		ret = buf ? img->io->ops->pwrite(img->io, (const uint8_t *)buf + s->buf_off, s->len, s->host)
-			  : qcow_io_write_zeros(img->io, s->host, s->len);
+		ret = buf ? img->data_io->ops->pwrite(img->data_io, (const uint8_t *)buf + s->buf_off, s->len, s->host)
+			  : qcow_io_write_zeros(img->data_io, s->host, s->len);
 	}
 	for (size_t i = 0; i < p->nnc && ret == 0; i++) {
 		struct new_cluster *nc = &p->nc[i];
 		uint64_t host = nc->host << img->cluster_bits;
 		if (!nc->fill) {
 			/* the new cluster reads zeros around the piece (invariant 2) */
-			ret = buf ? img->io->ops->pwrite(img->io, (const uint8_t *)buf + nc->buf_off, nc->n, host + nc->o)
-				  : qcow_io_write_zeros(img->io, host + nc->o, nc->n);
+			ret = buf ? img->data_io->ops->pwrite(img->data_io, (const uint8_t *)buf + nc->buf_off, nc->n, host + nc->o)
+				  : qcow_io_write_zeros(img->data_io, host + nc->o, nc->n);
 			continue;
 		}
 		/* copy-on-write: the old contents (still linked, and kept from
@@ -452,7 +484,7 @@ static int write_data(struct qcow_image *img, const void *buf, struct write_plan
 			memcpy(cbuf + nc->o, (const uint8_t *)buf + nc->buf_off, nc->n);
 		else
 			memset(cbuf + nc->o, 0, nc->n);
-		ret = img->io->ops->pwrite(img->io, cbuf, cs, host);
+		ret = img->data_io->ops->pwrite(img->data_io, cbuf, cs, host);
 	}
 	qcow_free(cbuf);
 	/* -EAGAIN means "start again" to the caller: never let an I/O error
@@ -477,7 +509,8 @@ static int link_new_clusters(struct qcow_image *img, struct write_plan *p)
 		}
 		release_entry(img, nc->old, (t->cluster << img->cluster_bits) + idx * 8, true);
 		qcow_l2_set_entry(img, t, idx, (nc->host << img->cluster_bits) | QCOW_OFLAG_COPIED);
-		qcow_map_set_ref(&img->map, nc->host, (t->cluster << img->cluster_bits) + idx * 8);
+		if (!qcow_datafile_present(img))
+			qcow_map_set_ref(&img->map, nc->host, (t->cluster << img->cluster_bits) + idx * 8);
 		qcow_claims_drop(img, nc->gc);
 	}
 	p->nnc = 0;
@@ -611,7 +644,7 @@ static int zero_clusters_locked(struct qcow_image *img, uint64_t gc, uint64_t co
 		uint64_t slot = (t->cluster << img->cluster_bits) + idx * 8;
 		uint64_t h = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
 		uint64_t ne;
-		if (!unmap && !(e & QCOW_OFLAG_COMPRESSED) && h && h < img->map.nclusters &&
+		if (!unmap && !(e & QCOW_OFLAG_COMPRESSED) && h && h < img->map.nclusters && !qcow_datafile_present(img) &&
 		    qcow_map_state(&img->map, h) == QCS_REF && qcow_map_slot(&img->map, h) == slot) {
 			ne = e | QCOW_OFLAG_ZERO;
 		} else {
@@ -624,6 +657,41 @@ static int zero_clusters_locked(struct qcow_image *img, uint64_t gc, uint64_t co
 	return 0;
 }
 
+/* With a data file, a batch of whole clusters whose entries are about to
+ * read zeros (img->lock held): claims them, so no write refills them
+ * before their range of the data file is punched (datafile_end_batch).
+ * 1: claimed, 0: no data file, -errno. */
+static int datafile_begin_batch(struct qcow_image *img, uint64_t gc, uint64_t n)
+{
+	uint64_t w;
+	int ret;
+	if (!qcow_datafile_present(img))
+		return 0;
+	while ((ret = qcow_datafile_claim(img, gc, n, &w)) == -EAGAIN)
+		qcow_claims_wait(img, w);
+	return ret ? ret : 1;
+}
+
+/* Ends what datafile_begin_batch began (called with img->lock held, returns
+ * without it): after the entries changed (ret 0) the range is punched once
+ * the requests that resolved through them are done; else the claims go. */
+static int datafile_end_batch(struct qcow_image *img, int claimed, int ret, uint64_t gc, uint64_t n)
+{
+	if (claimed != 1) {
+		qcow_unlock(img);
+		return ret;
+	}
+	if (ret) {
+		for (uint64_t g = gc; g < gc + n; g++)
+			qcow_claims_drop(img, g);
+		qcow_unlock(img);
+		return ret;
+	}
+	uint64_t ticket = qcow_inflight_ticket(img);
+	qcow_unlock(img);
+	return qcow_datafile_release(img, gc, n, ticket);
+}
+
 /* zero_clusters_locked over a range of any length, in batches that let
  * guest I/O in between.  Unmapping counts as a discard for the recycler
  * (stats, quiet period, free-tail trim). */
@@ -633,14 +701,17 @@ static int zero_whole_clusters(struct qcow_image *img, uint64_t gc, uint64_t cou
 	while (count && ret == 0) {
 		uint64_t n = count < DISCARD_BATCH_CLUSTERS ? count : DISCARD_BATCH_CLUSTERS;
 		qcow_lock(img);
-		while ((ret = zero_clusters_locked(img, gc, n, may_unmap)) == -EAGAIN)
-			qcow_alloc_wait_truncation(img);
+		int claimed = datafile_begin_batch(img, gc, n);
+		ret = claimed < 0 ? claimed : 0;
+		if (ret == 0)
+			while ((ret = zero_clusters_locked(img, gc, n, may_unmap)) == -EAGAIN)
+				qcow_alloc_wait_truncation(img);
 		if (may_unmap && ret == 0) {
 			img->bytes_discarded += n * img->cluster_size;
 			img->last_discard_ms = qcow_now_ms();
 		}
 		bool over = qcow_cache_over_budget(&img->cache);
-		qcow_unlock(img);
+		ret = datafile_end_batch(img, claimed, ret, gc, n);
 		if (ret == 0)
 			maybe_autoflush(img, over);
 		gc += n;
@@ -796,12 +867,15 @@ static int clear_range(struct qcow_image *img, uint64_t off, uint64_t len, bool 
 		if (n > DISCARD_BATCH_CLUSTERS)
 			n = DISCARD_BATCH_CLUSTERS;
 		qcow_lock(img);
-		while ((ret = unmap_clusters(img, gc, n)) == -EAGAIN)
-			qcow_alloc_wait_truncation(img);
+		int claimed = datafile_begin_batch(img, gc, n);
+		ret = claimed < 0 ? claimed : 0;
+		if (ret == 0)
+			while ((ret = unmap_clusters(img, gc, n)) == -EAGAIN)
+				qcow_alloc_wait_truncation(img);
 		img->bytes_discarded += n * cs;
 		img->last_discard_ms = qcow_now_ms();
 		bool over = qcow_cache_over_budget(&img->cache);
-		qcow_unlock(img);
+		ret = datafile_end_batch(img, claimed, ret, gc, n);
 		if (ret == 0)
 			maybe_autoflush(img, over);
 		gc += n;
@@ -1033,9 +1107,13 @@ static int shrink(struct qcow_image *img, uint64_t new_size, uint64_t l1_need)
 	for (uint64_t gc = tail_end >> img->cluster_bits; gc < last && ret == 0;) {
 		uint64_t n = last - gc < DISCARD_BATCH_CLUSTERS ? last - gc : DISCARD_BATCH_CLUSTERS;
 		qcow_lock(img);
-		while ((ret = unmap_clusters(img, gc, n)) == -EAGAIN)
-			qcow_alloc_wait_truncation(img);
-		qcow_unlock(img);
+		/* (with a data file, their range there is punched) */
+		int claimed = datafile_begin_batch(img, gc, n);
+		ret = claimed < 0 ? claimed : 0;
+		if (ret == 0)
+			while ((ret = unmap_clusters(img, gc, n)) == -EAGAIN)
+				qcow_alloc_wait_truncation(img);
+		ret = datafile_end_batch(img, claimed, ret, gc, n);
 		gc += n;
 	}
 	if (ret)
@@ -1075,8 +1153,16 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 		goto out;
 	if (new_size < img->virtual_size) {
 		ret = shrink(img, new_size, need);
+		/* a raw data file is cut with the disk, once nothing past
+		 * the end is in use */
+		if (ret == 0)
+			ret = qcow_datafile_resize(img, new_size);
 		goto out;
 	}
+	/* a raw data file grows with the disk, before the disk does */
+	ret = qcow_datafile_resize(img, new_size);
+	if (ret)
+		goto out;
 	if (need > img->hdr.l1_size) {
 		if (need <= img->l1_capacity) {
 			/* the tail of the table's last cluster is ours: zero it */

@@ -64,6 +64,12 @@ struct qcow_backing {
 
 struct qcow_image {
 	struct qcow_io *io;
+	/* where guest data lives: the external data file (qcow_datafile.c),
+	 * or io itself without one */
+	struct qcow_io *data_io;
+	bool data_owned;             /* data_io was opened here (closed with the image) */
+	bool data_raw;               /* data_file_raw: the data file stays a raw image of the disk */
+	char *data_path;             /* the data file as opened, or NULL */
 	/* the backing chain's next image; NULL: unallocated clusters read zeros */
 	struct qcow_backing *backing;
 	struct qcow_header hdr;
@@ -302,6 +308,30 @@ void qcow_alloc_wait_truncation(struct qcow_image *img);
 void qcow_free_after_flush(struct qcow_image *img, uint64_t c, uint64_t slot);
 /* Appends c (Pending) to the list the next flush frees; 0 or -ENOMEM. */
 int qcow_released_add(struct qcow_image *img, uint64_t c);
+
+/* qcow_datafile.c: the external data file (doc/design.md, "The external
+ * data file").  Host offset of a data cluster == its guest offset; data
+ * clusters are not in the map. */
+static inline bool qcow_datafile_present(const struct qcow_image *img)
+{
+	return img->hdr.incompatible_features & QCOW_INCOMPAT_DATA_FILE;
+}
+/* Opens and locks the data file the header names (or opts.data_file,
+ * opts.data_io); sets img->data_io (img->io without a data file). */
+int qcow_datafile_open(struct qcow_image *img, char *err, size_t errlen);
+void qcow_datafile_close(struct qcow_image *img);
+/* Syncs the data file (flush step 2); a failure fails the image. */
+int qcow_datafile_sync(struct qcow_image *img);
+/* Claims guest clusters [gc, gc+count) for a release (img->lock held):
+ * -EAGAIN with *wait_gc when a write holds one of them. */
+int qcow_datafile_claim(struct qcow_image *img, uint64_t gc, uint64_t count, uint64_t *wait_gc);
+/* After the claimed clusters' entries were unmapped and ticket taken
+ * (img->lock not held): waits for the requests before the ticket, zeros
+ * (punches) their range of the data file, drops the claims. */
+int qcow_datafile_release(struct qcow_image *img, uint64_t gc, uint64_t count, uint64_t ticket);
+/* A raw data file takes the disk's new size (flush_lock held): before
+ * the disk grows, after it shrank.  0 or -errno. */
+int qcow_datafile_resize(struct qcow_image *img, uint64_t new_size);
 
 /* qcow_compress.c: compressed clusters (no lock needed) */
 void qcow_compressed_range(const struct qcow_image *img, uint64_t e, uint64_t *off, uint64_t *len);

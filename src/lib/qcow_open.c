@@ -330,6 +330,7 @@ void qcow_backing_free(struct qcow_backing *b)
 static void image_free(struct qcow_image *img)
 {
 	qcow_backing_free(img->backing);
+	qcow_datafile_close(img);
 	qcow_cache_free(&img->cache);
 	qcow_map_free(&img->map);
 	qcow_bitmap_free(&img->l1_dirty);
@@ -460,6 +461,11 @@ int qcow_image_open_io_backing(struct qcow_io *io, const struct qcow_open_opts *
 		ret = -EACCES;
 		goto out;
 	}
+	/* the data file before anything else: a missing one is refused
+	 * before the image is touched */
+	ret = qcow_datafile_open(img, err, errlen);
+	if (ret)
+		goto out;
 	img->cluster_bits = img->hdr.cluster_bits;
 	img->cluster_size = 1ull << img->cluster_bits;
 	img->l2_bits = img->cluster_bits - 3;
@@ -546,14 +552,15 @@ int qcow_image_open_io_backing(struct qcow_io *io, const struct qcow_open_opts *
 			img->hdr.incompatible_features &= ~QCOW_INCOMPAT_DIRTY;
 			img->header_dirty = repair = true;
 		}
-		if (img->hdr.autoclear_features) {
-			/* we keep no bitmaps or raw external data consistent:
-			 * with the bit clear QEMU ignores the bitmaps, so their
-			 * clusters are free */
+		/* a raw data file is kept raw (qcow_datafile.c): its bit stays */
+		uint64_t keep = img->data_raw ? QCOW_AUTOCLEAR_DATA_FILE_RAW : 0;
+		if (img->hdr.autoclear_features & ~keep) {
+			/* we keep no bitmaps consistent: with the bit clear QEMU
+			 * ignores the bitmaps, so their clusters are free */
 			for (uint64_t c = 0; c < b.ncls && c < img->map.nclusters; c++)
 				if (b.cls[c] & F_BITMAP)
 					qcow_map_set_state(&img->map, c, QCS_JUNK);
-			img->hdr.autoclear_features = 0;
+			img->hdr.autoclear_features &= keep;
 			img->header_dirty = repair = true;
 		}
 		if (repair) {

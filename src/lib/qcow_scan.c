@@ -22,6 +22,9 @@
  * makes QEMU's open or check fail (a failed read, an invalid bitmap
  * directory or table entry) stops the walk in every mode, so qcow_check
  * then reports "could not check" as qemu-img check does.
+ * With an external data file (incompatible bit 2) data clusters live in
+ * that file and are no references of the qcow2 file; a compressed cluster
+ * there is a problem (QEMU cannot have written it).
  */
 #include "config.h"
 #include "qcow_internal.h"
@@ -179,6 +182,14 @@ static int walk_l2(struct walk *w, uint64_t l2_off, bool snapshot, uint8_t *buf)
 		uint64_t slot = l2_off + j * 8;
 		if (!e)
 			continue;
+		if ((e & QCOW_OFLAG_COMPRESSED) && (h->incompatible_features & QCOW_INCOMPAT_DATA_FILE)) {
+			/* QEMU: compressed clusters cannot live in a data file */
+			ret = problem(w, EINVAL, "L2 entry at offset 0x%" PRIx64 " (entry 0x%" PRIx64 ") is a compressed cluster "
+				      "in an image with an external data file", slot, e);
+			if (ret)
+				return ret;
+			continue;
+		}
 		if (e & QCOW_OFLAG_COMPRESSED) {
 			uint64_t off = e & ((1ull << x) - 1);
 			uint64_t sectors = ((e >> x) & ((1ull << (w->cb - 8)) - 1)) + 1;
@@ -212,6 +223,8 @@ static int walk_l2(struct walk *w, uint64_t l2_off, bool snapshot, uint8_t *buf)
 				return ret;
 		}
 		uint64_t target = e & QCOW_L2E_OFFSET_MASK;
+		if (h->incompatible_features & QCOW_INCOMPAT_DATA_FILE)
+			continue;   /* the data lives in the data file, unrefcounted (qcow_datafile.c) */
 		if (!target)
 			continue;   /* unallocated or plain zero cluster */
 		if (h->version < 3 && (e & QCOW_OFLAG_ZERO) && !w->g->check_mode) {

@@ -480,6 +480,10 @@ int qcow_snapshot_create(struct qcow_image *img, const char *name)
 	size_t name_len = name ? strlen(name) : 0;
 	if (!name_len || name_len > QCOW_SNAPSHOT_NAME_MAX)
 		return -EINVAL;
+	/* as QEMU: the data file is overwritten in place, a snapshot could
+	 * keep nothing */
+	if (qcow_datafile_present(img))
+		return -ENOTSUP;
 	int ret = op_begin(img, &t);
 	if (ret)
 		return ret;

@@ -213,6 +213,10 @@ int qcow_image_sparsify(struct qcow_image *img, qcow_sparsify_progress progress,
 	memset(res, 0, sizeof(*res));
 	if (img->read_only)
 		return -EROFS;
+	/* its candidates are clusters of the qcow2 file; a data file's are
+	 * not in the map (qcow_datafile.c) */
+	if (qcow_datafile_present(img))
+		return -ENOTSUP;
 	if (qcow_health_failed(img))
 		return -EIO;
 	s = qcow_calloc(1, sizeof(*s));

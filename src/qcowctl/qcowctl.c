@@ -1122,12 +1122,20 @@ static void info_block_bitmaps(struct info_out *o, const struct info_image *im)
 }
 
 /* The external data file (data-file, data-file-raw), after the refcount
- * bits as qemu-img shows it: written by the data file support of issue
- * 8, nothing until then. */
+ * bits as qemu-img shows it.  The name comes from the image: printed
+ * safely, as the backing file's. */
 static void info_block_data_file(struct info_out *o, const struct info_image *im)
 {
-	(void)o;
-	(void)im;
+	if (!im->q.has_data_file)
+		return;
+	if (o->json) {
+		json_string(&o->j, "data-file", im->q.data_file);
+	} else {
+		printf("%*sdata file: ", o->indent, "");
+		print_text_safely(im->q.data_file);
+		putchar('\n');
+	}
+	out_bool(o, "data file raw", "data-file-raw", im->q.data_file_raw);
 }
 
 /* The encryption format, as qemu-img names it, and for LUKS the header
@@ -1878,6 +1886,10 @@ static int compact_mount(const char *mountpoint, const struct qcow_stats *before
 	return EXIT_SUCCESS;
 }
 
+/* --data-file PATH of the commands that open an image offline: the
+ * external data file to use instead of the name the image records */
+static const char *opt_data_file;
+
 static int compact_image(const char *image)
 {
 	struct qcow_open_opts opts;
@@ -1894,6 +1906,7 @@ static int compact_image(const char *image)
 	}
 	qcow_open_opts_default(&opts);
 	opts.read_only = false;
+	opts.data_file = opt_data_file;
 	/* qcow_image_compact does the work in this thread; a background
 	 * recycler would only race it for the same clusters. */
 	opts.recycler = false;
@@ -1943,6 +1956,7 @@ static int cmd_compact(const struct command *self, int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{ "no-wait", no_argument, NULL, 'n' },
+		{ "data-file", required_argument, NULL, 'D' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -1955,6 +1969,9 @@ static int cmd_compact(const struct command *self, int argc, char **argv)
 		switch (opt) {
 		case 'n':
 			no_wait = true;
+			break;
+		case 'D':
+			opt_data_file = optarg;
 			break;
 		case 'h':
 			print_command_help(self, stdout);
@@ -2133,6 +2150,7 @@ static int sparsify_image(const char *image)
 	qcow_open_opts_default(&opts);
 	opts.recycler = false;
 	opts.compact = false;
+	opts.data_file = opt_data_file;
 	snprintf(what, sizeof(what), "cannot open %s", image);
 	engine_call_begin(true);
 	int ret = qcow_image_open(image, &opts, &img, err, sizeof(err));
@@ -2229,7 +2247,10 @@ static void snapshot_report_error(enum snap_action act, const char *name, const 
 		print_error("snapshot %s: no write permission on %s", what, target);
 		break;
 	case ENOTSUP:
-		print_error("snapshot %s: %s has 1-bit refcounts, which cannot share clusters", what, target);
+		/* the engine's two refusals: no shared clusters possible, or
+		 * (as QEMU) no internal snapshots beside an external data file */
+		print_error("snapshot %s: %s cannot have internal snapshots: it has 1-bit refcounts, which cannot share "
+			    "clusters, or an external data file, which QEMU allows no internal snapshots with", what, target);
 		break;
 	case ERANGE:
 		print_error("snapshot %s: a cluster of %s would have more references than its refcount width holds "
@@ -2370,6 +2391,7 @@ static int snapshot_image(enum snap_action act, const char *name, const char *im
 	/* offline: the image lock as a writer (a reader for list); the work
 	 * happens in this thread, no recycler */
 	opts.read_only = act == SNAP_LIST;
+	opts.data_file = opt_data_file;
 	opts.recycler = false;
 	opts.compact = false;
 	snprintf(what, sizeof(what), "cannot open %s", image);
@@ -2841,9 +2863,11 @@ static const struct command commands[] = {
 	  "show the live statistics of a qcowfs mount",
 	  "      --json               print a JSON object\n"
 	  "      --raw                print the daemon's key=value lines as they are (for scripts)\n", NULL },
-	{ "compact", cmd_compact, "compact [--no-wait] MOUNTPOINT|IMAGE",
+	{ "compact", cmd_compact, "compact [--no-wait] [--data-file PATH] MOUNTPOINT|IMAGE",
 	  "shrink an image file now, through its live mount or offline",
-	  "      --no-wait            on a mountpoint: request the compaction and return at once\n",
+	  "      --no-wait            on a mountpoint: request the compaction and return at once\n"
+	  "      --data-file PATH     offline: the image's external data file, instead of the\n"
+	  "                           name the image records\n",
 	  "On a mountpoint (needs write permission on it), asks the running qcowfs to\n"
 	  "compact and follows its progress.  On an image that is not in use, compacts\n"
 	  "it in place.  At the end it says how many clusters (and compressed streams)\n"

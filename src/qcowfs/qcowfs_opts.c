@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #include <fuse_lowlevel.h>
 
@@ -202,6 +203,30 @@ static int parse_switch(const char *text, bool *out)
 }
 
 /* uid=/gid= take a number or a name, like chown. */
+/* A file option (backing=, data_file=): stored absolute in *field, since
+ * the daemon chdirs to / (a relative name is relative to the folder qcowfs
+ * was started in). */
+static int set_path_option(const char *key, const char *value, char **field, char *err, size_t errlen)
+{
+	char *abs = NULL;
+	if (!*value)
+		return -EINVAL;
+	if (value[0] == '/') {
+		abs = strdup(value);
+	} else {
+		char cwd[PATH_MAX];
+		if (!getcwd(cwd, sizeof(cwd)) || asprintf(&abs, "%s/%s", cwd, value) < 0) {
+			set_error(err, errlen, "cannot make %s=%s an absolute path: %s", key, value, strerror(errno));
+			return -EINVAL;
+		}
+	}
+	if (!abs)
+		return -ENOMEM;
+	free(*field);
+	*field = abs;
+	return 0;
+}
+
 static int parse_uid(const char *text, uid_t *out)
 {
 	unsigned value;
@@ -267,7 +292,7 @@ static int apply_word(struct qcowfs_opts *opts, struct strbuf *kernel,
 			   KEY_IS("compact_quiet_ms") || KEY_IS("max_threads") ||
 			   KEY_IS("recycler") || KEY_IS("uid") || KEY_IS("gid") ||
 			   KEY_IS("detect_zeroes") || KEY_IS("snapshot") ||
-			   KEY_IS("backing")) {
+			   KEY_IS("backing") || KEY_IS("data_file")) {
 			set_error(err, errlen, "option '%s' needs a value (%s=...)",
 				  word, word);
 			return -EINVAL;
@@ -323,27 +348,12 @@ static int apply_word(struct qcowfs_opts *opts, struct strbuf *kernel,
 			opts->open.snapshot = opts->snapshot;
 		}
 	} else if (KEY_IS("backing")) {
-		/* the daemon chdirs to /: a relative name is made absolute
-		 * against the folder qcowfs was started in */
-		char *abs = NULL;
-		if (!*value)
-			ret = -EINVAL;
-		else if (value[0] == '/')
-			abs = strdup(value);
-		else {
-			char cwd[PATH_MAX];
-			if (!getcwd(cwd, sizeof(cwd)) || asprintf(&abs, "%s/%s", cwd, value) < 0) {
-				set_error(err, errlen, "cannot make backing=%s an absolute path: %s", value, strerror(errno));
-				return -EINVAL;
-			}
-		}
-		if (!ret && !abs)
-			return -ENOMEM;
-		if (!ret) {
-			free(opts->backing);
-			opts->backing = abs;
-			opts->open.backing = abs;
-		}
+		ret = set_path_option("backing", value, &opts->backing, err, errlen);
+		opts->open.backing = opts->backing;
+	} else if (KEY_IS("data_file")) {
+		/* the image's external data file for this mount */
+		ret = set_path_option("data_file", value, &opts->data_file, err, errlen);
+		opts->open.data_file = opts->data_file;
 	} else if (KEY_IS("uid")) {
 		ret = parse_uid(value, &opts->uid);
 		opts->has_uid = !ret;
@@ -497,6 +507,9 @@ void qcowfs_opts_free(struct qcowfs_opts *opts)
 	free(opts->backing);
 	opts->backing = NULL;
 	opts->open.backing = NULL;
+	free(opts->data_file);
+	opts->data_file = NULL;
+	opts->open.data_file = NULL;
 }
 
 void qcowfs_print_usage(FILE *out, const char *progname)
@@ -534,6 +547,9 @@ void qcowfs_print_usage(FILE *out, const char *progname)
 "  backing=PATH           read unallocated clusters from PATH instead of\n"
 "                         the backing file IMAGE names (format probed);\n"
 "                         the rest of the chain below PATH as it records\n"
+"  data_file=PATH         the image's external data file, instead of the\n"
+"                         name IMAGE records (relative names there resolve\n"
+"                         against IMAGE's folder)\n"
 "  allow_other            let other users access the file (non-root needs\n"
 "                         user_allow_other in /etc/fuse.conf)\n"
 "  allow_root             let root access the file as well as its owner\n"

@@ -316,8 +316,13 @@ static void hostile(void)
 	expect_fail(&b, "incompatible bit 63", "incompatible", ENOTSUP);
 	b = base; b.incompat = QCOW_INCOMPAT_DIRTY | (1ull << 40);
 	expect_fail(&b, "dirty plus bit 40", "incompatible", ENOTSUP);
+	/* the data file bit parses (the open looks for the file, qcow_datafile.c) */
 	b = base; b.incompat = QCOW_INCOMPAT_DATA_FILE;
-	expect_fail(&b, "external data file bit", "external data file", ENOTSUP);
+	expect_ok(&b, "external data file bit");
+	b = base; b.autoclear = QCOW_AUTOCLEAR_DATA_FILE_RAW;
+	expect_fail(&b, "data_file_raw without the data file bit", "data-file-raw requires a data file", EINVAL);
+	b = base; b.incompat = QCOW_INCOMPAT_DATA_FILE; b.autoclear = QCOW_AUTOCLEAR_DATA_FILE_RAW;
+	expect_ok(&b, "data_file_raw with the data file bit");
 	b = base; b.incompat = QCOW_INCOMPAT_EXTL2;
 	expect_fail(&b, "extended L2 bit", "extended L2", ENOTSUP);
 	/* zstd (type 1) goes with the compression type bit, as QEMU wants */
@@ -409,12 +414,26 @@ static void hostile(void)
 	expect_fail(&b, "extension one byte past a 512-byte cluster", "extension", EINVAL);
 	b = hb_default(3, 9, 4, 1 << 20); b.ext[0] = (struct ext){ 0x77777777, 512 - 112 - 8, 0x1 };
 	expect_ok(&b, "extension filling a 512-byte cluster exactly");
-	b = base; b.ext[1] = (struct ext){ QCOW_EXT_DATA_FILE, 16, 'x' };
-	expect_fail(&b, "data file extension", "external data", ENOTSUP);
-	b = base; b.ext[0] = (struct ext){ 0x77777777, 13, 0x1 }; b.ext[1] = (struct ext){ QCOW_EXT_DATA_FILE, 3, 'x' };
-	expect_fail(&b, "data file extension after a padded 13-byte one", "external data", ENOTSUP);
-	b = base; b.ext[0] = (struct ext){ 0x77777777, 0, 0x1 }; b.ext[1] = (struct ext){ QCOW_EXT_DATA_FILE, 1, 'x' };
-	expect_fail(&b, "data file extension after an empty one", "external data", ENOTSUP);
+	/* the data file name extension: read wherever it lies */
+	{
+		struct qcow_header h;
+		b = base; b.ext[1] = (struct ext){ QCOW_EXT_DATA_FILE, 16, 'x' };
+		CHECK(parse(&b, &h, NULL) == 0 && strcmp(h.data_file, "xxxxxxxxxxxxxxxx") == 0 && h.data_file_ext,
+		      "data file extension: name read (%s)", err);
+		qcow_header_free(&h);
+		b = base; b.ext[0] = (struct ext){ 0x77777777, 13, 0x1 }; b.ext[1] = (struct ext){ QCOW_EXT_DATA_FILE, 3, 'x' };
+		CHECK(parse(&b, &h, NULL) == 0 && strcmp(h.data_file, "xxx") == 0,
+		      "data file extension after a padded 13-byte one: name read (%s)", err);
+		qcow_header_free(&h);
+		b = base; b.ext[0] = (struct ext){ 0x77777777, 0, 0x1 }; b.ext[1] = (struct ext){ QCOW_EXT_DATA_FILE, 1, 'x' };
+		CHECK(parse(&b, &h, NULL) == 0 && strcmp(h.data_file, "x") == 0,
+		      "data file extension after an empty one: name read (%s)", err);
+		qcow_header_free(&h);
+	}
+	b = base; b.ext[1] = (struct ext){ QCOW_EXT_DATA_FILE, 0, 'x' };
+	expect_fail(&b, "empty data file name", "external data file name", EINVAL);
+	b = base; b.ext[1] = (struct ext){ QCOW_EXT_DATA_FILE, 4, 0 };
+	expect_fail(&b, "data file name of NUL bytes", "external data file name", EINVAL);
 	b = base; b.ext[1] = (struct ext){ QCOW_EXT_CRYPTO, 16, 'x' };
 	expect_fail(&b, "crypto extension", "encryption", ENOTSUP);
 	b = hb_default(2, 16, 4, 1 << 20); b.ext[0] = (struct ext){ 0x77777777, (uint32_t)cs - 72, 0x1 };
