@@ -1176,8 +1176,10 @@ int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence)
 		if (ret)
 			break;
 		if (qcow_extl2(img) && !(e & QCOW_OFLAG_COMPRESSED)) {
-			/* subcluster granularity */
-			for (unsigned k = 0; k < QCOW_SUBCLUSTERS && result < 0; k++) {
+			/* subcluster granularity, from the one holding off */
+			unsigned k0 = gc == off >> img->cluster_bits ?
+				      (unsigned)((off & (img->cluster_size - 1)) >> sc_bits(img)) : 0;
+			for (unsigned k = k0; k < QCOW_SUBCLUSTERS && result < 0; k++) {
 				enum qcow_sc_kind kind = qcow_sc_kind(e, bm, k);
 				bool data = kind == QSC_DATA || kind == QSC_INVALID || (kind == QSC_UNALLOCATED && img->backing);
 				if (data == want_data)
