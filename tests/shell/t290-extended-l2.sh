@@ -17,7 +17,7 @@
 # branch yet.)
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
-need cmp
+need cmp base64 fallocate
 
 MNT=$T/view.raw
 
@@ -100,7 +100,12 @@ run() {
 	cp "$T/qemu.raw" "$T/shadow.raw"
 	$PYTHON "$T/xl2ops.py" "$MNT" "$T/shadow.raw" "$seed" "$nops" "$cs" || fail "random subcluster operations ($cs)"
 	same_file "$MNT" "$T/shadow.raw" "view after random operations ($cs)"
+	# compaction moves L2 tables (16-byte entries) and data clusters
+	timeout 120 "$QCOWCTL" compact "$MNT" >"$T/compact.out" 2>&1 ||
+		fail "qcowctl compact ($cs): $(cat "$T/compact.out")"
+	same_file "$MNT" "$T/shadow.raw" "view after compaction ($cs)"
 	qumount "$MNT"
+	"$QCOWCTL" check "$img" >"$T/cc.txt" 2>&1 || fail "qcowctl check ($cs): $(cat "$T/cc.txt")"
 	qcheck "$img"
 	qcompare "$img" "$T/shadow.raw" "image after random operations ($cs)"
 	# and a second mount reads it back the same
@@ -112,6 +117,70 @@ run() {
 
 run 65536 $((16 << 20)) 290 600
 run $((2 << 20)) $((64 << 20)) 291 300
+
+# an internal snapshot (shared L2 tables and data clusters: copy-on-write
+# of 16-byte entries, COPIED cleared and set) and a compressed image
+# (compressed entries have no bitmap; a write makes a whole normal
+# cluster)
+img=$T/snap.qcow2
+mkimg "$img" 8M "extended_l2=on,cluster_size=65536"
+qio "$img" "write -P 0x61 0 1M" "write -z 64k 8k" "discard 128k 4k"
+qemu-img snapshot -c s1 "$img" >>"$T/qemu.log" 2>&1 || fail "qemu-img snapshot -c s1"
+qemu-img convert -f qcow2 -O raw -l snapshot.name=s1 "$img" "$T/s1.raw" >>"$T/qemu.log" 2>&1 ||
+	fail "qemu-img convert -l s1"
+raw_of "$img" "$T/shadow.raw"
+qmount "$img" "$MNT"
+$PYTHON "$T/xl2ops.py" "$MNT" "$T/shadow.raw" 292 300 65536 || fail "random operations over a snapshot"
+qumount "$MNT"
+qcheck "$img"
+qcompare "$img" "$T/shadow.raw" "image with a snapshot after random operations"
+qemu-img convert -f qcow2 -O raw -l snapshot.name=s1 "$img" "$T/s1b.raw" >>"$T/qemu.log" 2>&1 ||
+	fail "qemu-img convert -l s1 after the mount"
+same_file "$T/s1b.raw" "$T/s1.raw" "snapshot s1 after writes to the active layer"
+log "extended L2 with an internal snapshot: ok"
+
+head -c $((2 << 20)) /dev/urandom | base64 -w 0 | head -c $((4 << 20)) >"$T/text.raw"
+truncate -s 8M "$T/text.raw"
+img=$T/comp.qcow2
+qemu-img convert -q -f raw -O qcow2 -c -o extended_l2=on,cluster_size=65536 "$T/text.raw" "$img" ||
+	fail "qemu-img convert -c -o extended_l2=on"
+qmount "$img" "$MNT"
+same_file "$MNT" "$T/text.raw" "view of a compressed extended-L2 image"
+cp "$T/text.raw" "$T/shadow.raw"
+$PYTHON "$T/xl2ops.py" "$MNT" "$T/shadow.raw" 293 300 65536 || fail "random operations on compressed clusters"
+qumount "$MNT"
+qcheck "$img"
+qcompare "$img" "$T/shadow.raw" "compressed image after random operations"
+log "extended L2 with compressed clusters: ok"
+
+# hostile subcluster bitmaps (mkbad.py): a read-write mount is refused
+# naming the entry's offset, a read-only one never crashes, and the image
+# is unchanged
+mkimg "$T/h.qcow2" 4M "extended_l2=on,cluster_size=65536"
+qio "$T/h.qcow2" "write -P 0x71 0 8k" "write -P 0x72 128k 64k"
+for kind in xl2-both-bits xl2-alloc-unallocated xl2-compressed-bitmap; do
+	img=$T/$kind.qcow2
+	if [ $kind = xl2-compressed-bitmap ]; then
+		cp "$T/comp.qcow2" "$img"
+	else
+		cp "$T/h.qcow2" "$img"
+	fi
+	$PYTHON "$MKBAD" $kind "$img" || fail "mkbad.py $kind"
+	sum=$(sha "$img")
+	qmount_fails "$img" "$T/h.raw"
+	grep -qE 'L2 entry at offset 0x[0-9a-f]+ .*(both allocated and zero|no host offset|compressed cluster has a non-zero subcluster bitmap)' "$QM_ERR" ||
+		fail "$kind: message does not name the entry and the problem: $(cat "$QM_ERR")"
+	rc=0
+	timeout 30 "$QCOWFS" "$img" "$T/h.raw" -o ro >>"$T/qcowfs.log" 2>&1 || rc=$?
+	if [ $rc = 0 ] && is_mounted "$T/h.raw"; then
+		_MOUNTS+=("$T/h.raw")
+		_DAEMON[$T/h.raw]=$(daemon_pid "$img" "$T/h.raw")
+		dd if="$T/h.raw" of=/dev/null bs=64k status=none 2>/dev/null || true   # EIO in the bad cluster
+		qumount "$T/h.raw"
+	fi
+	[ "$(sha "$img")" = "$sum" ] || fail "$kind: qcowfs changed the image"
+	log "refused $kind: $(head -n 1 "$QM_ERR")"
+done
 
 # sub-cluster reclaim: one 64 KiB cluster written, then discarded 4 KiB at
 # a time through the view
