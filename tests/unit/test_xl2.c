@@ -286,6 +286,79 @@ static void reclaim(bool backing)
 	}
 }
 
+/* detect_zeroes=unmap, sparsify and a shrink with extended entries: the
+ * released clusters leave entries that are unallocated or all zero bits,
+ * and the image checks clean. */
+static void zeroes_and_sparsify(bool backing)
+{
+	size_t len;
+	uint8_t *bytes = kind_bytes(1, &len);
+	struct rec_io *r = rec_new(bytes, len);
+	free(bytes);
+	struct qcow_open_opts o;
+	qcow_open_opts_default(&o);
+	o.no_locking = true;
+	o.recycler = false;
+	o.runtime_asserts = true;
+	o.detect_zeroes = QCOW_DETECT_ZEROES_UNMAP;
+	struct qcow_image *img = NULL;
+	char err[256];
+	REQUIRE(qcow_image_open_io(&r->io, &o, &img, err, sizeof(err)) == 0, "open: %s", err);
+	struct qcow_backing b = { .raw = NULL, .size = 0 };
+	uint8_t *bb = NULL;
+	if (backing) {
+		bb = malloc(8u << 20);
+		memset(bb, 0x3c, 8u << 20);
+		b.raw = qcow_io_mem_new(bb, 8u << 20);
+		b.size = 8u << 20;
+		img->backing = &b;
+	}
+	static uint8_t data[4 * 65536], zeros[2 * 65536], rd[65536];
+	memset(data, 0x99, sizeof(data));
+	uint64_t e, bm;
+	/* detect_zeroes: whole zero clusters of a write are released */
+	CHECK(qcow_image_write(img, data, sizeof(data), 8 * 65536) == (ssize_t)sizeof(data), "write 4 clusters");
+	CHECK(qcow_image_write(img, zeros, sizeof(zeros), 9 * 65536) == (ssize_t)sizeof(zeros), "zero write");
+	entry_of(img, 9, &e, &bm);
+	CHECK(e == 0 && bm == (backing ? QCOW_SC_ZERO_ALL : 0), "detect_zeroes: entry 0x%llx bitmap 0x%llx",
+	      (unsigned long long)e, (unsigned long long)bm);
+	CHECK(qcow_image_read(img, rd, 65536, 10 * 65536) == 65536 && rd[0] == 0 && rd[65535] == 0,
+	      "detect_zeroes: zeros read back");
+	/* sparsify (without a backing file only: with one it keeps clusters) */
+	if (!backing) {
+		memset(data, 0, 65536);
+		o.detect_zeroes = QCOW_DETECT_ZEROES_OFF;
+		img->opts.detect_zeroes = QCOW_DETECT_ZEROES_OFF;
+		CHECK(qcow_image_write(img, data, 65536, 8 * 65536) == 65536, "write a zero cluster as data");
+		entry_of(img, 8, &e, &bm);
+		CHECK(e && bm == QCOW_SC_ALLOC_ALL, "zero data allocated (0x%llx)", (unsigned long long)bm);
+		struct qcow_sparsify_result sr;
+		CHECK(qcow_image_sparsify(img, NULL, NULL, &sr) == 0 && sr.freed >= 1, "sparsify freed %llu",
+		      (unsigned long long)sr.freed);
+		entry_of(img, 8, &e, &bm);
+		CHECK(e == 0 && bm == 0, "sparsify: entry 0x%llx bitmap 0x%llx", (unsigned long long)e,
+		      (unsigned long long)bm);
+	}
+	/* a shrink into the middle of a subcluster, then a grow: zeros there */
+	CHECK(qcow_image_resize(img, 11 * 65536 + 4096 + 512) == 0, "shrink");
+	CHECK(qcow_image_resize(img, 8u << 20) == 0, "grow");
+	CHECK(qcow_image_read(img, rd, 8192, 11 * 65536) == 8192 && rd[4096 + 511] == 0x99 && rd[4096 + 512] == 0 &&
+	      rd[8191] == 0, "after shrink and grow: data up to the old end, zeros after");
+	CHECK(qcow_image_close(img) == 0, "close");
+	const uint8_t *after = rec_bytes(r, &len);
+	struct qcow_check_result cr;
+	int q = 0;
+	int ret = check_image_bytes(after, len, &cr, &q, NULL, 0);
+	CHECK(ret == 0 && cr.errors == 0 && cr.leaks == 0 && q == 0,
+	      "zeroes%s: check after close: ret %d, %llu errors, %llu leaks, qemu-img exit %d", backing ? " (backing)" : "",
+	      ret, (unsigned long long)cr.errors, (unsigned long long)cr.leaks, q);
+	rec_free(r);
+	if (backing) {
+		qcow_io_close(b.raw);
+		free(bb);
+	}
+}
+
 /* Crash rounds: the disk dies after a random number of writes. */
 static void crash_round(unsigned round)
 {
@@ -417,6 +490,8 @@ int main(void)
 	hostile();
 	reclaim(false);
 	reclaim(true);
+	zeroes_and_sparsify(false);
+	zeroes_and_sparsify(true);
 	for (unsigned i = 0; i < rounds; i++)
 		shadow_round(i, i % 3, i % 2 == 1, i % 3 == 2 ? 60 : 300);
 	for (unsigned i = 0; i < rounds * 4; i++)
