@@ -216,8 +216,9 @@ static int walk_l2(struct walk *w, uint64_t l2_off, bool snapshot, uint8_t *buf)
 			}
 			continue;
 		}
-		/* the zero flag is reserved with extended L2 entries */
-		if (e & (L2E_STD_RESERVED | (shift == 4 ? QCOW_OFLAG_ZERO : 0))) {
+		/* (with extended L2 entries the zero flag has no meaning: QEMU
+		 * ignores it, and so does the engine) */
+		if (e & L2E_STD_RESERVED) {
 			ret = corrupt(w, "%sL2 entry at offset 0x%" PRIx64 " has reserved bits set (0x%" PRIx64 ")",
 				      snapshot ? "snapshot " : "", slot, e);
 			if (ret)

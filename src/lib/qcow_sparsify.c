@@ -137,7 +137,7 @@ static int64_t mark_batch(struct qcow_image *img, struct qcow_sparsify_marks *s,
 			res->skipped_backing++;
 			continue;
 		}
-		if (img->hdr.version >= 3 && (e & QCOW_OFLAG_ZERO))
+		if (img->hdr.version >= 3 && (e & QCOW_OFLAG_ZERO) && !qcow_extl2(img))
 			bit_set(zero_known, i);   /* reads zero already: no read needed */
 		bit_set(s->mark, i);
 		bit_set(s->cand, i);
