@@ -34,6 +34,10 @@
  *    zeroed or unmapped instead of written (zero_clusters_locked).
  *  - A shrink sets the new size first; every write checks its range again
  *    under img->lock, so nothing is allocated past the end afterwards.
+ *  - Extended L2 entries (doc/design.md, "Extended L2 entries"): reads,
+ *    writes, discards and seeks go by subcluster (qcow_subcluster.h); a
+ *    write that changes the subcluster bitmap claims the guest cluster like
+ *    a write into a new cluster, and the bitmap change is its link.
  */
 #include "config.h"
 #include "qcow_internal.h"

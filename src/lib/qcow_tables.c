@@ -15,6 +15,9 @@
  *    stale); rewriting a pointer is the recycler's business.
  *  - COPIED is trusted only when the map agrees: the cluster is REF (one
  *    reference) from exactly that slot.
+ *  - L2 entries are 8 or 16 bytes (extended L2: pointer, then subcluster
+ *    bitmap); indexes and slots convert only through the entry-size
+ *    helpers of qcow_internal.h.  Pointer changes never touch a bitmap.
  */
 #include "config.h"
 #include "qcow_internal.h"
