@@ -359,6 +359,66 @@ static void zeroes_and_sparsify(bool backing)
 	}
 }
 
+/* Internal snapshots made by the engine over extended entries: the
+ * shared L2 tables are copied with their bitmaps, subcluster writes and
+ * discards after the snapshot leave it intact, apply and delete work, and
+ * the image checks clean (qemu-img too). */
+static void snapshots(void)
+{
+	size_t len;
+	uint8_t *bytes = kind_bytes(1, &len);
+	struct rec_io *r = rec_new(bytes, len);
+	free(bytes);
+	char err[256];
+	int ret;
+	struct qcow_image *img = open_io(&r->io, err, sizeof(err), &ret);
+	REQUIRE(img, "open: %s", err);
+	uint64_t size = kinds[1].size;
+	uint8_t *snap = calloc(1, size), *now = calloc(1, size), *buf = malloc(size), *data = malloc(41 * 2048);
+	REQUIRE(snap && now && buf && data, "memory");
+	for (unsigned i = 0; i < 60; i++) {
+		uint64_t off, n;
+		pick_range(size, 2048, &off, &n);
+		memset(data, (int)(i + 1), n);
+		CHECK(qcow_image_write(img, data, n, off) == (ssize_t)n, "snapshots: write %u", i);
+		memcpy(now + off, data, n);
+	}
+	CHECK(qcow_snapshot_create(img, "a") == 0, "snapshots: create");
+	memcpy(snap, now, size);
+	for (unsigned i = 0; i < 120; i++) {
+		uint64_t off, n;
+		pick_range(size, 2048, &off, &n);
+		if (i % 3) {
+			memset(data, (int)(i + 100), n);
+			CHECK(qcow_image_write(img, data, n, off) == (ssize_t)n, "snapshots: write after %u", i);
+			memcpy(now + off, data, n);
+		} else {
+			CHECK(qcow_image_discard(img, off, n) == 0, "snapshots: discard after %u", i);
+			memset(now + off, 0, n);
+		}
+	}
+	CHECK(same_as_shadow(img, now, 0, size, buf, "snapshots: active layer"), "active layer");
+	CHECK(qcow_snapshot_apply(img, "a") == 0, "snapshots: apply");
+	CHECK(same_as_shadow(img, snap, 0, size, buf, "snapshots: after apply"), "applied snapshot");
+	CHECK(qcow_snapshot_create(img, "b") == 0 && qcow_snapshot_delete(img, "a") == 0, "snapshots: create b, delete a");
+	CHECK(qcow_image_write(img, data, 5000, 3 * 65536 + 777) == 5000, "snapshots: write after delete");
+	memcpy(snap + 3 * 65536 + 777, data, 5000);
+	CHECK(same_as_shadow(img, snap, 0, size, buf, "snapshots: after delete"), "after delete");
+	CHECK(qcow_image_close(img) == 0, "snapshots: close");
+	const uint8_t *after = rec_bytes(r, &len);
+	struct qcow_check_result cr;
+	int q = 0;
+	ret = check_image_bytes(after, len, &cr, &q, NULL, 0);
+	CHECK(ret == 0 && cr.errors == 0 && cr.leaks == 0 && q == 0,
+	      "snapshots: check after close: ret %d, %llu errors, %llu leaks, qemu-img exit %d", ret,
+	      (unsigned long long)cr.errors, (unsigned long long)cr.leaks, q);
+	rec_free(r);
+	free(snap);
+	free(now);
+	free(buf);
+	free(data);
+}
+
 /* Crash rounds: the disk dies after a random number of writes. */
 static void crash_round(unsigned round)
 {
@@ -524,6 +584,7 @@ int main(void)
 	reclaim(true);
 	zeroes_and_sparsify(false);
 	zeroes_and_sparsify(true);
+	snapshots();
 	for (unsigned i = 0; i < rounds; i++)
 		shadow_round(i, i % 3, i % 2 == 1, i % 3 == 2 ? 60 : 300);
 	for (unsigned i = 0; i < rounds * 4; i++)
