@@ -70,6 +70,8 @@ struct qcow_open_opts {
 	                            name, as qemu-img looks it up); needs read_only.
 	                            The locks then share writes (qemu-img -U), so a
 	                            read-write user may have the image open */
+	const char *backing;     /* this file instead of the backing name the image
+	                            records (format probed); NULL: as recorded */
 };
 
 /* Fills *opts with the defaults (read-write, locking on, recycler on). */
@@ -291,6 +293,27 @@ struct qcow_info {
 };
 /* Reads and validates the header only (no locks taken). */
 int qcow_info_read(const char *path, struct qcow_info *info, char *err, size_t errlen);
+
+/* ---- backing chains ---------------------------------------------- */
+
+/* Images below a top image, at most this many (QEMU's limit too). */
+#define QCOW_CHAIN_MAX_DEPTH 64
+
+/* One image of a backing chain. */
+struct qcow_chain_entry {
+	char path[4096];     /* the file: a relative name resolved against the
+	                        folder of the image that names it */
+	char format[8];      /* "qcow2" or "raw" */
+	char name[1024];     /* the name as the image above records it ("" for the top) */
+};
+/* Follows the backing names below the qcow2 image at path, reading headers
+ * only (no locks): entries top first, *n of them; the caller frees *out
+ * with free().  backing_override (NULL: as recorded) replaces the top's
+ * backing name, as -o backing= does (its format is then probed).  A loop
+ * or a chain deeper than QCOW_CHAIN_MAX_DEPTH is refused (-ELOOP) with the
+ * chain in the message; so is a backing format other than qcow2 and raw. */
+int qcow_chain_list(const char *path, const char *backing_override, struct qcow_chain_entry **out, size_t *n,
+		    char *err, size_t errlen);
 
 /* Version strings of the engine and the allocator. */
 const char *qcow_version(void);

@@ -3,8 +3,8 @@
  *
  * Every limit below comes from research/qemu.md section 1: we accept what
  * QEMU accepts and refuse, with the field named, what QEMU refuses, plus
- * the features this engine does not implement yet (backing files,
- * encryption, external data files, extended L2).
+ * the features this engine does not implement yet (encryption, external
+ * data files, extended L2).
  */
 #include "config.h"
 #include "qcow_internal.h"
@@ -217,6 +217,14 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 		if (pos + 8 + padded > ext_end && !like_qemu)
 			FAIL(EINVAL, "header extension 0x%08x at offset %" PRIu64 " with length %u runs past the end of the extension area (%" PRIu64 ")",
 			     type, pos, len, ext_end);
+		if (type == QCOW_EXT_BACKING_FORMAT) {
+			/* the backing file's format name; qcow_chain.c judges it */
+			if (len == 0 || len >= sizeof(h->backing_format))
+				FAIL(EINVAL, "backing format extension at offset %" PRIu64 " has length %u (1..%zu)",
+				     pos, len, sizeof(h->backing_format) - 1);
+			memcpy(h->backing_format, r + pos + 8, len);
+			h->backing_format[len] = 0;
+		}
 		if (type == QCOW_EXT_DATA_FILE && !info_only)
 			FAIL(ENOTSUP, "external data files are not supported (header extension at offset %" PRIu64 ")", pos);
 		if (type == QCOW_EXT_CRYPTO && !info_only)
@@ -224,22 +232,10 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 		pos += 8 + padded;
 	}
 
-	if (h->backing_file_offset && !info_only) {
-		if (h->backing_file_size == 0)
-			FAIL(EINVAL, "backing_file_offset 0x%" PRIx64 " is set but backing_file_size (header offset 16) is 0",
-			     h->backing_file_offset);
-		/* A backing file naming the image itself is a loop; say so
-		 * specifically since it is a common hostile input. */
-		const char *self = io->name ? strrchr(io->name, '/') : NULL;
-		self = self ? self + 1 : io->name;
-		const char *bname = strrchr(h->backing_file, '/');
-		bname = bname ? bname + 1 : h->backing_file;
-		if (self && strcmp(self, bname) == 0)
-			FAIL(ELOOP, "backing file \"%s\" (header offset %" PRIu64 ") points to the image itself",
-			     h->backing_file, h->backing_file_offset);
-		FAIL(ENOTSUP, "backing files are not supported yet (backing file \"%s\" at header offset %" PRIu64 ")",
-		     h->backing_file, h->backing_file_offset);
-	}
+	/* QEMU reads a size-0 name as no backing file at all */
+	if (h->backing_file_offset && h->backing_file_size == 0 && !info_only)
+		FAIL(EINVAL, "backing_file_offset 0x%" PRIx64 " is set but backing_file_size (header offset 16) is 0",
+		     h->backing_file_offset);
 
 	/* tables */
 	if ((uint64_t)h->l1_size * 8 > QCOW_MAX_L1_BYTES)

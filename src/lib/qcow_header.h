@@ -40,6 +40,7 @@ struct qcow_header {
 	uint32_t header_length;
 	uint8_t compression_type;
 	char backing_file[1024];
+	char backing_format[32];     /* backing format extension; empty: probe */
 	/* raw bytes of cluster 0 as read (up to the cluster size) */
 	uint8_t *raw;
 	size_t raw_len;

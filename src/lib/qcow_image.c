@@ -8,7 +8,9 @@
  * engine; it calls sparsify's write hook and zero check, the recycler
  * (kick), relocation, flush and the services (tables, allocation,
  * in-flight registry, compressed clusters), and nothing below calls back
- * up into it.  Rules (doc/design.md, "guest I/O" and "Zeroed space"; lock
+ * up into it.  Unallocated clusters read through the backing chain: the
+ * backing image's own qcow_image_read (another image, read-only, whose
+ * locks nest inside ours) or its raw file.  Rules (doc/design.md, "guest I/O" and "Zeroed space"; lock
  * order in qcow_internal.h):
  *  - A request resolves its extents under img->lock, registers in the
  *    in-flight list in the same critical section, drops the lock for the
@@ -712,8 +714,13 @@ static int link_new_clusters(struct qcow_image *img, struct write_plan *p)
  * write whose data is in place has succeeded. */
 static void maybe_autoflush(struct qcow_image *img, bool over)
 {
-	if (over)
-		(void)qcow_flush(img);   /* errors are noted by the flush itself */
+	/* A flush, resize or compaction step holding flush_lock writes the
+	 * cache soon enough; a resize that writes through this path holds it
+	 * itself (and would wait for itself). */
+	if (over && pthread_mutex_trylock(&img->flush_lock) == 0) {
+		(void)qcow_flush_holding_flush_lock(img);   /* errors are noted by the flush itself */
+		pthread_mutex_unlock(&img->flush_lock);
+	}
 }
 
 /* Writes buf (NULL = zeros) at off, checked again under the lock (see
@@ -1082,16 +1089,12 @@ static int discard_subclusters(struct qcow_image *img, uint64_t off, uint64_t le
 	return ret;
 }
 
-static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
+/* Makes [off, off+len) read zeros: partial clusters at the ends are
+ * written as zeros, whole ones released (release: a discard) or
+ * zero-flagged with nothing new allocated but L2 tables (a grow over a
+ * backing file). */
+static int clear_range(struct qcow_image *img, uint64_t off, uint64_t len, bool release)
 {
-	if (img->read_only)
-		return -EROFS;
-	if (off > img->virtual_size || len > img->virtual_size - off)
-		return -EINVAL;
-	if (len == 0)
-		return 0;
-	if (qcow_health_failed(img))
-		return -EIO;
 	if (qcow_extl2(img))
 		return discard_subclusters(img, off, len);
 	uint64_t cs = img->cluster_size;
@@ -1121,6 +1124,8 @@ static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
 		if (w < 0)
 			return (int)w;
 	}
+	if (!release)
+		return zero_whole_clusters(img, first >> img->cluster_bits, (last - first) >> img->cluster_bits, false);
 	/* whole clusters, in batches so guest I/O is never held off long */
 	for (uint64_t gc = first >> img->cluster_bits; gc < last >> img->cluster_bits && ret == 0;) {
 		uint64_t n = (last >> img->cluster_bits) - gc;
@@ -1141,6 +1146,19 @@ static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
 	return ret;
 }
 
+static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
+{
+	if (img->read_only)
+		return -EROFS;
+	if (off > img->virtual_size || len > img->virtual_size - off)
+		return -EINVAL;
+	if (len == 0)
+		return 0;
+	if (qcow_health_failed(img))
+		return -EIO;
+	return clear_range(img, off, len, true);
+}
+
 int qcow_image_discard(struct qcow_image *img, uint64_t off, uint64_t len)
 {
 	return discard_common(img, off, len);
@@ -1152,6 +1170,50 @@ int qcow_image_zero(struct qcow_image *img, uint64_t off, uint64_t len)
 }
 
 /* ---- seek --------------------------------------------------------------- */
+
+/* Whether guest cluster gc shows the backing chain: unallocated here
+ * (no L2 table, or an unallocated entry) with a chain below
+ * (img->lock held). */
+static int shows_backing(struct qcow_image *img, uint64_t gc, bool *out)
+{
+	*out = false;
+	if (!img->backing)
+		return 0;
+	uint64_t e, bm;
+	int ret = qcow_l2_lookup_bitmap(img, gc, &e, &bm);
+	if (ret == 0)   /* extended L2: every subcluster unallocated (bm 0) */
+		*out = entry_unallocated(img, e) && bm == 0;
+	return ret;
+}
+
+/* SEEK_DATA/SEEK_HOLE over the backing chain for the guest bytes
+ * [pos, end) that show it: *found gets the first offset there that is data
+ * (want_data) or a hole, or -1 for none.  Past the end of the backing
+ * file is a hole.  img->lock held: the chain's locks nest inside ours (the
+ * chain only goes down).  0 or -errno. */
+static int backing_seek(struct qcow_image *img, uint64_t pos, uint64_t end, bool want_data, int64_t *found)
+{
+	struct qcow_backing *b = img->backing;
+	uint64_t bend = b->size < end ? b->size : end;
+	/* nothing of the chain's in [pos, end): a hole up to the end */
+	int64_t none = want_data ? -1 : (bend < end ? (int64_t)(pos > bend ? pos : bend) : -1);
+	*found = none;
+	if (pos >= bend)
+		return 0;
+	if (!b->img) {   /* a raw file: all data */
+		if (want_data)
+			*found = (int64_t)pos;
+		return 0;
+	}
+	int64_t r = qcow_image_seek(b->img, pos, want_data ? SEEK_DATA : SEEK_HOLE);
+	if (r == -ENXIO)
+		return 0;
+	if (r < 0)
+		return (int)r;
+	if ((uint64_t)r < bend)
+		*found = r;
+	return 0;
+}
 
 int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence)
 {
@@ -1167,6 +1229,34 @@ int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence)
 	qcow_lock(img);
 	while (gc < nclusters && result < 0) {
 		uint64_t l1i = gc >> img->l2_bits;
+		bool through;
+		if ((ret = shows_backing(img, gc, &through)))
+			break;
+		if (through) {
+			/* a run of clusters that show the chain: one question to it */
+			uint64_t end = gc + 1;
+			while (end < nclusters && (end - gc) < (1ull << img->l2_bits)) {
+				bool more;
+				if ((ret = shows_backing(img, end, &more)) || !more)
+					break;
+				end++;
+			}
+			if (ret)
+				break;
+			uint64_t pos = gc << img->cluster_bits;
+			if (pos < off)
+				pos = off;
+			uint64_t end_off = end << img->cluster_bits;
+			if (end_off > img->virtual_size)
+				end_off = img->virtual_size;
+			int64_t r;
+			if ((ret = backing_seek(img, pos, end_off, want_data, &r)))
+				break;
+			if (r >= 0)
+				result = r;
+			gc = end;
+			continue;
+		}
 		if (l1i < img->hdr.l1_size && !(img->l1[l1i] & QCOW_L1E_OFFSET_MASK)) {
 			if (!want_data) {
 				result = (int64_t)(gc << img->cluster_bits);
@@ -1183,12 +1273,28 @@ int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence)
 			/* subcluster granularity, from the one holding off */
 			unsigned k0 = gc == off >> img->cluster_bits ?
 				      (unsigned)((off & (img->cluster_size - 1)) >> sc_bits(img)) : 0;
-			for (unsigned k = k0; k < QCOW_SUBCLUSTERS && result < 0; k++) {
+			for (unsigned k = k0; k < QCOW_SUBCLUSTERS && result < 0 && ret == 0; k++) {
 				enum qcow_sc_kind kind = qcow_sc_kind(e, bm, k);
-				bool data = kind == QSC_DATA || kind == QSC_INVALID || (kind == QSC_UNALLOCATED && img->backing);
+				uint64_t at = (gc << img->cluster_bits) + ((uint64_t)k << sc_bits(img));
+				if (kind == QSC_UNALLOCATED && img->backing) {
+					/* a run that shows the chain: ask it */
+					unsigned run = qcow_sc_run(e, bm, k, QCOW_SUBCLUSTERS);
+					uint64_t end_off = at + ((uint64_t)run << sc_bits(img));
+					int64_t r;
+					if (end_off > img->virtual_size)
+						end_off = img->virtual_size;
+					ret = backing_seek(img, at < off ? off : at, end_off, want_data, &r);
+					if (ret == 0 && r >= 0)
+						result = r;
+					k += run - 1;
+					continue;
+				}
+				bool data = kind == QSC_DATA || kind == QSC_INVALID;
 				if (data == want_data)
-					result = (int64_t)((gc << img->cluster_bits) + ((uint64_t)k << sc_bits(img)));
+					result = (int64_t)at;
 			}
+			if (ret)
+				break;
 			gc++;
 			continue;
 		}
@@ -1351,12 +1457,19 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 		}
 	}
 	if (ret == 0) {
+		uint64_t old_size = img->virtual_size;
 		qcow_lock(img);
 		img->hdr.size = new_size;
 		img->virtual_size = new_size;
 		img->header_dirty = true;
 		qcow_unlock(img);
-		ret = qcow_flush_holding_flush_lock(img);
+		/* A backing file longer than the old disk would show its data
+		 * in the new part: zeros there, as QEMU's truncate does. */
+		uint64_t bsize = img->backing ? img->backing->size : 0;
+		if (bsize > old_size)
+			ret = clear_range(img, old_size, (bsize < new_size ? bsize : new_size) - old_size, false);
+		if (ret == 0)
+			ret = qcow_flush_holding_flush_lock(img);
 	}
 out:
 	pthread_mutex_unlock(&img->flush_lock);

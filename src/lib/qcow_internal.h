@@ -12,6 +12,10 @@
  *   3. img->err_lock     the health fields (qcow_health.c); held for a few
  *                        instructions, nothing is taken under it
  *   4. backend locks     inside struct qcow_io, never held across calls
+ * A backing image (img->backing->img) is another struct qcow_image with
+ * locks of its own; they are taken only inside ours (a read or seek
+ * falls through to the chain), never the other way round: a chain only
+ * goes down, so no cycle can form.
  * Guest data I/O is done with no engine lock held.  Instead every guest
  * request registers itself in the in-flight list while its physical
  * extents are in use; the recycler waits for a grace period
@@ -460,6 +464,20 @@ bool qcow_sparsify_unmap_reads_zero(struct qcow_image *img, uint64_t gc);
 /* Whether len bytes at p are all zero (word-wise, stops at the first
  * non-zero word; no lock needed). */
 bool qcow_sparsify_buffer_is_zero(const void *p, size_t len);
+
+/* qcow_open.c: an open over a backend with the backing chain below it
+ * already open (the image owns backing on success; on failure the caller
+ * keeps both).  Tests use it with a raw backing on the memory backend. */
+int qcow_image_open_io_backing(struct qcow_io *io, const struct qcow_open_opts *opts, struct qcow_backing *backing,
+			       struct qcow_image **out, char *err, size_t errlen);
+/* Closes a backing chain (NULL: nothing). */
+void qcow_backing_free(struct qcow_backing *b);
+
+/* qcow_chain.c (no lock): the file a backing name means (relative to the
+ * folder of image_path), and a backing file's format ("qcow2" or "raw":
+ * the recorded one if any, else probed); 0 or -errno with a message. */
+int qcow_chain_resolve(const char *image_path, const char *name, char *out, size_t outlen, char *err, size_t errlen);
+int qcow_chain_probe(const char *path, const char *recorded, char format[8], char *err, size_t errlen);
 
 /* qcow_lock.c is declared in qcow_lock.h */
 

@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- open and close ----------------------------------------------------- */
@@ -314,8 +315,21 @@ void qcow_open_opts_default(struct qcow_open_opts *o)
 	o->recycler = true;
 }
 
+void qcow_backing_free(struct qcow_backing *b)
+{
+	if (!b)
+		return;
+	if (b->img)
+		(void)qcow_image_close(b->img);   /* read-only: nothing to report */
+	if (b->raw)
+		qcow_io_close(b->raw);
+	qcow_free(b->path);
+	qcow_free(b);
+}
+
 static void image_free(struct qcow_image *img)
 {
+	qcow_backing_free(img->backing);
 	qcow_cache_free(&img->cache);
 	qcow_map_free(&img->map);
 	qcow_bitmap_free(&img->l1_dirty);
@@ -395,6 +409,12 @@ static int open_nomem(char *err, size_t errlen)
 int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 		       struct qcow_image **out, char *err, size_t errlen)
 {
+	return qcow_image_open_io_backing(io, opts_in, NULL, out, err, errlen);
+}
+
+int qcow_image_open_io_backing(struct qcow_io *io, const struct qcow_open_opts *opts_in, struct qcow_backing *backing,
+			       struct qcow_image **out, char *err, size_t errlen)
+{
 	struct qcow_open_opts opts;
 	if (opts_in)
 		opts = *opts_in;
@@ -404,6 +424,7 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 	if (!img)
 		return -ENOMEM;
 	img->io = io;
+	img->backing = backing;
 	img->opts = opts;
 	img->read_only = opts.read_only;
 	pthread_mutex_init(&img->lock, NULL);
@@ -426,6 +447,13 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 	int ret = qcow_header_read(io, &img->hdr, err, errlen);
 	if (ret)
 		goto out;
+	if ((img->hdr.backing_file[0] || opts.backing) && !backing) {
+		/* reads would show zeros where the backing file has data */
+		qcow_set_error(err, errlen, "the image has a backing file (\"%s\" at header offset %" PRIu64 "), "
+			       "which only an open by path can find", img->hdr.backing_file, img->hdr.backing_file_offset);
+		ret = -ENOTSUP;
+		goto out;
+	}
 	if (!img->read_only && (img->hdr.incompatible_features & QCOW_INCOMPAT_CORRUPT)) {
 		qcow_set_error(err, errlen, "image is marked corrupt (incompatible feature bit 1 at header offset 72); "
 			       "repair it with 'qemu-img check -r all' or mount it with -o ro");
@@ -559,11 +587,93 @@ int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts_in,
 out:
 	qcow_free(b.cls);
 	if (ret) {
-		img->io = NULL;   /* the caller keeps its backend */
+		img->io = NULL;   /* the caller keeps its backend and chain */
+		img->backing = NULL;
 		image_free(img);
 		return ret;
 	}
 	*out = img;
+	return 0;
+}
+
+/* Opens one image of a backing chain read-only, over the chain below it
+ * (lower, which it then owns): a qcow2 image with QEMU's read-only locks
+ * (readers share it, writers are refused, as QEMU opens a backing file),
+ * or a raw file with the same locks. */
+static int backing_open(const struct qcow_chain_entry *e, struct qcow_backing *lower, const struct qcow_open_opts *top,
+			struct qcow_backing **out, char *err, size_t errlen)
+{
+	char berr[512] = "";
+	struct qcow_io *io = NULL;
+	struct qcow_backing *b = qcow_calloc(1, sizeof(*b));
+	int ret = -ENOMEM;
+	if (!b || !(b->path = qcow_malloc(strlen(e->path) + 1)))
+		goto out;
+	strcpy(b->path, e->path);
+	snprintf(b->format, sizeof(b->format), "%s", e->format);
+	ret = qcow_io_file_open(e->path, true, &io);
+	if (ret) {
+		snprintf(berr, sizeof(berr), "%s", strerror(-ret));
+		goto out;
+	}
+	if (!top->no_locking && io->ops->lock) {
+		ret = io->ops->lock(io, true, berr, sizeof(berr));
+		if (ret)
+			goto out;
+	}
+	if (strcmp(e->format, "raw") == 0) {
+		int64_t size = io->ops->size(io);
+		if (size < 0) {
+			ret = (int)size;
+			snprintf(berr, sizeof(berr), "cannot read its size: %s", strerror(-ret));
+			goto out;
+		}
+		b->raw = io;
+		b->size = (uint64_t)size;
+	} else {
+		struct qcow_open_opts o;
+		qcow_open_opts_default(&o);
+		o.read_only = true;
+		o.recycler = o.compact = false;
+		o.no_locking = top->no_locking;
+		o.cache_bytes = top->cache_bytes;
+		ret = qcow_image_open_io_backing(io, &o, lower, &b->img, berr, sizeof(berr));
+		if (ret)
+			goto out;
+		lower = NULL;   /* b->img owns it now */
+		b->size = b->img->virtual_size;
+	}
+	io = NULL;
+	*out = b;
+	b = NULL;
+	ret = 0;
+out:
+	if (ret) {
+		if (berr[0])
+			qcow_set_error(err, errlen, "backing file %s: %s", e->path, berr);
+		else
+			qcow_set_error(err, errlen, "backing file %s: %s", e->path, strerror(-ret));
+	}
+	if (io)
+		qcow_io_close(io);
+	qcow_backing_free(lower);
+	qcow_backing_free(b);
+	return ret;
+}
+
+/* Opens the chain below the top of `chain` (n entries), bottom first. */
+static int open_chain(const struct qcow_chain_entry *chain, size_t n, const struct qcow_open_opts *top,
+		      struct qcow_backing **out, char *err, size_t errlen)
+{
+	struct qcow_backing *lower = NULL;
+	for (size_t i = n - 1; i >= 1; i--) {
+		struct qcow_backing *b = NULL;
+		int ret = backing_open(&chain[i], lower, top, &b, err, errlen);
+		if (ret)
+			return ret;   /* backing_open freed lower */
+		lower = b;
+	}
+	*out = lower;
 	return 0;
 }
 
@@ -575,7 +685,10 @@ int qcow_image_open(const char *path, const struct qcow_open_opts *opts_in, stru
 		opts = *opts_in;
 	else
 		qcow_open_opts_default(&opts);
-	struct qcow_io *io;
+	struct qcow_io *io = NULL;
+	struct qcow_backing *backing = NULL;
+	struct qcow_chain_entry *chain = NULL;
+	size_t nchain = 0;
 	int ret = qcow_io_file_open(path, opts.read_only, &io);
 	if (ret) {
 		qcow_set_error(err, errlen, "%s", strerror(-ret));
@@ -595,9 +708,18 @@ int qcow_image_open(const char *path, const struct qcow_open_opts *opts_in, stru
 			return ret;
 		}
 	}
-	ret = qcow_image_open_io(io, &opts, out, err, errlen);
-	if (ret)
+	/* the chain after our own lock: a chain that loops back to this image
+	 * is named as a loop, not as a lock conflict with ourselves */
+	ret = qcow_chain_list(path, opts.backing, &chain, &nchain, err, errlen);
+	if (ret == 0 && nchain > 1)
+		ret = open_chain(chain, nchain, &opts, &backing, err, errlen);
+	free(chain);
+	if (ret == 0)
+		ret = qcow_image_open_io_backing(io, &opts, backing, out, err, errlen);
+	if (ret) {
+		qcow_backing_free(backing);
 		qcow_io_close(io);
+	}
 	return ret;
 }
 

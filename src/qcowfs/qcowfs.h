@@ -47,6 +47,7 @@ struct qcowfs_opts {
 
 	bool has_fsname, has_subtype; /* the user chose them; do not add ours */
 	char *snapshot;             /* snapshot=NAME (owned; open.snapshot points here) */
+	char *backing;              /* backing=PATH, absolute (owned; open.backing points here) */
 
 	/* Options for libfuse and the kernel (comma separated, commas inside
 	 * values escaped for fuse_opt), without the ones the daemon adds

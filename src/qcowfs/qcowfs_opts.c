@@ -28,6 +28,7 @@
 #include <limits.h>
 #include <pwd.h>
 #include <stdarg.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -265,7 +266,8 @@ static int apply_word(struct qcowfs_opts *opts, struct strbuf *kernel,
 			   KEY_IS("compact_threshold") ||
 			   KEY_IS("compact_quiet_ms") || KEY_IS("max_threads") ||
 			   KEY_IS("recycler") || KEY_IS("uid") || KEY_IS("gid") ||
-			   KEY_IS("detect_zeroes") || KEY_IS("snapshot")) {
+			   KEY_IS("detect_zeroes") || KEY_IS("snapshot") ||
+			   KEY_IS("backing")) {
 			set_error(err, errlen, "option '%s' needs a value (%s=...)",
 				  word, word);
 			return -EINVAL;
@@ -319,6 +321,28 @@ static int apply_word(struct qcowfs_opts *opts, struct strbuf *kernel,
 			if (!opts->snapshot)
 				return -ENOMEM;
 			opts->open.snapshot = opts->snapshot;
+		}
+	} else if (KEY_IS("backing")) {
+		/* the daemon chdirs to /: a relative name is made absolute
+		 * against the folder qcowfs was started in */
+		char *abs = NULL;
+		if (!*value)
+			ret = -EINVAL;
+		else if (value[0] == '/')
+			abs = strdup(value);
+		else {
+			char cwd[PATH_MAX];
+			if (!getcwd(cwd, sizeof(cwd)) || asprintf(&abs, "%s/%s", cwd, value) < 0) {
+				set_error(err, errlen, "cannot make backing=%s an absolute path: %s", value, strerror(errno));
+				return -EINVAL;
+			}
+		}
+		if (!ret && !abs)
+			return -ENOMEM;
+		if (!ret) {
+			free(opts->backing);
+			opts->backing = abs;
+			opts->open.backing = abs;
 		}
 	} else if (KEY_IS("uid")) {
 		ret = parse_uid(value, &opts->uid);
@@ -470,6 +494,9 @@ void qcowfs_opts_free(struct qcowfs_opts *opts)
 	free(opts->snapshot);
 	opts->snapshot = NULL;
 	opts->open.snapshot = NULL;
+	free(opts->backing);
+	opts->backing = NULL;
+	opts->open.backing = NULL;
 }
 
 void qcowfs_print_usage(FILE *out, const char *progname)
@@ -504,6 +531,9 @@ void qcowfs_print_usage(FILE *out, const char *progname)
 "                         another qcowfs or QEMU writes IMAGE (shared read\n"
 "                         lock, like qemu-img -U), and pauses that writer's\n"
 "                         compaction until this mount ends\n"
+"  backing=PATH           read unallocated clusters from PATH instead of\n"
+"                         the backing file IMAGE names (format probed);\n"
+"                         the rest of the chain below PATH as it records\n"
 "  allow_other            let other users access the file (non-root needs\n"
 "                         user_allow_other in /etc/fuse.conf)\n"
 "  allow_root             let root access the file as well as its owner\n"

@@ -216,6 +216,51 @@ def bad_backing_self(img, path=None):
     img.set("backing_file_size", len(name))
 
 
+def _set_backing_name(img, name):
+    """stores name as the backing file name at the end of the header cluster"""
+    cs = img.cluster_size
+    _, end = img.extensions()
+    off = (cs - len(name) - 8) & ~7
+    if off < end + 8:
+        raise SystemExit("mkbad: no room for a backing file name")
+    img.write(off, name)
+    img.set("backing_file_offset", off)
+    img.set("backing_file_size", len(name))
+
+
+def bad_backing_missing(img):
+    """backing file name of a file that does not exist"""
+    _set_backing_name(img, b"no-such-base.qcow2")
+
+
+def bad_backing_protocol(img):
+    """backing file name with a protocol (an NBD URL)"""
+    _set_backing_name(img, b"nbd://127.0.0.1:1/export")
+
+
+def bad_backing_format_long(img):
+    """a backing name (the image itself) and a backing format extension of
+    40 bytes, longer than any format name"""
+    bad_unknown_ext_typed(img, 0xE2792ACA, b"q" * 40)
+    _set_backing_name(img, os.path.abspath(img.path).encode())
+
+
+def bad_backing_format_vmdk(img):
+    """backing format extension "vmdk" for a backing file that exists"""
+    bad_unknown_ext_typed(img, 0xE2792ACA, b"vmdk")
+    _set_backing_name(img, os.path.abspath(img.path).encode())
+
+
+def bad_unknown_ext_typed(img, typ, data):
+    """adds a header extension of type typ before the end marker"""
+    exts, end = img.extensions()
+    rec = struct.pack(">II", typ, len(data)) + data
+    rec += b"\0" * ((8 - len(rec) % 8) % 8)
+    if end + len(rec) + 8 > img.cluster_size:
+        raise SystemExit("mkbad: no room for another header extension")
+    img.write(end, rec + b"\0" * 8)
+
+
 def bad_dirty(img):
     if img.get("version") < 3:
         raise SystemExit("mkbad: dirty needs a v3 image")

@@ -66,7 +66,11 @@ bad reftable-zero-clusters "$B3" 'refcount.?table|reftable'
 bad l2-past-eof "$B3" 'l2'
 bad l2-in-header "$B3" 'l2|overlap'
 bad unknown-incompat "$B3" 'incompat|feature'
-bad backing-self "$B3" 'backing'
+bad backing-self "$B3" 'backing chain loops'
+bad backing-missing "$B3" 'no-such-base'
+bad backing-protocol "$B3" 'not a local file'
+bad backing-format-long "$B3" 'backing format'
+bad backing-format-vmdk "$B3" 'vmdk'
 # the same damage on a compat 0.10 (version 2) image
 bad magic "$B2" 'magic|not a qcow2'
 bad version4 "$B2" 'version'
@@ -77,7 +81,7 @@ bad l1-in-header "$B2" 'l1'
 bad reftable-past-eof "$B2" 'refcount.?table|reftable'
 bad reftable-in-header "$B2" 'refcount.?table|reftable'
 bad l2-past-eof "$B2" 'l2'
-bad backing-self "$B2" 'backing'
+bad backing-self "$B2" 'backing chain loops'
 
 MNT=$T/view.raw
 

@@ -57,6 +57,11 @@ static uint8_t *image_bytes(uint64_t size, unsigned cb, unsigned order, size_t *
 	return copy;
 }
 
+/* The raw backing file of the round (NULL: none): every open of the
+ * round's image, before and after the crash, reads through a copy. */
+static const uint8_t *round_backing;
+static size_t round_backing_len;
+
 static struct qcow_image *open_io(struct qcow_io *io, char *err, size_t errlen, int *ret)
 {
 	struct qcow_open_opts o;
@@ -66,7 +71,16 @@ static struct qcow_image *open_io(struct qcow_io *io, char *err, size_t errlen, 
 	o.runtime_asserts = true;
 	o.cache_bytes = 32 * 1024;
 	struct qcow_image *img = NULL;
-	*ret = qcow_image_open_io(io, &o, &img, err, errlen);
+	struct qcow_backing *b = NULL;
+	if (round_backing) {
+		b = qcow_calloc(1, sizeof(*b));
+		REQUIRE(b && (b->raw = qcow_io_mem_new(round_backing, round_backing_len)), "backing memory");
+		b->size = round_backing_len;
+		strcpy(b->format, "raw");
+	}
+	*ret = qcow_image_open_io_backing(io, &o, b, &img, err, errlen);
+	if (*ret)
+		qcow_backing_free(b);
 	return img;
 }
 
@@ -137,13 +151,28 @@ static void one_round(unsigned round)
 	uint8_t *bytes = image_bytes(size, cb, order, &len);
 	struct qcow_io *io = qcow_io_crash_new(bytes, len);
 	qcow_free(bytes);
+	/* every third round the image has a raw backing file (sometimes
+	 * shorter than the disk: the rest reads zeros): reads fall through,
+	 * partial writes fill from it, discards must keep it from showing */
+	uint8_t *backing = NULL;
+	if (round % 3 == 1) {
+		round_backing_len = tap_rand(&seed) % 2 ? size : (size_t)(tap_rand(&seed) % size) & ~511ul;
+		backing = qcow_malloc(size);
+		REQUIRE(backing, "backing");
+		memset(backing, 0, size);
+		for (size_t i = 0; i < round_backing_len; i += 8) {
+			uint64_t v = tap_rand(&seed);
+			memcpy(backing + i, &v, 8);
+		}
+		round_backing = backing;
+	}
 	char err[256];
 	int ret;
 	struct qcow_image *img = open_io(io, err, sizeof(err), &ret);
 	REQUIRE(img, "round %u: open fresh image: %s", round, err);
 
 	struct crash_model m;
-	crash_model_init(&m, size, NULL);
+	crash_model_init(&m, size, backing);
 	uint8_t *buf = qcow_malloc(8 * cs + 512);
 
 	/* half the rounds crash after a random number of writes, the other
@@ -176,10 +205,13 @@ static void one_round(unsigned round)
 			break;
 	}
 	char what[64];
-	snprintf(what, sizeof(what), "round %u (cluster size %llu)", round, (unsigned long long)cs);
+	snprintf(what, sizeof(what), "round %u (cluster size %llu%s)", round, (unsigned long long)cs,
+		 backing ? ", backing file" : "");
 	crash_and_verify(io, img, &m, round % 150 == 0, what, NULL, NULL);
 	crash_model_free(&m);
 	qcow_free(buf);
+	round_backing = NULL;
+	qcow_free(backing);
 }
 
 /* ---- a replaced cluster survives until its replacement is durable ----

@@ -8,10 +8,9 @@
  *    operation's neighbourhood reads like the shadow, the map stays
  *    consistent, and after close qcow_check (and on some rounds qemu-img
  *    check) is clean, and the reopened image reads like the shadow;
- *  - the same with a backing file underneath, set up by hand (img->backing
- *    over a raw memory file: opening a backing chain is not in this branch
- *    yet): unallocated subclusters read the backing data, partial writes
- *    fill from it, discards set zero bits;
+ *  - the same with a raw backing file on the memory backend underneath
+ *    (qcow_image_open_io_backing): unallocated subclusters read the
+ *    backing data, partial writes fill from it, discards set zero bits;
  *  - crash rounds on the crash simulator: random operations, the disk dies
  *    after a random number of writes; the crashed image checks without
  *    errors, opens, and keeps every sector of the last completed flush.
@@ -33,7 +32,8 @@ static unsigned long long seed = 0x5c1u;
 
 static void quiet_sink(enum qcow_log_level level, const char *msg, void *opaque) {}
 
-static struct qcow_image *open_io(struct qcow_io *io, char *err, size_t errlen, int *ret)
+/* backing: a raw backing file the image then owns (NULL: none). */
+static struct qcow_image *open_io_b(struct qcow_io *io, struct qcow_backing *backing, char *err, size_t errlen, int *ret)
 {
 	struct qcow_open_opts o;
 	qcow_open_opts_default(&o);
@@ -42,8 +42,26 @@ static struct qcow_image *open_io(struct qcow_io *io, char *err, size_t errlen, 
 	o.runtime_asserts = true;
 	o.cache_bytes = 64 * 1024;
 	struct qcow_image *img = NULL;
-	*ret = qcow_image_open_io(io, &o, &img, err, errlen);
+	*ret = qcow_image_open_io_backing(io, &o, backing, &img, err, errlen);
 	return img;
+}
+
+static struct qcow_image *open_io(struct qcow_io *io, char *err, size_t errlen, int *ret)
+{
+	return open_io_b(io, NULL, err, errlen, ret);
+}
+
+/* A raw backing file over a copy of bytes, as the backing chain's opener
+ * makes one (the image that gets it frees it at close). */
+static struct qcow_backing *raw_backing(const uint8_t *bytes, uint64_t size)
+{
+	struct qcow_backing *b = qcow_calloc(1, sizeof(*b));
+	REQUIRE(b, "memory");
+	b->raw = qcow_io_mem_new(bytes, size);
+	REQUIRE(b->raw, "memory");
+	b->size = size;
+	strcpy(b->format, "raw");
+	return b;
 }
 
 /* qemu-made empty images, one per cluster size */
@@ -116,28 +134,22 @@ static void shadow_round(unsigned round, unsigned k, bool backing, unsigned nops
 	uint64_t size = kinds[k].size, sc = (1ull << kinds[k].cb) / 32;
 	uint8_t *shadow = calloc(1, size), *buf = malloc(size), *data = malloc(41 * sc);
 	REQUIRE(shadow && buf && data, "memory");
-	struct qcow_backing *b = NULL;
 	char err[256], what[96];
 	int ret;
-	struct qcow_image *img = open_io(&r->io, err, sizeof(err), &ret);
-	REQUIRE(img, "round %u: open: %s", round, err);
+	/* a backing file shorter than the disk: past its end, zeros */
+	uint64_t bsize = size - size / 8;
+	uint8_t *bb = NULL;
 	if (backing) {
-		/* a backing file shorter than the disk: past its end, zeros */
-		uint64_t bsize = size - size / 8;
-		uint8_t *bb = malloc(bsize);
+		bb = malloc(bsize);
 		REQUIRE(bb, "memory");
 		for (uint64_t i = 0; i < bsize; i++)
 			bb[i] = (uint8_t)(tap_rand(&seed) | 1);
 		memcpy(shadow, bb, bsize);
-		b = calloc(1, sizeof(*b));
-		REQUIRE(b, "memory");
-		b->raw = qcow_io_mem_new(bb, bsize);
-		b->size = bsize;
-		strcpy(b->format, "raw");
-		free(bb);
-		img->backing = b;
-		CHECK(same_as_shadow(img, shadow, 0, size, buf, "backing shows through"), "round %u", round);
 	}
+	struct qcow_image *img = open_io_b(&r->io, bb ? raw_backing(bb, bsize) : NULL, err, sizeof(err), &ret);
+	REQUIRE(img, "round %u: open: %s", round, err);
+	if (backing)
+		CHECK(same_as_shadow(img, shadow, 0, size, buf, "backing shows through"), "round %u", round);
 	for (unsigned op = 0; op < nops; op++) {
 		uint64_t off, n;
 		pick_range(size, sc, &off, &n);
@@ -180,17 +192,13 @@ static void shadow_round(unsigned round, unsigned k, bool backing, unsigned nops
 		CHECK(q == 0, "%s: qemu-img check exit %d after close", what, q);
 	/* reopened, it reads the same (with the same backing file) */
 	struct qcow_io *io2 = qcow_io_mem_new(after, len);
-	struct qcow_image *img2 = open_io(io2, err, sizeof(err), &ret);
+	struct qcow_image *img2 = open_io_b(io2, bb ? raw_backing(bb, bsize) : NULL, err, sizeof(err), &ret);
 	CHECK(img2 != NULL, "%s: reopen: %s", what, err);
 	if (img2) {
-		img2->backing = b;
 		CHECK(same_as_shadow(img2, shadow, 0, size, buf, what), "%s: after reopen", what);
 		qcow_image_close(img2);
 	}
-	if (b) {
-		qcow_io_close(b->raw);
-		free(b);
-	}
+	free(bb);
 	rec_free(r);
 	free(shadow);
 	free(buf);
@@ -216,17 +224,12 @@ static void reclaim(bool backing)
 	free(bytes);
 	char err[256];
 	int ret;
-	struct qcow_image *img = open_io(io, err, sizeof(err), &ret);
+	uint8_t *bb = malloc(1u << 20);
+	REQUIRE(bb, "memory");
+	memset(bb, 0x5a, 1u << 20);
+	struct qcow_image *img = open_io_b(io, backing ? raw_backing(bb, 1u << 20) : NULL, err, sizeof(err), &ret);
 	REQUIRE(img, "open: %s", err);
-	struct qcow_backing b = { .raw = NULL, .size = 0 };
-	uint8_t *bb = NULL;
-	if (backing) {
-		bb = malloc(1u << 20);
-		memset(bb, 0x5a, 1u << 20);
-		b.raw = qcow_io_mem_new(bb, 1u << 20);
-		b.size = 1u << 20;
-		img->backing = &b;
-	}
+	free(bb);
 	uint8_t data[65536], rd[4096];
 	memset(data, 0xc3, sizeof(data));
 	CHECK(qcow_image_write(img, data, sizeof(data), 3 * 65536) == 65536, "write the cluster");
@@ -280,10 +283,6 @@ static void reclaim(bool backing)
 		CHECK(d == 3 * 65536 + 2048 * 8, "SEEK_HOLE after it: %lld", (long long)d);
 	}
 	CHECK(qcow_image_close(img) == 0, "close");
-	if (backing) {
-		qcow_io_close(b.raw);
-		free(bb);
-	}
 }
 
 /* detect_zeroes=unmap, sparsify and a shrink with extended entries: the
@@ -303,16 +302,12 @@ static void zeroes_and_sparsify(bool backing)
 	o.detect_zeroes = QCOW_DETECT_ZEROES_UNMAP;
 	struct qcow_image *img = NULL;
 	char err[256];
-	REQUIRE(qcow_image_open_io(&r->io, &o, &img, err, sizeof(err)) == 0, "open: %s", err);
-	struct qcow_backing b = { .raw = NULL, .size = 0 };
-	uint8_t *bb = NULL;
-	if (backing) {
-		bb = malloc(8u << 20);
-		memset(bb, 0x3c, 8u << 20);
-		b.raw = qcow_io_mem_new(bb, 8u << 20);
-		b.size = 8u << 20;
-		img->backing = &b;
-	}
+	uint8_t *bb = malloc(8u << 20);
+	REQUIRE(bb, "memory");
+	memset(bb, 0x3c, 8u << 20);
+	REQUIRE(qcow_image_open_io_backing(&r->io, &o, backing ? raw_backing(bb, 8u << 20) : NULL, &img, err,
+					   sizeof(err)) == 0, "open: %s", err);
+	free(bb);
 	static uint8_t data[4 * 65536], zeros[2 * 65536], rd[65536];
 	memset(data, 0x99, sizeof(data));
 	uint64_t e, bm;
@@ -353,10 +348,6 @@ static void zeroes_and_sparsify(bool backing)
 	      "zeroes%s: check after close: ret %d, %llu errors, %llu leaks, qemu-img exit %d", backing ? " (backing)" : "",
 	      ret, (unsigned long long)cr.errors, (unsigned long long)cr.leaks, q);
 	rec_free(r);
-	if (backing) {
-		qcow_io_close(b.raw);
-		free(bb);
-	}
 }
 
 /* Internal snapshots made by the engine over extended entries: the
