@@ -12,9 +12,8 @@
 #    fstrim of a file system with 4 KiB blocks would) gives its host
 #    cluster back: qemu-img map shows no host offset there any more and
 #    the check finds no leak.
-# (The backing-file case is covered by tests/unit/test_xl2.c with the
-# backing image set up by hand: opening a backing chain is not in this
-# branch yet.)
+# The first two also run as overlays on a qcow2 base (unallocated
+# subclusters show the base, discards set zero bits, the base unchanged).
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
 need cmp base64 fallocate
@@ -80,12 +79,24 @@ os.close(fv)
 os.close(fs)
 EOF
 
-# run CLUSTER_SIZE SIZE SEED NOPS
+# run CLUSTER_SIZE SIZE SEED NOPS [backing]
+# backing: the image is an overlay on a qcow2 base made by qemu-img (data
+# at offsets that do not line up with the overlay's subclusters); the
+# base must be byte-identical afterwards.
 run() {
-	local cs=$1 size=$2 seed=$3 nops=$4 sc img
+	local cs=$1 size=$2 seed=$3 nops=$4 with=${5:-} sc img base="" bsum=""
 	sc=$((cs / 32))
-	img=$T/x$cs.qcow2
-	mkimg "$img" "$size" "extended_l2=on,cluster_size=$cs"
+	img=$T/x$cs$with.qcow2
+	if [ -n "$with" ]; then
+		base=$T/base$cs.qcow2
+		mkimg "$base" "$size"
+		qio "$base" "write -P 0x91 0 $((size / 2 + 1536))" "write -P 0x92 $((size - 3 * cs - 512)) $((2 * cs))"
+		bsum=$(sha "$base")
+		qemu-img create -q -f qcow2 -b "$base" -F qcow2 -o "extended_l2=on,cluster_size=$cs" "$img" >>"$T/qemu.log" 2>&1 ||
+			fail "qemu-img create an overlay with extended L2 entries ($cs)"
+	else
+		mkimg "$img" "$size" "extended_l2=on,cluster_size=$cs"
+	fi
 	[ "$(qinfo_field "$img" format-specific.data.extended-l2)" = true ] ||
 		fail "qemu-img made $img without extended L2 entries"
 	# qemu-io at subcluster offsets: data, zero writes, discards, a
@@ -98,25 +109,28 @@ run() {
 	qmount "$img" "$MNT"
 	same_file "$MNT" "$T/qemu.raw" "view of the qemu-io image ($cs)"
 	cp "$T/qemu.raw" "$T/shadow.raw"
-	$PYTHON "$T/xl2ops.py" "$MNT" "$T/shadow.raw" "$seed" "$nops" "$cs" || fail "random subcluster operations ($cs)"
+	$PYTHON "$T/xl2ops.py" "$MNT" "$T/shadow.raw" "$seed" "$nops" "$cs" || fail "random subcluster operations ($cs$with)"
 	same_file "$MNT" "$T/shadow.raw" "view after random operations ($cs)"
 	# compaction moves L2 tables (16-byte entries) and data clusters
 	timeout 120 "$QCOWCTL" compact "$MNT" >"$T/compact.out" 2>&1 ||
 		fail "qcowctl compact ($cs): $(cat "$T/compact.out")"
 	same_file "$MNT" "$T/shadow.raw" "view after compaction ($cs)"
 	qumount "$MNT"
-	"$QCOWCTL" check "$img" >"$T/cc.txt" 2>&1 || fail "qcowctl check ($cs): $(cat "$T/cc.txt")"
+	"$QCOWCTL" check "$img" >"$T/cc.txt" 2>&1 || fail "qcowctl check ($cs$with): $(cat "$T/cc.txt")"
+	[ -z "$base" ] || [ "$(sha "$base")" = "$bsum" ] || fail "the backing file changed ($cs)"
 	qcheck "$img"
 	qcompare "$img" "$T/shadow.raw" "image after random operations ($cs)"
 	# and a second mount reads it back the same
 	qmount "$img" "$MNT" -o ro
 	same_file "$MNT" "$T/shadow.raw" "view after a remount ($cs)"
 	qumount "$MNT"
-	log "extended L2 at $cs-byte clusters: ok"
+	log "extended L2 at $cs-byte clusters${with:+ over a backing file}: ok"
 }
 
 run 65536 $((16 << 20)) 290 600
 run $((2 << 20)) $((64 << 20)) 291 300
+run 65536 $((16 << 20)) 294 600 backing
+run $((2 << 20)) $((64 << 20)) 295 300 backing
 
 # an internal snapshot (shared L2 tables and data clusters: copy-on-write
 # of 16-byte entries, COPIED cleared and set) and a compressed image
@@ -183,35 +197,56 @@ for kind in xl2-both-bits xl2-alloc-unallocated xl2-compressed-bitmap; do
 done
 
 # sub-cluster reclaim: one 64 KiB cluster written, then discarded 4 KiB at
-# a time through the view
-img=$T/reclaim.qcow2
-mkimg "$img" 16M "extended_l2=on,cluster_size=65536"
-qmount "$img" "$MNT"
-dd if=/dev/urandom of="$T/c.bin" bs=64k count=1 status=none
-dd if="$T/c.bin" of="$MNT" bs=64k seek=5 count=1 conv=notrunc,fsync status=none
-qumount "$MNT"
-qemu-img map --output=json "$img" >"$T/map1.json"
-grep -q '"start": 327680, "length": 65536, .*"data": true, "offset"' "$T/map1.json" ||
-	fail "the written cluster has no host cluster: $(cat "$T/map1.json")"
-qmount "$img" "$MNT"
-for i in $(seq 0 15); do
-	fallocate --punch-hole --keep-size -o $((5 * 65536 + i * 4096)) -l 4096 "$MNT" ||
-		fail "punch-hole of 4 KiB block $i failed"
-	if [ "$i" -lt 15 ]; then
-		# still there: the rest of the cluster reads back
-		dd if="$MNT" bs=4096 skip=$((5 * 16 + i + 1)) count=$((15 - i)) status=none | cmp -s - \
-			<(dd if="$T/c.bin" bs=4096 skip=$((i + 1)) status=none) ||
-			fail "the rest of the cluster changed after discarding block $i"
+# a time through the view, without and with a backing file (then the
+# discarded blocks get zero bits, and the entry ends all-zero with no host
+# cluster)
+reclaim() {
+	local with=$1 img=$T/reclaim$1.qcow2 i
+	if [ -n "$with" ]; then
+		mkimg "$T/rbase.qcow2" 16M
+		qio "$T/rbase.qcow2" "write -P 0x93 0 1M"
+		qemu-img create -q -f qcow2 -b "$T/rbase.qcow2" -F qcow2 -o extended_l2=on,cluster_size=65536 "$img" \
+			>>"$T/qemu.log" 2>&1 || fail "qemu-img create the reclaim overlay"
+	else
+		mkimg "$img" 16M "extended_l2=on,cluster_size=65536"
 	fi
-done
-sync "$MNT"
-cmp -s <(dd if="$MNT" bs=64k skip=5 count=1 status=none) <(head -c 65536 /dev/zero) ||
-	fail "the discarded cluster does not read zeros"
-qumount "$MNT"
-qcheck "$img"
-qemu-img map --output=json "$img" >"$T/map2.json"
-if grep '"offset"' "$T/map2.json" >/dev/null; then
-	fail "a host cluster is still mapped after all 16 blocks were discarded: $(cat "$T/map2.json")"
-fi
-log "a cluster discarded 4 KiB at a time released its host cluster"
+	qmount "$img" "$MNT"
+	dd if=/dev/urandom of="$T/c.bin" bs=64k count=1 status=none
+	dd if="$T/c.bin" of="$MNT" bs=64k seek=5 count=1 conv=notrunc,fsync status=none
+	qumount "$MNT"
+	qemu-img map --output=json "$img" >"$T/map1.json"
+	grep -q '"start": 327680, "length": 65536, "depth": 0, .*"data": true, "offset"' "$T/map1.json" ||
+		fail "the written cluster has no host cluster${with:+ (backing)}: $(cat "$T/map1.json")"
+	qmount "$img" "$MNT"
+	for i in $(seq 0 15); do
+		fallocate --punch-hole --keep-size -o $((5 * 65536 + i * 4096)) -l 4096 "$MNT" ||
+			fail "punch-hole of 4 KiB block $i failed"
+		if [ "$i" -lt 15 ]; then
+			# still there: the rest of the cluster reads back
+			dd if="$MNT" bs=4096 skip=$((5 * 16 + i + 1)) count=$((15 - i)) status=none | cmp -s - \
+				<(dd if="$T/c.bin" bs=4096 skip=$((i + 1)) status=none) ||
+				fail "the rest of the cluster changed after discarding block $i${with:+ (backing)}"
+		fi
+	done
+	sync "$MNT"
+	cmp -s <(dd if="$MNT" bs=64k skip=5 count=1 status=none) <(head -c 65536 /dev/zero) ||
+		fail "the discarded cluster does not read zeros${with:+ (backing)}"
+	qumount "$MNT"
+	qcheck "$img"
+	qemu-img map --output=json "$img" >"$T/map2.json"
+	if grep '"depth": 0, .*"offset"' "$T/map2.json" >/dev/null; then
+		fail "a host cluster is still mapped after all 16 blocks were discarded${with:+ (backing)}: $(cat "$T/map2.json")"
+	fi
+	# (over a backing file the zero bits keep the base's data hidden)
+	$PYTHON -c '
+import json, sys
+for m in json.load(open(sys.argv[1])):
+    if m["start"] <= 327680 < m["start"] + m["length"]:
+        sys.exit(0 if m["depth"] == 0 and m["zero"] and not m["data"] else 1)
+sys.exit(1)' "$T/map2.json" ||
+		fail "the discarded cluster is not zero in qemu-img map${with:+ (backing)}: $(cat "$T/map2.json")"
+	log "a cluster discarded 4 KiB at a time released its host cluster${with:+ (over a backing file)}"
+}
+reclaim ""
+reclaim backing
 log "ok"
