@@ -44,8 +44,8 @@ static bool has_protocol(const char *name)
 int qcow_chain_resolve(const char *image_path, const char *name, char *out, size_t outlen, char *err, size_t errlen)
 {
 	if (has_protocol(name)) {
-		qcow_set_error(err, errlen, "backing file \"%s\" is not a local file (protocol prefix): only local backing files are supported",
-			       name);
+		qcow_set_error(err, errlen, "\"%s\" (named by %s) is not a local file (protocol prefix): only local files are supported",
+			       name, image_path[0] ? image_path : "an option");
 		return -ENOTSUP;
 	}
 	int n;
@@ -55,7 +55,7 @@ int qcow_chain_resolve(const char *image_path, const char *name, char *out, size
 	else
 		n = snprintf(out, outlen, "%.*s/%s", (int)(slash - image_path), image_path, name);
 	if (n < 0 || (size_t)n >= outlen) {
-		qcow_set_error(err, errlen, "backing file path \"%s\" (named by %s) is too long", name, image_path);
+		qcow_set_error(err, errlen, "the path of \"%s\" (named by %s) is too long", name, image_path[0] ? image_path : "an option");
 		return -ENAMETOOLONG;
 	}
 	return 0;

@@ -31,20 +31,6 @@
 #include <string.h>
 #include <sys/stat.h>
 
-/* name relative to the folder of image_path; a fresh string */
-static char *resolve_name(const char *image_path, const char *name)
-{
-	const char *slash = image_path ? strrchr(image_path, '/') : NULL;
-	size_t dir = (name[0] == '/' || !slash) ? 0 : (size_t)(slash - image_path) + 1;
-	size_t n = strlen(name);
-	char *p = qcow_malloc(dir + n + 1);
-	if (!p)
-		return NULL;
-	memcpy(p, image_path, dir);
-	memcpy(p + dir, name, n + 1);
-	return p;
-}
-
 int qcow_datafile_open(struct qcow_image *img, char *err, size_t errlen)
 {
 	const struct qcow_header *h = &img->hdr;
@@ -71,6 +57,13 @@ int qcow_datafile_open(struct qcow_image *img, char *err, size_t errlen)
 			       "internal snapshots are not supported with an external data file", h->nb_snapshots);
 		return -ENOTSUP;
 	}
+	if (h->incompatible_features & QCOW_INCOMPAT_EXTL2) {
+		/* both work on their own; together the write path would need the
+		 * subclusters' placement in the data file, which is not built */
+		qcow_set_error(err, errlen, "the image has an external data file and extended L2 entries (0x4 and 0x10 of the "
+			       "incompatible features at header offset 72): the two together are not supported yet");
+		return -ENOTSUP;
+	}
 	if (h->backing_file_offset && (h->autoclear_features & QCOW_AUTOCLEAR_DATA_FILE_RAW)) {
 		qcow_set_error(err, errlen, "the image has a backing file and data_file_raw (0x2 of the autoclear features at "
 			       "header offset 88): a raw data file cannot show a backing file, so QEMU never makes such an image");
@@ -95,9 +88,15 @@ int qcow_datafile_open(struct qcow_image *img, char *err, size_t errlen)
 			       "offset 72) but no data file name extension: give it with -o data_file=PATH");
 		return -EINVAL;
 	}
-	img->data_path = o->data_file ? resolve_name(NULL, o->data_file) : resolve_name(img->io->name, h->data_file);
+	char path[4096];
+	ret = qcow_chain_resolve(o->data_file ? "" : img->io->name, o->data_file ? o->data_file : h->data_file, path,
+				 sizeof(path), err, errlen);
+	if (ret)
+		return ret;
+	img->data_path = qcow_malloc(strlen(path) + 1);
 	if (!img->data_path)
 		return -ENOMEM;
+	strcpy(img->data_path, path);
 	struct qcow_io *io = NULL;
 	struct stat a, b;
 	if (img->io->name && stat(img->io->name, &a) == 0 && stat(img->data_path, &b) == 0 && a.st_dev == b.st_dev &&

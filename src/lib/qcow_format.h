@@ -50,7 +50,8 @@
 #define QCOW_INCOMPAT_EXTL2 (1ull << 4)
 /* incompatible bits this engine implements */
 #define QCOW_INCOMPAT_SUPPORTED (QCOW_INCOMPAT_DIRTY | QCOW_INCOMPAT_CORRUPT | QCOW_INCOMPAT_COMPRESSION | \
-				 QCOW_INCOMPAT_DATA_FILE)
+				 QCOW_INCOMPAT_DATA_FILE | \
+				 QCOW_INCOMPAT_EXTL2)
 /* header byte 104 */
 #define QCOW_COMPRESSION_ZLIB 0   /* raw deflate streams */
 #define QCOW_COMPRESSION_ZSTD 1   /* zstd frames */
@@ -72,6 +73,13 @@
 #define QCOW_L1E_OFFSET_MASK 0x00fffffffffffe00ull
 #define QCOW_L2E_OFFSET_MASK 0x00fffffffffffe00ull
 #define QCOW_REFT_OFFSET_MASK 0xfffffffffffffe00ull
+/* extended L2 entries (incompatible bit 4): 16 bytes, the pointer as
+ * above (its zero flag unused), then the subcluster bitmap: bit k
+ * (0..31) subcluster k allocated, bit 32+k subcluster k reads zeros */
+#define QCOW_SUBCLUSTERS 32u
+#define QCOW_EXTL2_MIN_CLUSTER_BITS 14u
+#define QCOW_SC_ALLOC_ALL 0x00000000ffffffffull
+#define QCOW_SC_ZERO_ALL 0xffffffff00000000ull
 
 /* QEMU's lock bytes (research/qemu.md section 3) */
 #define QCOW_LOCK_PERM_BASE 100

@@ -211,6 +211,11 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 		FAIL(ENOTSUP, "unsupported incompatible feature%s %s (incompatible features 0x%" PRIx64 " at header offset 72)",
 		     count == 1 ? "" : "s", names, unknown);
 	}
+	/* as QEMU: 32 subclusters of at least 512 bytes */
+	if ((h->incompatible_features & QCOW_INCOMPAT_EXTL2) && h->cluster_bits < QCOW_EXTL2_MIN_CLUSTER_BITS)
+		FAIL(EINVAL, "extended L2 entries (0x10 of the incompatible features at header offset 72) need a cluster "
+		     "size of at least %u bytes, cluster_bits (header offset 20) is %u",
+		     1u << QCOW_EXTL2_MIN_CLUSTER_BITS, h->cluster_bits);
 	/* as QEMU: the incompatible bit announces exactly a non-zlib type */
 	if (h->compression_type > QCOW_COMPRESSION_ZSTD && !info_only)
 		FAIL(ENOTSUP, "unknown compression_type %u (header offset 104): 0 (zlib) and 1 (zstd) are defined",
@@ -293,7 +298,7 @@ static int header_read(struct qcow_io *io, struct qcow_header *h, bool info_only
 	if ((uint64_t)h->l1_size * 8 > QCOW_MAX_L1_BYTES)
 		FAIL(EFBIG, "l1_size %u (header offset 36) is too large: the L1 table may be at most %u bytes",
 		     h->l1_size, QCOW_MAX_L1_BYTES);
-	uint64_t l2_entries = cs / 8;
+	uint64_t l2_entries = cs >> qcow_header_l2_entry_shift(h);
 	uint64_t per_l1 = l2_entries * cs;   /* guest bytes one L1 entry maps */
 	uint64_t needed = h->size / per_l1 + (h->size % per_l1 != 0);
 	if (h->size > (1ull << 62))

@@ -16,6 +16,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "qcow_format.h"
+
 struct qcow_io;
 
 struct qcow_header {
@@ -48,6 +50,14 @@ struct qcow_header {
 	size_t raw_len;
 	uint64_t file_size;
 };
+
+/* Bytes of one L2 entry: 16 with extended L2 entries (incompatible bit
+ * 4: the pointer, then the subcluster bitmap), else 8.  Every L2 index
+ * to byte conversion goes through this (or qcow_l2_entry_shift). */
+static inline unsigned qcow_header_l2_entry_shift(const struct qcow_header *h)
+{
+	return (h->incompatible_features & QCOW_INCOMPAT_EXTL2) ? 4 : 3;
+}
 
 /* Reads cluster 0 and validates every header field and extension against
  * the file size.  Returns 0 or a negative errno with a message in err. */

@@ -40,9 +40,14 @@
  *    (qcow_datafile.c: a new cluster sits at its guest offset, outside the
  *    map; whole clusters released are punched there after a grace
  *    period), or the image itself.
+ *  - Extended L2 entries (doc/design.md, "Extended L2 entries"): reads,
+ *    writes, discards and seeks go by subcluster (qcow_subcluster.h); a
+ *    write that changes the subcluster bitmap claims the guest cluster like
+ *    a write into a new cluster, and the bitmap change is its link.
  */
 #include "config.h"
 #include "qcow_internal.h"
+#include "qcow_subcluster.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -209,6 +214,95 @@ static int read_entry_contents(struct qcow_image *img, uint64_t gc, uint64_t e, 
 	return img->data_io->ops->pread(img->data_io, buf, img->cluster_size, e & QCOW_L2E_OFFSET_MASK);
 }
 
+/* ---- extended L2 entries: subclusters ------------------------------------ */
+
+/* log2 of the subcluster size (32 subclusters per cluster). */
+static unsigned sc_bits(const struct qcow_image *img)
+{
+	return img->cluster_bits - 5;
+}
+
+/* A bitmap the spec calls corrupt: the request fails with EIO, as QEMU's
+ * does (a read-write open refuses such an image already; a read-only one
+ * reads what it can). */
+static int sc_invalid(const struct qcow_image *img, uint64_t gc, uint64_t e, uint64_t bm)
+{
+	const char *bad = qcow_sc_invalid(e, bm);
+	if (!bad)
+		return 0;
+	qcow_logf(QCOW_LOG_ERROR, "L2 entry of guest offset 0x%" PRIx64 " (0x%016" PRIx64 " 0x%016" PRIx64 "): %s",
+		  gc << img->cluster_bits, e, bm, bad);
+	return -EIO;
+}
+
+/* Adds the segments of [o, o+n) of guest cluster gc, a non-compressed
+ * extended entry (e, bm), one per run of subclusters of one kind: data,
+ * zeros, or the backing chain (zeros without one). */
+static int segs_add_subclusters(struct qcow_image *img, struct seg_list *segs, uint64_t gc, uint64_t e,
+				uint64_t bm, uint64_t o, uint64_t n, size_t buf_off)
+{
+	unsigned sb = sc_bits(img);
+	int ret = sc_invalid(img, gc, e, bm);
+	for (uint64_t x = o; x < o + n && ret == 0;) {
+		unsigned k = (unsigned)(x >> sb);
+		unsigned run = qcow_sc_run(e, bm, k, QCOW_SUBCLUSTERS);
+		uint64_t end = ((uint64_t)(k + run) << sb) < o + n ? (uint64_t)(k + run) << sb : o + n;
+		size_t len = (size_t)(end - x), at = buf_off + (size_t)(x - o);
+		switch (qcow_sc_kind(e, bm, k)) {
+		case QSC_DATA:
+			ret = segs_add(segs, SEG_DATA, (e & QCOW_L2E_OFFSET_MASK) + x, 0, len, at);
+			break;
+		case QSC_UNALLOCATED:   /* the chain below, or zeros without one */
+			ret = img->backing ? segs_add(segs, SEG_BACKING, (gc << img->cluster_bits) + x, 0, len, at)
+					   : segs_add(segs, SEG_ZERO, 0, 0, len, at);
+			break;
+		case QSC_ZERO:
+			ret = segs_add(segs, SEG_ZERO, 0, 0, len, at);
+			break;
+		default:
+			ret = -EIO;
+		}
+		x = end;
+	}
+	return ret;
+}
+
+/* Reads what [o, o+n) of guest cluster gc with the non-compressed
+ * extended entry (e, bm) shows into buf (no engine lock: the caller's
+ * registration keeps the host cluster). */
+static int read_subclusters(struct qcow_image *img, uint64_t gc, uint64_t e, uint64_t bm, uint8_t *buf, uint64_t o,
+			    uint64_t n)
+{
+	struct seg_list segs;
+	segs_init(&segs);
+	int ret = segs_add_subclusters(img, &segs, gc, e, bm, o, n, 0);
+	for (size_t i = 0; i < segs.n && ret == 0; i++) {
+		struct seg *s = &segs.v[i];
+		if (s->kind == SEG_ZERO)
+			memset(buf + s->buf_off, 0, s->len);
+		else if (s->kind == SEG_DATA)
+			ret = img->io->ops->pread(img->io, buf + s->buf_off, s->len, s->host);
+		else
+			ret = backing_read(img, buf + s->buf_off, s->len, s->host);
+	}
+	segs_free(&segs);
+	return ret;
+}
+
+/* Whether [o, o+n) of an extended entry reads zeros already (a zero
+ * write there must not allocate). */
+static bool subclusters_read_zero(const struct qcow_image *img, uint64_t e, uint64_t bm, uint64_t o, uint64_t n)
+{
+	if (e & QCOW_OFLAG_COMPRESSED)
+		return false;
+	for (unsigned k = (unsigned)(o >> sc_bits(img)); k <= (o + n - 1) >> sc_bits(img); k++) {
+		enum qcow_sc_kind kind = qcow_sc_kind(e, bm, k);
+		if (kind != QSC_ZERO && !(kind == QSC_UNALLOCATED && !img->backing))
+			return false;
+	}
+	return true;
+}
+
 /* ---- reads ------------------------------------------------------------ */
 
 ssize_t qcow_image_read(struct qcow_image *img, void *buf, size_t len, uint64_t off)
@@ -222,12 +316,14 @@ ssize_t qcow_image_read(struct qcow_image *img, void *buf, size_t len, uint64_t 
 	segs_init(&segs);
 	qcow_lock(img);
 	for (size_t pos = 0; pos < len && ret == 0;) {
-		uint64_t gc, o, e;
+		uint64_t gc, o, e, bm;
 		size_t n = cluster_piece(img, off + pos, len - pos, &gc, &o);
-		ret = qcow_l2_lookup(img, gc, &e);
+		ret = qcow_l2_lookup_bitmap(img, gc, &e, &bm);
 		if (ret)
 			break;
-		if (e & QCOW_OFLAG_COMPRESSED)
+		if (qcow_extl2(img) && !(e & QCOW_OFLAG_COMPRESSED))
+			ret = segs_add_subclusters(img, &segs, gc, e, bm, o, n, pos);
+		else if (e & QCOW_OFLAG_COMPRESSED)
 			ret = segs_add(&segs, SEG_COMPRESSED, e, o, n, pos);
 		else if (entry_reads_zero(img, e))
 			ret = segs_add(&segs, SEG_ZERO, 0, 0, n, pos);
@@ -285,6 +381,11 @@ struct new_cluster {
 	uint64_t o, n;        /* the part this request writes */
 	size_t buf_off;
 	bool fill;            /* the rest comes from the old contents */
+	/* extended L2 entries: the subcluster bitmap as resolved, and
+	 * whether host is the entry's own cluster, written in place (the
+	 * bitmap change is the link) */
+	uint64_t old_bm;
+	bool reuse;
 };
 
 struct write_plan {
@@ -319,8 +420,9 @@ static void give_back(struct qcow_image *img, struct write_plan *p, size_t from,
 {
 	for (size_t i = from; i < p->nnc; i++) {
 		qcow_claims_drop(img, p->nc[i].gc);
-		/* a data file's clusters are not in the map: nothing to free */
-		if (!qcow_datafile_present(img))
+		/* an own cluster stays where it is; a data file's clusters are
+		 * not in the map: nothing to free */
+		if (!p->nc[i].reuse && !qcow_datafile_present(img))
 			qcow_map_set_state(&img->map, p->nc[i].host, written ? QCS_JUNK : QCS_AVAILABLE);
 	}
 	p->nnc = from;
@@ -369,6 +471,52 @@ static int resolve_in_data_file(struct qcow_image *img, struct write_plan *p, ui
 	return 0;
 }
 
+/* resolve_cluster for an extended L2 entry (gc claimable, its table t
+ * writable).  Subclusters that are all allocated in the entry's own
+ * cluster (COPIED, one reference from this slot) are written in place as
+ * now.  Anything else is claimed: written in place into the own cluster
+ * too, but the bitmap change that makes the written subclusters
+ * allocated is the link, after the data (invariant 8); or, with no own
+ * cluster (unallocated, compressed, shared), into a new cluster that the
+ * link points the entry at. */
+static int resolve_subclusters(struct qcow_image *img, struct write_plan *p, struct qcow_cached *t, uint64_t gc,
+			       uint64_t o, uint64_t n, size_t buf_off)
+{
+	uint64_t idx = gc & ((1ull << img->l2_bits) - 1);
+	uint64_t e = qcow_l2_entry(img, t, idx), bm = qcow_l2_bitmap(img, t, idx);
+	uint64_t slot = qcow_l2_slot(img, t->cluster, idx);
+	uint64_t h = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
+	int ret = sc_invalid(img, gc, e, bm);
+	if (ret)
+		return ret;
+	unsigned s0 = (unsigned)(o >> sc_bits(img)), s1 = (unsigned)((o + n - 1) >> sc_bits(img));
+	uint64_t want = qcow_sc_range(s0, s1);
+	bool own = !(e & QCOW_OFLAG_COMPRESSED) && h && (e & QCOW_OFLAG_COPIED) && h < img->map.nclusters &&
+		   qcow_map_state(&img->map, h) == QCS_REF && qcow_map_slot(&img->map, h) == slot;
+	if (own) {
+		/* a move of this cluster would copy stale data */
+		qcow_map_move_cancel(&img->map, h);
+		if ((bm & want) == want)
+			return segs_add(&p->in_place, SEG_DATA, (h << img->cluster_bits) + o, 0, n, buf_off);
+	}
+	if (p->nnc == p->nc_cap && vec_grow((void **)&p->nc, &p->nc_cap, p->inline_nc, sizeof(*p->nc)))
+		return -ENOMEM;
+	uint64_t c = h;
+	if (!own && (ret = qcow_alloc_cluster(img, &c)))
+		return ret;
+	ret = qcow_claims_add(img, gc);
+	if (ret) {
+		if (!own)
+			qcow_map_set_state(&img->map, c, QCS_AVAILABLE);
+		return ret;
+	}
+	p->nc[p->nnc++] = (struct new_cluster){ .gc = gc, .host = c, .old = e, .old_bm = bm, .reuse = own, .o = o,
+						.n = n, .buf_off = buf_off,
+						/* a compressed cluster becomes a whole normal one */
+						.fill = (e & QCOW_OFLAG_COMPRESSED) && n != img->cluster_size };
+	return 0;
+}
+
 /* Resolves guest cluster gc for a write of [o, o+n) at buf_off: an extent
  * written in place, or a new cluster (claimed, linked later). */
 static int resolve_cluster(struct qcow_image *img, struct write_plan *p, uint64_t gc, uint64_t o, uint64_t n,
@@ -386,8 +534,10 @@ static int resolve_cluster(struct qcow_image *img, struct write_plan *p, uint64_
 	struct qcow_cached *t = qcow_l2_for_write(img, l1i, &ret);
 	if (!t)
 		return ret;
-	uint64_t e = qcow_l2_entry(t, idx);
-	uint64_t slot = (t->cluster << img->cluster_bits) + idx * 8;
+	if (qcow_extl2(img))
+		return resolve_subclusters(img, p, t, gc, o, n, buf_off);
+	uint64_t e = qcow_l2_entry(img, t, idx);
+	uint64_t slot = qcow_l2_slot(img, t->cluster, idx);
 	uint64_t h = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
 	bool zero = entry_reads_zero(img, e);
 	if (qcow_datafile_present(img))
@@ -434,11 +584,11 @@ static int resolve_write(struct qcow_image *img, struct write_plan *p, bool zero
 		if (zeros) {
 			/* zeroing part of a cluster that reads zero already must
 			 * not allocate it */
-			uint64_t e;
-			int ret = qcow_l2_lookup(img, gc, &e);
+			uint64_t e, bm;
+			int ret = qcow_l2_lookup_bitmap(img, gc, &e, &bm);
 			if (ret)
 				return ret;
-			if (entry_reads_zero(img, e)) {
+			if (qcow_extl2(img) ? subclusters_read_zero(img, e, bm, o, n) : entry_reads_zero(img, e)) {
 				pos += n;
 				continue;
 			}
@@ -449,6 +599,63 @@ static int resolve_write(struct qcow_image *img, struct write_plan *p, bool zero
 		pos += n;
 	}
 	return 0;
+}
+
+/* The data I/O of one claimed extended-L2 cluster (not compressed), no
+ * engine lock: the old entry's allocated subclusters outside the write
+ * are copied when the data moves to a new cluster; a partially written
+ * subcluster that the target does not hold yet is filled around the
+ * piece from what it shows now (old data, zeros, or the backing chain);
+ * whole unwritten subclusters are never written. */
+static int write_subclusters(struct qcow_image *img, const void *buf, struct new_cluster *nc, uint8_t *cbuf)
+{
+	unsigned sb = sc_bits(img);
+	uint64_t scs = 1ull << sb, host = nc->host << img->cluster_bits;
+	uint64_t e = nc->old, bm = nc->old_bm, lo = nc->o, hi = nc->o + nc->n;
+	unsigned s0 = (unsigned)(lo >> sb), s1 = (unsigned)((hi - 1) >> sb);
+	int ret = 0;
+	if (!nc->reuse && (e & QCOW_L2E_OFFSET_MASK)) {
+		for (unsigned k = 0; k < QCOW_SUBCLUSTERS && ret == 0;) {
+			unsigned run = qcow_sc_run(e, bm, k, QCOW_SUBCLUSTERS);
+			if (qcow_sc_kind(e, bm, k) == QSC_DATA)
+				for (unsigned j = k; j < k + run && ret == 0; j++) {
+					if (j >= s0 && j <= s1)
+						continue;   /* written (or filled) below */
+					uint64_t at = (uint64_t)j << sb;
+					ret = img->io->ops->pread(img->io, cbuf + at, scs, (e & QCOW_L2E_OFFSET_MASK) + at);
+					if (ret == 0)
+						ret = img->io->ops->pwrite(img->io, cbuf + at, scs, host + at);
+				}
+			k += run;
+		}
+	}
+	/* the edges: filled whole, then the piece between them */
+	uint64_t a = lo, b = hi;
+	unsigned edges[2] = { s0, s1 };
+	for (unsigned i = 0; i < (s0 == s1 ? 1u : 2u) && ret == 0; i++) {
+		uint64_t slo = (uint64_t)edges[i] << sb, shi = slo + scs;
+		if (lo <= slo && hi >= shi)
+			continue;   /* written whole */
+		if (nc->reuse && qcow_sc_kind(e, bm, edges[i]) == QSC_DATA)
+			continue;   /* the own cluster holds the rest already */
+		ret = read_subclusters(img, nc->gc, e, bm, cbuf + slo, slo, scs);
+		if (ret)
+			break;
+		uint64_t plo = lo > slo ? lo : slo, phi = hi < shi ? hi : shi;
+		if (buf)
+			memcpy(cbuf + plo, (const uint8_t *)buf + nc->buf_off + (plo - lo), phi - plo);
+		else
+			memset(cbuf + plo, 0, phi - plo);
+		ret = img->io->ops->pwrite(img->io, cbuf + slo, scs, host + slo);
+		if (i == 0 && edges[i] == s0)
+			a = shi < hi ? shi : hi;
+		if (edges[i] == s1)
+			b = slo > lo ? slo : lo;
+	}
+	if (ret == 0 && a < b)
+		ret = buf ? img->io->ops->pwrite(img->io, (const uint8_t *)buf + nc->buf_off + (a - lo), b - a, host + a)
+			  : qcow_io_write_zeros(img->io, host + a, b - a);
+	return ret;
 }
 
 /* The data I/O of a resolved write, with no engine lock. */
@@ -465,6 +672,14 @@ static int write_data(struct qcow_image *img, const void *buf, struct write_plan
 	for (size_t i = 0; i < p->nnc && ret == 0; i++) {
 		struct new_cluster *nc = &p->nc[i];
 		uint64_t host = nc->host << img->cluster_bits;
+		if (qcow_extl2(img) && !(nc->old & QCOW_OFLAG_COMPRESSED)) {
+			if (!cbuf && !(cbuf = qcow_malloc(cs))) {
+				ret = -ENOMEM;
+				break;
+			}
+			ret = write_subclusters(img, buf, nc, cbuf);
+			continue;
+		}
 		if (!nc->fill) {
 			/* the new cluster reads zeros around the piece (invariant 2) */
 			ret = buf ? img->data_io->ops->pwrite(img->data_io, (const uint8_t *)buf + nc->buf_off, nc->n, host + nc->o)
@@ -503,14 +718,25 @@ static int link_new_clusters(struct qcow_image *img, struct write_plan *p)
 		uint64_t l1i = nc->gc >> img->l2_bits, idx = nc->gc & ((1ull << img->l2_bits) - 1);
 		int ret;
 		struct qcow_cached *t = qcow_l2_for_write(img, l1i, &ret);
-		if (!t || qcow_l2_entry(t, idx) != nc->old) {
+		if (!t || qcow_l2_entry(img, t, idx) != nc->old || qcow_l2_bitmap(img, t, idx) != nc->old_bm) {
 			give_back(img, p, i, true);
 			return t ? -EAGAIN : ret;
 		}
-		release_entry(img, nc->old, (t->cluster << img->cluster_bits) + idx * 8, true);
-		qcow_l2_set_entry(img, t, idx, (nc->host << img->cluster_bits) | QCOW_OFLAG_COPIED);
-		if (!qcow_datafile_present(img))
-			qcow_map_set_ref(&img->map, nc->host, (t->cluster << img->cluster_bits) + idx * 8);
+		uint64_t slot = qcow_l2_slot(img, t->cluster, idx);
+		if (qcow_extl2(img)) {
+			/* the written subclusters become allocated; a compressed
+			 * cluster was rewritten whole */
+			unsigned sb = sc_bits(img);
+			uint64_t bm = (nc->old & QCOW_OFLAG_COMPRESSED) ? QCOW_SC_ALLOC_ALL :
+				      qcow_sc_written(nc->old_bm, (unsigned)(nc->o >> sb), (unsigned)((nc->o + nc->n - 1) >> sb));
+			qcow_l2_set_bitmap(img, t, idx, bm);
+		}
+		if (!nc->reuse) {
+			release_entry(img, nc->old, slot, true);
+			qcow_l2_set_entry(img, t, idx, (nc->host << img->cluster_bits) | QCOW_OFLAG_COPIED);
+			if (!qcow_datafile_present(img))   /* its clusters are not in the map */
+				qcow_map_set_ref(&img->map, nc->host, slot);
+		}
 		qcow_claims_drop(img, nc->gc);
 	}
 	p->nnc = 0;
@@ -602,6 +828,8 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 
 /* ---- zero detection (-o detect_zeroes) ---------------------------------- */
 
+static int unmap_clusters(struct qcow_image *img, uint64_t gc, uint64_t count);
+
 /* Makes whole guest clusters [gc, gc+count) read zeros without writing
  * data (img->lock held), as QEMU's qcow2 write-zeroes does:
  *  - may_unmap and nothing could show through the hole: unmapped, as a
@@ -625,10 +853,22 @@ static int zero_clusters_locked(struct qcow_image *img, uint64_t gc, uint64_t co
 		uint64_t l1i = g >> img->l2_bits, idx = g & ((1ull << img->l2_bits) - 1);
 		bool shows_zero = qcow_sparsify_unmap_reads_zero(img, g);
 		bool unmap = may_unmap && shows_zero;
-		uint64_t e;
-		int ret = qcow_l2_lookup(img, g, &e);
+		uint64_t e, bm;
+		int ret = qcow_l2_lookup_bitmap(img, g, &e, &bm);
 		if (ret)
 			return ret;
+		if (qcow_extl2(img)) {
+			/* no zero flag: the cluster is released and its
+			 * subclusters read zeros by their bits (unmap_clusters) */
+			if (subclusters_read_zero(img, e, bm, 0, img->cluster_size))
+				continue;
+			if (l1i >= img->hdr.l1_size)
+				break;
+			ret = unmap_clusters(img, g, 1);
+			if (ret)
+				return ret;
+			continue;
+		}
 		if (e == 0 && shows_zero)
 			continue;
 		if (!unmap && img->hdr.version < 3)
@@ -640,8 +880,8 @@ static int zero_clusters_locked(struct qcow_image *img, uint64_t gc, uint64_t co
 		struct qcow_cached *t = qcow_l2_for_write(img, l1i, &ret);
 		if (!t)
 			return ret;
-		e = qcow_l2_entry(t, idx);
-		uint64_t slot = (t->cluster << img->cluster_bits) + idx * 8;
+		e = qcow_l2_entry(img, t, idx);
+		uint64_t slot = qcow_l2_slot(img, t->cluster, idx);
 		uint64_t h = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
 		uint64_t ne;
 		if (!unmap && !(e & QCOW_OFLAG_COMPRESSED) && h && h < img->map.nclusters && !qcow_datafile_present(img) &&
@@ -799,17 +1039,24 @@ static int unmap_clusters(struct qcow_image *img, uint64_t gc, uint64_t count)
 			i += ((1ull << img->l2_bits) - idx) - 1;
 			continue;
 		}
-		uint64_t e;
-		int ret = qcow_l2_lookup(img, g, &e);
+		uint64_t e, bm;
+		int ret = qcow_l2_lookup_bitmap(img, g, &e, &bm);
 		if (ret)
 			return ret;
-		if (e == zero_entry(img))
+		/* extended L2: no zero flag, all 32 zero bits instead */
+		uint64_t zbm = qcow_extl2(img) && img->backing ? QCOW_SC_ZERO_ALL : 0;
+		if (e == (qcow_extl2(img) ? 0 : zero_entry(img)) && bm == zbm)
 			continue;
 		struct qcow_cached *t = qcow_l2_for_write(img, l1i, &ret);
 		if (!t)
 			return ret;
-		e = qcow_l2_entry(t, idx);
-		release_entry(img, e, (t->cluster << img->cluster_bits) + idx * 8, false);
+		e = qcow_l2_entry(img, t, idx);
+		release_entry(img, e, qcow_l2_slot(img, t->cluster, idx), false);
+		if (qcow_extl2(img)) {
+			qcow_l2_set_entry(img, t, idx, 0);
+			qcow_l2_set_bitmap(img, t, idx, zbm);
+			continue;
+		}
 		/* no backing file: an unallocated cluster reads zeros in both
 		 * versions, and it frees the most; with one, the zero flag keeps
 		 * the backing data from showing through (version 3 only: the
@@ -819,12 +1066,110 @@ static int unmap_clusters(struct qcow_image *img, uint64_t gc, uint64_t count)
 	return 0;
 }
 
+/* Discards (or zeroes) subclusters [o1, o2) of guest cluster gc, a part
+ * of the cluster (img->lock held): their allocation bits go and, when a
+ * backing file could show through, their zero bits are set; a cluster
+ * left with no allocated subcluster releases its host cluster (as a
+ * discard) - the sub-cluster reclaim.  -ENOTSUP: a compressed cluster
+ * (the caller writes the zeros); -EAGAIN as unmap_clusters. */
+static int clear_subclusters_locked(struct qcow_image *img, uint64_t gc, uint64_t o1, uint64_t o2)
+{
+	qcow_assert_locked(img);
+	uint64_t l1i = gc >> img->l2_bits, idx = gc & ((1ull << img->l2_bits) - 1);
+	uint64_t e, bm;
+	if (l1i >= img->hdr.l1_size)
+		return 0;
+	int ret = qcow_l2_lookup_bitmap(img, gc, &e, &bm);
+	if (ret)
+		return ret;
+	if (e & QCOW_OFLAG_COMPRESSED)
+		return -ENOTSUP;
+	if (subclusters_read_zero(img, e, bm, o1, o2 - o1))
+		return 0;   /* no table is allocated for nothing */
+	struct qcow_cached *t = qcow_l2_for_write(img, l1i, &ret);
+	if (!t)
+		return ret;
+	e = qcow_l2_entry(img, t, idx);
+	bm = qcow_l2_bitmap(img, t, idx);
+	if ((ret = sc_invalid(img, gc, e, bm)))
+		return ret;
+	unsigned sb = sc_bits(img);
+	uint64_t nb = qcow_sc_cleared(bm, (unsigned)(o1 >> sb), (unsigned)((o2 - 1) >> sb), img->backing != NULL);
+	if (!(nb & QCOW_SC_ALLOC_ALL) && (e & QCOW_L2E_OFFSET_MASK)) {
+		release_entry(img, e, qcow_l2_slot(img, t->cluster, idx), false);
+		qcow_l2_set_entry(img, t, idx, 0);
+	}
+	if (nb != bm)
+		qcow_l2_set_bitmap(img, t, idx, nb);
+	return 0;
+}
+
+/* discard_common for extended L2 entries: whole clusters are unmapped,
+ * whole subclusters cleared by their bits, and only the pieces smaller
+ * than a subcluster at the ends are written as zeros. */
+static int discard_subclusters(struct qcow_image *img, uint64_t off, uint64_t len)
+{
+	uint64_t cs = img->cluster_size, scs = 1ull << sc_bits(img), end = off + len;
+	uint64_t a = (off + scs - 1) & ~(scs - 1);
+	/* the disk's last subcluster may be partial: reaching the end covers it */
+	uint64_t b = end == img->virtual_size ? (end + scs - 1) & ~(scs - 1) : end & ~(scs - 1);
+	int ret = 0;
+	if (a >= b) {
+		ssize_t w = write_common(img, NULL, (size_t)len, off);
+		return w < 0 ? (int)w : 0;
+	}
+	if (a > off) {
+		ssize_t w = write_common(img, NULL, (size_t)(a - off), off);
+		if (w < 0)
+			return (int)w;
+	}
+	if (end > b) {
+		ssize_t w = write_common(img, NULL, (size_t)(end - b), b);
+		if (w < 0)
+			return (int)w;
+	}
+	for (uint64_t gc = a >> img->cluster_bits; gc << img->cluster_bits < b && ret == 0;) {
+		uint64_t cl = gc << img->cluster_bits;
+		uint64_t o1 = (a > cl ? a : cl) - cl, o2 = (b < cl + cs ? b : cl + cs) - cl;
+		uint64_t n = 1;
+		qcow_lock(img);
+		if (o1 == 0 && o2 == cs) {
+			/* whole clusters, in batches so guest I/O is never held off long */
+			n = (b >> img->cluster_bits) - gc;
+			if (n > DISCARD_BATCH_CLUSTERS)
+				n = DISCARD_BATCH_CLUSTERS;
+			if (n == 0)
+				n = 1;
+			while ((ret = unmap_clusters(img, gc, n)) == -EAGAIN)
+				qcow_alloc_wait_truncation(img);
+		} else {
+			while ((ret = clear_subclusters_locked(img, gc, o1, o2)) == -EAGAIN)
+				qcow_alloc_wait_truncation(img);
+		}
+		img->bytes_discarded += n == 1 ? o2 - o1 : n * cs;
+		img->last_discard_ms = qcow_now_ms();
+		bool over = qcow_cache_over_budget(&img->cache);
+		qcow_unlock(img);
+		if (ret == -ENOTSUP) {
+			ssize_t w = write_common(img, NULL, (size_t)(o2 - o1), cl + o1);
+			ret = w < 0 ? (int)w : 0;
+		} else if (ret == 0) {
+			maybe_autoflush(img, over);
+		}
+		gc += n;
+	}
+	qcow_recycler_kick(img);
+	return ret;
+}
+
 /* Makes [off, off+len) read zeros: partial clusters at the ends are
  * written as zeros, whole ones released (release: a discard) or
  * zero-flagged with nothing new allocated but L2 tables (a grow over a
  * backing file). */
 static int clear_range(struct qcow_image *img, uint64_t off, uint64_t len, bool release)
 {
+	if (qcow_extl2(img))
+		return discard_subclusters(img, off, len);
 	uint64_t cs = img->cluster_size;
 	uint64_t first = (off + cs - 1) & ~(cs - 1);
 	uint64_t end = off + len;
@@ -917,10 +1262,10 @@ static int shows_backing(struct qcow_image *img, uint64_t gc, bool *out)
 	*out = false;
 	if (!img->backing)
 		return 0;
-	uint64_t e;
-	int ret = qcow_l2_lookup(img, gc, &e);
-	if (ret == 0)
-		*out = entry_unallocated(img, e);
+	uint64_t e, bm;
+	int ret = qcow_l2_lookup_bitmap(img, gc, &e, &bm);
+	if (ret == 0)   /* extended L2: every subcluster unallocated (bm 0) */
+		*out = entry_unallocated(img, e) && bm == 0;
 	return ret;
 }
 
@@ -1003,10 +1348,39 @@ int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence)
 			gc = (l1i + 1) << img->l2_bits;
 			continue;
 		}
-		uint64_t e;
-		ret = qcow_l2_lookup(img, gc, &e);
+		uint64_t e, bm;
+		ret = qcow_l2_lookup_bitmap(img, gc, &e, &bm);
 		if (ret)
 			break;
+		if (qcow_extl2(img) && !(e & QCOW_OFLAG_COMPRESSED)) {
+			/* subcluster granularity, from the one holding off */
+			unsigned k0 = gc == off >> img->cluster_bits ?
+				      (unsigned)((off & (img->cluster_size - 1)) >> sc_bits(img)) : 0;
+			for (unsigned k = k0; k < QCOW_SUBCLUSTERS && result < 0 && ret == 0; k++) {
+				enum qcow_sc_kind kind = qcow_sc_kind(e, bm, k);
+				uint64_t at = (gc << img->cluster_bits) + ((uint64_t)k << sc_bits(img));
+				if (kind == QSC_UNALLOCATED && img->backing) {
+					/* a run that shows the chain: ask it */
+					unsigned run = qcow_sc_run(e, bm, k, QCOW_SUBCLUSTERS);
+					uint64_t end_off = at + ((uint64_t)run << sc_bits(img));
+					int64_t r;
+					if (end_off > img->virtual_size)
+						end_off = img->virtual_size;
+					ret = backing_seek(img, at < off ? off : at, end_off, want_data, &r);
+					if (ret == 0 && r >= 0)
+						result = r;
+					k += run - 1;
+					continue;
+				}
+				bool data = kind == QSC_DATA || kind == QSC_INVALID;
+				if (data == want_data)
+					result = (int64_t)at;
+			}
+			if (ret)
+				break;
+			gc++;
+			continue;
+		}
 		bool data = !entry_reads_zero(img, e);
 		if (data == want_data)
 			result = (int64_t)(gc << img->cluster_bits);

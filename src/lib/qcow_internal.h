@@ -272,9 +272,37 @@ bool qcow_scan_first_user(const struct qcow_scan_geometry *g, uint64_t c, enum q
 /* ---- services (img->lock held for all of them unless said otherwise) ---- */
 
 /* qcow_tables.c: L1 and L2 tables */
-static inline uint64_t qcow_l2_entry(const struct qcow_cached *t, uint64_t idx)
+/* L2 entries are 8 bytes, or 16 with extended L2 entries (the pointer,
+ * then the subcluster bitmap): every index <-> byte conversion of an L2
+ * table goes through these.  A pointer's slot (the map's reverse
+ * reference) is the file offset of its entry's first byte. */
+static inline unsigned qcow_l2_entry_shift(const struct qcow_image *img)
 {
-	return qcow_get_be64(t->data + idx * 8);
+	return qcow_header_l2_entry_shift(&img->hdr);
+}
+static inline bool qcow_extl2(const struct qcow_image *img)
+{
+	return img->hdr.incompatible_features & QCOW_INCOMPAT_EXTL2;
+}
+/* The slot of entry idx of the L2 table at host cluster table. */
+static inline uint64_t qcow_l2_slot(const struct qcow_image *img, uint64_t table, uint64_t idx)
+{
+	return (table << img->cluster_bits) + (idx << qcow_l2_entry_shift(img));
+}
+/* The entry index of a slot inside its L2 table. */
+static inline uint64_t qcow_l2_slot_index(const struct qcow_image *img, uint64_t slot)
+{
+	return (slot & (img->cluster_size - 1)) >> qcow_l2_entry_shift(img);
+}
+/* The pointer of entry idx. */
+static inline uint64_t qcow_l2_entry(const struct qcow_image *img, const struct qcow_cached *t, uint64_t idx)
+{
+	return qcow_get_be64(t->data + (idx << qcow_l2_entry_shift(img)));
+}
+/* The subcluster bitmap of entry idx (0 without extended L2 entries). */
+static inline uint64_t qcow_l2_bitmap(const struct qcow_image *img, const struct qcow_cached *t, uint64_t idx)
+{
+	return qcow_extl2(img) ? qcow_get_be64(t->data + (idx << 4) + 8) : 0;
 }
 /* Which table holds the 8-byte pointer at file offset slot: the active L1
  * table or the refcount table (*index = its entry), a snapshot's L1 table
@@ -288,6 +316,12 @@ bool qcow_l2_entry_at(struct qcow_image *img, uint64_t slot, uint64_t *e);
 struct qcow_cached *qcow_l2_get(struct qcow_image *img, uint64_t l2_cluster, int *ret);
 /* Sets entry idx of L2 table t, marks it dirty and cancels a move of t. */
 void qcow_l2_set_entry(struct qcow_image *img, struct qcow_cached *t, uint64_t idx, uint64_t v);
+/* Sets the subcluster bitmap of entry idx (extended L2 entries only),
+ * likewise. */
+void qcow_l2_set_bitmap(struct qcow_image *img, struct qcow_cached *t, uint64_t idx, uint64_t bm);
+/* The pointer and subcluster bitmap of guest cluster gc (0, 0 when there
+ * is no L2 table). */
+int qcow_l2_lookup_bitmap(struct qcow_image *img, uint64_t gc, uint64_t *entry, uint64_t *bitmap);
 void qcow_l1_set(struct qcow_image *img, uint64_t idx, uint64_t v);
 /* The L2 entry of guest cluster gc (0 when there is no L2 table). */
 int qcow_l2_lookup(struct qcow_image *img, uint64_t gc, uint64_t *entry);

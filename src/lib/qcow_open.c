@@ -295,8 +295,8 @@ static int fix_copied(struct qcow_image *img, struct build_ctx *b)
 			qcow_lock(img);
 			struct qcow_cached *t = qcow_l2_get(img, slot >> img->cluster_bits, &ret);
 			if (t) {
-				uint64_t idx = (slot & (img->cluster_size - 1)) / 8;
-				qcow_l2_set_entry(img, t, idx, qcow_l2_entry(t, idx) | QCOW_OFLAG_COPIED);
+				uint64_t idx = qcow_l2_slot_index(img, slot);
+				qcow_l2_set_entry(img, t, idx, qcow_l2_entry(img, t, idx) | QCOW_OFLAG_COPIED);
 			}
 			qcow_unlock(img);
 			if (!t)
@@ -468,7 +468,7 @@ int qcow_image_open_io_backing(struct qcow_io *io, const struct qcow_open_opts *
 		goto out;
 	img->cluster_bits = img->hdr.cluster_bits;
 	img->cluster_size = 1ull << img->cluster_bits;
-	img->l2_bits = img->cluster_bits - 3;
+	img->l2_bits = img->cluster_bits - qcow_l2_entry_shift(img);
 	img->rb_shift = img->cluster_bits + 3 - img->hdr.refcount_order;
 	/* QEMU counts the disk in whole 512-byte sectors: show what it shows */
 	img->virtual_size = img->hdr.size & ~511ull;

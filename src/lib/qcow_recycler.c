@@ -447,7 +447,7 @@ static uint64_t pointer_value(struct qcow_image *img, const struct pointer *p)
 {
 	uint64_t index;
 	if (p->holder)
-		return qcow_l2_entry(p->holder, (p->slot & (img->cluster_size - 1)) / 8);
+		return qcow_l2_entry(img, p->holder, qcow_l2_slot_index(img, p->slot));
 	return classify_slot(img, p->slot, &index) == MOVE_REFBLOCK ? img->reftable[index] : img->l1[index];
 }
 
@@ -455,7 +455,7 @@ static void pointer_set_value(struct qcow_image *img, const struct pointer *p, u
 {
 	uint64_t index;
 	if (p->holder) {
-		qcow_l2_set_entry(img, p->holder, (p->slot & (img->cluster_size - 1)) / 8, v);
+		qcow_l2_set_entry(img, p->holder, qcow_l2_slot_index(img, p->slot), v);
 	} else if (classify_slot(img, p->slot, &index) == MOVE_REFBLOCK) {
 		img->reftable[index] = v;
 		qcow_bitmap_set(&img->reftable_dirty, (index * 8) >> img->cluster_bits);
@@ -501,9 +501,10 @@ static bool collect_pointers(struct qcow_image *img, uint64_t src, struct pointe
 static void rehome_table_refs(struct qcow_image *img, const uint8_t *tbl, uint64_t src, uint64_t dst)
 {
 	uint64_t cs = img->cluster_size;
-	for (uint64_t i = 0; i < cs / 8; i++) {
+	unsigned shift = qcow_l2_entry_shift(img);   /* a subcluster bitmap is no pointer */
+	for (uint64_t i = 0; i < cs >> shift; i++) {
 		uint64_t first, last;
-		if (!qcow_entry_clusters(img, qcow_get_be64(tbl + i * 8), &first, &last))
+		if (!qcow_entry_clusters(img, qcow_get_be64(tbl + (i << shift)), &first, &last))
 			continue;
 		for (uint64_t h = first; h <= last && h < img->map.nclusters; h++)
 			qcow_map_rehome_refs(&img->map, h, src << img->cluster_bits, dst << img->cluster_bits, cs);

@@ -203,8 +203,8 @@ static size_t link_streams(struct qcow_image *img, struct stream *v, size_t n)
 			continue;
 		int ret;
 		struct qcow_cached *t = qcow_l2_get(img, v[i].slot >> img->cluster_bits, &ret);
-		uint64_t idx = (v[i].slot & (img->cluster_size - 1)) / 8;
-		if (!t || qcow_l2_entry(t, idx) != v[i].entry)
+		uint64_t idx = qcow_l2_slot_index(img, v[i].slot);
+		if (!t || qcow_l2_entry(img, t, idx) != v[i].entry)
 			continue;   /* a guest changed it: the copy is wasted */
 		uint64_t first, last, nfirst, nlast;
 		uint64_t ne = qcow_compressed_descriptor(img, v[i].new_off, v[i].bytes);

@@ -28,6 +28,7 @@
  */
 #include "config.h"
 #include "qcow_internal.h"
+#include "qcow_subcluster.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -175,11 +176,21 @@ static int walk_l2(struct walk *w, uint64_t l2_off, bool snapshot, uint8_t *buf)
 	int ret = w->g->io->ops->pread(w->g->io, buf, w->cs, l2_off);
 	if (ret < 0)
 		return io_failed(w, -ret, "cannot read L2 table at 0x%" PRIx64 ": %s", l2_off, strerror(-ret));
-	uint64_t n = w->cs / 8;
+	unsigned shift = qcow_header_l2_entry_shift(h);
+	uint64_t n = w->cs >> shift;
 	unsigned x = 62 - (w->cb - 8);
 	for (uint64_t j = 0; j < n; j++) {
-		uint64_t e = qcow_get_be64(buf + j * 8);
-		uint64_t slot = l2_off + j * 8;
+		uint64_t e = qcow_get_be64(buf + (j << shift));
+		uint64_t slot = l2_off + (j << shift);
+		/* extended L2: the subcluster bitmap follows the pointer */
+		uint64_t bm = shift == 4 ? qcow_get_be64(buf + (j << shift) + 8) : 0;
+		const char *bad = shift == 4 ? qcow_sc_invalid(e, bm) : NULL;
+		if (bad) {
+			ret = corrupt(w, "%sL2 entry at offset 0x%" PRIx64 " (0x%016" PRIx64 " 0x%016" PRIx64 "): %s",
+				      snapshot ? "snapshot " : "", slot, e, bm, bad);
+			if (ret)
+				return ret;
+		}
 		if (!e)
 			continue;
 		if ((e & QCOW_OFLAG_COMPRESSED) && (h->incompatible_features & QCOW_INCOMPAT_DATA_FILE)) {
@@ -216,6 +227,8 @@ static int walk_l2(struct walk *w, uint64_t l2_off, bool snapshot, uint8_t *buf)
 			}
 			continue;
 		}
+		/* (with extended L2 entries the zero flag has no meaning: QEMU
+		 * ignores it, and so does the engine) */
 		if (e & L2E_STD_RESERVED) {
 			ret = corrupt(w, "%sL2 entry at offset 0x%" PRIx64 " has reserved bits set (0x%" PRIx64 ")",
 				      snapshot ? "snapshot " : "", slot, e);

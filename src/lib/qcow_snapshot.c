@@ -267,8 +267,8 @@ static int tree_walk(struct qcow_image *img, enum tree_op op, uint64_t *l1, uint
 		if (!t)
 			return ret ? ret : -ENOMEM;
 		for (uint64_t j = 0; j < per; j++) {
-			uint64_t e = qcow_l2_entry(t, j), first, last;
-			uint64_t slot = l2off + j * 8;
+			uint64_t e = qcow_l2_entry(img, t, j), first, last;
+			uint64_t slot = qcow_l2_slot(img, l2c, j);
 			if (!e || !qcow_entry_clusters(img, e, &first, &last) || first >= img->map.nclusters)
 				continue;   /* (the open's scan refused pointers past the map) */
 			for (uint64_t c = first; c <= last && c < img->map.nclusters; c++) {

@@ -115,7 +115,7 @@ static int64_t mark_batch(struct qcow_image *img, struct qcow_sparsify_marks *s,
 		struct qcow_cached *t = qcow_l2_get(img, l2off >> img->cluster_bits, &ret);
 		if (!t)
 			return ret;
-		uint64_t e = qcow_l2_entry(t, idx);
+		uint64_t e = qcow_l2_entry(img, t, idx);
 		if (e & QCOW_OFLAG_COMPRESSED) {
 			res->scanned++;
 			res->skipped_compressed++;
@@ -125,7 +125,7 @@ static int64_t mark_batch(struct qcow_image *img, struct qcow_sparsify_marks *s,
 		if (!h)
 			continue;   /* unallocated, or a zero flag without a cluster */
 		res->scanned++;
-		uint64_t slot = l2off + idx * 8;
+		uint64_t slot = qcow_l2_slot(img, l2off >> img->cluster_bits, idx);
 		if (h >= img->map.nclusters || qcow_map_refcount(&img->map, h) > 1 ||
 		    !(img->l1[l1i] & QCOW_OFLAG_COPIED)) {
 			res->skipped_shared++;
@@ -137,7 +137,7 @@ static int64_t mark_batch(struct qcow_image *img, struct qcow_sparsify_marks *s,
 			res->skipped_backing++;
 			continue;
 		}
-		if (img->hdr.version >= 3 && (e & QCOW_OFLAG_ZERO))
+		if (img->hdr.version >= 3 && (e & QCOW_OFLAG_ZERO) && !qcow_extl2(img))
 			bit_set(zero_known, i);   /* reads zero already: no read needed */
 		bit_set(s->mark, i);
 		bit_set(s->cand, i);
@@ -179,9 +179,9 @@ static int free_batch(struct qcow_image *img, struct qcow_sparsify_marks *s, con
 		if (!t)
 			return ret;   /* -EAGAIN: this one is looked at again */
 		bit_clear(s->cand, i);
-		uint64_t e = qcow_l2_entry(t, idx);
+		uint64_t e = qcow_l2_entry(img, t, idx);
 		uint64_t h = (e & QCOW_L2E_OFFSET_MASK) >> img->cluster_bits;
-		uint64_t slot = (t->cluster << img->cluster_bits) + idx * 8;
+		uint64_t slot = qcow_l2_slot(img, t->cluster, idx);
 		if (e != s->entry[i] || h >= img->map.nclusters || qcow_map_state(&img->map, h) != QCS_REF ||
 		    qcow_map_slot(&img->map, h) != slot) {
 			res->skipped_changed++;
@@ -194,6 +194,9 @@ static int free_batch(struct qcow_image *img, struct qcow_sparsify_marks *s, con
 		qcow_map_move_cancel(&img->map, h);
 		qcow_map_drop_ref(&img->map, h, slot);
 		qcow_l2_set_entry(img, t, idx, 0);
+		/* extended L2: every subcluster reads zeros, and nothing shows
+		 * through (unmap_reads_zero): an unallocated cluster */
+		qcow_l2_set_bitmap(img, t, idx, 0);
 		res->freed++;
 		res->bytes_freed += img->cluster_size;
 	}

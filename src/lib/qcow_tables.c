@@ -15,6 +15,9 @@
  *    stale); rewriting a pointer is the recycler's business.
  *  - COPIED is trusted only when the map agrees: the cluster is REF (one
  *    reference) from exactly that slot.
+ *  - L2 entries are 8 or 16 bytes (extended L2: pointer, then subcluster
+ *    bitmap); indexes and slots convert only through the entry-size
+ *    helpers of qcow_internal.h.  Pointer changes never touch a bitmap.
  */
 #include "config.h"
 #include "qcow_internal.h"
@@ -51,9 +54,19 @@ struct qcow_cached *qcow_l2_get(struct qcow_image *img, uint64_t l2_cluster, int
 void qcow_l2_set_entry(struct qcow_image *img, struct qcow_cached *t, uint64_t idx, uint64_t v)
 {
 	qcow_assert_locked(img);
-	qcow_put_be64(t->data + idx * 8, v);
+	qcow_put_be64(t->data + (idx << qcow_l2_entry_shift(img)), v);
 	qcow_cache_set_dirty(&img->cache, t, true);
 	/* the table's contents changed: a copy made by a move is stale */
+	qcow_map_move_cancel(&img->map, t->cluster);
+}
+
+void qcow_l2_set_bitmap(struct qcow_image *img, struct qcow_cached *t, uint64_t idx, uint64_t bm)
+{
+	qcow_assert_locked(img);
+	if (!qcow_extl2(img))
+		return;
+	qcow_put_be64(t->data + (idx << 4) + 8, bm);
+	qcow_cache_set_dirty(&img->cache, t, true);
 	qcow_map_move_cancel(&img->map, t->cluster);
 }
 
@@ -88,14 +101,21 @@ bool qcow_l2_entry_at(struct qcow_image *img, uint64_t slot, uint64_t *e)
 	struct qcow_cached *t = qcow_l2_get(img, slot >> img->cluster_bits, &ret);
 	if (!t)
 		return false;
-	*e = qcow_l2_entry(t, (slot & (img->cluster_size - 1)) / 8);
+	*e = qcow_l2_entry(img, t, qcow_l2_slot_index(img, slot));
 	return true;
 }
 
 int qcow_l2_lookup(struct qcow_image *img, uint64_t gc, uint64_t *entry)
 {
+	uint64_t bm;
+	return qcow_l2_lookup_bitmap(img, gc, entry, &bm);
+}
+
+int qcow_l2_lookup_bitmap(struct qcow_image *img, uint64_t gc, uint64_t *entry, uint64_t *bitmap)
+{
 	uint64_t l1i = gc >> img->l2_bits;
 	*entry = 0;
+	*bitmap = 0;
 	if (l1i >= img->hdr.l1_size)
 		return 0;
 	uint64_t l2off = img->l1[l1i] & QCOW_L1E_OFFSET_MASK;
@@ -105,7 +125,8 @@ int qcow_l2_lookup(struct qcow_image *img, uint64_t gc, uint64_t *entry)
 	struct qcow_cached *t = qcow_l2_get(img, l2off >> img->cluster_bits, &ret);
 	if (!t)
 		return ret;
-	*entry = qcow_l2_entry(t, gc & ((1ull << img->l2_bits) - 1));
+	*entry = qcow_l2_entry(img, t, gc & ((1ull << img->l2_bits) - 1));
+	*bitmap = qcow_l2_bitmap(img, t, gc & ((1ull << img->l2_bits) - 1));
 	return 0;
 }
 
@@ -145,12 +166,11 @@ struct qcow_cached *qcow_l2_for_write(struct qcow_image *img, uint64_t l1i, int 
 		 * reference to each now comes from the new table's entry */
 		memcpy(t->data, src->data, img->cluster_size);
 		for (uint64_t i = 0; i < (1ull << img->l2_bits); i++) {
-			uint64_t e = qcow_l2_entry(t, i), first, last;
+			uint64_t e = qcow_l2_entry(img, t, i), first, last;
 			if (!qcow_entry_clusters(img, e, &first, &last))
 				continue;
 			for (uint64_t h = first; h <= last && h < img->map.nclusters; h++)
-				qcow_map_replace_ref(&img->map, h, (oldc << img->cluster_bits) + i * 8,
-						     (c << img->cluster_bits) + i * 8);
+				qcow_map_replace_ref(&img->map, h, qcow_l2_slot(img, oldc, i), qcow_l2_slot(img, c, i));
 		}
 		/* the durable L1 entry points at the old table until the next
 		 * flush: it is freed only after that flush */

@@ -127,10 +127,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 #include "test_image.h"
 
 /* A valid image with data, its bytes after a clean close. */
+/* A valid image to mutate; cb 14: one QEMU made with extended L2
+ * entries (16-byte L2 entries with subcluster bitmaps), written through
+ * the engine like the others. */
 static uint8_t *seed_image(unsigned cb, size_t *len, unsigned long long *rng)
 {
 	size_t n;
-	uint8_t *bytes = create_bytes(4u << 20, cb, 4, 3, &n);
+	uint8_t *bytes = cb == 14 ? qemu_bytes("qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=16k %s 4M", &n)
+				  : create_bytes(4u << 20, cb, 4, 3, &n);
 	struct qcow_io *io = qcow_io_mem_new(bytes, n);
 	free(bytes);
 	struct qcow_open_opts o;
@@ -182,20 +186,20 @@ int main(int argc, char **argv)
 	const char *env = getenv("FUZZ_ROUNDS");
 	unsigned rounds = env ? (unsigned)atoi(env) : 10000;
 	unsigned long long rng = 0xf00d;
-	size_t len[3];
-	static const unsigned cbs[3] = { 9, 12, 16 };
-	uint8_t *seeds[3];
-	for (int k = 0; k < 3; k++)
+	size_t len[4];
+	static const unsigned cbs[4] = { 9, 12, 16, 14 };
+	uint8_t *seeds[4];
+	for (int k = 0; k < 4; k++)
 		seeds[k] = seed_image(cbs[k], &len[k], &rng);
 	if (argc == 3 && !strcmp(argv[1], "--write-corpus")) {
-		int ret = write_corpus(argv[2], seeds, len, 3);
-		for (int k = 0; k < 3; k++)
+		int ret = write_corpus(argv[2], seeds, len, 4);
+		for (int k = 0; k < 4; k++)
 			free(seeds[k]);
 		return ret;
 	}
 	unsigned opened = 0, refused = 0, findings = 0;
 	for (unsigned r = 0; r < rounds; r++) {
-		int k = (int)(tap_rand(&rng) % 3);
+		int k = (int)(tap_rand(&rng) % 4);
 		size_t n = len[k];
 		size_t nops = 1 + tap_rand(&rng) % 24;
 		uint8_t *in = malloc(4 + n + nops * 12);
@@ -244,7 +248,7 @@ int main(int argc, char **argv)
 	}
 	printf("%u mutants: %u with a valid header, %u refused at the header, %u findings\n", rounds, opened, refused,
 	       findings);
-	for (int k = 0; k < 3; k++)
+	for (int k = 0; k < 4; k++)
 		free(seeds[k]);
 	return tap_done();
 }

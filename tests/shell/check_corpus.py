@@ -6,7 +6,8 @@ usage: check_corpus.py DIR SEED COUNT QCOWCTL OPEN_RW [JOBS]
 Builds a few base images with qemu-img and qemu-io in DIR (plain v3 and
 v2, internal snapshots (also v2, also over compressed clusters),
 compressed clusters (deflate and zstd), an overlay on a backing file,
-persistent bitmaps with data, refcount widths
+extended L2 entries (with a snapshot, with compressed clusters; their
+subcluster bitmaps are mutated too), persistent bitmaps with data, refcount widths
 1/8/16/64, cluster sizes 512, 4K and 64K; 2M clusters would make every
 mutant a 10 MB write, t170 covers them), then makes
 COUNT mutants from them with a random generator seeded with SEED.  Each
@@ -88,6 +89,9 @@ class Layout:
         self.order = g("refcount_order") if self.version >= 3 else 4
         self.nb_snap = g("nb_snapshots")
         self.snap_off = g("snapshots_offset")
+        # extended L2 entries (incompatible bit 4): 16 bytes, the pointer
+        # then the subcluster bitmap
+        self.es = 16 if self.version >= 3 and g("incompatible_features") & 0x10 else 8
         self.size = len(data)
         # L1 tables: (offset, entries, active)
         self.l1s = [(self.l1_off, self.l1_size, True)]
@@ -112,8 +116,8 @@ class Layout:
         self.data_clusters = set()
         self.compressed = []
         for t in sorted(self.l2_tables):
-            for j in range(self.cs // 8):
-                slot = t + 8 * j
+            for j in range(self.cs // self.es):
+                slot = t + self.es * j
                 e = self.u64(slot)
                 self.l2_slots.append(slot)
                 if e & COMPRESSED:
@@ -238,6 +242,23 @@ def mut_l2(r, m):
     else:
         slot = r.choice(lay.l2_slots)
     old = m.get64(slot)
+    if lay.es == 16 and r.random() < 0.4:
+        # the subcluster bitmap: a random bit, both bits of a subcluster,
+        # allocation bits (on an unallocated or compressed entry too)
+        bm = m.get64(slot + 8)
+        k = r.randrange(4)
+        if k == 0:
+            new = bm ^ (1 << r.randrange(64))
+        elif k == 1:
+            s = r.randrange(32)
+            new = bm | (1 << s) | (1 << (32 + s))
+        elif k == 2:
+            new = bm | (1 << r.randrange(32))
+        else:
+            new = 0
+        m.put64(slot + 8, new)
+        m.desc.append("L2 bitmap @%#x %#x->%#x" % (slot + 8, bm, new))
+        return
     k = r.randrange(8)
     if k == 0:
         bit = r.choice([b for b in range(64) if L2_RESERVED >> b & 1])
@@ -446,6 +467,13 @@ def make_bases(d):
     base("v2snap", "compat=0.10,cluster_size=4096", "4M", ["write -P 1 0 64k"], ["s1"], post=["write -P 2 0 8k"])
     base("rc8c4k", "cluster_size=4096,refcount_bits=8", "8M", ["write -P 1 0 100k", "write -P 2 6M 12k"], ["s1", "s2"],
          post=["write -P 3 4k 4k"])
+    base("xl2", "cluster_size=65536,extended_l2=on", "16M",
+         ["write -P 1 0 100k", "write -P 2 4M 6k", "write -z 4M 2k", "discard 9M 64k", "write -z 12M 8k"],
+         ["s1"], post=["write -P 3 2k 4k", "write -P 4 10M 12k"])
+    p = os.path.join(d, "xl2comp.qcow2")
+    must(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "extended_l2=on,cluster_size=16384", raw, p])
+    must(["qemu-io", "-f", "qcow2", "-c", "write -P 9 2M 3k", p])
+    bases.append(p)
     p = os.path.join(d, "zstd.qcow2")
     must(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096,compression_type=zstd", raw, p])
     must(["qemu-io", "-f", "qcow2", "-c", "write -P 6 2M 8k", p])

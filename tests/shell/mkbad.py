@@ -338,8 +338,56 @@ def bad_refcount_too_low(img):
     raise SystemExit("mkbad: no data cluster in the first L2 table")
 
 
+# Extended L2 entries (incompatible bit 4): 16-byte L2 entries, the
+# pointer then the subcluster bitmap (bits 0-31 allocated, 32-63 zero).
+COMPRESSED = 1 << 62
+
+
+def _xl2_entries(img):
+    """(file offset, pointer, bitmap) of every entry of the first L2 table
+    of an image with extended L2 entries"""
+    if not img.get("incompatible_features") & 0x10:
+        raise SystemExit("mkbad: %s has no extended L2 entries" % img.path)
+    _, e = img.first_l1_entry()
+    l2 = e & L1E_OFFSET_MASK
+    cs = img.cluster_size
+    for off in range(l2, l2 + cs, 16):
+        p, bm = struct.unpack(">QQ", img.read(off, 16))
+        yield off, p, bm
+
+
+def bad_xl2_both_bits(img):
+    """an allocated subcluster of the first allocated cluster also gets
+    its zero bit"""
+    for off, p, bm in _xl2_entries(img):
+        if p & L1E_OFFSET_MASK and not p & COMPRESSED and bm & 0xFFFFFFFF:
+            k = (bm & -bm).bit_length() - 1
+            img.write(off + 8, struct.pack(">Q", bm | (1 << (32 + k))))
+            return
+    raise SystemExit("mkbad: no allocated subcluster")
+
+
+def bad_xl2_alloc_unallocated(img):
+    """an entry with no host cluster gets allocation bits"""
+    for off, p, bm in _xl2_entries(img):
+        if not p & (L1E_OFFSET_MASK | COMPRESSED):
+            img.write(off + 8, struct.pack(">Q", 0x3))
+            return
+    raise SystemExit("mkbad: no unallocated entry")
+
+
+def bad_xl2_compressed_bitmap(img):
+    """a compressed cluster's entry gets a non-zero bitmap"""
+    for off, p, bm in _xl2_entries(img):
+        if p & COMPRESSED:
+            img.write(off + 8, struct.pack(">Q", 1))
+            return
+    raise SystemExit("mkbad: no compressed cluster (make the image with qemu-img convert -c)")
+
+
 KINDS = {n[4:].replace("_", "-"): f for n, f in sorted(globals().items())
          if n.startswith("bad_")}
+
 
 
 def main(argv):

@@ -323,8 +323,14 @@ static void hostile(void)
 	expect_fail(&b, "data_file_raw without the data file bit", "data-file-raw requires a data file", EINVAL);
 	b = base; b.incompat = QCOW_INCOMPAT_DATA_FILE; b.autoclear = QCOW_AUTOCLEAR_DATA_FILE_RAW;
 	expect_ok(&b, "data_file_raw with the data file bit");
+	/* extended L2 entries: 16-byte L2 entries, so an L1 entry maps half
+	 * as much; 16 KiB clusters at least, as QEMU */
+	b = base; b.incompat = QCOW_INCOMPAT_EXTL2; b.l1_size = 4;
+	expect_ok(&b, "extended L2 bit");
 	b = base; b.incompat = QCOW_INCOMPAT_EXTL2;
-	expect_fail(&b, "extended L2 bit", "extended L2", ENOTSUP);
+	expect_fail(&b, "extended L2 with an L1 table sized for 8-byte entries", "l1_size", EINVAL);
+	b = hb_default(3, 13, 4, 1ull << 30); b.incompat = QCOW_INCOMPAT_EXTL2; b.l1_size *= 2;
+	expect_fail(&b, "extended L2 with 8 KiB clusters", "extended L2", EINVAL);
 	/* zstd (type 1) goes with the compression type bit, as QEMU wants */
 	b = base; b.incompat = QCOW_INCOMPAT_COMPRESSION; b.compression_type = 1;
 	expect_ok(&b, "compression bit with zstd");
@@ -522,7 +528,7 @@ static void info(void)
 	static const uint64_t bits[] = { QCOW_INCOMPAT_DATA_FILE, QCOW_INCOMPAT_COMPRESSION, QCOW_INCOMPAT_EXTL2,
 					 QCOW_INCOMPAT_DIRTY | QCOW_INCOMPAT_CORRUPT | QCOW_INCOMPAT_EXTL2 };
 	for (int i = 0; i < 4; i++) {
-		b = base; b.incompat = bits[i];
+		b = base; b.incompat = bits[i]; b.l1_size = 4;   /* enough for 16-byte L2 entries too */
 		ret = parse(&b, &h, NULL);
 		CHECK(ret == 0, "info: incompatible bits 0x%llx accepted (%d %s)", (unsigned long long)bits[i], ret, err);
 		if (ret == 0) {
