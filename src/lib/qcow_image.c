@@ -555,6 +555,7 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 	int ret = check_range(img, len, off);
 	if (ret)
 		return ret;
+	qcow_pbitmap_note(img, off, len);
 	return write_range(img, buf, len, off, false);
 }
 
@@ -661,6 +662,7 @@ ssize_t qcow_image_write(struct qcow_image *img, const void *buf, size_t len, ui
 		return -EROFS;
 	if (qcow_health_failed(img))
 		return -EIO;
+	qcow_pbitmap_note(img, off, len);
 	const uint8_t *b = buf;
 	uint64_t end = off + len;
 	uint64_t first = (off + cs - 1) & ~(cs - 1);
@@ -749,6 +751,7 @@ static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
 		return 0;
 	if (qcow_health_failed(img))
 		return -EIO;
+	qcow_pbitmap_note(img, off, len);
 	uint64_t cs = img->cluster_size;
 	uint64_t first = (off + cs - 1) & ~(cs - 1);
 	uint64_t end = off + len;
@@ -960,6 +963,10 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 	 * multiple of 512 would show QEMU a smaller disk than ours */
 	if (new_size > (1ull << 62))
 		return -EFBIG;
+	/* the bitmap tables are sized for the disk; resizing them is not
+	 * implemented (doc/design.md, "Persistent dirty bitmaps") */
+	if (qcow_pbitmap_present(img))
+		return -ENOTSUP;
 	new_size = (new_size + 511) & ~511ull;
 	uint64_t per_l1 = img->cluster_size << img->l2_bits;
 	uint64_t need = new_size / per_l1 + (new_size % per_l1 != 0);

@@ -272,6 +272,10 @@ static enum move_kind classify_slot(const struct qcow_image *img, uint64_t slot,
 		*index = UINT64_MAX;   /* a whole table, not an L2 table: a snapshot's L1 */
 		return MOVE_L2;
 	case QSLOT_L2:
+	case QSLOT_BITMAP_TABLE:
+		/* a bitmap data cluster: its pointer sits in a bitmap table,
+		 * rewritten through the cache like an L2 entry and written
+		 * back by the flush (the table itself is pinned) */
 		break;
 	}
 	return MOVE_DATA;
@@ -909,6 +913,15 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 			pthread_mutex_lock(&img->flush_lock);
 			for (int k = 0; k < 64 && ret == 0 && !img->compact_keeps_snapshot_tables; k++) {
 				int r = qcow_snapshot_relocate(img);
+				if (r < 0)
+					ret = r;
+				if (r <= 0)
+					break;
+				moved++;
+			}
+			/* the persistent bitmaps' tables and directory likewise */
+			for (int k = 0; k < 16 && ret == 0; k++) {
+				int r = qcow_pbitmap_relocate(img);
 				if (r < 0)
 					ret = r;
 				if (r <= 0)

@@ -372,7 +372,7 @@ out:
 /* The bitmaps header extension (qcow2 spec, "Bitmaps extension"): 4 bytes
  * nb_bitmaps, 4 reserved, 8 directory size, 8 directory offset.  Returns 1
  * and fills the fields when it is present. */
-static int find_bitmaps_ext(const struct qcow_header *h, uint32_t *nb, uint64_t *dir_size, uint64_t *dir_off, uint64_t *pos_out)
+int qcow_scan_bitmaps_ext(const struct qcow_header *h, uint32_t *nb, uint64_t *dir_size, uint64_t *dir_off, uint64_t *pos_out)
 {
 	uint64_t end = h->backing_file_offset ? h->backing_file_offset : h->raw_len;
 	uint64_t pos = h->version >= 3 ? h->header_length : QCOW_V2_HEADER_LEN;
@@ -403,7 +403,7 @@ static int walk_bitmaps(struct walk *w, uint8_t *clusterbuf)
 	uint8_t *dir = NULL;
 	int ret = 0;
 	(void)clusterbuf;
-	if (!(h->autoclear_features & 1) || !find_bitmaps_ext(h, &nb, &dir_size, &dir_off, &ext_pos))
+	if (!(h->autoclear_features & 1) || !qcow_scan_bitmaps_ext(h, &nb, &dir_size, &dir_off, &ext_pos))
 		return 0;
 	if (nb == 0 || nb > 65535 || (dir_off & (w->cs - 1)) || dir_size > (64u << 20) || dir_size == 0)
 		return problem(w, EINVAL, "bitmaps extension at header offset %" PRIu64 " is invalid (%u bitmaps, directory 0x%" PRIx64 ", %" PRIu64 " bytes)",

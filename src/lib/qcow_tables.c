@@ -76,6 +76,8 @@ enum qcow_slot_kind qcow_slot_kind(const struct qcow_image *img, uint64_t slot, 
 		return QSLOT_REFTABLE;
 	}
 	*index = 0;
+	if (qcow_pbitmap_table_slot(img->pbitmaps, slot))
+		return QSLOT_BITMAP_TABLE;   /* a pinned whole table, entries like L2 ones */
 	uint64_t holder = slot >> img->cluster_bits;
 	if (holder < img->map.nclusters && qcow_map_state(&img->map, holder) == QCS_PINNED)
 		return QSLOT_SNAPSHOT_L1;   /* a whole table that is no L2 table */
