@@ -813,6 +813,74 @@ static const char *info_compression_name(const struct qcow_info *info)
 	return info->incompatible_features & INCOMPAT_COMPRESSION_TYPE ? "zstd" : "zlib";
 }
 
+/* ---- info: persistent bitmaps (as qemu-img info lists them) ---- */
+
+static const char *const bitmap_flag_names[] = { "in-use", "auto" };
+
+/* The image's bitmaps, or none (n 0) when there are none or the list
+ * cannot be read (a warning then: the rest of info still stands). */
+static struct qcow_pbitmap_info *info_bitmaps(const char *image, uint32_t *n)
+{
+	struct qcow_pbitmap_info *b = NULL;
+	char err[512] = "";
+	*n = 0;
+	if (qcow_pbitmap_list_file(image, &b, n, err, sizeof(err)) < 0) {
+		fprintf(stderr, "qcowctl: warning: cannot list the bitmaps of %s: %s\n", image, err);
+		*n = 0;
+	}
+	return b;
+}
+
+static void info_bitmaps_human(const char *image)
+{
+	uint32_t n;
+	struct qcow_pbitmap_info *b = info_bitmaps(image, &n);
+	if (n)
+		printf("    bitmaps:\n");
+	for (uint32_t i = 0; i < n; i++) {
+		printf("        [%u]:\n            flags:\n", i);
+		for (unsigned f = 0, k = 0; f < 2; f++)
+			if (b[i].flags & (1u << f))
+				printf("                [%u]: %s\n", k++, bitmap_flag_names[f]);
+		printf("            name: %s\n            granularity: %" PRIu64 "\n", b[i].name, b[i].granularity);
+	}
+	free(b);
+}
+
+static void info_bitmaps_json(struct json_writer *j, const char *image)
+{
+	uint32_t n;
+	struct qcow_pbitmap_info *b = info_bitmaps(image, &n);
+	if (n) {
+		json_member_start(j, "bitmaps");
+		fputc('[', j->out);
+		j->depth++;
+		j->need_comma = false;
+		for (uint32_t i = 0; i < n; i++) {
+			json_object_begin(j, NULL);
+			json_member_start(j, "flags");
+			fputc('[', j->out);
+			j->depth++;
+			j->need_comma = false;
+			for (unsigned f = 0; f < 2; f++)
+				if (b[i].flags & (1u << f)) {
+					json_member_start(j, NULL);
+					json_write_string(j->out, bitmap_flag_names[f]);
+				}
+			j->depth--;
+			fprintf(j->out, "\n%*s]", 4 * j->depth, "");
+			j->need_comma = true;
+			json_string(j, "name", b[i].name);
+			json_u64(j, "granularity", b[i].granularity);
+			json_object_end(j);
+		}
+		j->depth--;
+		fprintf(j->out, "\n%*s]", 4 * j->depth, "");
+		j->need_comma = true;
+	}
+	free(b);
+}
+
 static void info_print_human(const char *image, const struct qcow_info *info)
 {
 	char text[128];
@@ -834,6 +902,7 @@ static void info_print_human(const char *image, const struct qcow_info *info)
 	if (v3)
 		printf("    lazy refcounts: %s\n",
 		       info->compatible_features & COMPAT_LAZY_REFCOUNTS ? "true" : "false");
+	info_bitmaps_human(image);
 	printf("    refcount bits: %u\n", info->refcount_bits);
 	if (v3) {
 		printf("    corrupt: %s\n", info->corrupt ? "true" : "false");
@@ -880,6 +949,7 @@ static void info_print_json(const char *image, const struct qcow_info *info)
 	json_string(&j, "compression-type", info_compression_name(info));
 	if (v3)
 		json_bool(&j, "lazy-refcounts", info->compatible_features & COMPAT_LAZY_REFCOUNTS);
+	info_bitmaps_json(&j, image);
 	json_u64(&j, "refcount-bits", info->refcount_bits);
 	if (v3) {
 		json_bool(&j, "corrupt", info->corrupt);
