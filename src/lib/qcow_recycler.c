@@ -34,7 +34,7 @@
  *  - The thread never repeats a step at once that failed or achieved
  *    nothing: failures back off exponentially (1 s to 60 s; a request
  *    resets it), and after a pass that could move nothing (what is left
- *    cannot move: a bitmap structure, clusters a snapshot reader of
+ *    cannot move: a bitmap table with no lower free run, clusters a snapshot reader of
  *    another process may read) automatic passes wait until the image
  *    changes (recycler_main).  An idle daemon
  *    costs nothing whatever the image holds.
