@@ -900,7 +900,14 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 				continue;
 			}
 			/* clusters are as low as they go: the tables next, then
-			 * another round into the space they leave */
+			 * another round into the space they leave.  The tables
+			 * move only into Available runs: the sources of the last
+			 * moves (often right below a table) are erased first */
+			pthread_mutex_lock(&img->lock);
+			bool junk = img->map.count[QCS_JUNK] != 0;
+			pthread_mutex_unlock(&img->lock);
+			if (junk && relocations < 4 && (ret = erase_all_junk(img)) != 0)
+				break;
 			int moved = 0;
 			for (int t = 0; t < 2 && relocations < 4 && ret == 0; t++) {
 				int r = relocate_one_table(img, t == 0);
