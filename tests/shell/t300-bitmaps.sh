@@ -9,7 +9,8 @@
 #    none in use, qemu-img check is clean, and QEMU's own view of each
 #    bitmap (qemu-nbd's qemu:dirty-bitmap meta context, read with qemu-img
 #    map) has exactly the granules QEMU set before plus those of the
-#    ranges written; the disabled bitmap reads as before;
+#    ranges written (also after qemu-img convert --bitmaps); the disabled
+#    bitmap reads as before;
 #  - qcowctl compact on a mount whose bitmap structures sit above freed
 #    space moves them down (the highest bitmap cluster drops while still
 #    mounted), and QEMU reads the same bitmaps afterwards;
@@ -176,6 +177,11 @@ qcompare "$IMG" "$T/shadow.raw" "after the writes"
 same_lines "bitmap fine" "$(dirty_granules "$IMG" fine $G4K)" "$(expect_granules $G4K "$PRE" "${RANGES[@]}")"
 same_lines "bitmap coarse" "$(dirty_granules "$IMG" coarse $G1M)" "$(expect_granules $G1M "$PRE" "${RANGES[@]}")"
 same_lines "disabled bitmap dis" "$(dirty_granules "$IMG" dis $G4K)" "$dis_before"
+# qemu-img convert --bitmaps copies them (it refuses bitmaps in use)
+qemu-img convert -f qcow2 -O qcow2 --bitmaps "$IMG" "$T/conv.qcow2" >>"$T/qemu.log" 2>&1 ||
+	fail "qemu-img convert --bitmaps failed: $(tail -n 3 "$T/qemu.log")"
+same_lines "bitmap fine, converted" "$(dirty_granules "$T/conv.qcow2" fine $G4K)" "$(expect_granules $G4K "$PRE" "${RANGES[@]}")"
+rm -f "$T/conv.qcow2"
 log "QEMU sees exactly the granules written through the view"
 
 # ---- compaction moves bitmap clusters --------------------------------------
