@@ -16,7 +16,11 @@
 #    mounted), and QEMU reads the same bitmaps afterwards;
 #  - kill -9 of the daemon leaves the enabled bitmaps in use and the image
 #    otherwise clean, and a later mount leaves in-use bitmaps alone;
-#  - -o ro changes no byte of the image.
+#  - -o ro changes no byte of the image;
+#  - hostile bitmap directories (mkbad.py: extra data, a wrong count, a
+#    granularity below 512) are refused rw and ro with a message naming
+#    the bitmap and an offset, the image unchanged, and qcowctl check
+#    cannot check them, as qemu-img check cannot.
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
 need qemu-nbd fallocate dd
@@ -138,6 +142,31 @@ d = json.load(open(sys.argv[1]))["format-specific"]["data"]
 print(" ".join("%s:%s:%d" % (b["name"], ",".join(b["flags"]), b["granularity"]) for b in d["bitmaps"]))' "$T/info.json")
 [ "$got" = "$(bitmap_flags "$IMG")" ] || fail "qcowctl info --json lists $got, qemu-img info $(bitmap_flags "$IMG")"
 "$QCOWCTL" info "$IMG" | grep -q "name: coarse" || fail "qcowctl info does not list bitmap coarse"
+
+# ---- hostile bitmap directories: refused as QEMU refuses them ---------------
+for kind in bitmap-extra-data bitmap-count bitmap-granularity; do
+	bad=$T/bad-$kind.qcow2
+	cp "$IMG" "$bad"
+	$PYTHON "$MKBAD" "$kind" "$bad" || fail "mkbad.py $kind failed"
+	sum=$(sha "$bad")
+	rc=0
+	qemu-img check "$bad" >>"$T/qemu.log" 2>&1 || rc=$?
+	[ $rc = 1 ] || fail "$kind: qemu-img check should not be able to open it (exit $rc)"
+	rc=0
+	"$QCOWCTL" check "$bad" >"$T/check.out" 2>&1 || rc=$?
+	[ $rc = 1 ] || fail "$kind: qcowctl check exit $rc, qemu-img check 1: $(cat "$T/check.out")"
+	for mode in rw ro; do
+		if [ $mode = ro ]; then
+			qmount_fails "$bad" "$T/bad.raw" -o ro
+		else
+			qmount_fails "$bad" "$T/bad.raw"
+		fi
+		grep -qi 'bitmap' "$QM_ERR" || fail "$kind ($mode): the refusal does not name the bitmap: $(cat "$QM_ERR")"
+		grep -qE '0x[0-9a-f]+|offset [0-9]+' "$QM_ERR" || fail "$kind ($mode): the refusal names no offset: $(cat "$QM_ERR")"
+		[ "$(sha "$bad")" = "$sum" ] || fail "$kind ($mode): qcowfs changed the refused image"
+	done
+	log "refused $kind: $(head -n 1 "$QM_ERR")"
+done
 
 # ---- -o ro changes nothing -------------------------------------------------
 before=$(sha "$IMG")
