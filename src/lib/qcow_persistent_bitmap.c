@@ -77,20 +77,21 @@ static int parse_dir(const uint8_t *dir, uint64_t dir_size, uint64_t dir_off, ui
 	if (!v)
 		return -ENOMEM;
 	uint64_t pos = 0;
+	int ret = 0;
 	for (uint32_t i = 0; i < nb; i++) {
 		const uint8_t *d = dir + pos;
 		if (pos + BME_FIXED > dir_size) {
 			qcow_set_error(err, errlen, "bitmap directory at 0x%" PRIx64 " ends inside entry %u (offset 0x%" PRIx64 ")",
 				       dir_off, i, dir_off + pos);
-			entries_free(v, nb);
-			return -EINVAL;
+			ret = -EINVAL;
+			goto fail;
 		}
 		uint32_t name_size = qcow_get_be16(d + 18), extra = qcow_get_be32(d + 20);
 		if (pos + BME_FIXED + (uint64_t)extra + name_size > dir_size) {
 			qcow_set_error(err, errlen, "bitmap directory entry %u at 0x%" PRIx64 " runs past the directory's end",
 				       i, dir_off + pos);
-			entries_free(v, nb);
-			return -EINVAL;
+			ret = -EINVAL;
+			goto fail;
 		}
 		v[i].table_off = qcow_get_be64(d);
 		v[i].table_size = qcow_get_be32(d + 8);
@@ -99,13 +100,16 @@ static int parse_dir(const uint8_t *dir, uint64_t dir_size, uint64_t dir_off, ui
 		v[i].dir_pos = pos;
 		v[i].name = strndup((const char *)d + BME_FIXED + extra, name_size);
 		if (!v[i].name) {
-			entries_free(v, nb);
-			return -ENOMEM;
+			ret = -ENOMEM;
+			goto fail;
 		}
 		pos += (BME_FIXED + (uint64_t)extra + name_size + 7) & ~7ull;
 	}
 	*out = v;
 	return 0;
+fail:
+	entries_free(v, nb);
+	return ret;
 }
 
 int qcow_pbitmap_open(struct qcow_image *img, char *err, size_t errlen)
@@ -725,8 +729,8 @@ out:
 
 int qcow_pbitmap_list_file(const char *path, struct qcow_pbitmap_info **out, uint32_t *count, char *err, size_t errlen)
 {
-	struct qcow_io *io;
-	struct qcow_header h;
+	struct qcow_io *io = NULL;
+	struct qcow_header h = { 0 };
 	struct qcow_pbitmap_entry *v = NULL;
 	uint8_t *dir = NULL;
 	uint32_t nb = 0;
@@ -736,11 +740,12 @@ int qcow_pbitmap_list_file(const char *path, struct qcow_pbitmap_info **out, uin
 	int ret = qcow_io_file_open(path, true, &io);
 	if (ret) {
 		qcow_set_error(err, errlen, "cannot open %s: %s", path, strerror(-ret));
-		return ret;
+		io = NULL;
+		goto out;
 	}
 	ret = qcow_header_read_info(io, &h, err, errlen);
 	if (ret)
-		goto close;
+		goto out;
 	/* QEMU shows no bitmaps when the autoclear bit says they are stale */
 	if (!(h.autoclear_features & 1) || !qcow_scan_bitmaps_ext(&h, &nb, &dir_size, &dir_off, &pos) || nb == 0)
 		goto out;
@@ -775,7 +780,7 @@ out:
 	entries_free(v, nb);
 	qcow_free(dir);
 	qcow_header_free(&h);
-close:
-	qcow_io_close(io);
+	if (io)
+		qcow_io_close(io);
 	return ret;
 }
