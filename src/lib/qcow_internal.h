@@ -273,8 +273,10 @@ static inline uint64_t qcow_l2_entry(const struct qcow_cached *t, uint64_t idx)
 	return qcow_get_be64(t->data + idx * 8);
 }
 /* Which table holds the 8-byte pointer at file offset slot: the active L1
- * table or the refcount table (*index = its entry), a snapshot's L1 table
- * (a pinned whole table), or else an L2 table (img->lock held). */
+ * table or the refcount table (*index = its entry), a bitmap table (its
+ * entries point at bitmap data clusters, with the L2 offset mask), a
+ * snapshot's L1 table (another pinned whole table), or else an L2 table
+ * (img->lock held). */
 enum qcow_slot_kind { QSLOT_L2, QSLOT_ACTIVE_L1, QSLOT_SNAPSHOT_L1, QSLOT_REFTABLE, QSLOT_BITMAP_TABLE };
 enum qcow_slot_kind qcow_slot_kind(const struct qcow_image *img, uint64_t slot, uint64_t *index);
 /* The entry at slot of the L2 (or other pointer) table holding it, through
