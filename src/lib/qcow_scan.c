@@ -439,12 +439,15 @@ static int check_bitmap_dir(struct walk *w, const uint8_t *dir, uint64_t dir_siz
 		if (extra)
 			return bitmaps_refused(w, "bitmap %u (directory entry at 0x%" PRIx64 ") has %u bytes of extra data, which QEMU does not support",
 					       i - 1, entry_pos, extra);
-		/* the table must fit the disk size in whole sectors */
+		/* a consistent bitmap's table must fit the disk size in whole
+		 * sectors (QEMU loads it at open); one in use is never loaded,
+		 * and after a resize that did not finish its table may have
+		 * the old size */
 		uint64_t bits = gran < 9 || gran > 31 ? 0 : (((h->size & ~511ull) + (1ull << gran) - 1) >> gran);
 		uint64_t want = (((bits + 7) / 8) + w->cs - 1) / w->cs;
 		if (table_size == 0 || table_off == 0 || (table_off & (w->cs - 1)) || table_size > 0x8000000u ||
 		    gran < 9 || gran > 31 || (flags & ~3u) || name_size > 1023 || type != 1 ||
-		    (uint64_t)table_size * w->cs > (512ull << 20) || want != table_size)
+		    (uint64_t)table_size * w->cs > (512ull << 20) || (want != table_size && !(flags & 1)))
 			return bitmaps_refused(w, "bitmap %u (directory entry at 0x%" PRIx64 ") is invalid: table 0x%" PRIx64 " with %u entries "
 					       "(%" PRIu64 " needed for %" PRIu64 " bytes), flags 0x%x, type %u, granularity bits %u",
 					       i - 1, entry_pos, table_off, table_size, want, h->size, flags, type, gran);
