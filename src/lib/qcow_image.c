@@ -963,16 +963,15 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 	 * multiple of 512 would show QEMU a smaller disk than ours */
 	if (new_size > (1ull << 62))
 		return -EFBIG;
-	/* the bitmap tables are sized for the disk; resizing them is not
-	 * implemented (doc/design.md, "Persistent dirty bitmaps") */
-	if (qcow_pbitmap_present(img))
-		return -ENOTSUP;
 	new_size = (new_size + 511) & ~511ull;
 	uint64_t per_l1 = img->cluster_size << img->l2_bits;
 	uint64_t need = new_size / per_l1 + (new_size % per_l1 != 0);
 	if (need * 8 > QCOW_MAX_L1_BYTES)
 		return -EFBIG;
-	int ret = 0;
+	/* the persistent bitmaps follow the disk (qcow_persistent_bitmap.c) */
+	int ret = qcow_pbitmap_resize_begin(img, new_size);
+	if (ret)
+		return ret;
 	pthread_mutex_lock(&img->flush_lock);
 	if ((ret = qcow_health_failed(img))) {
 		ret = -EIO;
@@ -1009,6 +1008,7 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 	}
 out:
 	pthread_mutex_unlock(&img->flush_lock);
+	qcow_pbitmap_resize_end(img);
 	return ret;
 }
 

@@ -423,6 +423,12 @@ bool qcow_pbitmap_present(const struct qcow_image *img);
  * granules become dirty in every loaded bitmap.  Takes only the bitmaps'
  * own lock. */
 void qcow_pbitmap_note(struct qcow_image *img, uint64_t off, uint64_t len);
+/* Before a resize to new_size: -ENOTSUP when a bitmap is not loaded
+ * (disabled or in use: its table could not follow), else the loaded bits
+ * grow to cover new_size.  After it (whatever its result): bits past the
+ * disk's size now are cleared.  No lock held. */
+int qcow_pbitmap_resize_begin(struct qcow_image *img, uint64_t new_size);
+void qcow_pbitmap_resize_end(struct qcow_image *img);
 /* Clean close: stores every loaded bitmap in new clusters with in_use
  * clear (new copy durable, then the header's directory pointer, then the
  * old clusters freed).  flush_lock not held.  0 or -errno (in_use stays). */

@@ -319,6 +319,65 @@ void qcow_pbitmap_note(struct qcow_image *img, uint64_t off, uint64_t len)
 	pthread_mutex_unlock(&p->lock);
 }
 
+int qcow_pbitmap_resize_begin(struct qcow_image *img, uint64_t new_size)
+{
+	struct qcow_pbitmaps *p = img->pbitmaps;
+	if (!p || !p->n)
+		return 0;
+	for (uint32_t i = 0; i < p->n; i++) {
+		struct qcow_pbitmap_entry *e = &p->v[i];
+		if (!e->loaded || !e->bits) {
+			/* its table on disk would no longer fit the disk (QEMU
+			 * too resizes only bitmaps it has in memory) */
+			qcow_logf(QCOW_LOG_ERROR, "%s: cannot resize: persistent bitmap '%s' is %s", img->io->name, e->name,
+				  (e->flags & BME_IN_USE) ? "in use (inconsistent)" : "disabled");
+			return -ENOTSUP;
+		}
+	}
+	int ret = 0;
+	pthread_mutex_lock(&p->lock);
+	for (uint32_t i = 0; i < p->n && ret == 0; i++) {
+		struct qcow_pbitmap_entry *e = &p->v[i];
+		uint64_t need = granules(new_size, e->gran_bits);
+		uint64_t words = (e->nbits + 63) / 64, nwords = (need + 63) / 64;
+		if (need <= e->nbits)
+			continue;   /* the array only grows: bits past the disk stay clear */
+		if (nwords > words) {
+			uint64_t *b = qcow_realloc(e->bits, nwords * 8);
+			if (!b) {
+				ret = -ENOMEM;
+				break;
+			}
+			memset(b + words, 0, (nwords - words) * 8);
+			e->bits = b;
+		}
+		e->nbits = need;
+	}
+	pthread_mutex_unlock(&p->lock);
+	return ret;
+}
+
+void qcow_pbitmap_resize_end(struct qcow_image *img)
+{
+	struct qcow_pbitmaps *p = img->pbitmaps;
+	if (!p || !p->nloaded)
+		return;
+	qcow_lock(img);
+	uint64_t size = img->virtual_size;
+	qcow_unlock(img);
+	/* what lies past the disk now is gone; if the disk grows again it
+	 * comes back clear, as QEMU's bitmaps do */
+	pthread_mutex_lock(&p->lock);
+	for (uint32_t i = 0; i < p->n; i++) {
+		struct qcow_pbitmap_entry *e = &p->v[i];
+		if (!e->loaded || !e->bits)
+			continue;
+		for (uint64_t k = granules(size, e->gran_bits); k < e->nbits; k++)
+			e->bits[k >> 6] &= ~(1ull << (k & 63));
+	}
+	pthread_mutex_unlock(&p->lock);
+}
+
 /* ---- new structures -------------------------------------------------------- */
 
 /* The lowest run of n Available clusters ending at or below `below`, or
@@ -506,9 +565,12 @@ int qcow_pbitmap_store(struct qcow_image *img)
 	 * (which must nest inside nothing, and img->lock is taken here) */
 	for (uint32_t i = 0; i < p->n && ret == 0; i++) {
 		struct qcow_pbitmap_entry *e = &p->v[i];
-		if (!e->loaded)
+		/* sized for the disk as it is now; a bitmap whose bits do not
+		 * cover it (a snapshot apply grew the disk) stays in use */
+		uint64_t nbits = granules(img->virtual_size, e->gran_bits);
+		if (!e->loaded || !e->bits || nbits > e->nbits)
 			continue;
-		uint64_t entries = table_entries(img, e->nbits), tn = clusters_for(img, entries * 8), start = 0;
+		uint64_t entries = table_entries(img, nbits), tn = clusters_for(img, entries * 8), start = 0;
 		qcow_free(tbl);
 		tbl = qcow_calloc(tn ? tn : 1, cs);
 		if (!tbl) {
@@ -523,7 +585,7 @@ int qcow_pbitmap_store(struct qcow_image *img)
 		if (ret)
 			break;
 		for (uint64_t k = 0; k < entries && ret == 0; k++) {
-			if (!bits_to_le(e->bits, e->nbits, k * cs * 8, buf, cs))
+			if (!bits_to_le(e->bits, nbits, k * cs * 8, buf, cs))
 				continue;   /* all clear: no cluster (entry 0), as QEMU stores it */
 			uint64_t c = 0;
 			qcow_lock(img);
@@ -573,15 +635,15 @@ int qcow_pbitmap_store(struct qcow_image *img)
 	qcow_lock(img);
 	for (uint32_t i = 0; i < p->n; i++) {
 		struct qcow_pbitmap_entry *e = &p->v[i];
-		if (!e->loaded)
-			continue;
+		if (!new_off[i])
+			continue;   /* not stored: its old entry, in use, stays */
 		release_old_table(img, e, true);
 		e->table_off = new_off[i];
 		e->table_size = new_size[i];
 		e->flags &= ~BME_IN_USE;
 		e->loaded = false;
+		p->nloaded--;
 	}
-	p->nloaded = 0;
 	if (qcow_pending_free_add(img, p->dir_off >> img->cluster_bits, clusters_for(img, p->dir_size)))
 		qcow_logf(QCOW_LOG_WARNING, "out of memory: the old bitmap directory at 0x%" PRIx64 " stays allocated (a leak)",
 			  p->dir_off);

@@ -18,6 +18,9 @@
  *    allowed), and each enabled bitmap is either still in use or
  *    consistent with exactly the model's bits; once the close completed,
  *    consistent.
+ *  - Resizing: with only enabled bitmaps the disk grows and shrinks, the
+ *    bitmaps follow it (bits past the end dropped), QEMU's check accepts
+ *    their new tables; a disabled bitmap makes a resize fail (ENOTSUP).
  *  - Failed writes, torn writes and syncs at each call of the close: no
  *    corruption, each bitmap in use or exactly right, a close that
  *    returned 0 left them consistent.
@@ -245,7 +248,7 @@ static void round_trip(void)
 	      "the enabled bitmaps are in use on disk after the open");
 	CHECK(disk_flags(b, img, "off") == 0, "the disabled bitmap stays as it was");
 	CHECK(img->hdr.autoclear_features & 1, "the bitmaps autoclear bit is kept");
-	CHECK(qcow_image_resize(img, SIZE * 2) == -ENOTSUP, "a resize is refused while bitmaps exist");
+	CHECK(qcow_image_resize(img, SIZE * 2) == -ENOTSUP, "a resize is refused while a disabled bitmap exists");
 	random_ops(img, &m, 300);
 	CHECK(qcow_image_close(img) == 0, "clean close");
 	uint8_t *bytes = rec_copy_bytes(r, &len);
@@ -328,6 +331,63 @@ static struct keep_io *keep_new(struct qcow_io *in)
 	k->io.ops = &k->ops;
 	k->io.name = "crash";
 	return k;
+}
+
+/* ---- resizing ------------------------------------------------------------ */
+
+/* Whether granule k of bitmap e is set exactly when one of the ranges
+ * (off, len pairs, n of them) touches it, for every granule of the disk. */
+static void expect_ranges(struct qcow_image *img, const char *name, const uint64_t *r, unsigned n, uint64_t size)
+{
+	struct qcow_pbitmap_entry *e = find(img, name);
+	REQUIRE(e && e->loaded, "bitmap %s loaded after the resize", name);
+	uint64_t g = 1ull << e->gran_bits;
+	CHECK(e->nbits == (size + g - 1) / g, "bitmap %s covers the resized disk (%llu bits)", name, (unsigned long long)e->nbits);
+	for (uint64_t k = 0; k < e->nbits; k++) {
+		bool want = false;
+		for (unsigned i = 0; i < n; i++)
+			want |= r[2 * i] < size && k >= r[2 * i] / g && k <= (r[2 * i] + r[2 * i + 1] - 1) / g;
+		if (bit(e, k) != want) {
+			CHECK(0, "bitmap %s granule %llu is %d after the resizes", name, (unsigned long long)k, bit(e, k));
+			return;
+		}
+	}
+}
+
+static void resizes(void)
+{
+	char err[256];
+	size_t blen, len;
+	uint8_t *base = qemu_bytes("qemu-img create -q -f qcow2 -o cluster_size=512 %s 4M && "
+				   "qemu-io -c 'write -P 1 0 64k' %s && "
+				   "qemu-img bitmap --add -g 512 %s fine && qemu-img bitmap --add -g 64k %s coarse",
+				   &blen);
+	struct rec_io *r = rec_new(base, blen);
+	struct qcow_image *img = open_io(&r->io, false, err, sizeof(err));
+	REQUIRE(img, "open: %s", err);
+	/* A before, B in the grown part (gone with the shrink), C after */
+	const uint64_t ranges[] = { 100 << 10, 3000, (6 << 20) + 512, 10000, 5 << 20, 4096 };
+	uint8_t buf[10000];
+	memset(buf, 0x5a, sizeof(buf));
+	CHECK(qcow_image_write(img, buf, 3000, ranges[0]) == 3000, "write A");
+	CHECK(qcow_image_resize(img, 8 << 20) == 0, "grow to 8 MiB");
+	CHECK(qcow_image_write(img, buf, 10000, ranges[2]) == 10000, "write B in the grown part");
+	CHECK(qcow_image_resize(img, 6 << 20) == 0, "shrink to 6 MiB");
+	CHECK(qcow_image_write(img, buf, 4096, ranges[4]) == 4096, "write C");
+	CHECK(qcow_image_close(img) == 0, "close after the resizes");
+	uint8_t *bytes = rec_copy_bytes(r, &len);
+	rec_free(r);
+	check_clean(bytes, len, false, "after the resizes");   /* qemu-img check validates the table sizes */
+	r = rec_new(bytes, len);
+	img = open_io(&r->io, false, err, sizeof(err));
+	REQUIRE(img, "reopen after the resizes: %s", err);
+	CHECK(img->virtual_size == 6 << 20, "the disk is 6 MiB");
+	expect_ranges(img, "fine", ranges, 3, 6 << 20);
+	expect_ranges(img, "coarse", ranges, 3, 6 << 20);
+	CHECK(qcow_image_close(img) == 0, "close");
+	rec_free(r);
+	free(bytes);
+	free(base);
 }
 
 /* ---- crashes in the close's store ------------------------------------------ */
@@ -589,6 +649,7 @@ int main(void)
 {
 	qcow_log_set_sink(quiet_sink, NULL);
 	round_trip();
+	resizes();
 	crashes();
 	close_faults();
 	compact_crashes();
