@@ -16,6 +16,9 @@
 #    mounted), and QEMU reads the same bitmaps afterwards;
 #  - kill -9 of the daemon leaves the enabled bitmaps in use and the image
 #    otherwise clean, and a later mount leaves in-use bitmaps alone;
+#  - a view with a disabled bitmap cannot grow; one with only enabled
+#    bitmaps grows, and QEMU reads the bitmap at the new size with the
+#    granules written in the new part;
 #  - -o ro changes no byte of the image;
 #  - hostile bitmap directories (mkbad.py: extra data, a wrong count, a
 #    granularity below 512) are refused rw and ro with a message naming
@@ -238,6 +241,24 @@ qcompare "$IMG" "$T/shadow.raw" "after the compaction"
 same_lines "bitmap fine after compaction" "$(dirty_granules "$IMG" fine $G4K)" "$(expect_granules $G4K "$PRE" "${RANGES[@]}")"
 same_lines "bitmap coarse after compaction" "$(dirty_granules "$IMG" coarse $G1M)" "$(expect_granules $G1M "$PRE" "${RANGES[@]}")"
 same_lines "disabled bitmap dis after compaction" "$(dirty_granules "$IMG" dis $G4K)" "$dis_before"
+
+# ---- resizing: enabled bitmaps follow, a disabled one refuses ---------------
+qmount "$IMG" "$MNT"
+if truncate -s 128M "$MNT" 2>"$T/truncate.err"; then
+	fail "the view grew although the image has a disabled bitmap"
+fi
+qumount "$MNT"
+RZ=$T/resize.qcow2
+mkimg "$RZ" 64M
+qemu-img bitmap --add -g $G4K "$RZ" fine >>"$T/qemu.log" 2>&1 || fail "qemu-img bitmap --add (resize image) failed"
+qmount "$RZ" "$MNT"
+truncate -s 96M "$MNT" || fail "growing the view of an image with enabled bitmaps failed"
+head -c 8192 /dev/urandom | dd of="$MNT" bs=4096 seek=$(((80 << 20) / 4096)) conv=notrunc,fsync status=none
+qumount "$MNT"
+qcheck "$RZ"
+[ "$(qinfo_field "$RZ" virtual-size)" = $((96 << 20)) ] || fail "the view did not grow to 96 MiB"
+same_lines "bitmap after a grow" "$(dirty_granules "$RZ" fine $G4K)" "$(expect_granules $G4K "$((80 << 20)):8192")"
+log "a grown disk keeps its bitmap, sized for it"
 
 # ---- a crash leaves the bitmaps in use ---------------------------------------
 qmount "$IMG" "$MNT"
