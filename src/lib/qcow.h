@@ -352,6 +352,17 @@ struct qcow_chain_entry {
 int qcow_chain_list(const char *path, const char *backing_override, struct qcow_chain_entry **out, size_t *n,
 		    char *err, size_t errlen);
 
+/* Persistent dirty bitmaps as `qemu-img info` lists them (none when the
+ * bitmaps autoclear bit is clear); *out is freed with free(). */
+#define QCOW_PBITMAP_IN_USE 1u
+#define QCOW_PBITMAP_AUTO 2u
+struct qcow_pbitmap_info {
+	char name[1024];
+	uint64_t granularity;      /* bytes per bit */
+	uint32_t flags;            /* QCOW_PBITMAP_* */
+};
+int qcow_pbitmap_list_file(const char *path, struct qcow_pbitmap_info **out, uint32_t *count, char *err, size_t errlen);
+
 /* Version strings of the engine and the allocator. */
 const char *qcow_version(void);
 const char *qcow_allocator_version(void);

@@ -823,6 +823,7 @@ static ssize_t write_common(struct qcow_image *img, const void *buf, size_t len,
 	int ret = check_range(img, len, off);
 	if (ret)
 		return ret;
+	qcow_pbitmap_note(img, off, len);
 	return write_range(img, buf, len, off, false);
 }
 
@@ -981,6 +982,7 @@ ssize_t qcow_image_write(struct qcow_image *img, const void *buf, size_t len, ui
 		return -EROFS;
 	if (qcow_health_failed(img))
 		return -EIO;
+	qcow_pbitmap_note(img, off, len);
 	const uint8_t *b = buf;
 	uint64_t end = off + len;
 	uint64_t first = (off + cs - 1) & ~(cs - 1);
@@ -1239,6 +1241,7 @@ static int discard_common(struct qcow_image *img, uint64_t off, uint64_t len)
 		return 0;
 	if (qcow_health_failed(img))
 		return -EIO;
+	qcow_pbitmap_note(img, off, len);
 	return clear_range(img, off, len, true);
 }
 
@@ -1516,7 +1519,10 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 	uint64_t need = new_size / per_l1 + (new_size % per_l1 != 0);
 	if (need * 8 > QCOW_MAX_L1_BYTES)
 		return -EFBIG;
-	int ret = 0;
+	/* the persistent bitmaps follow the disk (qcow_persistent_bitmap.c) */
+	int ret = qcow_pbitmap_resize_begin(img, new_size);
+	if (ret)
+		return ret;
 	pthread_mutex_lock(&img->flush_lock);
 	if ((ret = qcow_health_failed(img))) {
 		ret = -EIO;
@@ -1568,6 +1574,7 @@ int qcow_image_resize(struct qcow_image *img, uint64_t new_size)
 	}
 out:
 	pthread_mutex_unlock(&img->flush_lock);
+	qcow_pbitmap_resize_end(img);
 	return ret;
 }
 

@@ -39,6 +39,7 @@
 #include "qcow_header.h"
 #include "qcow_io.h"
 #include "qcow_map.h"
+#include "qcow_pbitmap.h"
 #include "qcow_refcount.h"
 
 void qcow_logf(enum qcow_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -192,6 +193,8 @@ struct qcow_image {
 	 * marks, which every write resolution of a marked guest cluster
 	 * clears) */
 	struct qcow_sparsify_marks *sparsify;
+	/* the persistent dirty bitmaps (qcow_persistent_bitmap.c), or NULL */
+	struct qcow_pbitmaps *pbitmaps;
 	/* another process holds QEMU's read lock while we write: a snapshot
 	 * is mounted read-only (qcow_snapshot_reader_present) */
 	bool snapshot_reader;
@@ -268,6 +271,9 @@ int qcow_scan(struct qcow_scan_geometry *g, const struct qcow_scan_visitor *v, c
  * with its kind and pointer slot (0 for header structures), false when
  * nothing on disk references c.  For messages that name a cluster's user. */
 bool qcow_scan_first_user(const struct qcow_scan_geometry *g, uint64_t c, enum qcow_ref_kind *kind, uint64_t *slot);
+/* The bitmaps header extension: 1 and its fields (and its header offset)
+ * when present, else 0.  Its directory is validated by qcow_scan. */
+int qcow_scan_bitmaps_ext(const struct qcow_header *h, uint32_t *nb, uint64_t *dir_size, uint64_t *dir_off, uint64_t *pos);
 
 /* ---- services (img->lock held for all of them unless said otherwise) ---- */
 
@@ -294,6 +300,15 @@ static inline uint64_t qcow_l2_slot_index(const struct qcow_image *img, uint64_t
 {
 	return (slot & (img->cluster_size - 1)) >> qcow_l2_entry_shift(img);
 }
+/* The 8-byte pointer at file offset slot, in the cached table t holding
+ * it: any pointer table (an L2 table of either entry size, whose slots
+ * are its entries' first bytes; a snapshot L1 table; a bitmap table). */
+static inline uint64_t qcow_slot_get(const struct qcow_image *img, const struct qcow_cached *t, uint64_t slot)
+{
+	return qcow_get_be64(t->data + (slot & (img->cluster_size - 1)));
+}
+/* Sets it, marks t dirty and cancels a move of t (qcow_tables.c). */
+void qcow_slot_set(struct qcow_image *img, struct qcow_cached *t, uint64_t slot, uint64_t v);
 /* The pointer of entry idx. */
 static inline uint64_t qcow_l2_entry(const struct qcow_image *img, const struct qcow_cached *t, uint64_t idx)
 {
@@ -305,9 +320,11 @@ static inline uint64_t qcow_l2_bitmap(const struct qcow_image *img, const struct
 	return qcow_extl2(img) ? qcow_get_be64(t->data + (idx << 4) + 8) : 0;
 }
 /* Which table holds the 8-byte pointer at file offset slot: the active L1
- * table or the refcount table (*index = its entry), a snapshot's L1 table
- * (a pinned whole table), or else an L2 table (img->lock held). */
-enum qcow_slot_kind { QSLOT_L2, QSLOT_ACTIVE_L1, QSLOT_SNAPSHOT_L1, QSLOT_REFTABLE };
+ * table or the refcount table (*index = its entry), a bitmap table (its
+ * entries point at bitmap data clusters, with the L2 offset mask), a
+ * snapshot's L1 table (another pinned whole table), or else an L2 table
+ * (img->lock held). */
+enum qcow_slot_kind { QSLOT_L2, QSLOT_ACTIVE_L1, QSLOT_SNAPSHOT_L1, QSLOT_REFTABLE, QSLOT_BITMAP_TABLE };
 enum qcow_slot_kind qcow_slot_kind(const struct qcow_image *img, uint64_t slot, uint64_t *index);
 /* The entry at slot of the L2 (or other pointer) table holding it, through
  * the cache; false if the table cannot be read. */
@@ -468,6 +485,35 @@ int qcow_snapshot_load_view(struct qcow_image *img, const char *key, char *err, 
  * One probe per call; records the answer in img->snapshot_reader. */
 bool qcow_snapshot_reader_present(struct qcow_image *img);
 #define QCOW_SNAPSHOT_READER_BLOCKER "a snapshot is mounted read-only by another process"
+
+/* qcow_persistent_bitmap.c (doc/design.md, "Persistent dirty bitmaps") */
+/* Reads the bitmap directory (qcow_scan has validated it) into
+ * img->pbitmaps; nothing when autoclear bit 0 is clear or there is no
+ * extension.  Every open. */
+int qcow_pbitmap_open(struct qcow_image *img, char *err, size_t errlen);
+/* Read-write open, after the repair: loads the bits of every enabled
+ * bitmap not in use and sets its in_use flag, durable before returning. */
+int qcow_pbitmap_load(struct qcow_image *img, char *err, size_t errlen);
+/* Whether the bitmaps are kept (autoclear bit 0 stays set). */
+bool qcow_pbitmap_present(const struct qcow_image *img);
+/* Guest bytes [off, off+len) were written, zeroed or discarded: their
+ * granules become dirty in every loaded bitmap.  Takes only the bitmaps'
+ * own lock. */
+void qcow_pbitmap_note(struct qcow_image *img, uint64_t off, uint64_t len);
+/* Before a resize to new_size: -ENOTSUP when a bitmap is not loaded
+ * (disabled or in use: its table could not follow), else the loaded bits
+ * grow to cover new_size.  After it (whatever its result): bits past the
+ * disk's size now are cleared.  No lock held. */
+int qcow_pbitmap_resize_begin(struct qcow_image *img, uint64_t new_size);
+void qcow_pbitmap_resize_end(struct qcow_image *img);
+/* Clean close: stores every loaded bitmap in new clusters with in_use
+ * clear (new copy durable, then the header's directory pointer, then the
+ * old clusters freed).  flush_lock not held.  0 or -errno (in_use stays). */
+int qcow_pbitmap_store(struct qcow_image *img);
+/* Compaction: moves the bitmap tables and directory into lower free runs
+ * (flush_lock held): 1 if something moved, 0 if not, -errno. */
+int qcow_pbitmap_relocate(struct qcow_image *img);
+void qcow_pbitmap_free(struct qcow_image *img);
 
 /* qcow_recycler.c */
 int qcow_recycler_start(struct qcow_image *img);

@@ -30,7 +30,7 @@ enum { CLS_NONE, CLS_HEADER, CLS_SNAP_L1, CLS_REFBLOCK, CLS_L2, CLS_DATA, CLS_BI
 #define F_ACTIVE 0x08        /* an active L1 or L2 entry points here */
 #define F_COPIED_SET 0x10
 #define F_COPIED_CLEAR 0x20
-#define F_BITMAP 0x40        /* a bitmap structure (dropped by a read-write open) */
+#define F_BITMAP 0x40        /* a bitmap structure (freed when a read-write open drops stale bitmaps) */
 
 struct build_ctx {
 	struct qcow_image *img;
@@ -109,7 +109,7 @@ static int build_visit(void *opaque, enum qcow_ref_kind kind, uint64_t c, uint64
 		 * cluster can move: the pointer is rewritten); whole tables
 		 * are pinned and move only as tables */
 		if (slot && (kind == QREF_REFBLOCK || kind == QREF_L2 || kind == QREF_DATA || kind == QREF_SNAPSHOT_L2 ||
-			     kind == QREF_SNAPSHOT_DATA || kind == QREF_COMPRESSED))
+			     kind == QREF_SNAPSHOT_DATA || kind == QREF_COMPRESSED || kind == QREF_BITMAP_DATA))
 			qcow_map_set_ref(m, c, slot);
 		else
 			qcow_map_set_pinned(m, c, 1);
@@ -351,6 +351,7 @@ static void image_free(struct qcow_image *img)
 	pthread_cond_destroy(&img->claim_released);
 	qcow_claims_free(img);
 	qcow_free(img->pending_free);
+	qcow_pbitmap_free(img);
 	qcow_free(img);
 }
 
@@ -511,6 +512,10 @@ int qcow_image_open_io_backing(struct qcow_io *io, const struct qcow_open_opts *
 		qcow_bitmap_clear(&img->map.rc_dirty, i);
 	/* the scan grew the map by half again at a time: give back the slack */
 	qcow_map_fit(&img->map);
+	/* the persistent bitmaps the scan found (and validated) */
+	ret = qcow_pbitmap_open(img, err, errlen);
+	if (ret)
+		goto out;
 
 	size_t cache_bytes = opts.cache_bytes ? opts.cache_bytes : QCOW_DEFAULT_CACHE_BYTES;
 	if (qcow_cache_init(&img->cache, cache_bytes / img->cluster_size, img->cluster_size)) {
@@ -552,12 +557,15 @@ int qcow_image_open_io_backing(struct qcow_io *io, const struct qcow_open_opts *
 			img->hdr.incompatible_features &= ~QCOW_INCOMPAT_DIRTY;
 			img->header_dirty = repair = true;
 		}
-		/* a raw data file is kept raw (qcow_datafile.c): its bit stays */
-		uint64_t keep = img->data_raw ? QCOW_AUTOCLEAR_DATA_FILE_RAW : 0;
+		/* a raw data file is kept raw (qcow_datafile.c), and the
+		 * bitmaps consistent (qcow_persistent_bitmap.c): their bits
+		 * stay */
+		uint64_t keep = (img->data_raw ? QCOW_AUTOCLEAR_DATA_FILE_RAW : 0) | (qcow_pbitmap_present(img) ? 1 : 0);
 		if (img->hdr.autoclear_features & ~keep) {
-			/* we keep no bitmaps consistent: with the bit clear QEMU
-			 * ignores the bitmaps, so their clusters are free */
-			for (uint64_t c = 0; c < b.ncls && c < img->map.nclusters; c++)
+			/* unknown autoclear bits, or bitmaps without a directory:
+			 * with bit 0 clear QEMU ignores the bitmaps, so their
+			 * clusters are free */
+			for (uint64_t c = 0; !(keep & 1) && c < b.ncls && c < img->map.nclusters; c++)
 				if (b.cls[c] & F_BITMAP)
 					qcow_map_set_state(&img->map, c, QCS_JUNK);
 			img->hdr.autoclear_features &= keep;
@@ -584,6 +592,10 @@ int qcow_image_open_io_backing(struct qcow_io *io, const struct qcow_open_opts *
 			img->hdr.file_size = end;
 		}
 		img->punch_supported = probe_punch(io);
+		/* enabled bitmaps loaded and marked in use before any write */
+		ret = qcow_pbitmap_load(img, err, errlen);
+		if (ret)
+			goto out;
 		if (opts.recycler) {
 			ret = qcow_recycler_start(img);
 			if (ret)
@@ -736,6 +748,9 @@ int qcow_image_close(struct qcow_image *img)
 	if (!img)
 		return 0;
 	qcow_recycler_stop(img);
+	int bitmaps = 0;
+	if (!img->read_only)
+		bitmaps = qcow_pbitmap_store(img);   /* in_use cleared only when it works */
 	if (!img->read_only) {
 		pthread_mutex_lock(&img->flush_lock);
 		/* flush until nothing is left to write: a flush completes moves
@@ -764,6 +779,8 @@ int qcow_image_close(struct qcow_image *img)
 		int failed = qcow_health_failed(img);
 		if (failed)
 			ret = failed;
+		if (!ret && bitmaps)
+			ret = bitmaps;
 	}
 	qcow_io_close(img->io);
 	img->io = NULL;

@@ -34,7 +34,7 @@
  *  - The thread never repeats a step at once that failed or achieved
  *    nothing: failures back off exponentially (1 s to 60 s; a request
  *    resets it), and after a pass that could move nothing (what is left
- *    cannot move: a bitmap structure, clusters a snapshot reader of
+ *    cannot move: a bitmap table with no lower free run, clusters a snapshot reader of
  *    another process may read) automatic passes wait until the image
  *    changes (recycler_main).  An idle daemon
  *    costs nothing whatever the image holds.
@@ -272,6 +272,10 @@ static enum move_kind classify_slot(const struct qcow_image *img, uint64_t slot,
 		*index = UINT64_MAX;   /* a whole table, not an L2 table: a snapshot's L1 */
 		return MOVE_L2;
 	case QSLOT_L2:
+	case QSLOT_BITMAP_TABLE:
+		/* a bitmap data cluster: its pointer sits in a bitmap table,
+		 * rewritten through the cache like an L2 entry and written
+		 * back by the flush (the table itself is pinned) */
 		break;
 	}
 	return MOVE_DATA;
@@ -447,7 +451,7 @@ static uint64_t pointer_value(struct qcow_image *img, const struct pointer *p)
 {
 	uint64_t index;
 	if (p->holder)
-		return qcow_l2_entry(img, p->holder, qcow_l2_slot_index(img, p->slot));
+		return qcow_slot_get(img, p->holder, p->slot);   /* 8-byte entries in snapshot L1 and bitmap tables */
 	return classify_slot(img, p->slot, &index) == MOVE_REFBLOCK ? img->reftable[index] : img->l1[index];
 }
 
@@ -455,7 +459,7 @@ static void pointer_set_value(struct qcow_image *img, const struct pointer *p, u
 {
 	uint64_t index;
 	if (p->holder) {
-		qcow_l2_set_entry(img, p->holder, qcow_l2_slot_index(img, p->slot), v);
+		qcow_slot_set(img, p->holder, p->slot, v);
 	} else if (classify_slot(img, p->slot, &index) == MOVE_REFBLOCK) {
 		img->reftable[index] = v;
 		qcow_bitmap_set(&img->reftable_dirty, (index * 8) >> img->cluster_bits);
@@ -900,7 +904,19 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 				continue;
 			}
 			/* clusters are as low as they go: the tables next, then
-			 * another round into the space they leave */
+			 * another round into the space they leave.  The tables
+			 * move only into Available runs: the sources of the last
+			 * moves (often right below a table) are erased first */
+			pthread_mutex_lock(&img->lock);
+			const uint64_t *cnt = img->map.count;
+			bool junk = cnt[QCS_JUNK] != 0;
+			/* what the last moves freed may still be Pending or Junk,
+			 * not yet a destination for the clusters and streams that
+			 * found none above (see the settling below) */
+			bool unsettled = junk || cnt[QCS_PENDING] + cnt[QCS_ERASING] + cnt[QCS_ERASED] + cnt[QCS_FLUSHING];
+			pthread_mutex_unlock(&img->lock);
+			if (junk && relocations < 4 && (ret = erase_all_junk(img)) != 0)
+				break;
 			int moved = 0;
 			for (int t = 0; t < 2 && relocations < 4 && ret == 0; t++) {
 				int r = relocate_one_table(img, t == 0);
@@ -919,6 +935,15 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 					break;
 				moved++;
 			}
+			/* the persistent bitmaps' tables and directory likewise */
+			for (int k = 0; k < 16 && ret == 0; k++) {
+				int r = qcow_pbitmap_relocate(img);
+				if (r < 0)
+					ret = r;
+				if (r <= 0)
+					break;
+				moved++;
+			}
 			pthread_mutex_unlock(&img->flush_lock);
 			if (ret == 0 && moved) {
 				relocations++;
@@ -927,13 +952,9 @@ int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *o
 				continue;
 			}
 			/* Nothing could move - perhaps only because what the last
-			 * moves freed is still Pending or Junk, not yet a
-			 * destination: settle it (flush, erase, flush) and try
-			 * again, twice at most without progress. */
-			pthread_mutex_lock(&img->lock);
-			const uint64_t *cnt = img->map.count;
-			bool unsettled = cnt[QCS_PENDING] + cnt[QCS_JUNK] + cnt[QCS_ERASING] + cnt[QCS_ERASED] + cnt[QCS_FLUSHING];
-			pthread_mutex_unlock(&img->lock);
+			 * moves freed was not yet a destination when the clusters
+			 * and streams looked for one: settle it (flush, erase,
+			 * flush) and try again, twice at most without progress. */
 			if (ret == 0 && unsettled && settles < 2) {
 				settles++;
 				ret = qcow_flush(img);

@@ -398,7 +398,7 @@ out:
 /* The bitmaps header extension (qcow2 spec, "Bitmaps extension"): 4 bytes
  * nb_bitmaps, 4 reserved, 8 directory size, 8 directory offset.  Returns 1
  * and fills the fields when it is present. */
-static int find_bitmaps_ext(const struct qcow_header *h, uint32_t *nb, uint64_t *dir_size, uint64_t *dir_off, uint64_t *pos_out)
+int qcow_scan_bitmaps_ext(const struct qcow_header *h, uint32_t *nb, uint64_t *dir_size, uint64_t *dir_off, uint64_t *pos_out)
 {
 	uint64_t end = h->backing_file_offset ? h->backing_file_offset : h->raw_len;
 	uint64_t pos = h->version >= 3 ? h->header_length : QCOW_V2_HEADER_LEN;
@@ -419,6 +419,71 @@ static int find_bitmaps_ext(const struct qcow_header *h, uint32_t *nb, uint64_t 
 	return 0;
 }
 
+/* Stops the walk in every mode: QEMU's open fails on it, so qemu-img
+ * check cannot check the image either. */
+static int bitmaps_refused(struct walk *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int bitmaps_refused(struct walk *w, const char *fmt, ...)
+{
+	char msg[400];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	qcow_set_error(w->err, w->errlen, "%s", msg);
+	return -EINVAL;
+}
+
+#define QCOW_MAX_BITMAPS 65535u
+#define QCOW_MAX_BITMAP_DIR (QCOW_MAX_BITMAPS * 1024ull)
+
+/* The directory as QEMU's open loads it: the entries fill exactly
+ * dir_size bytes, there are exactly nb of them, none has extra data, and
+ * each satisfies the format's constraints (type, granularity 9..31,
+ * reserved flags, table placement and size, the table fits the disk). */
+static int check_bitmap_dir(struct walk *w, const uint8_t *dir, uint64_t dir_size, uint64_t dir_off, uint32_t nb)
+{
+	const struct qcow_header *h = w->g->hdr;
+	uint64_t pos = 0;
+	uint32_t i = 0;
+	while (pos < dir_size) {
+		const uint8_t *d = dir + pos;
+		uint64_t entry_pos = dir_off + pos;
+		if (pos + 24 > dir_size)
+			return bitmaps_refused(w, "bitmap directory at 0x%" PRIx64 " is broken: entry %u at 0x%" PRIx64 " is cut off by its end",
+					       dir_off, i, entry_pos);
+		if (++i > nb)
+			return bitmaps_refused(w, "bitmap directory at 0x%" PRIx64 " holds more bitmaps than the %u of its header extension",
+					       dir_off, nb);
+		uint64_t table_off = qcow_get_be64(d);
+		uint32_t table_size = qcow_get_be32(d + 8), flags = qcow_get_be32(d + 12);
+		uint32_t name_size = qcow_get_be16(d + 18), extra = qcow_get_be32(d + 20);
+		unsigned type = d[16], gran = d[17];
+		uint64_t next = pos + ((24 + (uint64_t)extra + name_size + 7) & ~7ull);
+		if (next > dir_size)
+			return bitmaps_refused(w, "bitmap directory at 0x%" PRIx64 " is broken: entry %u at 0x%" PRIx64 " runs past its end",
+					       dir_off, i - 1, entry_pos);
+		if (extra)
+			return bitmaps_refused(w, "bitmap %u (directory entry at 0x%" PRIx64 ") has %u bytes of extra data, which QEMU does not support",
+					       i - 1, entry_pos, extra);
+		/* a consistent bitmap's table must fit the disk size in whole
+		 * sectors (QEMU loads it at open); one in use is never loaded,
+		 * and after a resize that did not finish its table may have
+		 * the old size */
+		uint64_t bits = gran < 9 || gran > 31 ? 0 : (((h->size & ~511ull) + (1ull << gran) - 1) >> gran);
+		uint64_t want = (((bits + 7) / 8) + w->cs - 1) / w->cs;
+		if (table_size == 0 || table_off == 0 || (table_off & (w->cs - 1)) || table_size > 0x8000000u ||
+		    gran < 9 || gran > 31 || (flags & ~3u) || name_size > 1023 || type != 1 ||
+		    (uint64_t)table_size * w->cs > (512ull << 20) || (want != table_size && !(flags & 1)))
+			return bitmaps_refused(w, "bitmap %u (directory entry at 0x%" PRIx64 ") is invalid: table 0x%" PRIx64 " with %u entries "
+					       "(%" PRIu64 " needed for %" PRIu64 " bytes), flags 0x%x, type %u, granularity bits %u",
+					       i - 1, entry_pos, table_off, table_size, want, h->size, flags, type, gran);
+		pos = next;
+	}
+	if (i != nb)
+		return bitmaps_refused(w, "bitmap directory at 0x%" PRIx64 " holds %u bitmaps, its header extension says %u", dir_off, i, nb);
+	return 0;
+}
+
 /* Bitmap directory, tables and data clusters, counted as QEMU counts them
  * (only while autoclear bit 0 says the bitmaps are consistent). */
 static int walk_bitmaps(struct walk *w, uint8_t *clusterbuf)
@@ -429,16 +494,16 @@ static int walk_bitmaps(struct walk *w, uint8_t *clusterbuf)
 	uint8_t *dir = NULL;
 	int ret = 0;
 	(void)clusterbuf;
-	if (!(h->autoclear_features & 1) || !find_bitmaps_ext(h, &nb, &dir_size, &dir_off, &ext_pos))
+	if (!(h->autoclear_features & 1) || !qcow_scan_bitmaps_ext(h, &nb, &dir_size, &dir_off, &ext_pos))
 		return 0;
-	if (nb == 0 || nb > 65535 || (dir_off & (w->cs - 1)) || dir_size > (64u << 20) || dir_size == 0)
-		return problem(w, EINVAL, "bitmaps extension at header offset %" PRIu64 " is invalid (%u bitmaps, directory 0x%" PRIx64 ", %" PRIu64 " bytes)",
-			       ext_pos, nb, dir_off, dir_size);
+	/* the extension as QEMU's open checks it */
+	uint32_t reserved = qcow_get_be32(h->raw + ext_pos + 12);
+	if (reserved || nb == 0 || nb > QCOW_MAX_BITMAPS || (dir_off & (w->cs - 1)) || dir_size > QCOW_MAX_BITMAP_DIR ||
+	    dir_size == 0)
+		return bitmaps_refused(w, "bitmaps extension at header offset %" PRIu64 " is invalid (%u bitmaps, reserved 0x%x, "
+				       "directory 0x%" PRIx64 ", %" PRIu64 " bytes)", ext_pos, nb, reserved, dir_off, dir_size);
 	if (dir_off + dir_size > h->file_size + w->cs)
-		return problem(w, EINVAL, "bitmap directory 0x%" PRIx64 " (%" PRIu64 " bytes) lies past the end of the file", dir_off, dir_size);
-	ret = visit_table(w, QREF_BITMAP_DIR, dir_off, dir_size);
-	if (ret)
-		return ret;
+		return bitmaps_refused(w, "bitmap directory 0x%" PRIx64 " (%" PRIu64 " bytes) lies past the end of the file", dir_off, dir_size);
 	dir = qcow_calloc(1, dir_size);
 	if (!dir)
 		return -ENOMEM;
@@ -447,34 +512,19 @@ static int walk_bitmaps(struct walk *w, uint8_t *clusterbuf)
 		ret = io_failed(w, -ret, "cannot read the bitmap directory at 0x%" PRIx64 ": %s", dir_off, strerror(-ret));
 		goto out;
 	}
+	ret = check_bitmap_dir(w, dir, dir_size, dir_off, nb);
+	if (ret)
+		goto out;
+	ret = visit_table(w, QREF_BITMAP_DIR, dir_off, dir_size);
+	if (ret)
+		goto out;
 	uint64_t pos = 0;
 	for (uint32_t i = 0; i < nb; i++) {
-		if (pos + 24 > dir_size) {
-			ret = problem(w, EINVAL, "bitmap directory at 0x%" PRIx64 " ends inside entry %u", dir_off, i);
-			goto out;
-		}
 		const uint8_t *d = dir + pos;
 		uint64_t table_off = qcow_get_be64(d);
-		uint32_t table_size = qcow_get_be32(d + 8), flags = qcow_get_be32(d + 12);
+		uint32_t table_size = qcow_get_be32(d + 8);
 		uint32_t name_size = qcow_get_be16(d + 18), extra = qcow_get_be32(d + 20);
-		unsigned type = d[16], gran = d[17];
-		uint64_t entry_pos = dir_off + pos;
 		pos += (24 + (uint64_t)extra + name_size + 7) & ~7ull;
-		/* QEMU loads every bitmap at open and refuses the image when an
-		 * entry breaks the format's constraints (reserved flags, type,
-		 * granularity 9..31, table placement and size) or the table
-		 * does not fit the disk size in whole sectors */
-		uint64_t bits = gran < 9 || gran > 31 ? 0 : (((h->size & ~511ull) + (1ull << gran) - 1) >> gran);
-		uint64_t want = (((bits + 7) / 8) + w->cs - 1) / w->cs;
-		if (table_size == 0 || table_off == 0 || (table_off & (w->cs - 1)) || table_size > 0x8000000u ||
-		    gran < 9 || gran > 31 || (flags & ~3u) || name_size > 1023 || type != 1 ||
-		    (uint64_t)table_size * w->cs > (512ull << 20) || want != table_size) {
-			qcow_set_error(w->err, w->errlen, "bitmap %u (directory entry at 0x%" PRIx64 ") is invalid: table 0x%" PRIx64 " with %u entries "
-				       "(%" PRIu64 " needed for %" PRIu64 " bytes), flags 0x%x, type %u, granularity bits %u",
-				       i, entry_pos, table_off, table_size, want, h->size, flags, type, gran);
-			ret = -EINVAL;
-			goto out;
-		}
 		ret = visit_table(w, QREF_BITMAP_TABLE, table_off, (uint64_t)table_size * 8);
 		if (ret)
 			goto out;

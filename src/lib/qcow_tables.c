@@ -60,6 +60,15 @@ void qcow_l2_set_entry(struct qcow_image *img, struct qcow_cached *t, uint64_t i
 	qcow_map_move_cancel(&img->map, t->cluster);
 }
 
+void qcow_slot_set(struct qcow_image *img, struct qcow_cached *t, uint64_t slot, uint64_t v)
+{
+	qcow_assert_locked(img);
+	qcow_put_be64(t->data + (slot & (img->cluster_size - 1)), v);
+	qcow_cache_set_dirty(&img->cache, t, true);
+	/* the table's contents changed: a copy made by a move is stale */
+	qcow_map_move_cancel(&img->map, t->cluster);
+}
+
 void qcow_l2_set_bitmap(struct qcow_image *img, struct qcow_cached *t, uint64_t idx, uint64_t bm)
 {
 	qcow_assert_locked(img);
@@ -89,6 +98,8 @@ enum qcow_slot_kind qcow_slot_kind(const struct qcow_image *img, uint64_t slot, 
 		return QSLOT_REFTABLE;
 	}
 	*index = 0;
+	if (qcow_pbitmap_table_slot(img->pbitmaps, slot))
+		return QSLOT_BITMAP_TABLE;   /* a pinned whole table, entries like L2 ones */
 	uint64_t holder = slot >> img->cluster_bits;
 	if (holder < img->map.nclusters && qcow_map_state(&img->map, holder) == QCS_PINNED)
 		return QSLOT_SNAPSHOT_L1;   /* a whole table that is no L2 table */
@@ -101,7 +112,7 @@ bool qcow_l2_entry_at(struct qcow_image *img, uint64_t slot, uint64_t *e)
 	struct qcow_cached *t = qcow_l2_get(img, slot >> img->cluster_bits, &ret);
 	if (!t)
 		return false;
-	*e = qcow_l2_entry(img, t, qcow_l2_slot_index(img, slot));
+	*e = qcow_slot_get(img, t, slot);
 	return true;
 }
 

@@ -900,6 +900,8 @@ struct info_image {
 	struct qcow_info q;            /* qcow2 only */
 	struct qcow_snapshot_info *snapshots;   /* qcow2 only, free() */
 	uint32_t nb_snapshots;
+	struct qcow_pbitmap_info *bitmaps;      /* qcow2 only, free() */
+	uint32_t nb_bitmaps;
 	bool has_luks;                 /* luks holds the decoded LUKS header */
 	struct qcow_luks_info luks;
 	char full_backing[PATH_MAX + 1024];     /* backing name resolved as QEMU does */
@@ -1113,12 +1115,47 @@ static void info_block_snapshots(struct info_out *o, const struct info_image *im
 }
 
 /* The persistent dirty bitmaps (name, granularity, flags), between the
- * lazy refcounts and the refcount bits as qemu-img shows them: written
- * by the bitmap support of issue 8, nothing until then. */
+ * lazy refcounts and the refcount bits as qemu-img shows them (a list of
+ * objects; the flags a list of names).  Names come from the image:
+ * printed safely. */
 static void info_block_bitmaps(struct info_out *o, const struct info_image *im)
 {
-	(void)o;
-	(void)im;
+	static const char *const flag_names[] = { "in-use", "auto" };
+	if (!im->nb_bitmaps)
+		return;
+	if (o->json)
+		json_array_begin(&o->j, "bitmaps");
+	else
+		printf("%*sbitmaps:\n", o->indent, "");
+	for (uint32_t i = 0; i < im->nb_bitmaps; i++) {
+		const struct qcow_pbitmap_info *b = &im->bitmaps[i];
+		if (o->json) {
+			json_object_begin(&o->j, NULL);
+			json_array_begin(&o->j, "flags");
+		} else {
+			printf("%*s[%u]:\n%*sflags:\n", o->indent + 4, "", i, o->indent + 8, "");
+		}
+		for (unsigned f = 0, k = 0; f < 2; f++) {
+			if (!(b->flags & (1u << f)))
+				continue;
+			if (o->json)
+				json_string(&o->j, NULL, flag_names[f]);
+			else
+				printf("%*s[%u]: %s\n", o->indent + 12, "", k++, flag_names[f]);
+		}
+		if (o->json) {
+			json_array_end(&o->j);
+			json_string(&o->j, "name", b->name);
+			json_u64(&o->j, "granularity", b->granularity);
+			json_object_end(&o->j);
+		} else {
+			printf("%*sname: ", o->indent + 8, "");
+			print_text_safely(b->name);
+			printf("\n%*sgranularity: %" PRIu64 "\n", o->indent + 8, "", b->granularity);
+		}
+	}
+	if (o->json)
+		json_array_end(&o->j);
 }
 
 /* The external data file (data-file, data-file-raw), after the refcount
@@ -1281,6 +1318,9 @@ static void info_image_free(struct info_image *im)
 	free(im->snapshots);
 	im->snapshots = NULL;
 	im->nb_snapshots = 0;
+	free(im->bitmaps);
+	im->bitmaps = NULL;
+	im->nb_bitmaps = 0;
 }
 
 /* Reads what info shows of the image at path in the given format
@@ -1318,6 +1358,15 @@ static int info_image_read(const char *path, const char *format, struct info_ima
 		info_image_free(im);
 		return ret;
 	}
+	/* The bitmaps are extra: without them the rest still stands (a
+	 * warning says why they are missing). */
+	if (qcow_pbitmap_list_file(path, &im->bitmaps, &im->nb_bitmaps, err, sizeof(err)) < 0) {
+		fprintf(stderr, "qcowctl: warning: cannot list the bitmaps of %s: %s\n", path, err);
+		im->bitmaps = NULL;
+		im->nb_bitmaps = 0;
+	}
+	for (uint32_t i = 0; i < im->nb_bitmaps; i++)
+		im->bitmaps[i].name[sizeof(im->bitmaps[i].name) - 1] = '\0';
 	/* The engine fills fixed arrays; never trust them to be terminated. */
 	im->q.backing_file[sizeof(im->q.backing_file) - 1] = '\0';
 	im->q.backing_format[sizeof(im->q.backing_format) - 1] = '\0';

@@ -14,7 +14,12 @@ COUNT mutants from them with a random generator seeded with SEED.  Each
 mutant changes the metadata in one or two ways: header fields, L1 and L2
 entries (active and snapshot: reserved bits, flags, pointers to other
 clusters), refcount-table entries, refcount-block entries, snapshot table
-entries and bitmap directory and table entries.
+entries and bitmap directory and table entries.  The last tenth are
+hostile bitmap directories (sizes, type, granularity, flags, the
+extension's count, size and offset) of three bitmap bases, one with two
+enabled bitmaps of different granularities and a disabled one; when the
+engine opens such an image read-write, QEMU must list the same bitmaps
+after the close.
 
 For every mutant:
   * `qemu-img check` and `qcowctl check` must give the same verdict class:
@@ -360,6 +365,21 @@ def mut_snapshot(r, m):
         m.desc.append("snapshot L1 size @%#x %d->%d" % (pos + 8, old, new))
 
 
+def bitmap_ext(d):
+    """offset of the bitmaps extension's data in the header, or None."""
+    version = struct.unpack_from(">I", d, 4)[0]
+    cs = 1 << struct.unpack_from(">I", d, 20)[0]
+    pos = struct.unpack_from(">I", d, 100)[0] if version >= 3 else 72
+    while pos + 8 <= cs:
+        t, n = struct.unpack_from(">II", d, pos)
+        if t == 0:
+            return None
+        if t == 0x23852875:
+            return pos + 8
+        pos += 8 + ((n + 7) & ~7)
+    return None
+
+
 def bitmap_layout(d):
     """(directory offset, [(entry offset, table offset, table size)]) or None."""
     version = struct.unpack_from(">I", d, 4)[0]
@@ -387,7 +407,9 @@ def mut_bitmap(r, m):
         return mut_l2(r, m)
     doff, ents = bl
     q, toff, tsize = r.choice(ents)
-    k = r.randrange(6)
+    k = r.randrange(8)
+    if k >= 6:
+        return mut_bitmap_dir(r, m, q)
     if k < 4 and tsize:
         slot = toff + 8 * r.randrange(tsize)
         old = m.get64(slot)
@@ -411,6 +433,47 @@ def mut_bitmap(r, m):
         new = pick_target(r, m.lay)
         m.put64(q, new)
         m.desc.append("bitmap table offset @%#x %#x->%#x" % (q, old, new))
+
+
+def mut_bitmap_dir(r, m, q):
+    """hostile directory fields: an entry's table size, type, granularity,
+    name and extra-data sizes, or the extension's count, directory size and
+    offset"""
+    ext = bitmap_ext(m.d)
+    k = r.randrange(8)
+    if k == 0:
+        fld, fmt, vals = q + 8, ">I", [0, 1, 2, 0xFFFF, 0x8000001, 0xFFFFFFFF]
+    elif k == 1:
+        fld, fmt, vals = q + 16, ">B", [0, 2, 0xFF]
+    elif k == 2:
+        fld, fmt, vals = q + 17, ">B", [0, 8, 10, 31, 32, 63, 64, 0xFF]
+    elif k == 3:
+        fld, fmt, vals = q + 18, ">H", [0, 1, 1024, 0xFFFF]
+    elif k == 4:
+        fld, fmt, vals = q + 20, ">I", [8, 64, 0x10000, 0xFFFFFFFF]
+    elif k == 5:
+        fld, fmt, vals = ext, ">I", [0, 2, 3, 65535, 65536, 0xFFFFFFFF]
+    elif k == 6:
+        fld, fmt, vals = ext + 8, ">Q", [0, 8, 23, 24, 1 << 26, (1 << 26) + 8, 1 << 63]
+    else:
+        fld, fmt, vals = ext + 16, ">Q", [0, 512, pick_target(r, m.lay), 1 << 62]
+    old = struct.unpack_from(fmt, m.d, fld)[0]
+    new = r.choice(vals)
+    struct.pack_into(fmt, m.d, fld, new)
+    m.desc.append("bitmap directory field @%#x %#x->%#x" % (fld, old, new))
+
+
+def mut_bitmap_dir_any(r, m):
+    """one or two hostile directory fields of a random bitmap"""
+    bl = bitmap_layout(m.d)
+    if not bl:
+        return mut_l2(r, m)
+    # a table or flag change first: after a directory field moved the
+    # directory, its layout would point anywhere (the header too)
+    if r.random() < 0.3:
+        mut_bitmap(r, m)
+    for _ in range(1 if r.random() < 0.7 else 2):
+        mut_bitmap_dir(r, m, r.choice(bl[1])[0])
 
 
 MUTATORS = [(mut_header, 3), (mut_l1, 3), (mut_l2, 5), (mut_reftable, 2), (mut_refblock, 4), (mut_snapshot, 1),
@@ -464,6 +527,13 @@ def make_bases(d):
     base("c512", "cluster_size=512", "2M", ["write -P 1 0 150k", "write -P 2 1M 20k", "discard 1M 4k"])
     base("c512snap", "cluster_size=512,refcount_bits=64", "1M", ["write -P 1 0 60k"], ["s1"],
          bitmap="b1", post=["write -P 2 0 4k", "write -P 3 500k 8k"])
+    # only for the bitmap-directory tail of the corpus (not in the rotation)
+    b3 = base("bitmaps3", "cluster_size=4096", "8M", ["write -P 1 0 300k"], bitmap="gone",
+              post=["write -P 2 100k 20k"])
+    must(["qemu-img", "bitmap", "--disable", b3, "gone"])
+    must(["qemu-img", "bitmap", "--add", "-g", "512", b3, "fine"])
+    must(["qemu-img", "bitmap", "--add", "-g", "1M", b3, "coarse"])
+    must(["qemu-io", "-f", "qcow2", "-c", "write -P 3 5M 70k", b3])
     base("v2snap", "compat=0.10,cluster_size=4096", "4M", ["write -P 1 0 64k"], ["s1"], post=["write -P 2 0 8k"])
     base("rc8c4k", "cluster_size=4096,refcount_bits=8", "8M", ["write -P 1 0 100k", "write -P 2 6M 12k"], ["s1", "s2"],
          post=["write -P 3 4k 4k"])
@@ -491,6 +561,16 @@ def make_bases(d):
     return bases
 
 
+def bitmaps_of(p):
+    """the bitmaps qemu-img info lists: [(name, granularity, flags)]"""
+    r = run(["qemu-img", "info", "-U", "--output=json", p])
+    if r.returncode != 0:
+        return "unreadable"
+    import json
+    data = json.loads(r.stdout.decode(errors="replace")).get("format-specific", {}).get("data", {})
+    return [(b["name"], b["granularity"], tuple(b["flags"])) for b in data.get("bitmaps", [])]
+
+
 def verdict(code):
     return {0: "clean", 3: "leaks", 2: "corrupt"}.get(code, "failed")
 
@@ -515,11 +595,17 @@ def main():
     r = random.Random(seed)
     plans = []
     weights = [w for _, w in MUTATORS]
-    for i in range(count):
-        b = bases[i % len(bases)]
+    rotation = [b for b in bases if not b.endswith("bitmaps3.qcow2")]
+    bitmap_bases = [b for b in bases if os.path.basename(b) in ("bitmap.qcow2", "c512snap.qcow2", "bitmaps3.qcow2")]
+    tail = count // 10   # the last tenth: hostile bitmap directories
+    for i in range(count - tail):
+        b = rotation[i % len(rotation)]
         n = 1 if r.random() < 0.8 else 2
         muts = r.choices([f for f, _ in MUTATORS], weights, k=n)
         plans.append((i, b, muts, r.getrandbits(32)))
+    rt = random.Random(seed + 1)
+    for i in range(count - tail, count):
+        plans.append((i, bitmap_bases[i % len(bitmap_bases)], [mut_bitmap_dir_any], rt.getrandbits(32)))
     stats = {}
     open_stats = {"refused-corrupt": 0, "opened-repaired": 0, "refused-unreadable": 0, "refused-accepted": 0}
 
@@ -545,6 +631,11 @@ def main():
                 what, vq, q.returncode, vc, c.returncode,
                 " | ".join((q.stderr + q.stdout).decode(errors="replace").splitlines()[:4]),
                 " | ".join((c.stderr + c.stdout).decode(errors="replace").splitlines()[:4])))
+        try:
+            has_bitmaps = bitmap_layout(m.d) is not None
+        except struct.error:
+            has_bitmaps = True   # a directory past the end: QEMU's list says what stays
+        bm_before = bitmaps_of(p) if has_bitmaps and vq in ("clean", "leaks") else None
         o = run([open_rw, p])
         ores = "refused" if o.returncode == 2 else "opened" if o.returncode == 0 else "error"
         if ores == "error" or c.returncode not in (0, 1, 2, 3):
@@ -567,6 +658,10 @@ def main():
             if q2.returncode != 0:
                 out.append("NOT-REPAIRED %s: after a read-write open and close qemu-img check exits %d: %s" % (
                     what, q2.returncode, " | ".join((q2.stderr + q2.stdout).decode(errors="replace").splitlines()[:4])))
+            if bm_before is not None and bitmaps_of(p) != bm_before:
+                # a read-write open keeps the bitmaps as QEMU lists them
+                out.append("BITMAPS-CHANGED %s: qemu-img info listed %s before the open and close, %s after" % (
+                    what, bm_before, bitmaps_of(p)))
         os.unlink(p)
         info = "%s: %s" % (what, o.stderr.decode(errors="replace").strip()[:300])
         return vq, vc, ores, out, info

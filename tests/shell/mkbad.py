@@ -291,6 +291,42 @@ def bad_unknown_ext(img):
     img.write(end, rec + b"\0" * 8)
 
 
+BITMAPS_EXT_TYPE = 0x23852875
+
+
+def _bitmaps_ext(img):
+    """file offset of the bitmaps extension's data (the image must have one)"""
+    exts, _ = img.extensions()
+    for off, typ, ln in exts:
+        if typ == BITMAPS_EXT_TYPE and ln == 24:
+            return off + 8
+    raise SystemExit("mkbad: %s has no bitmaps extension (qemu-img bitmap --add first)" % img.path)
+
+
+def bad_bitmap_extra_data(img):
+    """the first bitmap directory entry claims 8 bytes of extra data: QEMU
+    refuses to open the image ("Bitmap extra data is not supported")"""
+    ext = _bitmaps_ext(img)
+    (doff,) = struct.unpack(">Q", img.read(ext + 16, 8))
+    img.write(doff + 20, struct.pack(">I", 8))
+
+
+def bad_bitmap_count(img):
+    """the bitmaps extension counts one bitmap more than its directory
+    holds: QEMU refuses to open the image"""
+    ext = _bitmaps_ext(img)
+    (nb,) = struct.unpack(">I", img.read(ext, 4))
+    img.write(ext, struct.pack(">I", nb + 1))
+
+
+def bad_bitmap_granularity(img):
+    """the first bitmap's granularity is 2^8 bytes, below QEMU's minimum
+    of 512: QEMU refuses to open the image"""
+    ext = _bitmaps_ext(img)
+    (doff,) = struct.unpack(">Q", img.read(ext + 16, 8))
+    img.write(doff + 17, bytes([8]))
+
+
 def _refcount_slot(img, cluster_index):
     """(byte offset in the file, bit shift, width) of a cluster's refcount"""
     bits = 1 << img.get("refcount_order") if img.get("version") >= 3 else 16
