@@ -78,15 +78,7 @@ int qcow_alloc_contiguous(struct qcow_image *img, uint64_t n, uint64_t *out)
 {
 	qcow_assert_locked(img);
 	/* lowest run of n Available clusters, else at the end of the file */
-	uint64_t c = qcow_map_lowest_available(&img->map);
-	while (c != UINT64_MAX) {
-		uint64_t k = 1;
-		while (k < n && c + k < img->map.nclusters && qcow_map_state(&img->map, c + k) == QCS_AVAILABLE)
-			k++;
-		if (k == n)
-			break;
-		c = qcow_bitmap_next(&img->map.available, c + k);
-	}
+	uint64_t c = qcow_map_available_run(&img->map, n, UINT64_MAX);
 	if (c == UINT64_MAX) {
 		uint64_t end = img->map.nclusters;
 		uint64_t last = qcow_map_last_block(&img->map);

@@ -1106,30 +1106,43 @@ static int clear_subclusters_locked(struct qcow_image *img, uint64_t gc, uint64_
 	return 0;
 }
 
+/* Writes zeros over the parts of [off, off+len) outside whole units (a
+ * power of two: clusters or subclusters), and gives the whole units'
+ * range [*first, *last).  The disk's last unit may be partial: reaching
+ * the end of the disk covers it whole.  1 when no whole unit is left
+ * (everything written), 0, or -errno. */
+static int zero_partial_ends(struct qcow_image *img, uint64_t off, uint64_t len, uint64_t unit, uint64_t *first,
+			     uint64_t *last)
+{
+	uint64_t end = off + len;
+	*first = (off + unit - 1) & ~(unit - 1);
+	*last = end == img->virtual_size ? (end + unit - 1) & ~(unit - 1) : end & ~(unit - 1);
+	if (*first >= *last) {   /* inside one unit */
+		ssize_t w = write_common(img, NULL, (size_t)len, off);
+		return w < 0 ? (int)w : 1;
+	}
+	if (*first > off) {
+		ssize_t w = write_common(img, NULL, (size_t)(*first - off), off);
+		if (w < 0)
+			return (int)w;
+	}
+	if (end > *last) {
+		ssize_t w = write_common(img, NULL, (size_t)(end - *last), *last);
+		if (w < 0)
+			return (int)w;
+	}
+	return 0;
+}
+
 /* discard_common for extended L2 entries: whole clusters are unmapped,
  * whole subclusters cleared by their bits, and only the pieces smaller
  * than a subcluster at the ends are written as zeros. */
 static int discard_subclusters(struct qcow_image *img, uint64_t off, uint64_t len)
 {
-	uint64_t cs = img->cluster_size, scs = 1ull << sc_bits(img), end = off + len;
-	uint64_t a = (off + scs - 1) & ~(scs - 1);
-	/* the disk's last subcluster may be partial: reaching the end covers it */
-	uint64_t b = end == img->virtual_size ? (end + scs - 1) & ~(scs - 1) : end & ~(scs - 1);
-	int ret = 0;
-	if (a >= b) {
-		ssize_t w = write_common(img, NULL, (size_t)len, off);
-		return w < 0 ? (int)w : 0;
-	}
-	if (a > off) {
-		ssize_t w = write_common(img, NULL, (size_t)(a - off), off);
-		if (w < 0)
-			return (int)w;
-	}
-	if (end > b) {
-		ssize_t w = write_common(img, NULL, (size_t)(end - b), b);
-		if (w < 0)
-			return (int)w;
-	}
+	uint64_t cs = img->cluster_size, a, b;
+	int ret = zero_partial_ends(img, off, len, 1ull << sc_bits(img), &a, &b);
+	if (ret)
+		return ret > 0 ? 0 : ret;
 	for (uint64_t gc = a >> img->cluster_bits; gc << img->cluster_bits < b && ret == 0;) {
 		uint64_t cl = gc << img->cluster_bits;
 		uint64_t o1 = (a > cl ? a : cl) - cl, o2 = (b < cl + cs ? b : cl + cs) - cl;
@@ -1172,12 +1185,7 @@ static int clear_range(struct qcow_image *img, uint64_t off, uint64_t len, bool 
 {
 	if (qcow_extl2(img))
 		return discard_subclusters(img, off, len);
-	uint64_t cs = img->cluster_size;
-	uint64_t first = (off + cs - 1) & ~(cs - 1);
-	uint64_t end = off + len;
-	/* the disk's last cluster may be partial: reaching the end of the
-	 * disk covers it whole */
-	uint64_t last = end == img->virtual_size ? (end + cs - 1) & ~(cs - 1) : end & ~(cs - 1);
+	uint64_t cs = img->cluster_size, end = off + len, first, last;
 	int ret = 0;
 	if (img->backing && img->hdr.version < 3) {
 		/* no zero flag, and an unmapped cluster would show the backing
@@ -1192,20 +1200,8 @@ static int clear_range(struct qcow_image *img, uint64_t off, uint64_t len, bool 
 		}
 		return ret;
 	}
-	if (first >= last) {   /* inside one cluster */
-		ssize_t w = write_common(img, NULL, (size_t)len, off);
-		return w < 0 ? (int)w : 0;
-	}
-	if (first > off) {
-		ssize_t w = write_common(img, NULL, (size_t)(first - off), off);
-		if (w < 0)
-			return (int)w;
-	}
-	if (end > last) {
-		ssize_t w = write_common(img, NULL, (size_t)(end - last), last);
-		if (w < 0)
-			return (int)w;
-	}
+	if ((ret = zero_partial_ends(img, off, len, cs, &first, &last)))
+		return ret > 0 ? 0 : ret;
 	if (!release)
 		return zero_whole_clusters(img, first >> img->cluster_bits, (last - first) >> img->cluster_bits, false);
 	/* whole clusters, in batches so guest I/O is never held off long */

@@ -573,6 +573,20 @@ void qcow_map_mark_rc_dirty(struct qcow_map *m, uint64_t c)
 }
 
 uint64_t qcow_map_lowest_available(const struct qcow_map *m) { return qcow_bitmap_next(&m->available, 0); }
+uint64_t qcow_map_available_run(const struct qcow_map *m, uint64_t n, uint64_t end)
+{
+	if (end > m->nclusters)
+		end = m->nclusters;
+	for (uint64_t c = qcow_bitmap_next(&m->available, 0); c != UINT64_MAX && n <= end && c <= end - n;) {
+		uint64_t k = 1;
+		while (k < n && qcow_map_state(m, c + k) == QCS_AVAILABLE)
+			k++;
+		if (k == n)
+			return c;
+		c = qcow_bitmap_next(&m->available, c + k);
+	}
+	return UINT64_MAX;
+}
 uint64_t qcow_map_next_junk(const struct qcow_map *m, uint64_t from) { return qcow_bitmap_next(&m->junk, from); }
 uint64_t qcow_map_highest_movable(const struct qcow_map *m, uint64_t before)
 {

@@ -152,6 +152,9 @@ uint64_t qcow_map_want_refcount(const struct qcow_map *m, uint64_t c);
 void qcow_map_mark_rc_dirty(struct qcow_map *m, uint64_t c);
 
 uint64_t qcow_map_lowest_available(const struct qcow_map *m);       /* UINT64_MAX if none */
+/* The lowest run of n Available clusters that ends at or below `end`
+ * (UINT64_MAX: anywhere in the map), or UINT64_MAX. */
+uint64_t qcow_map_available_run(const struct qcow_map *m, uint64_t n, uint64_t end);
 uint64_t qcow_map_next_junk(const struct qcow_map *m, uint64_t from);
 uint64_t qcow_map_highest_movable(const struct qcow_map *m, uint64_t before);
 /* Highest cluster that is not Junk, Erased or Available (get_last_block),

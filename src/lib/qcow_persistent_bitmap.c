@@ -380,28 +380,12 @@ void qcow_pbitmap_resize_end(struct qcow_image *img)
 
 /* ---- new structures -------------------------------------------------------- */
 
-/* The lowest run of n Available clusters ending at or below `below`, or
- * UINT64_MAX (img->lock held). */
-static uint64_t run_below(struct qcow_image *img, uint64_t n, uint64_t below)
-{
-	uint64_t c = qcow_map_lowest_available(&img->map);
-	while (c != UINT64_MAX && c + n <= below) {
-		uint64_t k = 1;
-		while (k < n && qcow_map_state(&img->map, c + k) == QCS_AVAILABLE)
-			k++;
-		if (k == n)
-			return c;
-		c = qcow_bitmap_next(&img->map.available, c + k);
-	}
-	return UINT64_MAX;
-}
-
 /* n clusters pinned as a whole table: the lowest run below `below` if
  * there is one, else (anywhere) when any_place; img->lock held.  0 and
  * *start, 1 when no place (not any_place), or -errno. */
 static int claim_table(struct qcow_image *img, uint64_t n, uint64_t below, bool any_place, uint64_t *start)
 {
-	uint64_t c = run_below(img, n, below);
+	uint64_t c = qcow_map_available_run(&img->map, n, below);
 	if (c == UINT64_MAX) {
 		if (!any_place)
 			return 1;

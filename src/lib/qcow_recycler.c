@@ -663,21 +663,6 @@ out:
 	return moved ? moved : (b.n ? 1 : 0);
 }
 
-/* Lowest run of n Available clusters that starts below limit, or
- * UINT64_MAX. */
-static uint64_t available_run_below(const struct qcow_map *m, uint64_t n, uint64_t limit)
-{
-	for (uint64_t c = qcow_bitmap_next(&m->available, 0); c != UINT64_MAX && c < limit;) {
-		uint64_t k = 1;
-		while (k < n && c + k < m->nclusters && qcow_map_state(m, c + k) == QCS_AVAILABLE)
-			k++;
-		if (k == n)
-			return c;
-		c = qcow_bitmap_next(&m->available, c + k);
-	}
-	return UINT64_MAX;
-}
-
 /* Moves the L1 table or the refcount table into a lower free run, so that
  * neither pins the end of the file (qcow_table_relocate does the work and
  * its failure rules).  Returns 1 if a table moved, 0 if none could, or
@@ -691,7 +676,7 @@ static int relocate_one_table(struct qcow_image *img, bool l1)
 	uint64_t bytes = l1 ? (uint64_t)img->hdr.l1_size * 8 : (uint64_t)img->hdr.refcount_table_clusters * cs;
 	uint64_t n = (bytes + cs - 1) / cs;
 	uint64_t old_c = old_off >> img->cluster_bits;
-	uint64_t start = n ? available_run_below(&img->map, n, old_c) : UINT64_MAX;
+	uint64_t start = n ? qcow_map_available_run(&img->map, n, old_c) : UINT64_MAX;
 	if (start == UINT64_MAX || start + n > old_c) {
 		pthread_mutex_unlock(&img->lock);
 		pthread_mutex_unlock(&img->flush_lock);

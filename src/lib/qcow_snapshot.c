@@ -994,21 +994,6 @@ out:
 
 /* ---- moving the snapshot table and snapshot L1 tables down ---------------- */
 
-/* The lowest run of n Available clusters below `below`, or UINT64_MAX. */
-static uint64_t lowest_run_below(struct qcow_image *img, uint64_t n, uint64_t below)
-{
-	uint64_t c = qcow_map_lowest_available(&img->map);
-	while (c != UINT64_MAX && c + n <= below) {
-		uint64_t k = 1;
-		while (k < n && qcow_map_state(&img->map, c + k) == QCS_AVAILABLE)
-			k++;
-		if (k == n)
-			return c;
-		c = qcow_bitmap_next(&img->map.available, c + k);
-	}
-	return UINT64_MAX;
-}
-
 int qcow_snapshot_relocate(struct qcow_image *img)
 {
 	qcow_assert_flush_locked(img);
@@ -1035,7 +1020,7 @@ int qcow_snapshot_relocate(struct qcow_image *img)
 	for (uint32_t i = 0; i < t.n; i++) {
 		uint64_t c = t.v[i].l1_offset >> img->cluster_bits;
 		uint64_t k = clusters_for(img, (uint64_t)t.v[i].l1_size * 8);
-		uint64_t dst = k ? lowest_run_below(img, k, c) : UINT64_MAX;
+		uint64_t dst = k ? qcow_map_available_run(&img->map, k, c) : UINT64_MAX;
 		if (dst != UINT64_MAX && (pick < 0 || c > (t.v[pick].l1_offset >> img->cluster_bits))) {
 			pick = (int)i;
 			l1_start = dst;
@@ -1047,7 +1032,7 @@ int qcow_snapshot_relocate(struct qcow_image *img)
 	/* the table: a new copy whenever an L1 table moves (it names the L1
 	 * offset), and whenever a lower run can take it */
 	tbuf = table_encode(&t, cs, &t_n);   /* size only: the L1 offset is patched below */
-	uint64_t dst = tbuf ? lowest_run_below(img, t_n, old_t) : UINT64_MAX;
+	uint64_t dst = tbuf ? qcow_map_available_run(&img->map, t_n, old_t) : UINT64_MAX;
 	if (!tbuf)
 		ret = -ENOMEM;
 	else if (dst != UINT64_MAX)
