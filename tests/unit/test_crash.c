@@ -65,19 +65,9 @@ static size_t round_backing_len;
 static struct qcow_image *open_io(struct qcow_io *io, char *err, size_t errlen, int *ret)
 {
 	struct qcow_open_opts o;
-	qcow_open_opts_default(&o);
-	o.no_locking = true;
-	o.recycler = false;
-	o.runtime_asserts = true;
-	o.cache_bytes = 32 * 1024;
+	test_open_opts(&o, 32 * 1024);
 	struct qcow_image *img = NULL;
-	struct qcow_backing *b = NULL;
-	if (round_backing) {
-		b = qcow_calloc(1, sizeof(*b));
-		REQUIRE(b && (b->raw = qcow_io_mem_new(round_backing, round_backing_len)), "backing memory");
-		b->size = round_backing_len;
-		strcpy(b->format, "raw");
-	}
+	struct qcow_backing *b = round_backing ? test_raw_backing(round_backing, round_backing_len) : NULL;
 	*ret = qcow_image_open_io_backing(io, &o, b, &img, err, errlen);
 	if (*ret)
 		qcow_backing_free(b);

@@ -67,11 +67,7 @@ struct fimg {
 static struct qcow_open_opts test_opts(size_t cache_bytes)
 {
 	struct qcow_open_opts o;
-	qcow_open_opts_default(&o);
-	o.no_locking = true;
-	o.recycler = false;
-	o.runtime_asserts = true;
-	o.cache_bytes = cache_bytes;
+	test_open_opts(&o, cache_bytes);
 	return o;
 }
 

@@ -506,11 +506,7 @@ static struct qcow_image *open_bytes(struct rec_io **rec, struct qcow_io **fio, 
 				     size_t cache, char *err, size_t errlen)
 {
 	struct qcow_open_opts o;
-	qcow_open_opts_default(&o);
-	o.no_locking = true;
-	o.recycler = false;
-	o.runtime_asserts = true;
-	o.cache_bytes = cache;
+	test_open_opts(&o, cache);
 	*rec = rec_new(bytes, len);
 	*fio = qcow_io_fault_new(&(*rec)->io);
 	struct qcow_image *img = NULL;

@@ -56,6 +56,30 @@ static inline uint8_t *create_bytes(uint64_t size, unsigned cluster_bits, unsign
 
 /* Runs a shell command with its output sent to /dev/null (or appended
  * to log if not NULL); returns its exit status, -1 if it did not exit. */
+/* The open options of the engine tests: a memory backend (no locks), no
+ * recycler thread, every runtime check on, and a small metadata cache
+ * (cache_bytes) so that eviction happens. */
+static inline void test_open_opts(struct qcow_open_opts *o, size_t cache_bytes)
+{
+	qcow_open_opts_default(o);
+	o->no_locking = true;
+	o->recycler = false;
+	o->runtime_asserts = true;
+	o->cache_bytes = cache_bytes;
+}
+
+/* A raw backing file of len bytes (a copy of data) on the memory backend,
+ * for qcow_image_open_io_backing: the image owns it once open; the caller
+ * frees it (qcow_backing_free) when the open fails. */
+static inline struct qcow_backing *test_raw_backing(const void *data, size_t len)
+{
+	struct qcow_backing *b = qcow_calloc(1, sizeof(*b));
+	REQUIRE(b && (b->raw = qcow_io_mem_new(data, len)), "backing file memory");
+	b->size = len;
+	strcpy(b->format, "raw");
+	return b;
+}
+
 static inline int test_sh(const char *log, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static inline int test_sh(const char *log, const char *fmt, ...)
 {

@@ -368,16 +368,9 @@ static void concurrent_backing(unsigned cluster_bits, unsigned nwriters, unsigne
 	uint64_t size = 16u << 20, bsize = 12u << 20;
 	uint8_t *model = qcow_calloc(1, size);
 	fill_random(model, bsize);
-	struct qcow_backing *b = qcow_calloc(1, sizeof(*b));
-	REQUIRE(b && (b->raw = qcow_io_mem_new(model, bsize)), "backing");
-	b->size = bsize;
-	strcpy(b->format, "raw");
+	struct qcow_backing *b = test_raw_backing(model, bsize);
 	struct qcow_open_opts o;
-	qcow_open_opts_default(&o);
-	o.no_locking = true;
-	o.recycler = false;
-	o.runtime_asserts = true;
-	o.cache_bytes = 64 * 1024;
+	test_open_opts(&o, 64 * 1024);
 	struct qcow_image *img;
 	char err[256];
 	REQUIRE(qcow_image_open_io_backing(new_image(size, cluster_bits, 4, 3), &o, b, &img, err, sizeof(err)) == 0,

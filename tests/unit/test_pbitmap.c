@@ -51,11 +51,7 @@ static void quiet_sink(enum qcow_log_level level, const char *msg, void *opaque)
 static struct qcow_image *open_io(struct qcow_io *io, bool ro, char *err, size_t errlen)
 {
 	struct qcow_open_opts o;
-	qcow_open_opts_default(&o);
-	o.no_locking = true;
-	o.recycler = false;
-	o.runtime_asserts = true;
-	o.cache_bytes = 16 * 1024;
+	test_open_opts(&o, 16 * 1024);
 	o.read_only = ro;
 	struct qcow_image *img = NULL;
 	int ret = qcow_image_open_io(io, &o, &img, err, errlen);

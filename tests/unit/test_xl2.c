@@ -36,11 +36,7 @@ static void quiet_sink(enum qcow_log_level level, const char *msg, void *opaque)
 static struct qcow_image *open_io_b(struct qcow_io *io, struct qcow_backing *backing, char *err, size_t errlen, int *ret)
 {
 	struct qcow_open_opts o;
-	qcow_open_opts_default(&o);
-	o.no_locking = true;
-	o.recycler = false;
-	o.runtime_asserts = true;
-	o.cache_bytes = 64 * 1024;
+	test_open_opts(&o, 64 * 1024);
 	struct qcow_image *img = NULL;
 	*ret = qcow_image_open_io_backing(io, &o, backing, &img, err, errlen);
 	return img;
@@ -49,19 +45,6 @@ static struct qcow_image *open_io_b(struct qcow_io *io, struct qcow_backing *bac
 static struct qcow_image *open_io(struct qcow_io *io, char *err, size_t errlen, int *ret)
 {
 	return open_io_b(io, NULL, err, errlen, ret);
-}
-
-/* A raw backing file over a copy of bytes, as the backing chain's opener
- * makes one (the image that gets it frees it at close). */
-static struct qcow_backing *raw_backing(const uint8_t *bytes, uint64_t size)
-{
-	struct qcow_backing *b = qcow_calloc(1, sizeof(*b));
-	REQUIRE(b, "memory");
-	b->raw = qcow_io_mem_new(bytes, size);
-	REQUIRE(b->raw, "memory");
-	b->size = size;
-	strcpy(b->format, "raw");
-	return b;
 }
 
 /* qemu-made empty images, one per cluster size */
@@ -146,7 +129,7 @@ static void shadow_round(unsigned round, unsigned k, bool backing, unsigned nops
 			bb[i] = (uint8_t)(tap_rand(&seed) | 1);
 		memcpy(shadow, bb, bsize);
 	}
-	struct qcow_image *img = open_io_b(&r->io, bb ? raw_backing(bb, bsize) : NULL, err, sizeof(err), &ret);
+	struct qcow_image *img = open_io_b(&r->io, bb ? test_raw_backing(bb, bsize) : NULL, err, sizeof(err), &ret);
 	REQUIRE(img, "round %u: open: %s", round, err);
 	if (backing)
 		CHECK(same_as_shadow(img, shadow, 0, size, buf, "backing shows through"), "round %u", round);
@@ -192,7 +175,7 @@ static void shadow_round(unsigned round, unsigned k, bool backing, unsigned nops
 		CHECK(q == 0, "%s: qemu-img check exit %d after close", what, q);
 	/* reopened, it reads the same (with the same backing file) */
 	struct qcow_io *io2 = qcow_io_mem_new(after, len);
-	struct qcow_image *img2 = open_io_b(io2, bb ? raw_backing(bb, bsize) : NULL, err, sizeof(err), &ret);
+	struct qcow_image *img2 = open_io_b(io2, bb ? test_raw_backing(bb, bsize) : NULL, err, sizeof(err), &ret);
 	CHECK(img2 != NULL, "%s: reopen: %s", what, err);
 	if (img2) {
 		CHECK(same_as_shadow(img2, shadow, 0, size, buf, what), "%s: after reopen", what);
@@ -227,7 +210,7 @@ static void reclaim(bool backing)
 	uint8_t *bb = malloc(1u << 20);
 	REQUIRE(bb, "memory");
 	memset(bb, 0x5a, 1u << 20);
-	struct qcow_image *img = open_io_b(io, backing ? raw_backing(bb, 1u << 20) : NULL, err, sizeof(err), &ret);
+	struct qcow_image *img = open_io_b(io, backing ? test_raw_backing(bb, 1u << 20) : NULL, err, sizeof(err), &ret);
 	REQUIRE(img, "open: %s", err);
 	free(bb);
 	uint8_t data[65536], rd[4096];
@@ -305,7 +288,7 @@ static void zeroes_and_sparsify(bool backing)
 	uint8_t *bb = malloc(8u << 20);
 	REQUIRE(bb, "memory");
 	memset(bb, 0x3c, 8u << 20);
-	REQUIRE(qcow_image_open_io_backing(&r->io, &o, backing ? raw_backing(bb, 8u << 20) : NULL, &img, err,
+	REQUIRE(qcow_image_open_io_backing(&r->io, &o, backing ? test_raw_backing(bb, 8u << 20) : NULL, &img, err,
 					   sizeof(err)) == 0, "open: %s", err);
 	free(bb);
 	static uint8_t data[4 * 65536], zeros[2 * 65536], rd[65536];

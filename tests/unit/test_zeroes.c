@@ -444,11 +444,7 @@ static void test_shrink(void)
 static struct qcow_image *open_crash_io(struct qcow_io *io, enum qcow_detect_zeroes dz, char *err, size_t errlen)
 {
 	struct qcow_open_opts o;
-	qcow_open_opts_default(&o);
-	o.no_locking = true;
-	o.recycler = false;
-	o.runtime_asserts = true;
-	o.cache_bytes = 32 * 1024;
+	test_open_opts(&o, 32 * 1024);
 	o.detect_zeroes = dz;
 	struct qcow_image *img = NULL;
 	return qcow_image_open_io(io, &o, &img, err, errlen) ? NULL : img;
