@@ -296,7 +296,8 @@ static void replaced_clusters(void)
 	qcow_free(got);
 }
 
-/* ---- crashes while shared clusters move and streams are repacked ---- */
+/* ---- crashes while shared clusters move and streams are repacked ----
+ * (QEMU images: internal snapshots, deflate and zstd compressed streams) */
 
 struct qimage {
 	const char *name;
@@ -329,14 +330,16 @@ static void sh(const char *cmd)
 	REQUIRE(system(full) == 0, "%s", cmd);
 }
 
-static void make_qimage(struct qimage *q, bool snapshots, const char *dir)
+/* compression: NULL for the snapshot image, else the compressed image's
+ * compression type (zlib or zstd). */
+static void make_qimage(struct qimage *q, const char *compression, const char *dir)
 {
 	char cmd[2048], path[256], raw[256];
 	q->size = 4u << 20;
 	q->cs = 4096;
 	snprintf(path, sizeof(path), "%s/%s.qcow2", dir, q->name);
 	snprintf(raw, sizeof(raw), "%s/%s-active.raw", dir, q->name);
-	if (snapshots) {
+	if (!compression) {
 		/* s1 and s2 share most clusters with each other and the active
 		 * disk; the active disk overwrote and discarded some */
 		snprintf(cmd, sizeof(cmd),
@@ -362,7 +365,8 @@ static void make_qimage(struct qimage *q, bool snapshots, const char *dir)
 		REQUIRE(f && fwrite(d, 1, q->size, f) == q->size, "write %s", raw);
 		fclose(f);
 		qcow_free(d);
-		snprintf(cmd, sizeof(cmd), "qemu-img convert -c -f raw -O qcow2 -o cluster_size=4096 %s %s", raw, path);
+		snprintf(cmd, sizeof(cmd), "qemu-img convert -c -f raw -O qcow2 -o cluster_size=4096,compression_type=%s %s %s",
+			 compression, raw, path);
 		sh(cmd);
 	}
 	snprintf(cmd, sizeof(cmd), "qemu-img convert -O raw %s %s", path, raw);
@@ -458,15 +462,16 @@ static void qemu_image_rounds(void)
 	}
 	char dir[] = "/tmp/qcow-qcrash-XXXXXX";
 	REQUIRE(mkdtemp(dir), "mkdtemp");
-	struct qimage q[2] = { { .name = "snapshots" }, { .name = "compressed" } };
-	make_qimage(&q[0], true, dir);
-	make_qimage(&q[1], false, dir);
+	struct qimage q[3] = { { .name = "snapshots" }, { .name = "compressed" }, { .name = "zstd" } };
+	make_qimage(&q[0], NULL, dir);
+	make_qimage(&q[1], "zlib", dir);
+	make_qimage(&q[2], "zstd", dir);
 	const char *env = getenv("QEMU_CRASH_ROUNDS");
 	unsigned rounds = env ? (unsigned)atoi(env) : 200, snap_checks = 0;
 	unsigned before[4];
 	memcpy(before, move_states_hit, sizeof(before));
 	for (unsigned r = 0; r < rounds; r++)
-		qimage_round(&q[r % 2], r, &snap_checks);
+		qimage_round(&q[r % 3], r, &snap_checks);
 	printf("# shared and compressed clusters: %u rounds, crashes inside move states copied %u, flushed %u, "
 	       "referenced %u (%u of them inside a stream repack), %u snapshot reads after a crash\n", rounds,
 	       move_states_hit[QMOVE_COPIED] - before[QMOVE_COPIED], move_states_hit[QMOVE_FLUSHED] - before[QMOVE_FLUSHED],
@@ -476,7 +481,7 @@ static void qemu_image_rounds(void)
 		      "no crash landed after a shared or compressed move's pointer rewrite");
 		CHECK(repack_phases_hit > 0, "no crash landed inside a stream repack");
 	}
-	for (int i = 0; i < 2; i++) {
+	for (int i = 0; i < 3; i++) {
 		qcow_free(q[i].bytes);
 		qcow_free(q[i].active);
 	}
