@@ -1,0 +1,233 @@
+/*
+ * ctl_live.c - talking to a live qcowfs mount, and the progress display of
+ * the commands that wait for one.
+ *
+ * Rules:
+ *  - The only channel is the ioctls of qcowfs_ioctl.h on the raw view: the
+ *    status through a descriptor opened for reading, requests that change
+ *    the image through one opened for writing (the daemon checks the
+ *    access mode).  A file that refuses the ioctl is "not a qcowfs mount",
+ *    never an error of the daemon.
+ *  - The status is text (key=value lines); a reply that does not parse is
+ *    -EPROTO, never guessed at.
+ *  - The progress display never prints 100 % for an operation that failed.
+ */
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <poll.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <sys/ioctl.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "qcow.h"
+#include "qcowfs_ioctl.h"
+#include "qcowctl.h"
+
+uint64_t ctl_monotonic_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+void ctl_sleep_ms(unsigned ms)
+{
+	struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L };
+
+	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+		;
+}
+
+/* ---- talking to a live mount ------------------------------------------- */
+
+/* ENOTTY: a file that knows no such ioctl (not a qcowfs mount); EINVAL,
+ * ENOSYS: file systems that refuse unknown ioctls that way. */
+bool ctl_errno_means_not_qcowfs(int err)
+{
+	return err == ENOTTY || err == EINVAL || err == ENOSYS || err == ENODATA || err == ENOTSUP || err == EOPNOTSUPP;
+}
+
+/* Sends one control ioctl (qcowfs_ioctl.h) to the raw view at path
+ * through a descriptor opened with access (O_RDONLY for the status,
+ * O_RDWR for a compaction: the daemon checks).  Returns 0 or a negative
+ * errno. */
+int ctl_mount_ioctl(const char *path, int access, unsigned long cmd, void *arg)
+{
+	int fd = open(path, access | O_CLOEXEC | O_NONBLOCK);
+	if (fd < 0)
+		return -errno;
+	int ret = ioctl(fd, cmd, arg) < 0 ? -errno : 0;
+	close(fd);
+	return ret;
+}
+
+/* The daemon's status text (NUL-terminated, malloc'ed). */
+int ctl_mount_read_status_text(const char *mountpoint, char **out)
+{
+	struct qcowfs_status_text *st = calloc(1, sizeof(*st));
+	if (!st)
+		return -ENOMEM;
+	int ret = ctl_mount_ioctl(mountpoint, O_RDONLY, QCOWFS_IOC_STATUS, st);
+	if (ret < 0) {
+		free(st);
+		return ret;
+	}
+	st->text[sizeof(st->text) - 1] = '\0';
+	*out = st->text;   /* text is the first member: free(*out) frees st */
+	return 0;
+}
+
+/* Reads and parses the status.  Returns 0, "not a qcowfs" errors
+ * untouched (the caller decides what that means), or -EPROTO for text
+ * that does not parse. */
+int ctl_mount_read_status(const char *mountpoint, struct qcow_stats *st)
+{
+	char *text;
+	int ret = ctl_mount_read_status_text(mountpoint, &text);
+
+	if (ret < 0)
+		return ret;
+	ret = qcow_stats_parse(text, st);
+	free(text);
+	return ret < 0 ? -EPROTO : 0;
+}
+
+/* The value of "key=" in a status text, malloc'ed, or NULL. */
+char *ctl_status_value(const char *text, const char *key)
+{
+	size_t klen = strlen(key);
+	for (const char *line = text; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+		if (!strncmp(line, key, klen) && line[klen] == '=') {
+			const char *v = line + klen + 1;
+			return strndup(v, strcspn(v, "\n"));
+		}
+	}
+	return NULL;
+}
+
+/* The message for a status read that failed, naming the path. */
+void ctl_status_error_message(const char *mountpoint, int ret, char *buf, size_t len)
+{
+	if (ctl_errno_means_not_qcowfs(-ret))
+		snprintf(buf, len, "%s is not a qcowfs mount", mountpoint);
+	else if (ret == -ENOTCONN)
+		snprintf(buf, len, "%s: the qcowfs daemon is gone (killed or crashed); "
+			 "'fusermount3 -u %s' detaches the dead mount", mountpoint, mountpoint);
+	else if (ret == -EPROTO)
+		snprintf(buf, len, "%s: the status from qcowfs could not be parsed (qcowctl and qcowfs versions differ?)",
+			 mountpoint);
+	else if (ret == -EACCES)
+		snprintf(buf, len, "cannot read the status of %s: %s (it needs read permission on the view)",
+			 mountpoint, strerror(EACCES));
+	else
+		snprintf(buf, len, "cannot read the status of %s: %s", mountpoint, strerror(-ret));
+}
+
+void ctl_report_status_error(const char *mountpoint, int ret)
+{
+	char msg[2 * PATH_MAX + 256];
+
+	ctl_status_error_message(mountpoint, ret, msg, sizeof(msg));
+	ctl_print_error("%s", msg);
+}
+
+/* The message for a compaction request the daemon refused. */
+void ctl_report_compact_request_error(const char *mountpoint, int ret)
+{
+	if (ret == -EACCES || ret == -EBADF || ret == -EPERM)
+		ctl_print_error("cannot request a compaction on %s: %s (it needs write permission on the view)",
+			    mountpoint, strerror(-ret));
+	else
+		ctl_print_error("cannot request a compaction on %s: %s", mountpoint, strerror(-ret));
+}
+
+/* ---- progress display --------------------------------------------------- */
+
+#define PROGRESS_BAR_WIDTH 40
+#define PROGRESS_BAR_FULL "########################################"
+_Static_assert(sizeof(PROGRESS_BAR_FULL) - 1 == PROGRESS_BAR_WIDTH, "bar text must fill the bar");
+
+void ctl_progress_init(struct progress_display *p)
+{
+	p->tty = isatty(STDOUT_FILENO);
+	p->shown_percent = -1;
+}
+
+void ctl_progress_show(struct progress_display *p, double fraction)
+{
+	int percent;
+
+	if (!(fraction >= 0.0))   /* also catches NaN */
+		fraction = 0.0;
+	if (fraction > 1.0)
+		fraction = 1.0;
+	percent = (int)(fraction * 100.0);
+	if (p->tty) {
+		int filled = (int)(fraction * PROGRESS_BAR_WIDTH);
+
+		if (percent == p->shown_percent)
+			return;
+		printf("\r[%.*s%*s] %3d%%",
+		       filled, PROGRESS_BAR_FULL,
+		       PROGRESS_BAR_WIDTH - filled, "", percent);
+		fflush(stdout);
+		p->shown_percent = percent;
+	} else if (p->shown_percent < 0 || percent / 10 > p->shown_percent / 10) {
+		/* 100% is ctl_progress_finish's line, so that it appears once
+		 * and only when the run really succeeded. */
+		if (percent < 100) {
+			printf("compacting: %d%%\n", percent);
+			fflush(stdout);
+		}
+		p->shown_percent = percent;
+	}
+}
+
+void ctl_progress_finish(struct progress_display *p, bool success)
+{
+	if (success) {
+		if (p->tty) {
+			ctl_progress_show(p, 1.0);
+		} else {
+			printf("compacting: 100%%\n");
+		}
+	}
+	if (p->tty && p->shown_percent >= 0)
+		putchar('\n');
+	fflush(stdout);
+}
+
+void ctl_progress_callback(double fraction, void *opaque)
+{
+	ctl_progress_show(opaque, fraction);
+}
+
+/* The error the engine reports, or NULL: a failed engine without an errno
+ * failed with an I/O error. */
+const char *ctl_status_error_text(const struct qcow_stats *st)
+{
+	if (st->last_error < 0)
+		return strerror(-st->last_error);
+	return st->failed ? strerror(EIO) : NULL;
+}
