@@ -190,29 +190,17 @@ static int compact_mount(const char *mountpoint, const struct qcow_stats *before
 
 static int compact_image(const char *image)
 {
-	struct qcow_open_opts opts;
 	struct qcow_image *img = NULL;
 	struct qcow_stats st_before, st_after;
 	struct progress_display progress;
 	struct stat before, after;
-	char err[1024] = "", what[PATH_MAX + 32];
 	int ret;
 
 	if (stat(image, &before) < 0) {
 		ctl_print_error("cannot access %s: %s", image, strerror(errno));
 		return EXIT_FAILURE;
 	}
-	qcow_open_opts_default(&opts);
-	opts.read_only = false;
-	opts.data_file = ctl_opt_data_file;
-	/* qcow_image_compact does the work in this thread; a background
-	 * recycler would only race it for the same clusters. */
-	opts.recycler = false;
-	opts.compact = false;
-	snprintf(what, sizeof(what), "cannot open %s", image);
-	ctl_engine_call_begin(true);
-	ret = qcow_image_open(image, &opts, &img, err, sizeof(err));
-	ctl_engine_call_end(ret, what, err);
+	ret = ctl_image_open_offline(image, false, &img);
 	if (ret < 0) {
 		if (ret == -EAGAIN || ret == -EBUSY || ret == -EWOULDBLOCK)
 			fprintf(stderr, "qcowctl: if %s is mounted, run 'qcowctl compact MOUNTPOINT'\n", image);
@@ -232,11 +220,8 @@ static int compact_image(const char *image)
 
 	/* Close even after a failed compaction: close writes exact refcounts,
 	 * and an image left open would be left dirty. */
-	int close_ret = qcow_image_close(img);
-	if (close_ret < 0) {
-		ctl_print_error("closing %s failed: %s", image, strerror(-close_ret));
+	if (ctl_image_close_offline(img, image) < 0)
 		return EXIT_FAILURE;
-	}
 	if (ret < 0)
 		return EXIT_FAILURE;
 
@@ -271,11 +256,8 @@ int cmd_compact(const struct command *self, int argc, char **argv)
 		case 'D':
 			ctl_opt_data_file = optarg;
 			break;
-		case 'h':
-			ctl_print_command_help(self, stdout);
-			return EXIT_SUCCESS;
 		default:
-			return ctl_bad_option(self, opt, argv);
+			return ctl_other_option(self, opt, argv);
 		}
 	}
 	ret = ctl_single_operand(self, argc, argv, "MOUNTPOINT or IMAGE", &target);
@@ -434,25 +416,16 @@ static int sparsify_image_progress(const struct qcow_sparsify_result *r, void *o
 /* Offline: sparsify, then compact (no recycler runs in this process). */
 static int sparsify_image(const char *image)
 {
-	struct qcow_open_opts opts;
 	struct qcow_image *img = NULL;
 	struct qcow_sparsify_result r;
 	struct sparsify_display d = { .tty = isatty(STDOUT_FILENO), .shown = -1 };
 	struct stat before, after;
-	char err[1024] = "", what[PATH_MAX + 32];
 
 	if (stat(image, &before) < 0) {
 		ctl_print_error("cannot access %s: %s", image, strerror(errno));
 		return EXIT_FAILURE;
 	}
-	qcow_open_opts_default(&opts);
-	opts.recycler = false;
-	opts.compact = false;
-	opts.data_file = ctl_opt_data_file;
-	snprintf(what, sizeof(what), "cannot open %s", image);
-	ctl_engine_call_begin(true);
-	int ret = qcow_image_open(image, &opts, &img, err, sizeof(err));
-	ctl_engine_call_end(ret, what, err);
+	int ret = ctl_image_open_offline(image, false, &img);
 	if (ret < 0) {
 		if (ret == -EAGAIN || ret == -EBUSY || ret == -EWOULDBLOCK)
 			fprintf(stderr, "qcowctl: if %s is mounted, run 'qcowctl sparsify MOUNTPOINT'\n", image);
@@ -467,11 +440,8 @@ static int sparsify_image(const char *image)
 	else if (r.freed && (ret = qcow_image_compact(img, NULL, NULL)) < 0)
 		ctl_print_error("compacting %s after the sparsify failed: %s", image, strerror(-ret));
 	/* close even after a failure: it writes exact refcounts */
-	int close_ret = qcow_image_close(img);
-	if (close_ret < 0) {
-		ctl_print_error("closing %s failed: %s", image, strerror(-close_ret));
+	if (ctl_image_close_offline(img, image) < 0)
 		return EXIT_FAILURE;
-	}
 	if (ret < 0)
 		return EXIT_FAILURE;
 	if (stat(image, &after) == 0)
@@ -490,13 +460,8 @@ int cmd_sparsify(const struct command *self, int argc, char **argv)
 	const char *target;
 	int opt, ret;
 
-	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
-		if (opt == 'h') {
-			ctl_print_command_help(self, stdout);
-			return EXIT_SUCCESS;
-		}
-		return ctl_bad_option(self, opt, argv);
-	}
+	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1)
+		return ctl_other_option(self, opt, argv);
 	ret = ctl_single_operand(self, argc, argv, "MOUNTPOINT or IMAGE", &target);
 	if (ret)
 		return ret;

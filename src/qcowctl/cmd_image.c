@@ -101,11 +101,8 @@ int cmd_create(const struct command *self, int argc, char **argv)
 						   "32 or 64", optarg);
 			refcount_bits_given = true;
 			break;
-		case 'h':
-			ctl_print_command_help(self, stdout);
-			return EXIT_SUCCESS;
 		default:
-			return ctl_bad_option(self, opt, argv);
+			return ctl_other_option(self, opt, argv);
 		}
 	}
 	ret = ctl_single_operand(self, argc, argv, "IMAGE", &image);

@@ -637,11 +637,8 @@ int cmd_info(const struct command *self, int argc, char **argv)
 		case OPT_BACKING_CHAIN:
 			chain = true;
 			break;
-		case 'h':
-			ctl_print_command_help(self, stdout);
-			return EXIT_SUCCESS;
 		default:
-			return ctl_bad_option(self, opt, argv);
+			return ctl_other_option(self, opt, argv);
 		}
 	}
 	ret = ctl_single_operand(self, argc, argv, "IMAGE", &image);

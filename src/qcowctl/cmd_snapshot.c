@@ -207,20 +207,9 @@ static int snapshot_mount(enum snap_action act, const char *name, bool force, co
 
 static int snapshot_image(enum snap_action act, const char *name, const char *image)
 {
-	struct qcow_open_opts opts;
 	struct qcow_image *img = NULL;
-	char err[1024] = "", what[PATH_MAX + 32];
-	qcow_open_opts_default(&opts);
-	/* offline: the image lock as a writer (a reader for list); the work
-	 * happens in this thread, no recycler */
-	opts.read_only = act == SNAP_LIST;
-	opts.data_file = ctl_opt_data_file;
-	opts.recycler = false;
-	opts.compact = false;
-	snprintf(what, sizeof(what), "cannot open %s", image);
-	ctl_engine_call_begin(true);
-	int ret = qcow_image_open(image, &opts, &img, err, sizeof(err));
-	ctl_engine_call_end(ret, what, err);
+	/* the image lock as a writer (a reader for list) */
+	int ret = ctl_image_open_offline(image, act == SNAP_LIST, &img);
 	if (ret < 0) {
 		if (ret == -EAGAIN)
 			fprintf(stderr, "qcowctl: if %s is mounted, run 'qcowctl snapshot %s ... MOUNTPOINT'\n", image,
@@ -244,11 +233,8 @@ static int snapshot_image(enum snap_action act, const char *name, const char *im
 	}
 	if (ret)
 		snapshot_report_error(act, name, image, ret);
-	int close_ret = qcow_image_close(img);
-	if (close_ret < 0) {
-		ctl_print_error("closing %s failed: %s", image, strerror(-close_ret));
+	if (ctl_image_close_offline(img, image) < 0)
 		return EXIT_FAILURE;
-	}
 	return ret ? EXIT_FAILURE : EXIT_SUCCESS;
 }
 
@@ -267,11 +253,8 @@ int cmd_snapshot(const struct command *self, int argc, char **argv)
 		case 'f':
 			force = true;
 			break;
-		case 'h':
-			ctl_print_command_help(self, stdout);
-			return EXIT_SUCCESS;
 		default:
-			return ctl_bad_option(self, opt, argv);
+			return ctl_other_option(self, opt, argv);
 		}
 	}
 	if (optind >= argc)

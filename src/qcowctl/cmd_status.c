@@ -175,11 +175,8 @@ int cmd_status(const struct command *self, int argc, char **argv)
 		case 'r':
 			raw = true;
 			break;
-		case 'h':
-			ctl_print_command_help(self, stdout);
-			return EXIT_SUCCESS;
 		default:
-			return ctl_bad_option(self, opt, argv);
+			return ctl_other_option(self, opt, argv);
 		}
 	}
 	ret = ctl_single_operand(self, argc, argv, "MOUNTPOINT", &mountpoint);

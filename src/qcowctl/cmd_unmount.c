@@ -327,11 +327,8 @@ int cmd_unmount(const struct command *self, int argc, char **argv)
 
 	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
 		switch (opt) {
-		case 'h':
-			ctl_print_command_help(self, stdout);
-			return EXIT_SUCCESS;
 		default:
-			return ctl_bad_option(self, opt, argv);
+			return ctl_other_option(self, opt, argv);
 		}
 	}
 	ret = ctl_single_operand(self, argc, argv, "MOUNTPOINT", &mountpoint);

@@ -76,7 +76,7 @@
 #define PACKAGE_VERSION "unknown"
 #endif
 
-void ctl_print_command_help(const struct command *cmd, FILE *out)
+static void print_command_help(const struct command *cmd, FILE *out)
 {
 	fprintf(out, "Usage: qcowctl %s\n%c%s.\n", cmd->synopsis,
 		toupper((unsigned char)cmd->summary[0]), cmd->summary + 1);
@@ -102,7 +102,7 @@ int ctl_usage_error(const struct command *cmd, const char *fmt, ...)
 }
 
 /* getopt_long returned '?' or ':' (the option strings start with ':'). */
-int ctl_bad_option(const struct command *cmd, int opt, char **argv)
+static int bad_option(const struct command *cmd, int opt, char **argv)
 {
 	const char *typed = argv[optind - 1];
 	char short_name[3] = { '-', (char)optopt, '\0' };
@@ -115,6 +115,17 @@ int ctl_bad_option(const struct command *cmd, int opt, char **argv)
 	if (opt == ':')
 		return ctl_usage_error(cmd, "option '%s' needs an argument", typed);
 	return ctl_usage_error(cmd, "unknown option '%s'", typed);
+}
+
+/* The end of every command's option switch: -h/--help prints the
+ * command's help (exit 0), anything else is a usage error. */
+int ctl_other_option(const struct command *cmd, int opt, char **argv)
+{
+	if (opt == 'h') {
+		print_command_help(cmd, stdout);
+		return EXIT_SUCCESS;
+	}
+	return bad_option(cmd, opt, argv);
 }
 
 /* Options of the commands that take only --json and --help (info, check).
@@ -134,11 +145,8 @@ int ctl_parse_json_only(const struct command *self, int argc, char **argv, bool 
 		case 'j':
 			*json = true;
 			break;
-		case 'h':
-			ctl_print_command_help(self, stdout);
-			return EXIT_SUCCESS;
 		default:
-			return ctl_bad_option(self, opt, argv);
+			return ctl_other_option(self, opt, argv);
 		}
 	}
 	return -1;
@@ -278,7 +286,7 @@ static int cmd_help(const struct command *self, int argc, char **argv)
 	cmd = command_find(argv[1]);
 	if (!cmd)
 		return ctl_usage_error(self, "unknown command '%s'", argv[1]);
-	ctl_print_command_help(cmd, stdout);
+	print_command_help(cmd, stdout);
 	return EXIT_SUCCESS;
 }
 

@@ -76,17 +76,22 @@ int cmd_unmount(const struct command *self, int argc, char **argv);
 /* --data-file PATH of the commands that open an image offline, or NULL. */
 extern const char *ctl_opt_data_file;
 
-/* Prints "qcowctl CMD --help": synopsis, summary, options, notes. */
-void ctl_print_command_help(const struct command *cmd, FILE *out);
 /* A command-line mistake: prints the reason and the synopsis, returns EXIT_FAILURE. */
 int ctl_usage_error(const struct command *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* getopt_long returned '?' or ':': reports the option, returns EXIT_FAILURE. */
-int ctl_bad_option(const struct command *cmd, int opt, char **argv);
+/* The default of every option switch: 'h' prints the help (EXIT_SUCCESS), else a usage error. */
+int ctl_other_option(const struct command *cmd, int opt, char **argv);
 /* Options of commands taking only --json and --help: -1 to go on, else the exit status. */
 int ctl_parse_json_only(const struct command *self, int argc, char **argv, bool *json);
 /* The one positional argument (argv[optind]) into *out: 0, or a usage error's status. */
 int ctl_single_operand(const struct command *cmd, int argc, char **argv,
 		       const char *what, const char **out);
+
+/* ---- an image opened offline (ctl_image.c) ------------------------------- */
+
+/* Opens image for work in this thread (no recycler, --data-file applied); a failure is reported. */
+int ctl_image_open_offline(const char *image, bool read_only, struct qcow_image **img);
+/* Closes an image opened so: 0, or a negative errno after reporting it. */
+int ctl_image_close_offline(struct qcow_image *img, const char *image);
 
 /* ---- messages and the engine's log (ctl_output.c) ------------------------ */
 
