@@ -10,16 +10,11 @@
  *    the image: the image is only consistent once the daemon has closed it.
  */
 
-#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
-#include <math.h>
-#include <pthread.h>
-#include <signal.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -28,16 +23,11 @@
 #include <poll.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/types.h>
 #include <sys/wait.h>
-#include <sys/ioctl.h>
 #include <sys/un.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "qcow.h"
-#include "qcowfs_ioctl.h"
 #include "qcowctl.h"
 
 /* Closing an image flushes and writes exact refcounts, which can take a

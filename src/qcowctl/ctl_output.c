@@ -15,34 +15,18 @@
  *    for JSON before it is printed.
  */
 
-#include <ctype.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <getopt.h>
 #include <inttypes.h>
-#include <limits.h>
 #include <math.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <poll.h>
-#include <sys/mount.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/types.h>
-#include <sys/wait.h>
-#include <sys/ioctl.h>
-#include <sys/un.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "qcow.h"
-#include "qcowfs_ioctl.h"
 #include "qcowctl.h"
 
 /* ---- messages ----------------------------------------------------------- */
