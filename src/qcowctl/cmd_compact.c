@@ -268,10 +268,7 @@ int cmd_compact(const struct command *self, int argc, char **argv)
 	}
 	if (ctl_errno_means_not_qcowfs(-ret))
 		return compact_image(target);
-	if (ret == -ENOENT)
-		ctl_print_error("cannot access %s: %s", target, strerror(ENOENT));
-	else
-		ctl_report_status_error(target, ret);
+	ctl_report_target_error(target, ret);
 	return EXIT_FAILURE;
 }
 
@@ -457,9 +454,6 @@ int cmd_sparsify(const struct command *self, int argc, char **argv)
 		return sparsify_mount(target, &st);
 	if (ctl_errno_means_not_qcowfs(-ret))
 		return sparsify_image(target);
-	if (ret == -ENOENT)
-		ctl_print_error("cannot access %s: %s", target, strerror(ENOENT));
-	else
-		ctl_report_status_error(target, ret);
+	ctl_report_target_error(target, ret);
 	return EXIT_FAILURE;
 }

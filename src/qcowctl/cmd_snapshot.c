@@ -271,9 +271,6 @@ int cmd_snapshot(const struct command *self, int argc, char **argv)
 		return snapshot_mount((enum snap_action)act, name, force, target);
 	if (ctl_errno_means_not_qcowfs(-ret))
 		return snapshot_image((enum snap_action)act, name, target);
-	if (ret == -ENOENT)
-		ctl_print_error("cannot access %s: %s", target, strerror(ENOENT));
-	else
-		ctl_report_status_error(target, ret);
+	ctl_report_target_error(target, ret);
 	return EXIT_FAILURE;
 }

@@ -137,6 +137,17 @@ void ctl_report_status_error(const char *mountpoint, int ret)
 	ctl_print_error("%s", msg);
 }
 
+/* For the commands that take a mountpoint or an image (compact, sparsify,
+ * snapshot): the status read of target failed with ret, and target is not
+ * an image file either.  A path that does not exist says so plainly. */
+void ctl_report_target_error(const char *target, int ret)
+{
+	if (ret == -ENOENT)
+		ctl_print_error("cannot access %s: %s", target, strerror(ENOENT));
+	else
+		ctl_report_status_error(target, ret);
+}
+
 /* The message for a compaction request the daemon refused. */
 void ctl_report_compact_request_error(const char *mountpoint, int ret)
 {

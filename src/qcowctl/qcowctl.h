@@ -170,6 +170,8 @@ char *ctl_status_value(const char *text, const char *key);
 void ctl_status_error_message(const char *mountpoint, int ret, char *buf, size_t len);
 /* Prints that message. */
 void ctl_report_status_error(const char *mountpoint, int ret);
+/* Target is neither a mount nor an image: "cannot access" when missing, else the status error. */
+void ctl_report_target_error(const char *target, int ret);
 /* Prints the message for a compaction request the daemon refused. */
 void ctl_report_compact_request_error(const char *mountpoint, int ret);
 /* The engine's error in a status as text, or NULL when it has none. */
