@@ -28,6 +28,10 @@
 #include "qcowfs_ioctl.h"
 #include "qcowctl.h"
 
+/* ---- waiting ------------------------------------------------------------ */
+
+/* Polling a mount measures its waits on the monotonic clock (not moved by
+ * clock changes) and sleeps through signals. */
 uint64_t ctl_monotonic_ms(void)
 {
 	struct timespec ts;
@@ -158,6 +162,15 @@ void ctl_report_compact_request_error(const char *mountpoint, int ret)
 		ctl_print_error("cannot request a compaction on %s: %s", mountpoint, strerror(-ret));
 }
 
+/* The error the engine reports, or NULL: a failed engine without an errno
+ * failed with an I/O error. */
+const char *ctl_status_error_text(const struct qcow_stats *st)
+{
+	if (st->last_error < 0)
+		return strerror(-st->last_error);
+	return st->failed ? strerror(EIO) : NULL;
+}
+
 /* ---- progress display --------------------------------------------------- */
 
 #define PROGRESS_BAR_WIDTH 40
@@ -217,13 +230,4 @@ void ctl_progress_finish(struct progress_display *p, bool success)
 void ctl_progress_callback(double fraction, void *opaque)
 {
 	ctl_progress_show(opaque, fraction);
-}
-
-/* The error the engine reports, or NULL: a failed engine without an errno
- * failed with an I/O error. */
-const char *ctl_status_error_text(const struct qcow_stats *st)
-{
-	if (st->last_error < 0)
-		return strerror(-st->last_error);
-	return st->failed ? strerror(EIO) : NULL;
 }
