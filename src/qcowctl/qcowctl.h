@@ -4,15 +4,16 @@
  * The tool is split by concern (see doc/design.md): qcowctl.c holds main,
  * the command table, help and option parsing; ctl_output.c the messages,
  * number formatting and parsing, and the JSON writer; ctl_live.c talking
- * to a live mount and the progress display; cmd_*.c one command group each.
+ * to a live mount and the progress display; ctl_image.c opening an image
+ * offline; cmd_*.c one command group each.
  *
  * Rules:
  *  - Only what more than one file uses is declared here; everything else
  *    stays static in its file.
  *  - Shared functions carry the ctl_ prefix (the JSON writer keeps json_,
  *    the commands keep cmd_).
- *  - Every message for the user on stderr goes through ctl_print_error (or
- *    the usage helpers) so that it starts with "qcowctl: ".
+ *  - Every message for the user on stderr starts with "qcowctl: ";
+ *    ctl_print_error and the usage helpers write that prefix.
  */
 #ifndef QCOWCTL_H
 #define QCOWCTL_H
