@@ -58,6 +58,9 @@
 #define PACKAGE_VERSION "unknown"
 #endif
 
+/* ---- option parsing the commands share ----------------------------------- */
+
+/* "qcowctl CMD --help": synopsis, summary, options, notes. */
 static void print_command_help(const struct command *cmd, FILE *out)
 {
 	fprintf(out, "Usage: qcowctl %s\n%c%s.\n", cmd->synopsis,
@@ -145,6 +148,7 @@ int ctl_single_operand(const struct command *cmd, int argc, char **argv,
 	*out = argv[optind];
 	return 0;
 }
+
 /* --data-file PATH of the commands that open an image offline: the
  * external data file to use instead of the name the image records */
 const char *ctl_opt_data_file;
