@@ -1232,9 +1232,13 @@ static int prepare_paths(char *err, size_t errlen)
 	char what[512];
 	int mounted = mounted_at(qcowfs.mountpoint, what, sizeof(what));
 	if (mounted > 0) {
+		/* what starts with the type: a FUSE mount (a live or dead
+		 * daemon) is taken away by its user with fusermount3 */
 		snprintf(err, errlen, "mountpoint %s is already a mount point (%s); "
-			 "unmount that first or choose another file",
-			 qcowfs.opts.mountpoint, what);
+			 "unmount it first ('%s %s') or choose another file",
+			 qcowfs.opts.mountpoint, what,
+			 strncmp(what, "fuse", 4) ? "umount" : "fusermount3 -u",
+			 qcowfs.opts.mountpoint);
 		return -1;
 	}
 	if (mounted < 0)
@@ -1389,9 +1393,9 @@ static void fuse_device_hint(char *hint, size_t len)
 			/* libfuse opens the device itself, also for users
 			 * (fusermount3 only does the mount(2) for them) */
 			snprintf(hint, len, " (/dev/fuse: %s: check that the fuse module "
-				 "is loaded and that you may read and write the device "
-				 "(usually crw-rw-rw- root root; a container needs it passed "
-				 "in)%s)", strerror(errno),
+				 "is loaded, and the device's permissions: you need read and "
+				 "write access (usually crw-rw-rw- root root; a container "
+				 "needs the device passed in)%s)", strerror(errno),
 				 qcowfs.opts.allow_other && geteuid() != 0
 					 ? "; allow_other also needs user_allow_other in /etc/fuse.conf"
 					 : "");
