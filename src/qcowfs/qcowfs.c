@@ -559,8 +559,9 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		fuse_reply_err(req, EROFS);
 		return;
 	}
-	/* Only seen if the kernel did O_TRUNC atomically, which op_init
-	 * does not ask for; a disk cannot be emptied by truncation. */
+	/* op_init asks for ATOMIC_O_TRUNC, so O_TRUNC arrives here as a
+	 * flag (a kernel without it truncates by setattr instead): a disk
+	 * cannot be emptied by truncation.  An empty disk loses nothing. */
 	if ((fi->flags & O_TRUNC) && access != O_RDONLY &&
 	    qcow_image_size(qcowfs.img) != 0) {
 		fuse_reply_err(req, EOPNOTSUPP);
@@ -662,7 +663,8 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 }
 
 /* df on the mountpoint describes the disk: its size, and as "used" the
- * clusters the image holds (data and its L2/refcount tables), so the
+ * clusters the image holds besides its header, L1 and refcount table
+ * (data, L2 tables, refcount blocks, snapshot tables), so the
  * free figure is what the guest may still fill without growing the
  * image past its virtual size. */
 static void op_statfs(fuse_req_t req, fuse_ino_t ino)
