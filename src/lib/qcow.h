@@ -58,9 +58,13 @@ enum qcow_detect_zeroes {
 
 struct qcow_open_opts {
 	bool read_only;          /* shared locks only; every write returns -EROFS */
-	bool runtime_asserts;    /* check every state change, lock contract and map invariant (slow) */
+	bool runtime_asserts;    /* check every cluster-state transition and "lock held"
+	                            contract as it happens, and every cluster-map
+	                            invariant at each compaction phase; abort on a
+	                            violation (slow) */
 	bool no_locking;         /* skip QEMU-compatible OFD locks (tests on the memory backend) */
-	size_t cache_bytes;      /* L2/refcount-block cache budget; 0 = default (32 MiB) */
+	size_t cache_bytes;      /* L2 table cache budget; 0 = default (32 MiB).  Refcounts
+	                            are not cached: the cluster map holds them */
 	bool compact;            /* run the background compactor (issue 3); default on */
 	uint64_t compact_threshold_bytes; /* free space below EOF that triggers compaction; 0 = default */
 	unsigned compact_quiet_ms;        /* discards must be quiet this long before auto compaction; 0 = default */
@@ -92,8 +96,10 @@ int qcow_image_open(const char *path, const struct qcow_open_opts *opts,
 int qcow_image_open_io(struct qcow_io *io, const struct qcow_open_opts *opts,
 		       struct qcow_image **out, char *err, size_t errlen);
 
-/* Stops the recycler, flushes, writes exact refcounts, releases the locks
- * and frees everything.  Returns 0 if the image was closed cleanly. */
+/* Stops the recycler, stores the persistent bitmaps, flushes until
+ * nothing is left to write (refcounts included), truncates the free tail,
+ * releases the locks and frees everything.  Returns 0 if the image was
+ * closed cleanly. */
 int qcow_image_close(struct qcow_image *img);
 
 /* ---- guest I/O on the raw view ------------------------------------- */
@@ -109,10 +115,13 @@ ssize_t qcow_image_write(struct qcow_image *img, const void *buf, size_t len, ui
 /* Makes everything acknowledged so far durable (the flush protocol). */
 int qcow_image_flush(struct qcow_image *img);
 
-/* Afterwards [off, off+len) reads as zeros.  Whole clusters are released
- * (discard) or zero-flagged where the format needs it; partial clusters
- * are zeroed in place.  discard prefers releasing space, zero is the same
- * contract (ZERO_RANGE); both free whole clusters. */
+/* Afterwards [off, off+len) reads as zeros.  Whole clusters are released;
+ * over a backing file, whose data would show through, they are released
+ * and zero-flagged instead (version 3), get their subclusters' zero bits
+ * (extended L2), or are written as zeros (version 2: no zero flag).
+ * Partial clusters (subclusters with extended L2) are zeroed in place.
+ * discard and zero are the same operation (ZERO_RANGE has the same
+ * contract); both free whole clusters. */
 int qcow_image_discard(struct qcow_image *img, uint64_t off, uint64_t len);
 int qcow_image_zero(struct qcow_image *img, uint64_t off, uint64_t len);
 
@@ -148,8 +157,10 @@ typedef int (*qcow_sparsify_progress)(const struct qcow_sparsify_result *so_far,
 int qcow_image_sparsify(struct qcow_image *img, qcow_sparsify_progress progress, void *opaque,
 			struct qcow_sparsify_result *res);
 
-/* SEEK_DATA / SEEK_HOLE answered from the L2 tables.  Returns the offset or
- * -ENXIO (no data at or after off / off past the end) or -EINVAL. */
+/* SEEK_DATA / SEEK_HOLE answered from the L2 tables (and, for clusters
+ * that show the backing chain, from the backing images').  Returns the
+ * offset or -ENXIO (no data at or after off / off past the end) or
+ * -EINVAL. */
 int64_t qcow_image_seek(struct qcow_image *img, uint64_t off, int whence);
 
 /* ---- statistics and compaction ------------------------------------- */
@@ -160,8 +171,10 @@ struct qcow_stats {
 	uint64_t file_size;            /* apparent size of the image file */
 	uint64_t file_allocated;       /* bytes the host file system allocated (st_blocks*512) */
 	uint64_t clusters_total;       /* clusters the map covers */
-	uint64_t clusters_header;      /* header, L1, refcount table, snapshot table */
-	uint64_t clusters_referenced;  /* L2 tables, refcount blocks, data */
+	uint64_t clusters_header;      /* header, active L1 table, refcount table */
+	uint64_t clusters_referenced;  /* everything else referenced: L2 tables, refcount
+	                                  blocks, data, snapshot table and L1 tables,
+	                                  bitmap structures */
 	uint64_t clusters_shared;      /* of those, clusters with several pointers
 	                                  (shared with snapshots, compressed streams) */
 	uint64_t map_bytes;            /* memory the cluster map uses */

@@ -568,7 +568,9 @@ void qcow_map_mark_rc_dirty(struct qcow_map *m, uint64_t c)
 {
 	uint64_t b = c >> m->rb_shift;
 	if (b >= m->rc_dirty.nbits && qcow_bitmap_resize(&m->rc_dirty, b + 1))
-		return;   /* out of memory: the full rewrite at close still fixes it */
+		return;   /* out of memory: this block's refcounts are not rewritten
+		           * (not even at close); the next read-write open compares
+		           * every refcount with the references and repairs it */
 	qcow_bitmap_set(&m->rc_dirty, b);
 }
 

@@ -44,7 +44,7 @@
 
 enum qcow_cstate {
 	QCS_REF,        /* one pointer; entry holds its slot */
-	QCS_PINNED,     /* fixed or shared; entry holds the refcount */
+	QCS_PINNED,     /* a whole table (references with slot 0); entry holds the count */
 	QCS_JUNK,       /* unreferenced, arbitrary contents */
 	QCS_ERASING,    /* taken from Junk by the eraser, punch in progress */
 	QCS_ERASED,     /* punched/zeroed, waiting for a flush */
@@ -62,7 +62,8 @@ enum qcow_move_state { QMOVE_COPYING, QMOVE_COPIED, QMOVE_FLUSHED, QMOVE_REFEREN
 struct qcow_move {
 	uint64_t src, dst;
 	enum qcow_move_state state;
-	bool cancelled;       /* dst already back in Junk; slot reusable */
+	bool cancelled;       /* dst (taken from Available) already given up to Junk,
+	                         since the copy may have written it; slot reusable */
 	bool flush_seen;      /* a flush started while in this state */
 	bool in_use;
 };
@@ -142,12 +143,12 @@ void qcow_map_take_refs(struct qcow_map *m, uint64_t dst, uint64_t src, enum qco
  * other states). */
 uint64_t qcow_map_refcount(const struct qcow_map *m, uint64_t c);
 
-/* What the on-disk refcount of c must be, derived from its state. */
-/* The seed's total_used / total_free: referenced (REF, PINNED) clusters,
- * and clusters in Junk, Erased or Available. */
+/* The seed's total_used / total_free: referenced (REF, SHARED, PINNED)
+ * clusters, and clusters in Junk, Erased or Available. */
 uint64_t qcow_map_total_used(const struct qcow_map *m);
 uint64_t qcow_map_total_free(const struct qcow_map *m);
 
+/* What the on-disk refcount of c must be, derived from its state. */
 uint64_t qcow_map_want_refcount(const struct qcow_map *m, uint64_t c);
 void qcow_map_mark_rc_dirty(struct qcow_map *m, uint64_t c);
 
@@ -162,8 +163,10 @@ uint64_t qcow_map_highest_movable(const struct qcow_map *m, uint64_t before);
 uint64_t qcow_map_last_block(const struct qcow_map *m);
 bool qcow_map_is_immovable(const struct qcow_map *m, uint64_t c);
 
-/* Moves.  start: src must be movable REF or SHARED, dst Available; dst
- * becomes Copies. */
+/* Moves.  start: src must be movable REF or SHARED, dst Available (never
+ * Junk: a Junk cluster's old pointer may still be the durable one, and a
+ * crash would show the copied data in that discarded range; doc/design.md,
+ * "Departures"); dst becomes Copies. */
 struct qcow_move *qcow_map_move_start(struct qcow_map *m, uint64_t src, uint64_t dst);
 struct qcow_move *qcow_map_move_find(struct qcow_map *m, uint64_t src);
 bool qcow_map_is_moving(const struct qcow_map *m, uint64_t c);

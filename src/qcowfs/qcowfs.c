@@ -4,10 +4,12 @@
  * FUSE request into one call of the libqcow engine (qcow.h).
  *
  * What this file owns:
- *  - the process life cycle: parse options, check the mountpoint, fork,
+ *  - the process life cycle: parse options, check the mountpoint (create
+ *    it if missing; refuse one that already is a mount point), fork,
  *    open the image and mount in the child, tell the parent the result
  *    through a pipe, detach, serve, and on unmount/SIGTERM/SIGINT/SIGHUP
- *    unmount, close the image (flush + exact refcounts) and exit;
+ *    unmount, close the image (flush + refcounts), remove the mountpoint
+ *    file if we created it, and exit;
  *  - the FUSE operations of the one inode (FUSE_ROOT_ID is the file);
  *  - the view's permissions: it starts with the image file's owner, group
  *    and mode (without write bits on a read-only mount); chmod and chown
@@ -39,6 +41,10 @@
  *  - Nothing that can fail is done after the parent has been told "OK"
  *    except serving: a failure before that point leaves no mount behind,
  *    removes a mountpoint file we created and exits 1.
+ *  - A mountpoint file we created is removed whenever the daemon ends
+ *    after unmounting (unmount by name, SIGTERM/SIGINT/SIGHUP, a failed
+ *    loop), only if the name still is that file; a file that existed
+ *    before is never removed or changed.  Only SIGKILL leaves it.
  */
 #define _GNU_SOURCE
 #ifdef HAVE_CONFIG_H
@@ -114,7 +120,12 @@ struct qcowfs {
 
 	char *image_path;        /* absolute: the daemon chdirs to / */
 	char *mountpoint;        /* absolute: libfuse unmounts by this name */
-	bool created_mountpoint; /* we made the file; remove it if mounting fails */
+	/* We made the mountpoint file (it did not exist): it goes again when
+	 * mounting fails and when the daemon ends after unmounting.  Its
+	 * device and inode tell that the name still is our file then. */
+	bool created_mountpoint;
+	dev_t created_dev;
+	ino_t created_ino;
 
 	bool read_only;
 	pid_t pid;               /* of the serving process, for the status text */
@@ -548,8 +559,9 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		fuse_reply_err(req, EROFS);
 		return;
 	}
-	/* Only seen if the kernel did O_TRUNC atomically, which op_init
-	 * does not ask for; a disk cannot be emptied by truncation. */
+	/* op_init asks for ATOMIC_O_TRUNC, so O_TRUNC arrives here as a
+	 * flag (a kernel without it truncates by setattr instead): a disk
+	 * cannot be emptied by truncation.  An empty disk loses nothing. */
 	if ((fi->flags & O_TRUNC) && access != O_RDONLY &&
 	    qcow_image_size(qcowfs.img) != 0) {
 		fuse_reply_err(req, EOPNOTSUPP);
@@ -651,7 +663,8 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 }
 
 /* df on the mountpoint describes the disk: its size, and as "used" the
- * clusters the image holds (data and its L2/refcount tables), so the
+ * clusters the image holds besides its header, L1 and refcount table
+ * (data, L2 tables, refcount blocks, snapshot tables), so the
  * free figure is what the guest may still fill without growing the
  * image past its virtual size. */
 static void op_statfs(fuse_req_t req, fuse_ino_t ino)
@@ -1056,6 +1069,96 @@ static const struct fuse_lowlevel_ops qcowfs_ops = {
 
 /* ---- start-up ------------------------------------------------------------ */
 
+/* Undoes the octal escapes of /proc/self/mountinfo ("\040" for a space,
+ * also tab, newline and backslash) in place. */
+static void mountinfo_unescape(char *s)
+{
+	char *out = s;
+
+	for (; *s; s++) {
+		if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] >= '0' && s[2] <= '7' &&
+		    s[3] >= '0' && s[3] <= '7') {
+			*out++ = (char)((s[1] - '0') << 6 | (s[2] - '0') << 3 | (s[3] - '0'));
+			s += 3;
+		} else {
+			*out++ = *s;
+		}
+	}
+	*out = '\0';
+}
+
+/* Whether something is mounted on path (absolute, symlinks resolved):
+ * 1 with "TYPE SOURCE" of the topmost mount there in what, 0 if nothing
+ * is, a negative errno if /proc/self/mountinfo cannot be read.  Reads the
+ * table rather than comparing st_dev with the parent's: a bind mount of a
+ * file from the same file system has the same st_dev. */
+static int mounted_at(const char *path, char *what, size_t whatlen)
+{
+	FILE *f = fopen("/proc/self/mountinfo", "re");
+	char *line = NULL;
+	size_t cap = 0;
+	int found = 0;
+
+	if (!f)
+		return -errno;
+	/* "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER" */
+	while (getline(&line, &cap, f) > 0) {
+		char *save = NULL, *field[5] = { NULL }, *tok, *type = NULL, *source = NULL;
+		int n = 0;
+
+		line[strcspn(line, "\n")] = '\0';
+		for (tok = strtok_r(line, " ", &save); tok && n < 5; tok = strtok_r(NULL, " ", &save))
+			field[n++] = tok;
+		if (n < 5)
+			continue;
+		while ((tok = strtok_r(NULL, " ", &save)) && strcmp(tok, "-"))
+			;
+		if (tok) {
+			type = strtok_r(NULL, " ", &save);
+			source = type ? strtok_r(NULL, " ", &save) : NULL;
+		}
+		mountinfo_unescape(field[4]);
+		if (strcmp(field[4], path))
+			continue;
+		/* later lines are mounted on top of earlier ones: keep the last */
+		if (type)
+			mountinfo_unescape(type);
+		if (source)
+			mountinfo_unescape(source);
+		snprintf(what, whatlen, "%s from %s", type ? type : "unknown type",
+			 source ? source : "unknown source");
+		found = 1;
+	}
+	free(line);
+	fclose(f);
+	return found;
+}
+
+/* The absolute name of path without stat()ing path itself (a dead FUSE
+ * mount answers ENOTCONN): its folder resolved, plus its last name. */
+static char *mountpoint_path_no_stat(const char *path)
+{
+	char *copy = strdup(path), *dir = NULL, *out = NULL;
+	const char *base;
+
+	if (!copy)
+		return NULL;
+	char *slash = strrchr(copy, '/');
+	if (slash) {
+		*slash = '\0';
+		base = slash + 1;
+		dir = realpath(copy[0] ? copy : "/", NULL);
+	} else {
+		base = copy;
+		dir = realpath(".", NULL);
+	}
+	if (dir && *base && asprintf(&out, "%s%s%s", dir, strcmp(dir, "/") ? "/" : "", base) < 0)
+		out = NULL;
+	free(dir);
+	free(copy);
+	return out;
+}
+
 /* Resolves the image path and checks (creating if missing) the
  * mountpoint, before forking, so that the plain mistakes are reported
  * without starting a daemon.  Fills qcowfs.image_path, .mountpoint,
@@ -1087,10 +1190,20 @@ static int prepare_paths(char *err, size_t errlen)
 
 	if (stat(qcowfs.opts.mountpoint, &mp_st)) {
 		if (errno == ENOTCONN) {
-			snprintf(err, errlen, "mountpoint %s: %s (a dead qcowfs "
-				 "mount? run 'fusermount3 -u %s')",
-				 qcowfs.opts.mountpoint, strerror(ENOTCONN),
-				 qcowfs.opts.mountpoint);
+			char what[512] = "";
+			char *dead = mountpoint_path_no_stat(qcowfs.opts.mountpoint);
+
+			if (dead && mounted_at(dead, what, sizeof(what)) > 0)
+				snprintf(err, errlen, "mountpoint %s: %s (a dead mount of "
+					 "%s; run 'fusermount3 -u %s')",
+					 qcowfs.opts.mountpoint, strerror(ENOTCONN), what,
+					 qcowfs.opts.mountpoint);
+			else
+				snprintf(err, errlen, "mountpoint %s: %s (a dead qcowfs "
+					 "mount? run 'fusermount3 -u %s')",
+					 qcowfs.opts.mountpoint, strerror(ENOTCONN),
+					 qcowfs.opts.mountpoint);
+			free(dead);
 			return -1;
 		}
 		if (errno != ENOENT)
@@ -1108,7 +1221,32 @@ static int prepare_paths(char *err, size_t errlen)
 		qcowfs.created_mountpoint = true;
 		if (stat(qcowfs.opts.mountpoint, &mp_st))
 			goto mp_error;
+		qcowfs.created_dev = mp_st.st_dev;
+		qcowfs.created_ino = mp_st.st_ino;
 	}
+	qcowfs.mountpoint = realpath(qcowfs.opts.mountpoint, NULL);
+	if (!qcowfs.mountpoint)
+		goto mp_error;
+	/* Mounting over a mount would stack: the file under it disappears
+	 * from view, and unmounting by name (qcowctl unmount, fusermount3
+	 * -u) then takes away the wrong one.  Checked before the image is
+	 * opened, so nothing is locked or changed. */
+	char what[512];
+	int mounted = mounted_at(qcowfs.mountpoint, what, sizeof(what));
+	if (mounted > 0) {
+		/* what starts with the type: a FUSE mount (a live or dead
+		 * daemon) is taken away by its user with fusermount3 */
+		snprintf(err, errlen, "mountpoint %s is already a mount point (%s); "
+			 "unmount it first ('%s %s') or choose another file",
+			 qcowfs.opts.mountpoint, what,
+			 strncmp(what, "fuse", 4) ? "umount" : "fusermount3 -u",
+			 qcowfs.opts.mountpoint);
+		return -1;
+	}
+	if (mounted < 0)
+		log_printf(LOG_WARNING, "cannot tell whether %s is a mount point "
+			   "(/proc/self/mountinfo: %s); mounting anyway",
+			   qcowfs.mountpoint, strerror(-mounted));
 	if (!S_ISREG(mp_st.st_mode)) {
 		snprintf(err, errlen, "mountpoint %s is not a regular file "
 			 "(qcowfs shows the disk as one file: give a file name)",
@@ -1120,9 +1258,6 @@ static int prepare_paths(char *err, size_t errlen)
 			 qcowfs.opts.mountpoint);
 		return -1;
 	}
-	qcowfs.mountpoint = realpath(qcowfs.opts.mountpoint, NULL);
-	if (!qcowfs.mountpoint)
-		goto mp_error;
 	return 0;
 
 mp_error:
@@ -1131,13 +1266,28 @@ mp_error:
 	return -1;
 }
 
+/* Removes the mountpoint file we created, once nothing is mounted on it
+ * (start-up failed, or the daemon unmounted and is ending): only if the
+ * name still is that empty file.  A file the user gave us is never
+ * touched, nor one that replaced ours meanwhile. */
 static void remove_created_mountpoint(void)
 {
-	if (qcowfs.created_mountpoint && qcowfs.mountpoint)
-		unlink(qcowfs.mountpoint);
-	else if (qcowfs.created_mountpoint)
-		unlink(qcowfs.opts.mountpoint);
+	const char *path = qcowfs.mountpoint ? qcowfs.mountpoint : qcowfs.opts.mountpoint;
+	struct stat st;
+
+	if (!qcowfs.created_mountpoint)
+		return;
 	qcowfs.created_mountpoint = false;
+	if (lstat(path, &st))
+		return;
+	if (st.st_dev != qcowfs.created_dev || st.st_ino != qcowfs.created_ino ||
+	    !S_ISREG(st.st_mode) || st.st_size != 0) {
+		log_printf(LOG_INFO, "mountpoint %s was replaced meanwhile: left in place", path);
+		return;
+	}
+	if (unlink(path) && errno != ENOENT)
+		log_printf(LOG_WARNING, "cannot remove the mountpoint file %s we created: %s",
+			   path, strerror(errno));
 }
 
 /* Appends ",word" to a fuse_opt option list, escaping ',' and '\'. */
@@ -1197,6 +1347,68 @@ static char *build_mount_options(void)
 	return list;
 }
 
+/* What to add to "cannot open image" when the image could not be opened
+ * for writing but can be read: a read-only image file (or one on a
+ * read-only file system) is the common case, and -o ro is the answer. */
+static const char *open_hint(int ret)
+{
+	int fd;
+
+	if (qcowfs.opts.open.read_only ||
+	    (ret != -EACCES && ret != -EPERM && ret != -EROFS))
+		return "";
+	fd = open(qcowfs.image_path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return "";
+	close(fd);
+	return ret == -EROFS ? " (the image's file system is read-only: mount it with -o ro)"
+			     : " (the image file is read-only for you: mount it with -o ro, "
+			       "or give yourself write permission on it)";
+}
+
+/* After a failed mount, what to check about the FUSE device, as far as
+ * we can tell from here (libfuse's own message says what failed, not
+ * what to do about it): the module, the device's permissions, and
+ * user_allow_other for allow_other.  Empty when /dev/fuse looks fine. */
+static void fuse_device_hint(char *hint, size_t len)
+{
+	struct stat st;
+	int fd;
+
+	hint[0] = '\0';
+	if (stat("/dev/fuse", &st)) {
+		snprintf(hint, len, " (/dev/fuse: %s; is the fuse module loaded? "
+			 "try 'modprobe fuse')", strerror(errno));
+		return;
+	}
+	if (!S_ISCHR(st.st_mode)) {
+		snprintf(hint, len, " (/dev/fuse is not a character device: "
+			 "recreate it with 'mknod -m 0666 /dev/fuse c 10 229')");
+		return;
+	}
+	fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+	if (fd < 0) {
+		if (errno == ENODEV || errno == ENXIO)
+			snprintf(hint, len, " (/dev/fuse: %s; is the fuse module "
+				 "loaded? try 'modprobe fuse')", strerror(errno));
+		else
+			/* libfuse opens the device itself, also for users
+			 * (fusermount3 only does the mount(2) for them) */
+			snprintf(hint, len, " (/dev/fuse: %s: check that the fuse module "
+				 "is loaded, and the device's permissions: you need read and "
+				 "write access (usually crw-rw-rw- root root; a container "
+				 "needs the device passed in)%s)", strerror(errno),
+				 qcowfs.opts.allow_other && geteuid() != 0
+					 ? "; allow_other also needs user_allow_other in /etc/fuse.conf"
+					 : "");
+		return;
+	}
+	close(fd);
+	if (qcowfs.opts.allow_other && geteuid() != 0)
+		snprintf(hint, len, " (allow_other needs user_allow_other in "
+			 "/etc/fuse.conf for users other than root)");
+}
+
 /* Opens the image, creates the session and mounts.  On failure undoes
  * what it did, fills err and returns -1. */
 static int open_and_mount(char *err, size_t errlen)
@@ -1207,8 +1419,8 @@ static int open_and_mount(char *err, size_t errlen)
 	ret = qcow_image_open(qcowfs.image_path, &qcowfs.opts.open, &qcowfs.img,
 			      engine_err, sizeof(engine_err));
 	if (ret < 0) {
-		snprintf(err, errlen, "cannot open image %s: %s", qcowfs.opts.image,
-			 engine_err[0] ? engine_err : strerror(-ret));
+		snprintf(err, errlen, "cannot open image %s: %s%s", qcowfs.opts.image,
+			 engine_err[0] ? engine_err : strerror(-ret), open_hint(ret));
 		qcowfs.img = NULL;
 		return -1;
 	}
@@ -1234,9 +1446,12 @@ static int open_and_mount(char *err, size_t errlen)
 		goto fail_session;
 	}
 	if (fuse_session_mount(qcowfs.se, qcowfs.mountpoint)) {
-		snprintf(err, errlen, "cannot mount %s on %s: %s", qcowfs.opts.image,
+		char hint[512];
+
+		fuse_device_hint(hint, sizeof(hint));
+		snprintf(err, errlen, "cannot mount %s on %s: %s%s", qcowfs.opts.image,
 			 qcowfs.opts.mountpoint,
-			 qcowfs.startup_log[0] ? qcowfs.startup_log : "mount failed");
+			 qcowfs.startup_log[0] ? qcowfs.startup_log : "mount failed", hint);
 		goto fail_signals;
 	}
 	return 0;
@@ -1511,6 +1726,11 @@ static int serve(void)
 	fuse_remove_signal_handlers(qcowfs.se);
 	fuse_session_destroy(qcowfs.se);
 	qcowfs.se = NULL;
+	/* Unmounted: a mountpoint file we created goes with the mount, so
+	 * that "qcowfs a.qcow2 a.raw" and an unmount leave the folder as it
+	 * was.  Before the close report, so that qcowctl unmount returns to
+	 * a folder without it. */
+	remove_created_mountpoint();
 	exit_code = close_ret < 0 || loop_ret < 0 ? 1 : 0;
 	report_send(exit_code, report);
 	return exit_code;
@@ -1546,8 +1766,6 @@ static int run_daemon(int report_fd)
 		return 1;
 	}
 	qcowfs.capture_fuse_log = false;
-	/* The mountpoint is ours no more: unmounting leaves the file. */
-	qcowfs.created_mountpoint = false;
 	/* Before "OK": the status must name the report from the first
 	 * request on. */
 	report_open();

@@ -43,7 +43,7 @@ struct qcowfs_opts {
 	bool has_uid, has_gid;      /* uid=/gid= given: report these as the owner */
 	uid_t uid;
 	gid_t gid;
-	unsigned max_threads;       /* FUSE worker threads, 0 = libfuse default */
+	unsigned max_threads;       /* FUSE worker threads, 0 = the daemon's default (qcowfs.c) */
 
 	bool has_fsname, has_subtype; /* the user chose them; do not add ours */
 	char *snapshot;             /* snapshot=NAME (owned; open.snapshot points here) */
