@@ -186,8 +186,8 @@ struct qcow_stats {
 	 * writes (detect_zeroes=unmap), shrinks and sparsify freed since
 	 * open: a host cluster counts once, when its last reference goes
 	 * (not while a snapshot or another compressed stream still holds
-	 * it); never-allocated ranges count 0.  (Before issue 9 this key
-	 * counted the requested bytes: that is bytes_discard_requested.) */
+	 * it); never-allocated ranges count 0.  (Older daemons sent the
+	 * requested bytes under this key: now bytes_discard_requested.) */
 	uint64_t bytes_discarded;
 	/* Guest bytes of the whole clusters (subclusters) that those
 	 * requests covered, allocated or not. */
