@@ -185,8 +185,26 @@ struct qcow_stats {
 	uint64_t clusters_roots;
 	uint64_t clusters_pending;     /* move sources waiting for their completing flush */
 	uint64_t moves_in_flight;
-	uint64_t bytes_reclaimed;      /* file bytes given back (punched or truncated) since open */
-	uint64_t bytes_discarded;      /* guest bytes discarded since open */
+	/* What the host got back since open: the decrease of the image
+	 * file's host allocation (st_blocks * 512) over each step of the
+	 * recycler (an erase batch's punches, a compaction pass with its
+	 * copies and truncation, a tail trim), summed.  A punched cluster
+	 * that a truncation later cuts off counts once (it holds no blocks
+	 * by then), the unwritten headroom a truncation cuts off counts 0,
+	 * and what a pass copies into punched holes is taken off again.
+	 * Exact while the guest is idle during those steps; guest writes
+	 * that allocate during one make it lower, never higher. */
+	uint64_t bytes_reclaimed;
+	/* Bytes of allocated host clusters that discards, unmapping zero
+	 * writes (detect_zeroes=unmap), shrinks and sparsify freed since
+	 * open: a host cluster counts once, when its last reference goes
+	 * (not while a snapshot or another compressed stream still holds
+	 * it); never-allocated ranges count 0.  (Older daemons sent the
+	 * requested bytes under this key: now bytes_discard_requested.) */
+	uint64_t bytes_discarded;
+	/* Guest bytes of the whole clusters (subclusters) that those
+	 * requests covered, allocated or not. */
+	uint64_t bytes_discard_requested;
 	uint64_t compactions_done;
 	uint64_t clusters_moved;
 	uint64_t streams_repacked;     /* compressed streams moved down by compaction */

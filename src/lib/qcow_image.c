@@ -436,18 +436,31 @@ static void give_back(struct qcow_image *img, struct write_plan *p, size_t from,
 static void release_entry(struct qcow_image *img, uint64_t e, uint64_t slot, bool overwrite)
 {
 	uint64_t first, last;
-	/* data in a data file has no references (qcow_datafile.c) */
-	if (qcow_datafile_present(img) || !qcow_entry_clusters(img, e, &first, &last))
+	/* data in a data file has no references (qcow_datafile.c); a
+	 * released allocated entry's range there is punched by the caller
+	 * (datafile_end_batch): one cluster freed */
+	if (qcow_datafile_present(img)) {
+		if (!overwrite && (e & QCOW_L2E_OFFSET_MASK))
+			img->bytes_discard_freed += img->cluster_size;
+		return;
+	}
+	if (!qcow_entry_clusters(img, e, &first, &last))
 		return;
 	for (uint64_t c = first; c <= last && c < img->map.nclusters; c++) {
 		/* only a cluster that this pointer references is ours to drop */
 		if (!qcow_map_has_ref(&img->map, c, slot))
 			continue;
 		qcow_map_move_cancel(&img->map, c);
-		if (overwrite)
+		if (overwrite) {
 			qcow_free_after_flush(img, c, slot);
-		else
-			qcow_map_drop_ref(&img->map, c, slot);
+			continue;
+		}
+		qcow_map_drop_ref(&img->map, c, slot);
+		/* the stats count a host cluster once, when its last
+		 * reference goes (a snapshot's or another compressed
+		 * stream's keeps it) */
+		if (qcow_map_refcount(&img->map, c) == 0)
+			img->bytes_discard_freed += img->cluster_size;
 	}
 }
 
@@ -948,7 +961,7 @@ static int zero_whole_clusters(struct qcow_image *img, uint64_t gc, uint64_t cou
 			while ((ret = zero_clusters_locked(img, gc, n, may_unmap)) == -EAGAIN)
 				qcow_alloc_wait_truncation(img);
 		if (may_unmap && ret == 0) {
-			img->bytes_discarded += n * img->cluster_size;
+			img->bytes_discard_requested += n * img->cluster_size;
 			img->last_discard_ms = qcow_now_ms();
 		}
 		bool over = qcow_cache_over_budget(&img->cache);
@@ -1161,7 +1174,7 @@ static int discard_subclusters(struct qcow_image *img, uint64_t off, uint64_t le
 			while ((ret = clear_subclusters_locked(img, gc, o1, o2)) == -EAGAIN)
 				qcow_alloc_wait_truncation(img);
 		}
-		img->bytes_discarded += n == 1 ? o2 - o1 : n * cs;
+		img->bytes_discard_requested += n == 1 ? o2 - o1 : n * cs;
 		img->last_discard_ms = qcow_now_ms();
 		bool over = qcow_cache_over_budget(&img->cache);
 		qcow_unlock(img);
@@ -1215,7 +1228,7 @@ static int clear_range(struct qcow_image *img, uint64_t off, uint64_t len, bool 
 		if (ret == 0)
 			while ((ret = unmap_clusters(img, gc, n)) == -EAGAIN)
 				qcow_alloc_wait_truncation(img);
-		img->bytes_discarded += n * cs;
+		img->bytes_discard_requested += n * cs;
 		img->last_discard_ms = qcow_now_ms();
 		bool over = qcow_cache_over_budget(&img->cache);
 		ret = datafile_end_batch(img, claimed, ret, gc, n);
@@ -1437,6 +1450,11 @@ static void drop_l2_tables(struct qcow_image *img, uint64_t from)
 		if (l2 >= img->map.nclusters)
 			continue;
 		qcow_map_move_cancel(&img->map, l2);
+		/* freed by the shrink (no snapshot can share it here: a shrink
+		 * is refused with snapshots; the check keeps the stats right
+		 * anyway) */
+		if (qcow_map_refcount(&img->map, l2) == 1)
+			img->bytes_discard_freed += img->cluster_size;
 		qcow_free_after_flush(img, l2, img->hdr.l1_table_offset + i * 8);
 		struct qcow_cached *t = qcow_cache_find(&img->cache, l2);
 		if (t && qcow_map_state(&img->map, l2) == QCS_PENDING)
@@ -1494,7 +1512,7 @@ static int shrink(struct qcow_image *img, uint64_t new_size, uint64_t l1_need)
 	qcow_lock(img);
 	drop_l2_tables(img, l1_need);
 	/* for the recycler, as a discard (it trims the free tail after one) */
-	img->bytes_discarded += (last - (tail_end >> img->cluster_bits)) * cs;
+	img->bytes_discard_requested += (last - (tail_end >> img->cluster_bits)) * cs;
 	img->last_discard_ms = qcow_now_ms();
 	qcow_unlock(img);
 	ret = qcow_flush_holding_flush_lock(img);
@@ -1608,8 +1626,10 @@ void qcow_image_get_stats(struct qcow_image *img, struct qcow_stats *st)
 	st->clusters_shared = m->count[QCS_SHARED];
 	st->map_bytes = qcow_map_memory(m);
 	st->moves_in_flight = m->nmoves_active;
-	st->bytes_reclaimed = img->bytes_reclaimed;
-	st->bytes_discarded = img->bytes_discarded;
+	int64_t reclaimed = __atomic_load_n(&img->bytes_reclaimed, __ATOMIC_RELAXED);
+	st->bytes_reclaimed = reclaimed > 0 ? (uint64_t)reclaimed : 0;
+	st->bytes_discarded = img->bytes_discard_freed;
+	st->bytes_discard_requested = img->bytes_discard_requested;
 	st->compactions_done = img->compactions_done;
 	st->clusters_moved = img->clusters_moved;
 	st->streams_repacked = img->streams_repacked;

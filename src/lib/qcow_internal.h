@@ -156,7 +156,7 @@ struct qcow_image {
 	double compact_progress;
 	uint64_t compact_generation;     /* bumped when a requested pass ends */
 	uint64_t last_discard_ms;
-	uint64_t trim_discard_mark;      /* bytes_discarded when the free tail was last trimmed */
+	uint64_t trim_discard_mark;      /* bytes_discard_requested when the free tail was last trimmed */
 	uint64_t compactions_failed;     /* passes that ended in an error */
 	int last_compact_ret;            /* result of the last pass (0 or -errno) */
 	/* what holds the file above its minimum, found by the last pass
@@ -199,9 +199,14 @@ struct qcow_image {
 	 * is mounted read-only (qcow_snapshot_reader_present) */
 	bool snapshot_reader;
 
-	/* statistics */
-	uint64_t bytes_reclaimed;
-	uint64_t bytes_discarded;
+	/* statistics (meanings: struct qcow_stats in qcow.h) */
+	int64_t bytes_reclaimed;         /* signed sum of the recycler's measured steps
+	                                    (qcow_recycler.c, reclaim_begin); atomic */
+	int reclaim_depth;               /* recycler steps measuring now (nested: the
+	                                    outermost measures); atomic */
+	uint64_t bytes_discard_requested; /* also the recycler's discard stamp */
+	uint64_t bytes_discard_freed;    /* host clusters whose last reference a
+	                                    discard, unmap, shrink or sparsify dropped */
 	uint64_t compactions_done;
 	uint64_t clusters_moved;
 	uint64_t streams_repacked;     /* compressed streams moved (qcow_repack.c) */

@@ -61,6 +61,43 @@
 #define MOVE_BATCH_BYTES (16u << 20)
 #define MOVE_BATCH_MOVES 1024u
 
+/* ---- what the host got back ------------------------------------------------ */
+
+/*
+ * bytes_reclaimed (struct qcow_stats) is measured, not inferred: each step
+ * that gives space back (an erase batch, a truncation, a whole compaction
+ * pass) reads the file's host allocation (st_blocks) before and after and
+ * adds the decrease.  Counting punched and truncated bytes instead counted
+ * a punched cluster again when a truncation cut it off, the never-written
+ * headroom of a truncated tail, and the holes that a pass punched and then
+ * filled again with the clusters it moved down.  Steps nest (a pass erases
+ * and truncates): only the outermost measures, so nothing counts twice.
+ * The sum is signed: a pass whose copies allocated more than it freed (or
+ * a guest that wrote meanwhile) takes off what it added.  Recycler steps
+ * run on one thread at a time, but the stats read the sum from others:
+ * both fields are atomic.
+ */
+struct reclaim_scope {
+	int64_t before;   /* allocation at the start; -1: not measuring */
+};
+
+static void reclaim_begin(struct qcow_image *img, struct reclaim_scope *rs)
+{
+	rs->before = -1;
+	if (__atomic_fetch_add(&img->reclaim_depth, 1, __ATOMIC_RELAXED) == 0)
+		rs->before = img->io->ops->allocated(img->io);
+}
+
+static void reclaim_end(struct qcow_image *img, const struct reclaim_scope *rs)
+{
+	__atomic_fetch_sub(&img->reclaim_depth, 1, __ATOMIC_RELAXED);
+	if (rs->before < 0)
+		return;
+	int64_t after = img->io->ops->allocated(img->io);
+	if (after >= 0)
+		__atomic_fetch_add(&img->bytes_reclaimed, rs->before - after, __ATOMIC_RELAXED);
+}
+
 /* ---- erase ---------------------------------------------------------------- */
 
 /* Punches (or zeroes) one run of clusters. */
@@ -101,6 +138,8 @@ static int64_t erase_batch(struct qcow_image *img)
 	qcow_inflight_wait_before(img, ticket);
 	int ret = 0;
 	size_t done = 0;
+	struct reclaim_scope rs;
+	reclaim_begin(img, &rs);
 	for (size_t i = 0; i < n && ret == 0;) {
 		size_t j = i + 1;
 		while (j < n && taken[j] == taken[j - 1] + 1)
@@ -110,6 +149,7 @@ static int64_t erase_batch(struct qcow_image *img)
 			done = j;
 		i = j;
 	}
+	reclaim_end(img, &rs);
 
 	pthread_mutex_lock(&img->lock);
 	for (size_t i = 0; i < n; i++) {
@@ -120,11 +160,8 @@ static int64_t erase_batch(struct qcow_image *img)
 		else
 			qcow_map_set_state(&img->map, taken[i], QCS_JUNK);
 	}
-	if (done) {
+	if (done)
 		img->data_dirty = true;
-		if (img->punch_supported)
-			img->bytes_reclaimed += (uint64_t)done << img->cluster_bits;
-	}
 	qcow_free(taken);
 	if (ret) {
 		qcow_note_error(img, ret, "erasing junk clusters");
@@ -190,14 +227,16 @@ static int truncate_after(struct qcow_image *img, bool only_available)
 	int64_t size = img->io->ops->size(img->io);
 	uint64_t new_size = new_n << img->cluster_bits;
 	int ret = 0;
-	if (size > 0 && (uint64_t)size > new_size)
+	if (size > 0 && (uint64_t)size > new_size) {
+		struct reclaim_scope rs;
+		reclaim_begin(img, &rs);
 		ret = img->io->ops->truncate(img->io, new_size);
+		reclaim_end(img, &rs);
+	}
 
 	pthread_mutex_lock(&img->lock);
 	img->truncating = false;
 	pthread_cond_broadcast(&img->truncate_done);
-	if (ret == 0 && size > 0 && (uint64_t)size > new_size)
-		img->bytes_reclaimed += (uint64_t)size - new_size;
 	pthread_mutex_unlock(&img->lock);
 	if (ret) {
 		/* the map already forgot the tail: regrow it as junk */
@@ -850,6 +889,9 @@ void qcow_compact_outcome(struct qcow_image *img, struct qcow_stats *st)
  * img->compact_progress and passed to cb (if any). */
 int qcow_compact_run(struct qcow_image *img, void (*cb)(double, void *), void *opaque)
 {
+	/* the pass as one step: its copies fill holes its erases punched */
+	struct reclaim_scope rs;
+	reclaim_begin(img, &rs);
 	/* moves need Available destinations; offline no thread erases */
 	int ret = qcow_health_failed(img) ? -EIO : erase_all_junk(img);
 	if (ret)
@@ -980,6 +1022,7 @@ out:
 		img->compactions_failed++;
 	img->last_compact_ret = ret;
 	pthread_mutex_unlock(&img->lock);
+	reclaim_end(img, &rs);
 	if (ret == 0)
 		find_blocker(img);
 	if (cb)
@@ -1034,7 +1077,7 @@ static enum recycle_action auto_action(struct qcow_image *img, uint64_t now, uns
 	 * ahead of its writers (the file grows by chunks), and trimming it
 	 * would make the next chunk wait for a truncation and grow the file
 	 * again. */
-	if (below + tail >= threshold && img->bytes_discarded != img->trim_discard_mark)
+	if (below + tail >= threshold && img->bytes_discard_requested != img->trim_discard_mark)
 		return ACT_TRIM;
 	return ACT_NONE;
 }
@@ -1055,7 +1098,7 @@ static void stamp_take(const struct qcow_image *img, struct change_stamp *st)
 	st->nclusters = img->map.nclusters;
 	st->last_block = qcow_map_last_block(&img->map);
 	st->lowest_available = qcow_map_lowest_available(&img->map);
-	st->discarded = img->bytes_discarded;
+	st->discarded = img->bytes_discard_requested;
 	st->virtual_size = img->virtual_size;
 	st->l1_off = img->hdr.l1_table_offset;
 	st->rt_off = img->hdr.refcount_table_offset;
@@ -1178,7 +1221,7 @@ static void *recycler_main(void *arg)
 				act = ACT_NONE;   /* nothing changed since a pass that could do nothing */
 		}
 		if (act == ACT_TRIM) {
-			img->trim_discard_mark = img->bytes_discarded;
+			img->trim_discard_mark = img->bytes_discard_requested;
 			pthread_mutex_unlock(&img->lock);
 			pthread_mutex_lock(&img->flush_lock);
 			int r = truncate_after(img, true);

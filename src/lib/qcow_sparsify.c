@@ -300,7 +300,9 @@ int qcow_image_sparsify(struct qcow_image *img, qcow_sparsify_progress progress,
 			if (res->freed > before) {
 				/* for the recycler, as a discard: the free tail may
 				 * be trimmed, a pass waits for the quiet period */
-				img->bytes_discarded += (res->freed - before) * img->cluster_size;
+				img->bytes_discard_requested += (res->freed - before) * img->cluster_size;
+				/* each one was a cluster's only reference (free_batch) */
+				img->bytes_discard_freed += (res->freed - before) * img->cluster_size;
 				img->last_discard_ms = qcow_now_ms();
 			}
 			bool over = qcow_cache_over_budget(&img->cache);

@@ -70,6 +70,7 @@ static const struct stats_field stats_fields[] = {
 	STATS_FIELD(moves_in_flight, STATS_U64),
 	STATS_FIELD(bytes_reclaimed, STATS_U64),
 	STATS_FIELD(bytes_discarded, STATS_U64),
+	STATS_FIELD(bytes_discard_requested, STATS_U64),
 	STATS_FIELD(compactions_done, STATS_U64),
 	STATS_FIELD(clusters_moved, STATS_U64),
 	STATS_FIELD(streams_repacked, STATS_U64),

@@ -33,6 +33,7 @@ static void fill_all(struct qcow_stats *st, unsigned long long seed)
 	st->moves_in_flight = tap_rand(&seed);
 	st->bytes_reclaimed = tap_rand(&seed);
 	st->bytes_discarded = tap_rand(&seed);
+	st->bytes_discard_requested = tap_rand(&seed);
 	st->compactions_done = tap_rand(&seed);
 	st->clusters_moved = tap_rand(&seed);
 	st->streams_repacked = tap_rand(&seed);
@@ -60,6 +61,7 @@ static bool same_stats(const struct qcow_stats *a, const struct qcow_stats *b)
 	       a->clusters_pending == b->clusters_pending && a->moves_in_flight == b->moves_in_flight &&
 	       a->clusters_shared == b->clusters_shared && a->map_bytes == b->map_bytes &&
 	       a->bytes_reclaimed == b->bytes_reclaimed && a->bytes_discarded == b->bytes_discarded &&
+	       a->bytes_discard_requested == b->bytes_discard_requested &&
 	       a->compactions_done == b->compactions_done && a->clusters_moved == b->clusters_moved &&
 	       a->streams_repacked == b->streams_repacked &&
 	       a->compacting == b->compacting && a->compact_progress == b->compact_progress &&
