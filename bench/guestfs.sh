@@ -18,12 +18,14 @@ set -euo pipefail
 usage() {
 	cat <<EOF
 usage: ${0##*/} [options]
-  --quick             2 GiB images, 256 MiB fio file, 5 s of fio
-                      (default 4 GiB, 512 MiB, 30 s)
+  --quick             2 GiB images, 256 MiB fio file, 5 s of fio, one run
+                      (default 4 GiB, 512 MiB, 30 s, two runs)
   --size SIZE         virtual size of the images
   --tree DIR          the tree of small files to copy (default /usr/share/doc)
   --fio-size SIZE     size of fio's file inside ext4
   --runtime SECONDS   fio runtime per engine and loop mode
+  --repeat N          every engine and loop mode N times, the median shown
+                      (default 2, 1 with --quick)
   --modes LIST        loop modes, a subset of buffered,direct (default both)
   --timeout SECONDS   longest wait for the image file to stop changing (300)
   --settle SECONDS    the image is final when nothing changed for this long (5)
@@ -41,7 +43,7 @@ source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
 
 ARGS="$*"
 SIZE=4G FIO_SIZE=512M RUNTIME=30 TREE=/usr/share/doc MODES=buffered,direct
-TIMEOUT=300 SETTLE=5 QUICK=0 SIZE_SET=0 FIO_SET=0 RUNTIME_SET=0
+TIMEOUT=300 SETTLE=5 QUICK=0 SIZE_SET=0 FIO_SET=0 RUNTIME_SET=0 REPEAT=2 REPEAT_SET=0
 OUT='' WORKDIR='' QCOWFS_OPT='' QCOWCTL_OPT='' QCOWFS_OPTS=''
 while (($#)); do
 	case $1 in
@@ -50,6 +52,7 @@ while (($#)); do
 	--tree) TREE=$2; shift ;;
 	--fio-size) FIO_SIZE=$2; FIO_SET=1; shift ;;
 	--runtime) RUNTIME=$2; RUNTIME_SET=1; shift ;;
+	--repeat) REPEAT=$2; REPEAT_SET=1; shift ;;
 	--modes) MODES=$2; shift ;;
 	--timeout) TIMEOUT=$2; shift ;;
 	--settle) SETTLE=$2; shift ;;
@@ -67,7 +70,9 @@ if ((QUICK)); then
 	((SIZE_SET)) || SIZE=2G
 	((FIO_SET)) || FIO_SIZE=256M
 	((RUNTIME_SET)) || RUNTIME=5
+	((REPEAT_SET)) || REPEAT=1
 fi
+[[ $REPEAT =~ ^[0-9]+$ && $REPEAT -gt 0 ]] || die "bad --repeat: $REPEAT"
 [[ $RUNTIME =~ ^[0-9]+$ && $RUNTIME -gt 0 ]] || die "bad --runtime: $RUNTIME"
 [[ -d $TREE ]] || die "--tree $TREE: not a directory"
 IFS=, read -r -a MODE_LIST <<<"$MODES"
@@ -107,7 +112,7 @@ else
 fi
 install_cleanup
 
-RES=$OUT/guestfs.tsv      # combination key value
+RES=$OUT/guestfs.tsv      # ENGINE-MODE-RUN key value
 : >"$RES"
 record() { printf '%s\t%s\t%s\n' "$@" >>"$RES"; }
 
@@ -217,12 +222,12 @@ guest_steps() {
 	sync -f "$dir" || { step_failed "$key" "(4) sync"; return 1; }
 }
 
-# run_combo ENGINE MODE: the four steps on a fresh image, then the checks.
+# run_combo ENGINE MODE RUN: the four steps on a fresh image, then the checks.
 run_combo() {
-	local e=$1 mode=$2 key=$1-$2 img view dir loop pid t0 t1 dio fsck=clean check=clean
+	local e=$1 mode=$2 key=$1-$2-$3 img view dir loop pid t0 t1 dio fsck=clean check=clean
 	local secs_size secs_alloc after after_alloc timed_out mounted=0 steps=0
 	img=$WORKDIR/$key.qcow2 view=$WORKDIR/$key.raw dir=$WORKDIR/$key.mnt
-	log "$e, $mode loop device: fresh $SIZE image"
+	log "$e, $mode loop device, run $3/$REPEAT: fresh $SIZE image"
 	rm -f "$img"
 	qemu-img create -q -f qcow2 -o "cluster_size=$CLUSTER_SIZE" "$img" "$SIZE_B"
 	engine_mount "$e" "$img" "$view" "$QCOWFS_OPTS"
@@ -298,11 +303,13 @@ run_combo() {
 }
 
 T_START=$(now)
-# Who goes first alternates between the loop modes.
+# Who goes first alternates from one loop mode and run to the next.
 n=0
 for mode in "${MODE_LIST[@]}"; do
-	if ((n++ % 2)); then order=(qemu qcowfs); else order=(qcowfs qemu); fi
-	for e in "${order[@]}"; do run_combo "$e" "$mode"; done
+	for ((run = 1; run <= REPEAT; run++)); do
+		if ((n++ % 2)); then order=(qemu qcowfs); else order=(qcowfs qemu); fi
+		for e in "${order[@]}"; do run_combo "$e" "$mode" "$run"; done
+	done
 done
 T_END=$(now)
 
@@ -313,11 +320,12 @@ fi
 FS_DESC="$WORKDIR ($(stat -f -c %T "$WORKDIR"))"
 python3 - "$RES" "$OUT" "$MODES" "$SIZE" "$FIO_SIZE" "$RUNTIME" "$TREE" "$TREE_B" "$TREE_FILES" \
 	"$QCOWFS_DESC" "$(qemu-storage-daemon --version | head -1)" "$FS_DESC" "$ARGS" \
-	"$(elapsed "$T_START" "$T_END")" "$(uname -r)" <<'EOF' | tee "$OUT/guestfs.md"
-import json, os, sys
+	"$(elapsed "$T_START" "$T_END")" "$(uname -r)" "$REPEAT" <<'EOF' | tee "$OUT/guestfs.md"
+import json, os, statistics, sys
 (res, out, modes, size, fio_size, runtime, tree, tree_b, tree_files, qdesc, qemuver,
- fsdesc, args, total, kernel) = sys.argv[1:16]
+ fsdesc, args, total, kernel, repeat) = sys.argv[1:17]
 modes = modes.split(',')
+runs = range(1, int(repeat) + 1)
 tree_b = float(tree_b)
 r = {}
 for line in open(res):
@@ -339,8 +347,10 @@ def fio(key, d):
         return None
 
 def measured(key):
+    # a run whose guest file system came back wrong gives no figures: a
+    # wrong engine must not look fast
     x = r.get(key, {})
-    return x and not x.get('refused')
+    return x and not x.get('refused') and not x.get('failed')
 
 # each row: label, function(key) -> value, format, higher_is_better (None: no ratio)
 def rate(k):
@@ -367,13 +377,20 @@ rows = [
 ]
 
 def secs_size(key):
-    x = r[key]
+    x = r.get(key, {})
     if num(x.get('secs_size')) is None:
-        return 'n/a'
+        return None
     if num(x.get('after')) == num(x.get('before')):
-        return 'never shrinks'
-    s = '%.2f' % num(x['secs_size'])
-    return s + (' (timeout)' if x.get('timeout') == '1' else '')
+        return 'never'
+    return num(x['secs_size'])
+
+def keys(combo):
+    return ['%s-%d' % (combo, i) for i in runs if measured('%s-%d' % (combo, i))]
+
+def median(fn, combo):
+    vals = [fn(k) for k in keys(combo)]
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
 
 print('## qcowfs vs QEMU FUSE export: ext4 on a loop device over the view\n')
 head = '| step |'
@@ -383,53 +400,73 @@ for m in modes:
     sep += '---:|---:|---:|'
 print(head)
 print(sep)
+
+def status(combo):
+    xs = [(i, r.get('%s-%d' % (combo, i), {})) for i in runs]
+    if all(x.get('refused') for _, x in xs):
+        return 'refused direct I/O (dio=0): not run'
+    fails = ['run %d: %s' % (i, x['failed'].split(' (see')[0]) for i, x in xs if x.get('failed')]
+    def agg(k):
+        bad = [str(i) for i, x in xs if x and x.get(k) != 'clean']
+        return 'clean' if not bad else '**%s** (run %s)' % (
+            ', '.join(sorted({x.get(k, '?') for i, x in xs if str(i) in bad})), ', '.join(bad))
+    return '%s; fsck %s; check %s' % ('**FAILED** ' + '; '.join(fails) if fails else 'all steps ran',
+                                      agg('fsck'), agg('check'))
+
 line = '| guest file system: steps, `e2fsck -fn`, `qemu-img check` |'
 for m in modes:
-    for e in ('qcowfs', 'qemu'):
-        x = r.get('%s-%s' % (e, m), {})
-        if x.get('refused'):
-            line += ' refused direct I/O (dio=0) |'
-        elif not x:
-            line += ' n/a |'
-        else:
-            steps = 'ok' if not x.get('failed') else '**FAILED**: ' + x['failed'].split(':')[0]
-            line += ' %s; fsck %s; check %s |' % (steps, x.get('fsck') if x.get('fsck') == 'clean' else '**%s**' % x.get('fsck'),
-                                                 x.get('check') if x.get('check') == 'clean' else '**%s**' % x.get('check'))
-    line += ' |'
+    line += ' %s | %s | |' % (status('qcowfs-' + m), status('qemu-' + m))
 print(line)
+spread = []
 for label, fn, nd, hib in rows:
     line = '| %s |' % label
     for m in modes:
-        ka, kb = 'qcowfs-' + m, 'qemu-' + m
         vals = []
-        for k in (ka, kb):
-            if not measured(k):
+        for e in ('qcowfs', 'qemu'):
+            combo = '%s-%s' % (e, m)
+            if not keys(combo):
                 vals.append(None)
-                line += ' %s |' % ('refused direct I/O' if r.get(k, {}).get('refused') else 'n/a')
+                line += ' %s |' % ('refused direct I/O' if r.get(combo + '-1', {}).get('refused')
+                                   else 'failed' if r.get(combo + '-1') else 'n/a')
                 continue
             if fn is None:
-                line += ' %s |' % secs_size(k)
+                ss = [secs_size(k) for k in keys(combo)]
+                if ss and all(v == 'never' for v in ss):
+                    line += ' never shrinks |'
+                else:
+                    ns = [v for v in ss if isinstance(v, float)]
+                    line += ' %s |' % ('%.2f' % statistics.median(ns) if ns else 'n/a')
+                    if any(r['%s' % k].get('timeout') == '1' for k in keys(combo)):
+                        line = line[:-2] + ' (timeout) |'
                 vals.append(None)
                 continue
-            v = fn(k)
+            v = median(fn, combo)
             vals.append(v)
             line += ' %s |' % ('n/a' if v is None else '%.*f' % (nd, v))
+            if len(runs) > 1 and label.startswith(('(1) copy the', '(2) cold read back', '(3) fio')):
+                each = [fn(k) for k in keys(combo)]
+                spread.append('%s %s/%s: %s' % (label.split(' ')[0], e, m,
+                              ' '.join('n/a' if x is None else '%.0f' % x for x in each)))
         a, b = vals
         line += ' %s |' % ('%.2f' % (a / b) if a is not None and b else '-')
     print(line)
 checks = []
 for m in modes:
     for e in ('qcowfs', 'qemu'):
-        k = '%s-%s' % (e, m)
-        x = r.get(k, {})
-        if x.get('refused'):
-            checks.append('%s/%s: not run, the kernel kept the loop device buffered (dio=0)' % (e, m))
-        elif x:
-            checks.append('%s/%s: %s, e2fsck -fn %s, tree %s, qemu-img check %s' % (
-                e, m, 'FAILED at ' + x['failed'] if x.get('failed') else 'all steps ran', x.get('fsck'),
-                {'yes': 'intact', 'no': 'DIFFERENT'}.get(x.get('intact'), 'not read back'), x.get('check')))
+        for i in runs:
+            k = '%s-%s-%d' % (e, m, i)
+            x = r.get(k, {})
+            if x.get('refused'):
+                checks.append('%s: not run, the kernel kept the loop device buffered (dio=0)' % k)
+            elif x:
+                checks.append('%s: %s, e2fsck -fn %s, tree %s, qemu-img check %s' % (
+                    k, 'FAILED at ' + x['failed'] if x.get('failed') else 'all steps ran', x.get('fsck'),
+                    {'yes': 'intact', 'no': 'DIFFERENT'}.get(x.get('intact'), 'not read back'), x.get('check')))
 print()
 print('- checks after each run: ' + '; '.join(checks))
+if len(runs) > 1:
+    print('- %d runs per engine and loop mode, median shown; the runs of (1) MB/s, (2) MB/s, (3) IOPS: %s' % (len(runs), '; '.join(spread)))
+print('- a run where a step failed gives no figures ("failed": every run of that engine and loop mode failed)')
 print('- ratio qcowfs/QEMU: for MB/s and IOPS > 1 means qcowfs is faster; for seconds and sizes, lower is better')
 print('- tree: %s, %.0f MB in %s entries, staged once in the work directory; ext4 made with '
       '`mkfs.ext4 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0`; caches dropped before the copy and before the read'
