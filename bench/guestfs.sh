@@ -303,6 +303,7 @@ run_combo() {
 }
 
 T_START=$(now)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 # Who goes first alternates from one loop mode and run to the next.
 n=0
 for mode in "${MODE_LIST[@]}"; do
@@ -312,6 +313,7 @@ for mode in "${MODE_LIST[@]}"; do
 	done
 done
 T_END=$(now)
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 QCOWFS_DESC=$QCOWFS
 if rev=$(git -C "$(dirname "$QCOWFS")" describe --always --dirty 2>/dev/null); then
@@ -320,10 +322,11 @@ fi
 FS_DESC="$WORKDIR ($(stat -f -c %T "$WORKDIR"))"
 python3 - "$RES" "$OUT" "$MODES" "$SIZE" "$FIO_SIZE" "$RUNTIME" "$TREE" "$TREE_B" "$TREE_FILES" \
 	"$QCOWFS_DESC" "$(qemu-storage-daemon --version | head -1)" "$FS_DESC" "$ARGS" \
-	"$(elapsed "$T_START" "$T_END")" "$(uname -r)" "$REPEAT" <<'EOF' | tee "$OUT/guestfs.md"
+	"$(elapsed "$T_START" "$T_END")" "$(uname -r)" "$REPEAT" \
+	"$LOAD_START / $LOAD_END, $(nproc) CPUs" <<'EOF' | tee "$OUT/guestfs.md"
 import json, os, statistics, sys
 (res, out, modes, size, fio_size, runtime, tree, tree_b, tree_files, qdesc, qemuver,
- fsdesc, args, total, kernel, repeat) = sys.argv[1:17]
+ fsdesc, args, total, kernel, repeat, load) = sys.argv[1:18]
 modes = modes.split(',')
 runs = range(1, int(repeat) + 1)
 tree_b = float(tree_b)
@@ -478,6 +481,7 @@ print('- fstrim → final size: polled every 0.1 s until size and allocation hav
 print('- qcowfs: %s' % qdesc)
 print('- QEMU: %s, `--blockdev driver=file,cache.direct=off,discard=unmap --blockdev driver=qcow2,discard=unmap --export type=fuse,writable=on`' % qemuver)
 print('- images: qcow2, 64 KiB clusters, %s virtual, a fresh one per engine and loop mode, in %s; kernel %s' % (size, fsdesc, kernel))
-print('- command: `bench/guestfs.sh%s`, total %s s, %s' % ((' ' + args) if args else '', total, os.uname().nodename))
+print('- command: `bench/guestfs.sh%s`, total %s s, %s; load average at the start / end: %s' % (
+    (' ' + args) if args else '', total, os.uname().nodename, load))
 EOF
 log "results: $OUT/guestfs.md"
