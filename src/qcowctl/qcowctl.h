@@ -71,6 +71,13 @@ int cmd_sparsify(const struct command *self, int argc, char **argv);
 int cmd_snapshot(const struct command *self, int argc, char **argv);
 /* unmount: unmount, wait for the close report, verify the image (cmd_unmount.c). */
 int cmd_unmount(const struct command *self, int argc, char **argv);
+/* attach: an image as a loop block device, mounting it first if needed (cmd_attach.c). */
+int cmd_attach(const struct command *self, int argc, char **argv);
+/* detach: undo attach: the loop device, the mount, the mountpoint file (cmd_attach.c). */
+int cmd_detach(const struct command *self, int argc, char **argv);
+/* unmount's work after its options: 0, or -1 after reporting; out gets its
+ * success line and the check's findings (cmd_unmount.c). */
+int ctl_unmount_and_check(const char *mountpoint, FILE *out);
 
 /* ---- option parsing (qcowctl.c) ------------------------------------------ */
 

@@ -1,0 +1,1055 @@
+/*
+ * cmd_attach.c - "qcowctl attach" and "qcowctl detach": an image as a block
+ * device with its partitions, the qemu-nbd --connect of qcowfs, built from
+ * a qcowfs mount and a loop device over its view.
+ *
+ * attach: finds a qcowfs mount of the image (or mounts it, at IMAGE.raw by
+ * default), sets up a free loop device over the view with LOOP_CONFIGURE
+ * (partition scanning, direct I/O unless --buffered, read-only on request;
+ * discards reach the view as punched holes, which loop does for any file
+ * that has fallocate), makes sure /dev has a node for the device and each
+ * partition (a container's /dev may have no devtmpfs or udev behind it),
+ * and prints the device and its partitions.
+ *
+ * detach: refuses while the device or a partition is mounted or held (by
+ * device mapper, say), naming it; otherwise clears every loop device over
+ * the view and waits until the kernel let go, removes the nodes attach
+ * made, unmounts the view through ctl_unmount_and_check (unmount's wait for
+ * the close report and check), and removes the mountpoint file when attach
+ * created it.  The view is unmounted also when attach found it mounted:
+ * detach undoes the whole block device.
+ *
+ * State: what detach must know and cannot see elsewhere (whether attach
+ * created the mountpoint file, which device nodes it made) is kept in
+ * ATTACH_STATE_DIR/loopN, key=value lines: image=, mountpoint=,
+ * created_mountpoint=0|1, node= (one per node made).  /run is a tmpfs, so a
+ * reboot forgets it together with the loop devices; a state file counts
+ * only while its mountpoint is still the loop device's backing file (loop
+ * numbers are reused).  Without one, detach works all the same and leaves
+ * the mountpoint file.
+ *
+ * Rules:
+ *  - Every step that fails is reported with the path or device it concerns,
+ *    and the command exits 1; detach stops at the first failed step and
+ *    keeps the state file, so that running it again finishes the job.
+ *  - attach undoes what it did when a later step fails (loop device, mount,
+ *    mountpoint file), so that a failed attach leaves nothing behind.
+ *  - With --json, stdout carries exactly one JSON object, also on failure.
+ */
+
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <linux/loop.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "qcowctl.h"
+
+#define ATTACH_STATE_DIR "/run/qcowfs/attach"
+/* Partitions of a loop device beyond this many are not listed (GPT's
+ * default table has 128 entries). */
+#define MAX_PARTS 128
+/* How long devtmpfs or udev get to create a node before we make it. */
+#define NODE_WAIT_MS 2000
+/* How long the kernel gets to release a cleared loop device. */
+#define LOOP_RELEASE_WAIT_MS 10000
+/* Loop devices over one view that detach clears (one, unless someone
+ * attached more by hand). */
+#define MAX_LOOPS 16
+
+/* ---- small file helpers ------------------------------------------------- */
+
+/* The first line of a small text file (sysfs), without its newline. */
+static int read_line_file(const char *path, char *buf, size_t len)
+{
+	FILE *f = fopen(path, "re");
+	int ret = 0;
+
+	if (!f)
+		return -errno;
+	if (!fgets(buf, (int)len, f))
+		ret = ferror(f) ? -EIO : -ENODATA;
+	else
+		buf[strcspn(buf, "\n")] = '\0';
+	fclose(f);
+	return ret;
+}
+
+/* The device number in a sysfs "dev" file ("7:3"). */
+static int read_sysfs_devnum(const char *path, dev_t *dev)
+{
+	char text[64];
+	unsigned maj, min;
+	int ret = read_line_file(path, text, sizeof(text));
+
+	if (ret < 0)
+		return ret;
+	if (sscanf(text, "%u:%u", &maj, &min) != 2)
+		return -EPROTO;
+	*dev = makedev(maj, min);
+	return 0;
+}
+
+/* The file loop device number nr reads from, or -ENXIO when it has none. */
+static int loop_backing_file(int nr, char *buf, size_t len)
+{
+	char path[96];
+	int ret;
+
+	snprintf(path, sizeof(path), "/sys/block/loop%d/loop/backing_file", nr);
+	ret = read_line_file(path, buf, len);
+	return ret == -ENOENT ? -ENXIO : ret;
+}
+
+/* ---- mounts (/proc/self/mountinfo) -------------------------------------- */
+
+/* mountinfo writes space, tab, newline and backslash as \ooo. */
+static void mountinfo_unescape(char *s)
+{
+	char *out = s;
+
+	for (; *s; s++) {
+		if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] >= '0' && s[2] <= '7' &&
+		    s[3] >= '0' && s[3] <= '7') {
+			*out++ = (char)((s[1] - '0') * 64 + (s[2] - '0') * 8 + (s[3] - '0'));
+			s += 3;
+		} else {
+			*out++ = *s;
+		}
+	}
+	*out = '\0';
+}
+
+/* One line of mountinfo: the device, where, the type and the source. */
+struct mount_line {
+	dev_t dev;
+	char *mountpoint;
+	char *fstype;
+	char *source;
+};
+
+/* Splits a mountinfo line in place; false for a line that does not parse. */
+static bool mountinfo_parse(char *line, struct mount_line *m)
+{
+	char *field[6] = { NULL }, *save = NULL, *tok;
+	unsigned maj, min;
+	int n = 0;
+	bool after_dash = false;
+
+	for (tok = strtok_r(line, " \n", &save); tok; tok = strtok_r(NULL, " \n", &save)) {
+		if (!after_dash) {
+			if (strcmp(tok, "-") == 0)
+				after_dash = true;
+			else if (n < 5)
+				field[n++] = tok;   /* id parent maj:min root mountpoint */
+		} else if (!field[5]) {
+			field[5] = tok;             /* type */
+		} else {
+			m->source = tok;
+			break;
+		}
+	}
+	if (n < 5 || !field[5] || !tok || sscanf(field[2], "%u:%u", &maj, &min) != 2)
+		return false;
+	m->dev = makedev(maj, min);
+	m->mountpoint = field[4];
+	m->fstype = field[5];
+	mountinfo_unescape(m->mountpoint);
+	mountinfo_unescape(m->source);
+	return true;
+}
+
+/* Where block device dev is mounted (the first place), into buf: 1 when
+ * it is, 0 when not, or a negative errno. */
+static int mount_of_device(dev_t dev, char *buf, size_t len)
+{
+	FILE *f = fopen("/proc/self/mountinfo", "re");
+	char *line = NULL;
+	size_t cap = 0;
+	int found = 0;
+
+	if (!f)
+		return -errno;
+	while (!found && getline(&line, &cap, f) > 0) {
+		struct mount_line m;
+
+		if (mountinfo_parse(line, &m) && m.dev == dev) {
+			snprintf(buf, len, "%s", m.mountpoint);
+			found = 1;
+		}
+	}
+	free(line);
+	fclose(f);
+	return found;
+}
+
+/* The mountpoint of a qcowfs mount of the image with inode *image_st
+ * (qcowfs names the image as the mount's source), malloc'ed into *out:
+ * 1 found, 0 none, or a negative errno. */
+static int find_qcowfs_mount(const struct stat *image_st, char **out)
+{
+	FILE *f = fopen("/proc/self/mountinfo", "re");
+	char *line = NULL;
+	size_t cap = 0;
+	int found = 0;
+
+	if (!f)
+		return -errno;
+	while (!found && getline(&line, &cap, f) > 0) {
+		struct mount_line m;
+		struct stat st;
+
+		if (!mountinfo_parse(line, &m) || strncmp(m.fstype, "fuse", 4) != 0 ||
+		    m.source[0] != '/' || stat(m.source, &st) < 0 ||
+		    st.st_dev != image_st->st_dev || st.st_ino != image_st->st_ino)
+			continue;
+		*out = strdup(m.mountpoint);
+		found = *out ? 1 : -ENOMEM;
+	}
+	free(line);
+	fclose(f);
+	return found;
+}
+
+/* ---- device nodes -------------------------------------------------------- */
+
+/* Makes sure path is a block device node for dev: waits a moment for
+ * devtmpfs or udev, then makes it (replacing a stale node of another
+ * number).  *made tells whether we did. */
+static int ensure_node(const char *path, dev_t dev, bool *made)
+{
+	uint64_t start = ctl_monotonic_ms();
+	struct stat st;
+
+	*made = false;
+	for (;;) {
+		if (stat(path, &st) == 0 && S_ISBLK(st.st_mode) && st.st_rdev == dev)
+			return 0;
+		if (ctl_monotonic_ms() - start >= NODE_WAIT_MS)
+			break;
+		ctl_sleep_ms(50);
+	}
+	if (lstat(path, &st) == 0) {
+		if (!S_ISBLK(st.st_mode)) {
+			ctl_print_error("%s exists and is not a block device; cannot make the node of %u:%u there",
+					path, major(dev), minor(dev));
+			return -EEXIST;
+		}
+		unlink(path);   /* stale: a device of another number */
+	}
+	if (mknod(path, S_IFBLK | 0660, dev) < 0 && errno != EEXIST) {
+		int err = errno;
+		ctl_print_error("cannot make the device node %s (%u:%u): %s", path, major(dev),
+				minor(dev), strerror(err));
+		return -err;
+	}
+	*made = true;
+	return 0;
+}
+
+/* The partitions of loop device nr, as the kernel lists them in sysfs. */
+struct part_list {
+	int count;
+	int number[MAX_PARTS];
+	dev_t dev[MAX_PARTS];
+};
+
+static int cmp_int(const void *a, const void *b)
+{
+	int x = *(const int *)a, y = *(const int *)b;
+	return (x > y) - (x < y);
+}
+
+static int loop_partitions(int nr, struct part_list *parts)
+{
+	char dirpath[64], prefix[32], path[PATH_MAX];
+	struct dirent *e;
+	DIR *d;
+	int numbers[MAX_PARTS], n = 0, ret = 0;
+
+	parts->count = 0;
+	snprintf(dirpath, sizeof(dirpath), "/sys/block/loop%d", nr);
+	snprintf(prefix, sizeof(prefix), "loop%dp", nr);
+	d = opendir(dirpath);
+	if (!d)
+		return -errno;
+	while ((e = readdir(d)) && n < MAX_PARTS) {
+		size_t plen = strlen(prefix);
+		char *end;
+		long k;
+
+		if (strncmp(e->d_name, prefix, plen) != 0 || !isdigit((unsigned char)e->d_name[plen]))
+			continue;
+		k = strtol(e->d_name + plen, &end, 10);
+		if (*end == '\0' && k > 0 && k < INT_MAX)
+			numbers[n++] = (int)k;
+	}
+	closedir(d);
+	qsort(numbers, (size_t)n, sizeof(int), cmp_int);
+	for (int i = 0; i < n; i++) {
+		snprintf(path, sizeof(path), "/sys/block/loop%d/loop%dp%d/dev", nr, nr, numbers[i]);
+		ret = read_sysfs_devnum(path, &parts->dev[parts->count]);
+		if (ret == -ENOENT)
+			continue;   /* gone meanwhile (a rescan) */
+		if (ret < 0)
+			return ret;
+		parts->number[parts->count++] = numbers[i];
+	}
+	return 0;
+}
+
+/* ---- the state file ------------------------------------------------------ */
+
+struct attach_state {
+	char image[PATH_MAX];
+	char mountpoint[PATH_MAX];
+	bool created_mountpoint;
+	int node_count;
+	char node[MAX_PARTS + 1][64];   /* the nodes attach made */
+};
+
+static void state_path(int nr, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s/loop%d", ATTACH_STATE_DIR, nr);
+}
+
+static int mkdir_one(const char *path)
+{
+	return mkdir(path, 0755) == 0 || errno == EEXIST ? 0 : -errno;
+}
+
+/* Written to a temporary name and renamed, so a reader never sees half. */
+static int state_write(int nr, const struct attach_state *s)
+{
+	char path[96], tmp[112];
+	FILE *f;
+	int ret;
+
+	if ((ret = mkdir_one("/run/qcowfs")) < 0 || (ret = mkdir_one(ATTACH_STATE_DIR)) < 0) {
+		ctl_print_error("cannot create %s: %s", ATTACH_STATE_DIR, strerror(-ret));
+		return ret;
+	}
+	state_path(nr, path, sizeof(path));
+	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+	f = fopen(tmp, "we");
+	if (!f) {
+		ret = -errno;
+		goto fail;
+	}
+	fprintf(f, "image=%s\nmountpoint=%s\ncreated_mountpoint=%d\n", s->image, s->mountpoint,
+		s->created_mountpoint);
+	for (int i = 0; i < s->node_count; i++)
+		fprintf(f, "node=%s\n", s->node[i]);
+	ret = ferror(f) ? -EIO : 0;
+	if (fclose(f) != 0 && ret == 0)
+		ret = -errno;
+	if (ret == 0 && rename(tmp, path) < 0)
+		ret = -errno;
+	if (ret == 0)
+		return 0;
+	unlink(tmp);
+fail:
+	ctl_print_error("cannot write the attach state %s: %s", path, strerror(-ret));
+	return ret;
+}
+
+/* Reads the state of loop device nr: 0, -ENOENT when there is none, or
+ * -EPROTO for a file that does not parse (it is then ignored). */
+static int state_read(int nr, struct attach_state *s)
+{
+	char path[96], *line = NULL;
+	size_t cap = 0;
+	ssize_t got;
+	FILE *f;
+	int ret = 0;
+
+	memset(s, 0, sizeof(*s));
+	state_path(nr, path, sizeof(path));
+	f = fopen(path, "re");
+	if (!f)
+		return -errno;
+	while ((got = getline(&line, &cap, f)) > 0) {
+		line[strcspn(line, "\n")] = '\0';
+		if (!strncmp(line, "image=", 6))
+			snprintf(s->image, sizeof(s->image), "%s", line + 6);
+		else if (!strncmp(line, "mountpoint=", 11))
+			snprintf(s->mountpoint, sizeof(s->mountpoint), "%s", line + 11);
+		else if (!strcmp(line, "created_mountpoint=1"))
+			s->created_mountpoint = true;
+		else if (!strncmp(line, "node=/dev/", 10) && s->node_count <= MAX_PARTS)
+			snprintf(s->node[s->node_count++], sizeof(s->node[0]), "%s", line + 5);
+	}
+	if (!s->mountpoint[0])
+		ret = -EPROTO;
+	free(line);
+	fclose(f);
+	return ret;
+}
+
+static void state_remove(int nr)
+{
+	char path[96];
+
+	state_path(nr, path, sizeof(path));
+	if (unlink(path) < 0 && errno != ENOENT)
+		ctl_print_error("warning: cannot remove %s: %s", path, strerror(errno));
+}
+
+/* ---- mounting the view -------------------------------------------------- */
+
+/* Runs qcowfs IMAGE MOUNTPOINT [-o OPTIONS]: the qcowfs installed next to
+ * qcowctl, else the one on PATH.  qcowfs returns once the mount is live
+ * (or has failed, saying why on stderr).  Returns its exit status, 127 when
+ * it could not be started, or a negative errno. */
+static int run_qcowfs(const char *image, const char *mountpoint, const char *options)
+{
+	char self[PATH_MAX], sibling[PATH_MAX + 16];
+	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+	const char *prog = "qcowfs";
+	pid_t child;
+	int status;
+
+	if (n > 0) {
+		self[n] = '\0';
+		char *slash = strrchr(self, '/');
+		if (slash) {
+			*slash = '\0';
+			snprintf(sibling, sizeof(sibling), "%s/qcowfs", self);
+			if (access(sibling, X_OK) == 0)
+				prog = sibling;
+		}
+	}
+	fflush(NULL);
+	child = fork();
+	if (child < 0)
+		return -errno;
+	if (child == 0) {
+		/* qcowfs's messages are for the user, not for a --json reader. */
+		dup2(STDERR_FILENO, STDOUT_FILENO);
+		if (options)
+			execlp(prog, "qcowfs", image, mountpoint, "-o", options, (char *)NULL);
+		else
+			execlp(prog, "qcowfs", image, mountpoint, (char *)NULL);
+		_exit(127);
+	}
+	while (waitpid(child, &status, 0) < 0)
+		if (errno != EINTR)
+			return -errno;
+	return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+/* ---- the loop device ---------------------------------------------------- */
+
+/* Sets up a free loop device over the open view fd; its number in *nr.
+ * Direct I/O when asked, falling back to the page cache with a warning when
+ * the kernel refuses it for this file. */
+static int loop_configure(int view_fd, const char *view, bool read_only, bool direct, int *nr)
+{
+	struct loop_config cfg;
+	struct loop_info64 info;
+	char path[64];
+	dev_t dev;
+	int ctl_fd, dev_fd = -1, ret = 0;
+	bool made;
+
+	ctl_fd = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+	if (ctl_fd < 0) {
+		ret = -errno;
+		ctl_print_error("cannot open /dev/loop-control: %s (is the loop module loaded? are we root?)",
+				strerror(-ret));
+		return ret;
+	}
+	/* Another program may take the free device between our asking and
+	 * configuring it (EBUSY): ask again. */
+	for (int attempt = 0; attempt < 20; attempt++) {
+		int n = ioctl(ctl_fd, LOOP_CTL_GET_FREE);
+
+		if (n < 0) {
+			ret = -errno;
+			ctl_print_error("no free loop device: %s", strerror(-ret));
+			goto out;
+		}
+		snprintf(path, sizeof(path), "/sys/block/loop%d/dev", n);
+		if ((ret = read_sysfs_devnum(path, &dev)) < 0) {
+			ctl_print_error("cannot read %s: %s", path, strerror(-ret));
+			goto out;
+		}
+		snprintf(path, sizeof(path), "/dev/loop%d", n);
+		if ((ret = ensure_node(path, dev, &made)) < 0)
+			goto out;
+		dev_fd = open(path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+		if (dev_fd < 0) {
+			ret = -errno;
+			ctl_print_error("cannot open %s: %s", path, strerror(-ret));
+			goto out;
+		}
+		memset(&cfg, 0, sizeof(cfg));
+		cfg.fd = (unsigned)view_fd;
+		cfg.info.lo_flags = LO_FLAGS_PARTSCAN | (read_only ? LO_FLAGS_READ_ONLY : 0) |
+				    (direct ? LO_FLAGS_DIRECT_IO : 0);
+		/* Only a name for people (losetup -l shows it), cut to fit. */
+		memcpy(cfg.info.lo_file_name, view,
+		       strnlen(view, sizeof(cfg.info.lo_file_name) - 1));
+		ret = ioctl(dev_fd, LOOP_CONFIGURE, &cfg) < 0 ? -errno : 0;
+		if (ret == -EINVAL && direct) {
+			/* Newer kernels refuse the whole configuration when the
+			 * file cannot do direct I/O; older ones quietly go
+			 * buffered (checked below). */
+			cfg.info.lo_flags &= ~(uint32_t)LO_FLAGS_DIRECT_IO;
+			ret = ioctl(dev_fd, LOOP_CONFIGURE, &cfg) < 0 ? -errno : 0;
+			if (ret == 0) {
+				int dio = ioctl(dev_fd, LOOP_SET_DIRECT_IO, 1UL) < 0 ? errno : 0;
+				if (dio)
+					ctl_print_error("warning: the kernel refuses direct I/O for a loop device over %s (%s); using the page cache",
+							view, strerror(dio));
+			}
+		}
+		if (ret != -EBUSY)
+			break;
+		close(dev_fd);
+		dev_fd = -1;
+		if (made)
+			unlink(path);
+	}
+	if (ret < 0) {
+		ctl_print_error("cannot set up %s over %s: %s", path, view, strerror(-ret));
+		goto out;
+	}
+	*nr = atoi(path + strlen("/dev/loop"));
+	if (direct && ioctl(dev_fd, LOOP_GET_STATUS64, &info) == 0 &&
+	    !(info.lo_flags & LO_FLAGS_DIRECT_IO))
+		ctl_print_error("warning: the kernel did not enable direct I/O for %s over %s; it uses the page cache",
+				path, view);
+out:
+	if (ret < 0 && made && dev_fd < 0)
+		unlink(path);
+	if (dev_fd >= 0)
+		close(dev_fd);
+	close(ctl_fd);
+	return ret;
+}
+
+/* Clears loop device nr and waits until the kernel let go of its file.
+ * One still open elsewhere is only marked to go at its last close: then
+ * this fails after LOOP_RELEASE_WAIT_MS. */
+static int loop_clear(int nr)
+{
+	char path[64], backing[PATH_MAX];
+	uint64_t start;
+	int fd, ret = 0;
+
+	snprintf(path, sizeof(path), "/dev/loop%d", nr);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		ret = -errno;
+		ctl_print_error("cannot open %s: %s", path, strerror(-ret));
+		return ret;
+	}
+	if (ioctl(fd, LOOP_CLR_FD) < 0 && errno != ENXIO)
+		ret = -errno;
+	close(fd);
+	if (ret < 0) {
+		ctl_print_error("cannot detach %s: %s", path, strerror(-ret));
+		return ret;
+	}
+	start = ctl_monotonic_ms();
+	while (loop_backing_file(nr, backing, sizeof(backing)) == 0) {
+		if (ctl_monotonic_ms() - start >= LOOP_RELEASE_WAIT_MS) {
+			ctl_print_error("%s is still open by another program; the kernel detaches it when that closes it",
+					path);
+			return -EBUSY;
+		}
+		ctl_sleep_ms(50);
+	}
+	return 0;
+}
+
+/* ---- attach -------------------------------------------------------------- */
+
+struct attach_result {
+	int nr;                 /* loop device number, -1 before there is one */
+	struct part_list parts;
+	struct attach_state state;
+};
+
+/* Runs "partx -a DEVICE": reads the partition table in user space and adds
+ * the partitions the kernel did not find itself (a kernel built without the
+ * table's parser finds none).  Its complaint about a disk without a table
+ * is no news; other failures show as missing partitions.  Returns its exit
+ * status, 127 when it could not be started, or a negative errno. */
+static int run_partx_add(const char *device)
+{
+	pid_t child;
+	int status;
+
+	fflush(NULL);
+	child = fork();
+	if (child < 0)
+		return -errno;
+	if (child == 0) {
+		int devnull = open("/dev/null", O_WRONLY);
+		if (devnull >= 0) {
+			dup2(devnull, STDOUT_FILENO);
+			dup2(devnull, STDERR_FILENO);
+		}
+		execlp("partx", "partx", "-a", "--", device, (char *)NULL);
+		_exit(127);
+	}
+	while (waitpid(child, &status, 0) < 0)
+		if (errno != EINTR)
+			return -errno;
+	return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+/* The nodes of loop device nr and its partitions, recording the ones made. */
+static int attach_make_nodes(struct attach_result *r)
+{
+	char path[64], sys[96];
+	dev_t dev;
+	bool made;
+	int ret;
+
+	snprintf(sys, sizeof(sys), "/sys/block/loop%d/dev", r->nr);
+	snprintf(path, sizeof(path), "/dev/loop%d", r->nr);
+	if ((ret = read_sysfs_devnum(sys, &dev)) < 0 || (ret = ensure_node(path, dev, &made)) < 0)
+		return ret;
+	if (made)
+		snprintf(r->state.node[r->state.node_count++], sizeof(r->state.node[0]), "%s", path);
+	ret = loop_partitions(r->nr, &r->parts);
+	if (ret == 0 && r->parts.count == 0) {
+		if (run_partx_add(path) == 127)
+			ctl_print_error("warning: partx could not be run; partitions the kernel does not parse itself are not set up");
+		ret = loop_partitions(r->nr, &r->parts);
+	}
+	if (ret < 0) {
+		ctl_print_error("cannot list the partitions of %s: %s", path, strerror(-ret));
+		return ret;
+	}
+	for (int i = 0; i < r->parts.count; i++) {
+		snprintf(path, sizeof(path), "/dev/loop%dp%d", r->nr, r->parts.number[i]);
+		if ((ret = ensure_node(path, r->parts.dev[i], &made)) < 0)
+			return ret;
+		if (made)
+			snprintf(r->state.node[r->state.node_count++], sizeof(r->state.node[0]), "%s", path);
+	}
+	return 0;
+}
+
+static void attach_print(const struct attach_result *r, bool json)
+{
+	char path[64];
+
+	if (!json) {
+		printf("/dev/loop%d\n", r->nr);
+		for (int i = 0; i < r->parts.count; i++)
+			printf("/dev/loop%dp%d\n", r->nr, r->parts.number[i]);
+		return;
+	}
+	struct json_writer j = { .out = stdout };
+	json_object_begin(&j, NULL);
+	snprintf(path, sizeof(path), "/dev/loop%d", r->nr);
+	json_string(&j, "device", path);
+	json_array_begin(&j, "partitions");
+	for (int i = 0; i < r->parts.count; i++) {
+		snprintf(path, sizeof(path), "/dev/loop%dp%d", r->nr, r->parts.number[i]);
+		json_string(&j, NULL, path);
+	}
+	json_array_end(&j);
+	json_string(&j, "mountpoint", r->state.mountpoint);
+	json_string(&j, "image", r->state.image);
+	json_object_end(&j);
+}
+
+/* The loop devices over the view, at most max of them, into list: how many. */
+static int loops_over(const char *view, int *list, int max)
+{
+	char backing[PATH_MAX];
+	DIR *d = opendir("/sys/block");
+	struct dirent *e;
+	int count = 0;
+
+	if (!d)
+		return 0;
+	while (count < max && (e = readdir(d))) {
+		char *end;
+		long n;
+
+		if (strncmp(e->d_name, "loop", 4) != 0)
+			continue;
+		n = strtol(e->d_name + 4, &end, 10);
+		if (*end || end == e->d_name + 4 || n < 0 || n > INT_MAX)
+			continue;
+		if (loop_backing_file((int)n, backing, sizeof(backing)) == 0 && strcmp(backing, view) == 0)
+			list[count++] = (int)n;
+	}
+	closedir(d);
+	return count;
+}
+
+/* A loop device over the view: its number, or -1. */
+static int loop_over(const char *view)
+{
+	int nr;
+
+	return loops_over(view, &nr, 1) == 1 ? nr : -1;
+}
+
+int cmd_attach(const struct command *self, int argc, char **argv)
+{
+	enum { OPT_JSON = 256, OPT_RO, OPT_BUFFERED };
+	static const struct option longopts[] = {
+		{ "json", no_argument, NULL, OPT_JSON },
+		{ "read-only", no_argument, NULL, OPT_RO },
+		{ "buffered", no_argument, NULL, OPT_BUFFERED },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct attach_result *r = NULL;
+	const char *image, *options = NULL;
+	char *existing = NULL, *mountpoint = NULL, *real = NULL, *mount_opts = NULL;
+	char msg[2 * PATH_MAX + 128] = "";
+	struct stat image_st, st;
+	bool json = false, read_only = false, direct = true, mounted_here = false;
+	int opt, ret, status = EXIT_FAILURE, view_fd = -1;
+
+	while ((opt = getopt_long(argc, argv, ":ho:", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'o':
+			options = optarg;
+			break;
+		case OPT_JSON:
+			json = true;
+			break;
+		case OPT_RO:
+			read_only = true;
+			break;
+		case OPT_BUFFERED:
+			direct = false;
+			break;
+		default:
+			return ctl_other_option(self, opt, argv);
+		}
+	}
+	if (argc - optind < 1)
+		return ctl_usage_error(self, "missing IMAGE");
+	if (argc - optind > 2)
+		return ctl_usage_error(self, "unexpected argument '%s'", argv[optind + 2]);
+	image = argv[optind];
+	r = calloc(1, sizeof(*r));
+	if (!r) {
+		ret = -ENOMEM;
+		snprintf(msg, sizeof(msg), "out of memory");
+		goto fail_msg;
+	}
+	r->nr = -1;
+	if (stat(image, &image_st) < 0 || !realpath(image, r->state.image)) {
+		ret = -errno;
+		snprintf(msg, sizeof(msg), "cannot access %s: %s", image, strerror(-ret));
+		goto fail_msg;
+	}
+
+	ret = find_qcowfs_mount(&image_st, &existing);
+	if (ret < 0) {
+		snprintf(msg, sizeof(msg), "cannot read /proc/self/mountinfo: %s", strerror(-ret));
+		goto fail_msg;
+	}
+	if (existing) {
+		if (argc - optind == 2 && (!(real = realpath(argv[optind + 1], NULL)) || strcmp(real, existing) != 0)) {
+			ret = -EBUSY;
+			snprintf(msg, sizeof(msg), "%s is already mounted at %s, not at %s",
+				 image, existing, argv[optind + 1]);
+			goto fail_msg;
+		}
+		if (options)
+			ctl_print_error("warning: %s is already mounted at %s; -o %s is not applied",
+					image, existing, options);
+		mountpoint = existing;
+		existing = NULL;
+	} else {
+		if (argc - optind == 2)
+			mountpoint = strdup(argv[optind + 1]);
+		else if (asprintf(&mountpoint, "%s.raw", image) < 0)
+			mountpoint = NULL;
+		if (!mountpoint) {
+			ret = -ENOMEM;
+			snprintf(msg, sizeof(msg), "out of memory");
+			goto fail_msg;
+		}
+		/* qcowfs creates a missing mountpoint file; detach removes it again. */
+		r->state.created_mountpoint = lstat(mountpoint, &st) < 0 && errno == ENOENT;
+		if (read_only && asprintf(&mount_opts, "%s%sro", options ? options : "",
+					  options ? "," : "") < 0) {
+			ret = -ENOMEM;
+			snprintf(msg, sizeof(msg), "out of memory");
+			goto fail_msg;
+		}
+		ret = run_qcowfs(image, mountpoint, read_only ? mount_opts : options);
+		if (ret != 0) {
+			if (ret == 127)
+				snprintf(msg, sizeof(msg), "cannot mount %s: qcowfs could not be run", image);
+			else if (ret < 0)
+				snprintf(msg, sizeof(msg), "cannot mount %s: %s", image, strerror(-ret));
+			else
+				snprintf(msg, sizeof(msg), "cannot mount %s at %s: qcowfs exited with status %d",
+					 image, mountpoint, ret);
+			ret = -EIO;
+			goto fail_msg;
+		}
+		mounted_here = true;
+	}
+	if (!realpath(mountpoint, r->state.mountpoint)) {
+		ret = -errno;
+		snprintf(msg, sizeof(msg), "cannot resolve %s: %s", mountpoint, strerror(-ret));
+		goto fail_msg;
+	}
+
+	r->nr = loop_over(r->state.mountpoint);
+	if (r->nr >= 0) {
+		/* Attached already: say so and show it again. */
+		ctl_print_error("%s is already attached as /dev/loop%d", r->state.mountpoint, r->nr);
+		struct attach_state old;
+		if (state_read(r->nr, &old) == 0 && strcmp(old.mountpoint, r->state.mountpoint) == 0)
+			r->state = old;
+		ret = loop_partitions(r->nr, &r->parts);
+		if (ret < 0) {
+			snprintf(msg, sizeof(msg), "cannot list the partitions of /dev/loop%d: %s", r->nr,
+				 strerror(-ret));
+			r->nr = -1;   /* not ours to undo */
+			goto fail_msg;
+		}
+		attach_print(r, json);
+		status = EXIT_SUCCESS;
+		goto out;
+	}
+
+	view_fd = open(r->state.mountpoint, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	if (view_fd < 0) {
+		ret = -errno;
+		if (ret == -EROFS || ret == -EACCES || ret == -EPERM)
+			snprintf(msg, sizeof(msg), "cannot open %s for writing: %s (a read-only mount? then attach --read-only)",
+				 r->state.mountpoint, strerror(-ret));
+		else
+			snprintf(msg, sizeof(msg), "cannot open %s: %s", r->state.mountpoint, strerror(-ret));
+		goto undo;
+	}
+	ret = loop_configure(view_fd, r->state.mountpoint, read_only, direct, &r->nr);
+	close(view_fd);
+	if (ret < 0)
+		goto undo;   /* reported */
+	if ((ret = attach_make_nodes(r)) < 0 || (ret = state_write(r->nr, &r->state)) < 0)
+		goto undo;   /* reported */
+	attach_print(r, json);
+	status = EXIT_SUCCESS;
+	goto out;
+
+undo:
+	/* Leave nothing of this attach behind. */
+	for (int i = 0; i < r->state.node_count; i++)
+		unlink(r->state.node[i]);
+	if (r->nr >= 0 && loop_clear(r->nr) < 0)
+		ctl_print_error("warning: /dev/loop%d stays attached to %s", r->nr, r->state.mountpoint);
+	else if (mounted_here && ctl_unmount_and_check(r->state.mountpoint, stderr) == 0 &&
+		 r->state.created_mountpoint)
+		unlink(r->state.mountpoint);
+fail_msg:
+	if (msg[0])
+		ctl_print_error("%s", msg);
+	if (json)
+		json_print_error("image", image, msg[0] ? msg : "attach failed", ret < 0 ? -ret : EIO);
+out:
+	free(existing);
+	free(mountpoint);
+	free(real);
+	free(mount_opts);
+	free(r);
+	return status;
+}
+
+/* ---- detach -------------------------------------------------------------- */
+
+/* Which loop device target names: a loop device or one of its partitions,
+ * a view with a loop device over it, or an image mounted at such a view.
+ * Fills view (the mountpoint) and returns the device number. */
+static int detach_resolve(const char *target, char *view, size_t len)
+{
+	char sys[96], link[PATH_MAX], real[PATH_MAX];
+	char *mountpoint = NULL;
+	struct stat st;
+	int nr = -1, ret;
+
+	if (stat(target, &st) < 0) {
+		ret = -errno;
+		ctl_print_error("cannot access %s: %s", target, strerror(-ret));
+		return ret;
+	}
+	if (S_ISBLK(st.st_mode)) {
+		const char *name;
+		ssize_t n;
+
+		snprintf(sys, sizeof(sys), "/sys/dev/block/%u:%u", major(st.st_rdev), minor(st.st_rdev));
+		n = readlink(sys, link, sizeof(link) - 1);
+		if (n > 0) {
+			link[n] = '\0';
+			name = strrchr(link, '/') ? strrchr(link, '/') + 1 : link;
+			if (sscanf(name, "loop%d", &nr) != 1)
+				nr = -1;
+		}
+		if (nr < 0 || loop_backing_file(nr, view, len) < 0) {
+			ctl_print_error("%s is not an attached loop device", target);
+			return -ENXIO;
+		}
+		return nr;
+	}
+	if (!realpath(target, real)) {
+		ret = -errno;
+		ctl_print_error("cannot resolve %s: %s", target, strerror(-ret));
+		return ret;
+	}
+	nr = loop_over(real);
+	if (nr >= 0) {
+		snprintf(view, len, "%s", real);
+		return nr;
+	}
+	/* An image: its qcowfs mount, then the loop device over that. */
+	ret = find_qcowfs_mount(&st, &mountpoint);
+	if (ret > 0) {
+		nr = loop_over(mountpoint);
+		snprintf(view, len, "%s", mountpoint);
+		free(mountpoint);
+		if (nr >= 0)
+			return nr;
+		ctl_print_error("no loop device is attached to %s (the mount of %s)", view, target);
+		return -ENXIO;
+	}
+	ctl_print_error("%s is not an attached loop device, nor a view or image with one", target);
+	return -ENXIO;
+}
+
+/* Refuses (naming it) when loop device nr or a partition is mounted or held
+ * by another kernel user, such as device mapper. */
+static int detach_check_unused(int nr)
+{
+	struct part_list parts;
+	char name[64], where[PATH_MAX], path[128];
+	dev_t dev;
+	int ret;
+
+	snprintf(path, sizeof(path), "/sys/block/loop%d/dev", nr);
+	if ((ret = read_sysfs_devnum(path, &dev)) < 0 || (ret = loop_partitions(nr, &parts)) < 0) {
+		ctl_print_error("cannot read the partitions of /dev/loop%d: %s", nr, strerror(-ret));
+		return ret;
+	}
+	for (int i = -1; i < parts.count; i++) {
+		DIR *d;
+		struct dirent *e;
+
+		if (i < 0) {
+			snprintf(name, sizeof(name), "loop%d", nr);
+			snprintf(path, sizeof(path), "/sys/block/%s/holders", name);
+		} else {
+			dev = parts.dev[i];
+			snprintf(name, sizeof(name), "loop%dp%d", nr, parts.number[i]);
+			snprintf(path, sizeof(path), "/sys/block/loop%d/%s/holders", nr, name);
+		}
+		ret = mount_of_device(dev, where, sizeof(where));
+		if (ret < 0) {
+			ctl_print_error("cannot read /proc/self/mountinfo: %s", strerror(-ret));
+			return ret;
+		}
+		if (ret > 0) {
+			ctl_print_error("/dev/%s is mounted on %s; unmount it first", name, where);
+			return -EBUSY;
+		}
+		d = opendir(path);
+		while (d && (e = readdir(d))) {
+			if (e->d_name[0] == '.')
+				continue;
+			ctl_print_error("/dev/%s is in use by %s; release it first", name, e->d_name);
+			closedir(d);
+			return -EBUSY;
+		}
+		if (d)
+			closedir(d);
+	}
+	return 0;
+}
+
+int cmd_detach(const struct command *self, int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct attach_state *state = NULL;
+	const char *target;
+	char view[PATH_MAX];
+	bool have_state;
+	struct stat st;
+	int opt, ret, nr, count, loops[MAX_LOOPS], status = EXIT_FAILURE;
+
+	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+		switch (opt) {
+		default:
+			return ctl_other_option(self, opt, argv);
+		}
+	}
+	ret = ctl_single_operand(self, argc, argv, "DEVICE|MOUNTPOINT|IMAGE", &target);
+	if (ret)
+		return ret;
+	state = calloc(1, sizeof(*state));
+	if (!state) {
+		ctl_print_error("out of memory");
+		return EXIT_FAILURE;
+	}
+	nr = detach_resolve(target, view, sizeof(view));
+	if (nr < 0)
+		goto out;
+	have_state = state_read(nr, state) == 0 && strcmp(state->mountpoint, view) == 0;
+
+	/* Every loop device over the view goes (the view cannot be unmounted
+	 * while one holds it), and all are checked before any is cleared. */
+	count = loops_over(view, loops, MAX_LOOPS);
+	for (int i = 0; i < count; i++)
+		if (detach_check_unused(loops[i]) < 0)
+			goto out;
+	for (int i = 0; i < count; i++) {
+		if (loop_clear(loops[i]) < 0)
+			goto out;
+		printf("detached /dev/loop%d\n", loops[i]);
+		if (loops[i] != nr)
+			state_remove(loops[i]);
+	}
+	if (have_state) {
+		for (int i = 0; i < state->node_count; i++)
+			if (unlink(state->node[i]) < 0 && errno != ENOENT)
+				ctl_print_error("warning: cannot remove the device node %s: %s",
+						state->node[i], strerror(errno));
+	}
+	fflush(stdout);
+	if (ctl_unmount_and_check(view, stdout) < 0)
+		goto out;
+	/* qcowfs may remove a file it created itself; an empty regular file
+	 * left is ours to remove, anything else someone put there since. */
+	if (have_state && state->created_mountpoint && lstat(view, &st) == 0 &&
+	    S_ISREG(st.st_mode) && st.st_size == 0 && unlink(view) < 0) {
+		ctl_print_error("cannot remove the mountpoint file %s: %s", view, strerror(errno));
+		goto out;
+	}
+	state_remove(nr);
+	status = EXIT_SUCCESS;
+out:
+	free(state);
+	return status;
+}
