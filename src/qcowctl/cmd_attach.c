@@ -223,6 +223,27 @@ static int find_qcowfs_mount(const struct stat *image_st, char **out)
 	return found;
 }
 
+/* Whether path is where something is mounted (a half-finished detach may
+ * have unmounted the view already). */
+static bool is_mount_point(const char *path)
+{
+	FILE *f = fopen("/proc/self/mountinfo", "re");
+	char *line = NULL;
+	size_t cap = 0;
+	bool found = false;
+
+	if (!f)
+		return true;   /* cannot tell: let the unmount say */
+	while (!found && getline(&line, &cap, f) > 0) {
+		struct mount_line m;
+
+		found = mountinfo_parse(line, &m) && strcmp(m.mountpoint, path) == 0;
+	}
+	free(line);
+	fclose(f);
+	return found;
+}
+
 /* ---- device nodes -------------------------------------------------------- */
 
 /* Makes sure path is a block device node for dev: waits a moment for
@@ -879,10 +900,36 @@ out:
 
 /* ---- detach -------------------------------------------------------------- */
 
-/* Which loop device target names: a loop device or one of its partitions,
- * a view with a loop device over it, or an image mounted at such a view.
- * Fills view (the mountpoint) and returns the device number. */
-static int detach_resolve(const char *target, char *view, size_t len)
+/* The state attach left for the view: the loop device number it names
+ * (which may be gone: a detach that stopped half way), or -1. */
+static int state_find(const char *view, struct attach_state *s)
+{
+	DIR *d = opendir(ATTACH_STATE_DIR);
+	struct dirent *e;
+	int found = -1;
+
+	while (d && found < 0 && (e = readdir(d))) {
+		char *end;
+		long n;
+
+		if (strncmp(e->d_name, "loop", 4) != 0)
+			continue;
+		n = strtol(e->d_name + 4, &end, 10);
+		if (*end || end == e->d_name + 4 || n < 0 || n > INT_MAX)
+			continue;   /* a .tmp of a writer, or not ours */
+		if (state_read((int)n, s) == 0 && strcmp(s->mountpoint, view) == 0)
+			found = (int)n;
+	}
+	if (d)
+		closedir(d);
+	return found;
+}
+
+/* The view target stands for: the file of a loop device (or of the device
+ * of a partition), a view with a loop device over it or attach's state,
+ * or an image mounted at such a view.  Fills view; 0 or a negative errno
+ * (reported). */
+static int detach_resolve(const char *target, char *view, size_t len, struct attach_state *s)
 {
 	char sys[96], link[PATH_MAX], real[PATH_MAX];
 	char *mountpoint = NULL;
@@ -910,52 +957,55 @@ static int detach_resolve(const char *target, char *view, size_t len)
 			ctl_print_error("%s is not an attached loop device", target);
 			return -ENXIO;
 		}
-		return nr;
+		return 0;
 	}
 	if (!realpath(target, real)) {
 		ret = -errno;
 		ctl_print_error("cannot resolve %s: %s", target, strerror(-ret));
 		return ret;
 	}
-	nr = loop_over(real);
-	if (nr >= 0) {
+	if (loop_over(real) >= 0 || state_find(real, s) >= 0) {
 		snprintf(view, len, "%s", real);
-		return nr;
+		return 0;
 	}
-	/* An image: its qcowfs mount, then the loop device over that. */
+	/* An image: its qcowfs mount, which must be attached (or half detached). */
 	ret = find_qcowfs_mount(&st, &mountpoint);
 	if (ret > 0) {
-		nr = loop_over(mountpoint);
 		snprintf(view, len, "%s", mountpoint);
 		free(mountpoint);
-		if (nr >= 0)
-			return nr;
-		ctl_print_error("no loop device is attached to %s (the mount of %s)", view, target);
+		if (loop_over(view) >= 0 || state_find(view, s) >= 0)
+			return 0;
+		ctl_print_error("%s is mounted at %s, but not attached: no loop device reads from it (qcowctl unmount %s unmounts it)",
+				target, view, view);
 		return -ENXIO;
 	}
 	ctl_print_error("%s is not an attached loop device, nor a view or image with one", target);
 	return -ENXIO;
 }
 
-/* Refuses (naming it) when loop device nr or a partition is mounted or held
- * by another kernel user, such as device mapper. */
+/* Refuses (naming it) when loop device nr or a partition is mounted, held
+ * by another kernel user (device mapper, ...) or open exclusively (swap,
+ * a file system mounted in another mount namespace).  Partitions first:
+ * holding one makes the whole device busy too, and the partition is the
+ * name the user needs. */
 static int detach_check_unused(int nr)
 {
 	struct part_list parts;
 	char name[64], where[PATH_MAX], path[128];
-	dev_t dev;
-	int ret;
+	dev_t whole, dev;
+	int ret, fd;
 
 	snprintf(path, sizeof(path), "/sys/block/loop%d/dev", nr);
-	if ((ret = read_sysfs_devnum(path, &dev)) < 0 || (ret = loop_partitions(nr, &parts)) < 0) {
+	if ((ret = read_sysfs_devnum(path, &whole)) < 0 || (ret = loop_partitions(nr, &parts)) < 0) {
 		ctl_print_error("cannot read the partitions of /dev/loop%d: %s", nr, strerror(-ret));
 		return ret;
 	}
-	for (int i = -1; i < parts.count; i++) {
+	for (int i = 0; i <= parts.count; i++) {
 		DIR *d;
 		struct dirent *e;
 
-		if (i < 0) {
+		if (i == parts.count) {
+			dev = whole;
 			snprintf(name, sizeof(name), "loop%d", nr);
 			snprintf(path, sizeof(path), "/sys/block/%s/holders", name);
 		} else {
@@ -982,6 +1032,15 @@ static int detach_check_unused(int nr)
 		}
 		if (d)
 			closedir(d);
+		snprintf(path, sizeof(path), "/dev/%s", name);
+		fd = open(path, O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK);
+		if (fd < 0 && errno == EBUSY) {
+			ctl_print_error("/dev/%s is in use (open exclusively: swap, or mounted in another namespace?); release it first",
+					name);
+			return -EBUSY;
+		}
+		if (fd >= 0)
+			close(fd);
 	}
 	return 0;
 }
@@ -995,8 +1054,8 @@ int cmd_detach(const struct command *self, int argc, char **argv)
 	struct attach_state *state = NULL;
 	const char *target;
 	char view[PATH_MAX];
-	bool have_state;
 	struct stat st;
+	bool mounted;
 	int opt, ret, nr, count, loops[MAX_LOOPS], status = EXIT_FAILURE;
 
 	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
@@ -1013,10 +1072,28 @@ int cmd_detach(const struct command *self, int argc, char **argv)
 		ctl_print_error("out of memory");
 		return EXIT_FAILURE;
 	}
-	nr = detach_resolve(target, view, sizeof(view));
-	if (nr < 0)
+	if (detach_resolve(target, view, sizeof(view), state) < 0)
 		goto out;
-	have_state = state_read(nr, state) == 0 && strcmp(state->mountpoint, view) == 0;
+	/* A state file whose loop device is gone is a detach that stopped
+	 * half way: this one goes on from there. */
+	nr = state_find(view, state);
+	/* Only a qcowfs view is ours to take down: a loop device over another
+	 * file (or FUSE export) stays, before anything is changed. */
+	mounted = is_mount_point(view);
+	if (mounted) {
+		char *text = NULL;
+
+		ret = ctl_mount_read_status_text(view, &text);
+		free(text);
+		if (ret < 0) {
+			ctl_report_status_error(view, ret);
+			goto out;
+		}
+	} else if (nr < 0) {
+		ctl_print_error("%s is not a qcowfs view; detach undoes qcowctl attach only (losetup -d detaches other loop devices)",
+				view);
+		goto out;
+	}
 
 	/* Every loop device over the view goes (the view cannot be unmounted
 	 * while one holds it), and all are checked before any is cleared. */
@@ -1029,25 +1106,26 @@ int cmd_detach(const struct command *self, int argc, char **argv)
 			goto out;
 		printf("detached /dev/loop%d\n", loops[i]);
 		if (loops[i] != nr)
-			state_remove(loops[i]);
+			state_remove(loops[i]);   /* stale: about another view */
 	}
-	if (have_state) {
+	if (nr >= 0) {
 		for (int i = 0; i < state->node_count; i++)
 			if (unlink(state->node[i]) < 0 && errno != ENOENT)
 				ctl_print_error("warning: cannot remove the device node %s: %s",
 						state->node[i], strerror(errno));
 	}
 	fflush(stdout);
-	if (ctl_unmount_and_check(view, stdout) < 0)
+	if (mounted && ctl_unmount_and_check(view, stdout) < 0)
 		goto out;
 	/* qcowfs may remove a file it created itself; an empty regular file
 	 * left is ours to remove, anything else someone put there since. */
-	if (have_state && state->created_mountpoint && lstat(view, &st) == 0 &&
+	if (nr >= 0 && state->created_mountpoint && lstat(view, &st) == 0 &&
 	    S_ISREG(st.st_mode) && st.st_size == 0 && unlink(view) < 0) {
 		ctl_print_error("cannot remove the mountpoint file %s: %s", view, strerror(errno));
 		goto out;
 	}
-	state_remove(nr);
+	if (nr >= 0)
+		state_remove(nr);
 	status = EXIT_SUCCESS;
 out:
 	free(state);

@@ -172,6 +172,20 @@ fs_umount "$T/xfs"
 detach_img "$MNT"
 qcheck "$IMG"
 
+# -- a detach that stopped half way (the loop device already gone) finishes --
+attach_img "$IMG"
+losetup -d "$DEV"
+_wait_loop_free "$DEV"
+_forget _LOOPS "$DEV"
+timeout 120 "$QCOWCTL" detach "$IMG" >"$T/detach.out" 2>"$T/detach.err" ||
+	fail "detach $IMG after losetup -d failed: $(cat "$T/detach.err")"
+! is_mounted "$MNT" && [ ! -e "$MNT" ] || fail "detach after losetup -d left $MNT mounted or in place"
+_forget _MOUNTS "$MNT"
+# and an image that is neither mounted nor attached is refused
+rc=0
+"$QCOWCTL" detach "$IMG" >/dev/null 2>"$T/detach.err" || rc=$?
+[ $rc != 0 ] || fail "detach of an image that is neither mounted nor attached succeeded"
+
 # -- --buffered, at a mountpoint file that existed: detach leaves it --------
 : >"$T/mine.raw"
 attach_img --buffered "$IMG" "$T/mine.raw"
