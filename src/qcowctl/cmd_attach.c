@@ -11,6 +11,8 @@
  * partition (a container's /dev may have no devtmpfs or udev behind it),
  * and prints the device and its partitions.
  *
+ * The loop devices, partitions, nodes and mount table are ctl_loop.c's.
+ *
  * detach: refuses while the device or a partition is mounted or held (by
  * device mapper, say), naming it; otherwise clears every loop device over
  * the view and waits until the kernel let go, removes the nodes attach
@@ -23,10 +25,13 @@
  * created the mountpoint file, which device nodes it made) is kept in
  * ATTACH_STATE_DIR/loopN, key=value lines: image=, mountpoint=,
  * created_mountpoint=0|1, node= (one per node made).  /run is a tmpfs, so a
- * reboot forgets it together with the loop devices; a state file counts
- * only while its mountpoint is still the loop device's backing file (loop
- * numbers are reused).  Without one, detach works all the same and leaves
- * the mountpoint file.
+ * reboot forgets it together with the loop devices.  detach looks a state
+ * file up by the view it names, not by the loop number (numbers are
+ * reused), which also finds the state of a detach that stopped after
+ * clearing the loop device; attach drops older state files naming the same
+ * view.  Without one, detach works all the same and leaves the mountpoint
+ * file.  detach takes down qcowfs views only, never a loop device over
+ * another file.
  *
  * Rules:
  *  - Every step that fails is reported with the path or device it concerns,
@@ -37,299 +42,27 @@
  *  - With --json, stdout carries exactly one JSON object, also on failure.
  */
 
-#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
-#include <linux/loop.h>
 #include <stdbool.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "qcowctl.h"
+#include "ctl_loop.h"
 
 #define ATTACH_STATE_DIR "/run/qcowfs/attach"
-/* Partitions of a loop device beyond this many are not listed (GPT's
- * default table has 128 entries). */
-#define MAX_PARTS 128
-/* How long devtmpfs or udev get to create a node before we make it. */
-#define NODE_WAIT_MS 2000
-/* How long the kernel gets to release a cleared loop device. */
-#define LOOP_RELEASE_WAIT_MS 10000
 /* Loop devices over one view that detach clears (one, unless someone
  * attached more by hand). */
 #define MAX_LOOPS 16
-
-/* ---- small file helpers ------------------------------------------------- */
-
-/* The first line of a small text file (sysfs), without its newline. */
-static int read_line_file(const char *path, char *buf, size_t len)
-{
-	FILE *f = fopen(path, "re");
-	int ret = 0;
-
-	if (!f)
-		return -errno;
-	if (!fgets(buf, (int)len, f))
-		ret = ferror(f) ? -EIO : -ENODATA;
-	else
-		buf[strcspn(buf, "\n")] = '\0';
-	fclose(f);
-	return ret;
-}
-
-/* The device number in a sysfs "dev" file ("7:3"). */
-static int read_sysfs_devnum(const char *path, dev_t *dev)
-{
-	char text[64];
-	unsigned maj, min;
-	int ret = read_line_file(path, text, sizeof(text));
-
-	if (ret < 0)
-		return ret;
-	if (sscanf(text, "%u:%u", &maj, &min) != 2)
-		return -EPROTO;
-	*dev = makedev(maj, min);
-	return 0;
-}
-
-/* The file loop device number nr reads from, or -ENXIO when it has none. */
-static int loop_backing_file(int nr, char *buf, size_t len)
-{
-	char path[96];
-	int ret;
-
-	snprintf(path, sizeof(path), "/sys/block/loop%d/loop/backing_file", nr);
-	ret = read_line_file(path, buf, len);
-	return ret == -ENOENT ? -ENXIO : ret;
-}
-
-/* ---- mounts (/proc/self/mountinfo) -------------------------------------- */
-
-/* mountinfo writes space, tab, newline and backslash as \ooo. */
-static void mountinfo_unescape(char *s)
-{
-	char *out = s;
-
-	for (; *s; s++) {
-		if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] >= '0' && s[2] <= '7' &&
-		    s[3] >= '0' && s[3] <= '7') {
-			*out++ = (char)((s[1] - '0') * 64 + (s[2] - '0') * 8 + (s[3] - '0'));
-			s += 3;
-		} else {
-			*out++ = *s;
-		}
-	}
-	*out = '\0';
-}
-
-/* One line of mountinfo: the device, where, the type and the source. */
-struct mount_line {
-	dev_t dev;
-	char *mountpoint;
-	char *fstype;
-	char *source;
-};
-
-/* Splits a mountinfo line in place; false for a line that does not parse. */
-static bool mountinfo_parse(char *line, struct mount_line *m)
-{
-	char *field[6] = { NULL }, *save = NULL, *tok;
-	unsigned maj, min;
-	int n = 0;
-	bool after_dash = false;
-
-	for (tok = strtok_r(line, " \n", &save); tok; tok = strtok_r(NULL, " \n", &save)) {
-		if (!after_dash) {
-			if (strcmp(tok, "-") == 0)
-				after_dash = true;
-			else if (n < 5)
-				field[n++] = tok;   /* id parent maj:min root mountpoint */
-		} else if (!field[5]) {
-			field[5] = tok;             /* type */
-		} else {
-			m->source = tok;
-			break;
-		}
-	}
-	if (n < 5 || !field[5] || !tok || sscanf(field[2], "%u:%u", &maj, &min) != 2)
-		return false;
-	m->dev = makedev(maj, min);
-	m->mountpoint = field[4];
-	m->fstype = field[5];
-	mountinfo_unescape(m->mountpoint);
-	mountinfo_unescape(m->source);
-	return true;
-}
-
-/* Where block device dev is mounted (the first place), into buf: 1 when
- * it is, 0 when not, or a negative errno. */
-static int mount_of_device(dev_t dev, char *buf, size_t len)
-{
-	FILE *f = fopen("/proc/self/mountinfo", "re");
-	char *line = NULL;
-	size_t cap = 0;
-	int found = 0;
-
-	if (!f)
-		return -errno;
-	while (!found && getline(&line, &cap, f) > 0) {
-		struct mount_line m;
-
-		if (mountinfo_parse(line, &m) && m.dev == dev) {
-			snprintf(buf, len, "%s", m.mountpoint);
-			found = 1;
-		}
-	}
-	free(line);
-	fclose(f);
-	return found;
-}
-
-/* The mountpoint of a qcowfs mount of the image with inode *image_st
- * (qcowfs names the image as the mount's source), malloc'ed into *out:
- * 1 found, 0 none, or a negative errno. */
-static int find_qcowfs_mount(const struct stat *image_st, char **out)
-{
-	FILE *f = fopen("/proc/self/mountinfo", "re");
-	char *line = NULL;
-	size_t cap = 0;
-	int found = 0;
-
-	if (!f)
-		return -errno;
-	while (!found && getline(&line, &cap, f) > 0) {
-		struct mount_line m;
-		struct stat st;
-
-		if (!mountinfo_parse(line, &m) || strncmp(m.fstype, "fuse", 4) != 0 ||
-		    m.source[0] != '/' || stat(m.source, &st) < 0 ||
-		    st.st_dev != image_st->st_dev || st.st_ino != image_st->st_ino)
-			continue;
-		*out = strdup(m.mountpoint);
-		found = *out ? 1 : -ENOMEM;
-	}
-	free(line);
-	fclose(f);
-	return found;
-}
-
-/* Whether path is where something is mounted (a half-finished detach may
- * have unmounted the view already). */
-static bool is_mount_point(const char *path)
-{
-	FILE *f = fopen("/proc/self/mountinfo", "re");
-	char *line = NULL;
-	size_t cap = 0;
-	bool found = false;
-
-	if (!f)
-		return true;   /* cannot tell: let the unmount say */
-	while (!found && getline(&line, &cap, f) > 0) {
-		struct mount_line m;
-
-		found = mountinfo_parse(line, &m) && strcmp(m.mountpoint, path) == 0;
-	}
-	free(line);
-	fclose(f);
-	return found;
-}
-
-/* ---- device nodes -------------------------------------------------------- */
-
-/* Makes sure path is a block device node for dev: waits a moment for
- * devtmpfs or udev, then makes it (replacing a stale node of another
- * number).  *made tells whether we did. */
-static int ensure_node(const char *path, dev_t dev, bool *made)
-{
-	uint64_t start = ctl_monotonic_ms();
-	struct stat st;
-
-	*made = false;
-	for (;;) {
-		if (stat(path, &st) == 0 && S_ISBLK(st.st_mode) && st.st_rdev == dev)
-			return 0;
-		if (ctl_monotonic_ms() - start >= NODE_WAIT_MS)
-			break;
-		ctl_sleep_ms(50);
-	}
-	if (lstat(path, &st) == 0) {
-		if (!S_ISBLK(st.st_mode)) {
-			ctl_print_error("%s exists and is not a block device; cannot make the node of %u:%u there",
-					path, major(dev), minor(dev));
-			return -EEXIST;
-		}
-		unlink(path);   /* stale: a device of another number */
-	}
-	if (mknod(path, S_IFBLK | 0660, dev) < 0 && errno != EEXIST) {
-		int err = errno;
-		ctl_print_error("cannot make the device node %s (%u:%u): %s", path, major(dev),
-				minor(dev), strerror(err));
-		return -err;
-	}
-	*made = true;
-	return 0;
-}
-
-/* The partitions of loop device nr, as the kernel lists them in sysfs. */
-struct part_list {
-	int count;
-	int number[MAX_PARTS];
-	dev_t dev[MAX_PARTS];
-};
-
-static int cmp_int(const void *a, const void *b)
-{
-	int x = *(const int *)a, y = *(const int *)b;
-	return (x > y) - (x < y);
-}
-
-static int loop_partitions(int nr, struct part_list *parts)
-{
-	char dirpath[64], prefix[32], path[PATH_MAX];
-	struct dirent *e;
-	DIR *d;
-	int numbers[MAX_PARTS], n = 0, ret = 0;
-
-	parts->count = 0;
-	snprintf(dirpath, sizeof(dirpath), "/sys/block/loop%d", nr);
-	snprintf(prefix, sizeof(prefix), "loop%dp", nr);
-	d = opendir(dirpath);
-	if (!d)
-		return -errno;
-	while ((e = readdir(d)) && n < MAX_PARTS) {
-		size_t plen = strlen(prefix);
-		char *end;
-		long k;
-
-		if (strncmp(e->d_name, prefix, plen) != 0 || !isdigit((unsigned char)e->d_name[plen]))
-			continue;
-		k = strtol(e->d_name + plen, &end, 10);
-		if (*end == '\0' && k > 0 && k < INT_MAX)
-			numbers[n++] = (int)k;
-	}
-	closedir(d);
-	qsort(numbers, (size_t)n, sizeof(int), cmp_int);
-	for (int i = 0; i < n; i++) {
-		snprintf(path, sizeof(path), "/sys/block/loop%d/loop%dp%d/dev", nr, nr, numbers[i]);
-		ret = read_sysfs_devnum(path, &parts->dev[parts->count]);
-		if (ret == -ENOENT)
-			continue;   /* gone meanwhile (a rescan) */
-		if (ret < 0)
-			return ret;
-		parts->number[parts->count++] = numbers[i];
-	}
-	return 0;
-}
 
 /* ---- the state file ------------------------------------------------------ */
 
@@ -338,7 +71,7 @@ struct attach_state {
 	char mountpoint[PATH_MAX];
 	bool created_mountpoint;
 	int node_count;
-	char node[MAX_PARTS + 1][64];   /* the nodes attach made */
+	char node[CTL_MAX_PARTS + 1][64];   /* the nodes attach made */
 };
 
 static void state_path(int nr, char *buf, size_t len)
@@ -409,7 +142,7 @@ static int state_read(int nr, struct attach_state *s)
 			snprintf(s->mountpoint, sizeof(s->mountpoint), "%s", line + 11);
 		else if (!strcmp(line, "created_mountpoint=1"))
 			s->created_mountpoint = true;
-		else if (!strncmp(line, "node=/dev/", 10) && s->node_count <= MAX_PARTS)
+		else if (!strncmp(line, "node=/dev/", 10) && s->node_count <= CTL_MAX_PARTS)
 			snprintf(s->node[s->node_count++], sizeof(s->node[0]), "%s", line + 5);
 	}
 	if (!s->mountpoint[0])
@@ -419,13 +152,41 @@ static int state_read(int nr, struct attach_state *s)
 	return ret;
 }
 
-static void state_remove(int nr)
+static int state_remove(int nr)
 {
 	char path[96];
 
 	state_path(nr, path, sizeof(path));
-	if (unlink(path) < 0 && errno != ENOENT)
+	if (unlink(path) < 0 && errno != ENOENT) {
 		ctl_print_error("warning: cannot remove %s: %s", path, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+/* The state attach left for the view: the loop device number it names
+ * (which may be gone: a detach that stopped half way), or -1. */
+static int state_find(const char *view, struct attach_state *s)
+{
+	DIR *d = opendir(ATTACH_STATE_DIR);
+	struct dirent *e;
+	int found = -1;
+
+	while (d && found < 0 && (e = readdir(d))) {
+		char *end;
+		long n;
+
+		if (strncmp(e->d_name, "loop", 4) != 0)
+			continue;
+		n = strtol(e->d_name + 4, &end, 10);
+		if (*end || end == e->d_name + 4 || n < 0 || n > INT_MAX)
+			continue;   /* a .tmp of a writer, or not ours */
+		if (state_read((int)n, s) == 0 && strcmp(s->mountpoint, view) == 0)
+			found = (int)n;
+	}
+	if (d)
+		closedir(d);
+	return found;
 }
 
 /* ---- mounting the view -------------------------------------------------- */
@@ -471,168 +232,14 @@ static int run_qcowfs(const char *image, const char *mountpoint, const char *opt
 	return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
-/* ---- the loop device ---------------------------------------------------- */
-
-/* Sets up a free loop device over the open view fd; its number in *nr.
- * Direct I/O when asked, falling back to the page cache with a warning when
- * the kernel refuses it for this file. */
-static int loop_configure(int view_fd, const char *view, bool read_only, bool direct, int *nr)
-{
-	struct loop_config cfg;
-	struct loop_info64 info;
-	char path[64];
-	dev_t dev;
-	int ctl_fd, dev_fd = -1, ret = 0;
-	bool made;
-
-	ctl_fd = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
-	if (ctl_fd < 0) {
-		ret = -errno;
-		ctl_print_error("cannot open /dev/loop-control: %s (is the loop module loaded? are we root?)",
-				strerror(-ret));
-		return ret;
-	}
-	/* Another program may take the free device between our asking and
-	 * configuring it (EBUSY): ask again. */
-	for (int attempt = 0; attempt < 20; attempt++) {
-		int n = ioctl(ctl_fd, LOOP_CTL_GET_FREE);
-
-		if (n < 0) {
-			ret = -errno;
-			ctl_print_error("no free loop device: %s", strerror(-ret));
-			goto out;
-		}
-		snprintf(path, sizeof(path), "/sys/block/loop%d/dev", n);
-		if ((ret = read_sysfs_devnum(path, &dev)) < 0) {
-			ctl_print_error("cannot read %s: %s", path, strerror(-ret));
-			goto out;
-		}
-		snprintf(path, sizeof(path), "/dev/loop%d", n);
-		if ((ret = ensure_node(path, dev, &made)) < 0)
-			goto out;
-		dev_fd = open(path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
-		if (dev_fd < 0) {
-			ret = -errno;
-			ctl_print_error("cannot open %s: %s", path, strerror(-ret));
-			goto out;
-		}
-		memset(&cfg, 0, sizeof(cfg));
-		cfg.fd = (unsigned)view_fd;
-		cfg.info.lo_flags = LO_FLAGS_PARTSCAN | (read_only ? LO_FLAGS_READ_ONLY : 0) |
-				    (direct ? LO_FLAGS_DIRECT_IO : 0);
-		/* Only a name for people (losetup -l shows it), cut to fit. */
-		memcpy(cfg.info.lo_file_name, view,
-		       strnlen(view, sizeof(cfg.info.lo_file_name) - 1));
-		ret = ioctl(dev_fd, LOOP_CONFIGURE, &cfg) < 0 ? -errno : 0;
-		if (ret == -EINVAL && direct) {
-			/* Newer kernels refuse the whole configuration when the
-			 * file cannot do direct I/O; older ones quietly go
-			 * buffered (checked below). */
-			cfg.info.lo_flags &= ~(uint32_t)LO_FLAGS_DIRECT_IO;
-			ret = ioctl(dev_fd, LOOP_CONFIGURE, &cfg) < 0 ? -errno : 0;
-			if (ret == 0) {
-				int dio = ioctl(dev_fd, LOOP_SET_DIRECT_IO, 1UL) < 0 ? errno : 0;
-				if (dio)
-					ctl_print_error("warning: the kernel refuses direct I/O for a loop device over %s (%s); using the page cache",
-							view, strerror(dio));
-			}
-		}
-		if (ret != -EBUSY)
-			break;
-		close(dev_fd);
-		dev_fd = -1;
-		if (made)
-			unlink(path);
-	}
-	if (ret < 0) {
-		ctl_print_error("cannot set up %s over %s: %s", path, view, strerror(-ret));
-		goto out;
-	}
-	*nr = atoi(path + strlen("/dev/loop"));
-	if (direct && ioctl(dev_fd, LOOP_GET_STATUS64, &info) == 0 &&
-	    !(info.lo_flags & LO_FLAGS_DIRECT_IO))
-		ctl_print_error("warning: the kernel did not enable direct I/O for %s over %s; it uses the page cache",
-				path, view);
-out:
-	if (ret < 0 && made && dev_fd < 0)
-		unlink(path);
-	if (dev_fd >= 0)
-		close(dev_fd);
-	close(ctl_fd);
-	return ret;
-}
-
-/* Clears loop device nr and waits until the kernel let go of its file.
- * One still open elsewhere is only marked to go at its last close: then
- * this fails after LOOP_RELEASE_WAIT_MS. */
-static int loop_clear(int nr)
-{
-	char path[64], backing[PATH_MAX];
-	uint64_t start;
-	int fd, ret = 0;
-
-	snprintf(path, sizeof(path), "/dev/loop%d", nr);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		ret = -errno;
-		ctl_print_error("cannot open %s: %s", path, strerror(-ret));
-		return ret;
-	}
-	if (ioctl(fd, LOOP_CLR_FD) < 0 && errno != ENXIO)
-		ret = -errno;
-	close(fd);
-	if (ret < 0) {
-		ctl_print_error("cannot detach %s: %s", path, strerror(-ret));
-		return ret;
-	}
-	start = ctl_monotonic_ms();
-	while (loop_backing_file(nr, backing, sizeof(backing)) == 0) {
-		if (ctl_monotonic_ms() - start >= LOOP_RELEASE_WAIT_MS) {
-			ctl_print_error("%s is still open by another program; the kernel detaches it when that closes it",
-					path);
-			return -EBUSY;
-		}
-		ctl_sleep_ms(50);
-	}
-	return 0;
-}
-
 /* ---- attach -------------------------------------------------------------- */
 
 struct attach_result {
 	int nr;                 /* loop device number, -1 before there is one */
-	struct part_list parts;
+	struct ctl_part_list parts;
 	struct attach_state state;
+	struct attach_state old;   /* room for reading another state file */
 };
-
-/* Runs "partx -a DEVICE": reads the partition table in user space and adds
- * the partitions the kernel did not find itself (a kernel built without the
- * table's parser finds none).  Its complaint about a disk without a table
- * is no news; other failures show as missing partitions.  Returns its exit
- * status, 127 when it could not be started, or a negative errno. */
-static int run_partx_add(const char *device)
-{
-	pid_t child;
-	int status;
-
-	fflush(NULL);
-	child = fork();
-	if (child < 0)
-		return -errno;
-	if (child == 0) {
-		int devnull = open("/dev/null", O_WRONLY);
-		if (devnull >= 0) {
-			dup2(devnull, STDOUT_FILENO);
-			dup2(devnull, STDERR_FILENO);
-		}
-		execlp("partx", "partx", "-a", "--", device, (char *)NULL);
-		_exit(127);
-	}
-	while (waitpid(child, &status, 0) < 0)
-		if (errno != EINTR)
-			return -errno;
-	return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
 
 /* The nodes of loop device nr and its partitions, recording the ones made. */
 static int attach_make_nodes(struct attach_result *r)
@@ -644,15 +251,15 @@ static int attach_make_nodes(struct attach_result *r)
 
 	snprintf(sys, sizeof(sys), "/sys/block/loop%d/dev", r->nr);
 	snprintf(path, sizeof(path), "/dev/loop%d", r->nr);
-	if ((ret = read_sysfs_devnum(sys, &dev)) < 0 || (ret = ensure_node(path, dev, &made)) < 0)
+	if ((ret = ctl_read_sysfs_devnum(sys, &dev)) < 0 || (ret = ctl_ensure_node(path, dev, &made)) < 0)
 		return ret;
 	if (made)
 		snprintf(r->state.node[r->state.node_count++], sizeof(r->state.node[0]), "%s", path);
-	ret = loop_partitions(r->nr, &r->parts);
+	ret = ctl_loop_partitions(r->nr, &r->parts);
 	if (ret == 0 && r->parts.count == 0) {
-		if (run_partx_add(path) == 127)
+		if (ctl_partx_add(path) == 127)
 			ctl_print_error("warning: partx could not be run; partitions the kernel does not parse itself are not set up");
-		ret = loop_partitions(r->nr, &r->parts);
+		ret = ctl_loop_partitions(r->nr, &r->parts);
 	}
 	if (ret < 0) {
 		ctl_print_error("cannot list the partitions of %s: %s", path, strerror(-ret));
@@ -660,7 +267,7 @@ static int attach_make_nodes(struct attach_result *r)
 	}
 	for (int i = 0; i < r->parts.count; i++) {
 		snprintf(path, sizeof(path), "/dev/loop%dp%d", r->nr, r->parts.number[i]);
-		if ((ret = ensure_node(path, r->parts.dev[i], &made)) < 0)
+		if ((ret = ctl_ensure_node(path, r->parts.dev[i], &made)) < 0)
 			return ret;
 		if (made)
 			snprintf(r->state.node[r->state.node_count++], sizeof(r->state.node[0]), "%s", path);
@@ -691,40 +298,6 @@ static void attach_print(const struct attach_result *r, bool json)
 	json_string(&j, "mountpoint", r->state.mountpoint);
 	json_string(&j, "image", r->state.image);
 	json_object_end(&j);
-}
-
-/* The loop devices over the view, at most max of them, into list: how many. */
-static int loops_over(const char *view, int *list, int max)
-{
-	char backing[PATH_MAX];
-	DIR *d = opendir("/sys/block");
-	struct dirent *e;
-	int count = 0;
-
-	if (!d)
-		return 0;
-	while (count < max && (e = readdir(d))) {
-		char *end;
-		long n;
-
-		if (strncmp(e->d_name, "loop", 4) != 0)
-			continue;
-		n = strtol(e->d_name + 4, &end, 10);
-		if (*end || end == e->d_name + 4 || n < 0 || n > INT_MAX)
-			continue;
-		if (loop_backing_file((int)n, backing, sizeof(backing)) == 0 && strcmp(backing, view) == 0)
-			list[count++] = (int)n;
-	}
-	closedir(d);
-	return count;
-}
-
-/* A loop device over the view: its number, or -1. */
-static int loop_over(const char *view)
-{
-	int nr;
-
-	return loops_over(view, &nr, 1) == 1 ? nr : -1;
 }
 
 int cmd_attach(const struct command *self, int argc, char **argv)
@@ -781,7 +354,7 @@ int cmd_attach(const struct command *self, int argc, char **argv)
 		goto fail_msg;
 	}
 
-	ret = find_qcowfs_mount(&image_st, &existing);
+	ret = ctl_find_fuse_mount_of(&image_st, &existing);
 	if (ret < 0) {
 		snprintf(msg, sizeof(msg), "cannot read /proc/self/mountinfo: %s", strerror(-ret));
 		goto fail_msg;
@@ -836,14 +409,14 @@ int cmd_attach(const struct command *self, int argc, char **argv)
 		goto fail_msg;
 	}
 
-	r->nr = loop_over(r->state.mountpoint);
+	r->nr = ctl_loop_over(r->state.mountpoint);
 	if (r->nr >= 0) {
 		/* Attached already: say so and show it again. */
 		ctl_print_error("%s is already attached as /dev/loop%d", r->state.mountpoint, r->nr);
 		struct attach_state old;
 		if (state_read(r->nr, &old) == 0 && strcmp(old.mountpoint, r->state.mountpoint) == 0)
 			r->state = old;
-		ret = loop_partitions(r->nr, &r->parts);
+		ret = ctl_loop_partitions(r->nr, &r->parts);
 		if (ret < 0) {
 			snprintf(msg, sizeof(msg), "cannot list the partitions of /dev/loop%d: %s", r->nr,
 				 strerror(-ret));
@@ -865,11 +438,18 @@ int cmd_attach(const struct command *self, int argc, char **argv)
 			snprintf(msg, sizeof(msg), "cannot open %s: %s", r->state.mountpoint, strerror(-ret));
 		goto undo;
 	}
-	ret = loop_configure(view_fd, r->state.mountpoint, read_only, direct, &r->nr);
+	ret = ctl_loop_configure(view_fd, r->state.mountpoint, read_only, direct, &r->nr);
 	close(view_fd);
 	if (ret < 0)
 		goto undo;   /* reported */
-	if ((ret = attach_make_nodes(r)) < 0 || (ret = state_write(r->nr, &r->state)) < 0)
+	if ((ret = attach_make_nodes(r)) < 0)
+		goto undo;   /* reported */
+	/* A state file of an earlier attach of this view (its detach never
+	 * ran) would be found before ours. */
+	for (int old; (old = state_find(r->state.mountpoint, &r->old)) >= 0;)
+		if (state_remove(old) < 0)
+			break;
+	if ((ret = state_write(r->nr, &r->state)) < 0)
 		goto undo;   /* reported */
 	attach_print(r, json);
 	status = EXIT_SUCCESS;
@@ -879,7 +459,7 @@ undo:
 	/* Leave nothing of this attach behind. */
 	for (int i = 0; i < r->state.node_count; i++)
 		unlink(r->state.node[i]);
-	if (r->nr >= 0 && loop_clear(r->nr) < 0)
+	if (r->nr >= 0 && ctl_loop_clear(r->nr) < 0)
 		ctl_print_error("warning: /dev/loop%d stays attached to %s", r->nr, r->state.mountpoint);
 	else if (mounted_here && ctl_unmount_and_check(r->state.mountpoint, stderr) == 0 &&
 		 r->state.created_mountpoint)
@@ -899,31 +479,6 @@ out:
 }
 
 /* ---- detach -------------------------------------------------------------- */
-
-/* The state attach left for the view: the loop device number it names
- * (which may be gone: a detach that stopped half way), or -1. */
-static int state_find(const char *view, struct attach_state *s)
-{
-	DIR *d = opendir(ATTACH_STATE_DIR);
-	struct dirent *e;
-	int found = -1;
-
-	while (d && found < 0 && (e = readdir(d))) {
-		char *end;
-		long n;
-
-		if (strncmp(e->d_name, "loop", 4) != 0)
-			continue;
-		n = strtol(e->d_name + 4, &end, 10);
-		if (*end || end == e->d_name + 4 || n < 0 || n > INT_MAX)
-			continue;   /* a .tmp of a writer, or not ours */
-		if (state_read((int)n, s) == 0 && strcmp(s->mountpoint, view) == 0)
-			found = (int)n;
-	}
-	if (d)
-		closedir(d);
-	return found;
-}
 
 /* The view target stands for: the file of a loop device (or of the device
  * of a partition), a view with a loop device over it or attach's state,
@@ -953,7 +508,7 @@ static int detach_resolve(const char *target, char *view, size_t len, struct att
 			if (sscanf(name, "loop%d", &nr) != 1)
 				nr = -1;
 		}
-		if (nr < 0 || loop_backing_file(nr, view, len) < 0) {
+		if (nr < 0 || ctl_loop_backing_file(nr, view, len) < 0) {
 			ctl_print_error("%s is not an attached loop device", target);
 			return -ENXIO;
 		}
@@ -964,16 +519,16 @@ static int detach_resolve(const char *target, char *view, size_t len, struct att
 		ctl_print_error("cannot resolve %s: %s", target, strerror(-ret));
 		return ret;
 	}
-	if (loop_over(real) >= 0 || state_find(real, s) >= 0) {
+	if (ctl_loop_over(real) >= 0 || state_find(real, s) >= 0) {
 		snprintf(view, len, "%s", real);
 		return 0;
 	}
 	/* An image: its qcowfs mount, which must be attached (or half detached). */
-	ret = find_qcowfs_mount(&st, &mountpoint);
+	ret = ctl_find_fuse_mount_of(&st, &mountpoint);
 	if (ret > 0) {
 		snprintf(view, len, "%s", mountpoint);
 		free(mountpoint);
-		if (loop_over(view) >= 0 || state_find(view, s) >= 0)
+		if (ctl_loop_over(view) >= 0 || state_find(view, s) >= 0)
 			return 0;
 		ctl_print_error("%s is mounted at %s, but not attached: no loop device reads from it (qcowctl unmount %s unmounts it)",
 				target, view, view);
@@ -981,68 +536,6 @@ static int detach_resolve(const char *target, char *view, size_t len, struct att
 	}
 	ctl_print_error("%s is not an attached loop device, nor a view or image with one", target);
 	return -ENXIO;
-}
-
-/* Refuses (naming it) when loop device nr or a partition is mounted, held
- * by another kernel user (device mapper, ...) or open exclusively (swap,
- * a file system mounted in another mount namespace).  Partitions first:
- * holding one makes the whole device busy too, and the partition is the
- * name the user needs. */
-static int detach_check_unused(int nr)
-{
-	struct part_list parts;
-	char name[64], where[PATH_MAX], path[128];
-	dev_t whole, dev;
-	int ret, fd;
-
-	snprintf(path, sizeof(path), "/sys/block/loop%d/dev", nr);
-	if ((ret = read_sysfs_devnum(path, &whole)) < 0 || (ret = loop_partitions(nr, &parts)) < 0) {
-		ctl_print_error("cannot read the partitions of /dev/loop%d: %s", nr, strerror(-ret));
-		return ret;
-	}
-	for (int i = 0; i <= parts.count; i++) {
-		DIR *d;
-		struct dirent *e;
-
-		if (i == parts.count) {
-			dev = whole;
-			snprintf(name, sizeof(name), "loop%d", nr);
-			snprintf(path, sizeof(path), "/sys/block/%s/holders", name);
-		} else {
-			dev = parts.dev[i];
-			snprintf(name, sizeof(name), "loop%dp%d", nr, parts.number[i]);
-			snprintf(path, sizeof(path), "/sys/block/loop%d/%s/holders", nr, name);
-		}
-		ret = mount_of_device(dev, where, sizeof(where));
-		if (ret < 0) {
-			ctl_print_error("cannot read /proc/self/mountinfo: %s", strerror(-ret));
-			return ret;
-		}
-		if (ret > 0) {
-			ctl_print_error("/dev/%s is mounted on %s; unmount it first", name, where);
-			return -EBUSY;
-		}
-		d = opendir(path);
-		while (d && (e = readdir(d))) {
-			if (e->d_name[0] == '.')
-				continue;
-			ctl_print_error("/dev/%s is in use by %s; release it first", name, e->d_name);
-			closedir(d);
-			return -EBUSY;
-		}
-		if (d)
-			closedir(d);
-		snprintf(path, sizeof(path), "/dev/%s", name);
-		fd = open(path, O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK);
-		if (fd < 0 && errno == EBUSY) {
-			ctl_print_error("/dev/%s is in use (open exclusively: swap, or mounted in another namespace?); release it first",
-					name);
-			return -EBUSY;
-		}
-		if (fd >= 0)
-			close(fd);
-	}
-	return 0;
 }
 
 int cmd_detach(const struct command *self, int argc, char **argv)
@@ -1079,7 +572,7 @@ int cmd_detach(const struct command *self, int argc, char **argv)
 	nr = state_find(view, state);
 	/* Only a qcowfs view is ours to take down: a loop device over another
 	 * file (or FUSE export) stays, before anything is changed. */
-	mounted = is_mount_point(view);
+	mounted = ctl_is_mount_point(view);
 	if (mounted) {
 		char *text = NULL;
 
@@ -1097,12 +590,12 @@ int cmd_detach(const struct command *self, int argc, char **argv)
 
 	/* Every loop device over the view goes (the view cannot be unmounted
 	 * while one holds it), and all are checked before any is cleared. */
-	count = loops_over(view, loops, MAX_LOOPS);
+	count = ctl_loops_over(view, loops, MAX_LOOPS);
 	for (int i = 0; i < count; i++)
-		if (detach_check_unused(loops[i]) < 0)
+		if (ctl_loop_check_unused(loops[i]) < 0)
 			goto out;
 	for (int i = 0; i < count; i++) {
-		if (loop_clear(loops[i]) < 0)
+		if (ctl_loop_clear(loops[i]) < 0)
 			goto out;
 		printf("detached /dev/loop%d\n", loops[i]);
 		if (loops[i] != nr)

@@ -5,7 +5,8 @@
  * the command table, help and option parsing; ctl_output.c the messages,
  * number formatting and parsing, and the JSON writer; ctl_live.c talking
  * to a live mount and the progress display; ctl_image.c opening an image
- * offline; cmd_*.c one command group each.
+ * offline; ctl_loop.c (ctl_loop.h) loop devices for attach/detach; cmd_*.c
+ * one command group each.
  *
  * Rules:
  *  - Only what more than one file uses is declared here; everything else
