@@ -315,7 +315,7 @@ int cmd_attach(const struct command *self, int argc, char **argv)
 	char *existing = NULL, *mountpoint = NULL, *real = NULL, *mount_opts = NULL;
 	char msg[2 * PATH_MAX + 128] = "";
 	struct stat image_st, st;
-	bool json = false, read_only = false, direct = true, mounted_here = false;
+	bool json = false, read_only = false, direct = true, mounted_here = false, made_node;
 	int opt, ret, status = EXIT_FAILURE, view_fd = -1;
 
 	while ((opt = getopt_long(argc, argv, ":ho:", longopts, NULL)) != -1) {
@@ -438,10 +438,12 @@ int cmd_attach(const struct command *self, int argc, char **argv)
 			snprintf(msg, sizeof(msg), "cannot open %s: %s", r->state.mountpoint, strerror(-ret));
 		goto undo;
 	}
-	ret = ctl_loop_configure(view_fd, r->state.mountpoint, read_only, direct, &r->nr);
+	ret = ctl_loop_configure(view_fd, r->state.mountpoint, read_only, direct, &r->nr, &made_node);
 	close(view_fd);
 	if (ret < 0)
 		goto undo;   /* reported */
+	if (made_node)
+		snprintf(r->state.node[r->state.node_count++], sizeof(r->state.node[0]), "/dev/loop%d", r->nr);
 	if ((ret = attach_make_nodes(r)) < 0)
 		goto undo;   /* reported */
 	/* A state file of an earlier attach of this view (its detach never

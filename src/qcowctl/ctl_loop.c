@@ -216,6 +216,10 @@ bool ctl_is_mount_point(const char *path)
 
 /* ---- device nodes -------------------------------------------------------- */
 
+/* Set once a node had to be made: nothing makes nodes here, so the next
+ * ones are made at once instead of after NODE_WAIT_MS each. */
+static bool nodes_made_by_nobody;
+
 /* Makes sure path is a block device node for dev: waits a moment for
  * devtmpfs or udev, then makes it (replacing a stale node of another
  * number).  *made tells whether we did. */
@@ -228,10 +232,11 @@ int ctl_ensure_node(const char *path, dev_t dev, bool *made)
 	for (;;) {
 		if (stat(path, &st) == 0 && S_ISBLK(st.st_mode) && st.st_rdev == dev)
 			return 0;
-		if (ctl_monotonic_ms() - start >= NODE_WAIT_MS)
+		if (nodes_made_by_nobody || ctl_monotonic_ms() - start >= NODE_WAIT_MS)
 			break;
 		ctl_sleep_ms(50);
 	}
+	nodes_made_by_nobody = true;
 	if (lstat(path, &st) == 0) {
 		if (!S_ISBLK(st.st_mode)) {
 			ctl_print_error("%s exists and is not a block device; cannot make the node of %u:%u there",
@@ -299,15 +304,17 @@ int ctl_loop_partitions(int nr, struct ctl_part_list *parts)
 /* Sets up a free loop device over the open view fd; its number in *nr.
  * Direct I/O when asked, falling back to the page cache with a warning when
  * the kernel refuses it for this file. */
-int ctl_loop_configure(int view_fd, const char *view, bool read_only, bool direct, int *nr)
+int ctl_loop_configure(int view_fd, const char *view, bool read_only, bool direct, int *nr,
+		       bool *made_node)
 {
 	struct loop_config cfg;
 	struct loop_info64 info;
 	char path[64];
 	dev_t dev;
 	int ctl_fd, dev_fd = -1, ret = 0;
-	bool made;
+	bool made = false;
 
+	*made_node = false;
 	ctl_fd = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
 	if (ctl_fd < 0) {
 		ret = -errno;
@@ -377,8 +384,9 @@ int ctl_loop_configure(int view_fd, const char *view, bool read_only, bool direc
 		ctl_print_error("warning: the kernel did not enable direct I/O for %s over %s; it uses the page cache",
 				path, view);
 out:
-	if (ret < 0 && made && dev_fd < 0)
+	if (ret < 0 && made)
 		unlink(path);
+	*made_node = ret == 0 && made;
 	if (dev_fd >= 0)
 		close(dev_fd);
 	close(ctl_fd);

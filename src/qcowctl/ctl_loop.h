@@ -35,8 +35,10 @@ int ctl_ensure_node(const char *path, dev_t dev, bool *made);
 /* The partitions sysfs lists for loop device nr, by number. */
 int ctl_loop_partitions(int nr, struct ctl_part_list *parts);
 /* A free loop device over the open view fd with partition scanning (and
- * direct I/O, read-only); its number in *nr.  0 or -errno, reported. */
-int ctl_loop_configure(int view_fd, const char *view, bool read_only, bool direct, int *nr);
+ * direct I/O, read-only); its number in *nr, and in *made_node whether its
+ * /dev node was made here.  0 or -errno, reported. */
+int ctl_loop_configure(int view_fd, const char *view, bool read_only, bool direct, int *nr,
+		       bool *made_node);
 /* Clears loop device nr and waits until the kernel let go: 0 or -errno, reported. */
 int ctl_loop_clear(int nr);
 /* partx -a DEVICE, quietly: its exit status, 127 when it could not run. */

@@ -7,8 +7,9 @@
 # are mounted, naming the partition; delete, fstrim both, compact: the image
 # file shrinks; detach (the mountpoint file attach made is gone), qemu-img
 # check clean; reattach --read-only: the kept files' checksums match and
-# writes are refused; --buffered over an existing mountpoint file, which
-# detach leaves.
+# writes are refused; with a bare tmpfs as /dev attach makes the device
+# nodes and detach removes them; a detach that stopped half way finishes;
+# --buffered over an existing mountpoint file, which detach leaves.
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
 need_loop
@@ -170,6 +171,32 @@ fi
 fs_umount "$T/ext4"
 fs_umount "$T/xfs"
 detach_img "$MNT"
+qcheck "$IMG"
+
+# -- no devtmpfs or udev (a container's /dev): attach makes the nodes, ---------
+# detach removes them.  A private mount namespace with a bare tmpfs on /dev.
+need unshare
+mkdir "$T/devnodes"
+cp -a /dev/null /dev/zero /dev/fuse /dev/loop-control "$T/devnodes/"
+cat >"$T/nodev.sh" <<EOF
+mount -t tmpfs -o mode=755 tmpfs /dev || exit 9
+cp -a "$T"/devnodes/* /dev/ || exit 9
+"$QCOWCTL" attach --json "$IMG" >"$T/nodev.json" 2>"$T/nodev.err" || exit 10
+ls /dev >"$T/nodev.during"
+"$QCOWCTL" detach "$IMG" >"$T/nodev.out" 2>>"$T/nodev.err" || exit 11
+ls /dev >"$T/nodev.after"
+EOF
+rc=0
+timeout 120 unshare -m bash "$T/nodev.sh" || rc=$?
+cat "$T/nodev.err" >>"$T/attach.log"
+[ $rc = 0 ] || fail "attach/detach with a bare /dev failed (step $rc): $(cat "$T/nodev.err")"
+nodev=$($PYTHON -c 'import json, sys; v = json.load(open(sys.argv[1])); print(" ".join([v["device"]] + v["partitions"]))' "$T/nodev.json")
+[ "$(wc -w <<<"$nodev")" = 3 ] || fail "attach with a bare /dev listed '$nodev', expected a device and 2 partitions"
+for n in $nodev; do
+	grep -qx "$(basename "$n")" "$T/nodev.during" || fail "attach with a bare /dev made no node $n: $(tr '\n' ' ' <"$T/nodev.during")"
+	! grep -qx "$(basename "$n")" "$T/nodev.after" || fail "detach left the node $n that attach made"
+done
+[ ! -e "$MNT" ] || fail "detach (bare /dev) left $MNT"
 qcheck "$IMG"
 
 # -- a detach that stopped half way (the loop device already gone) finishes --
