@@ -413,9 +413,8 @@ int cmd_attach(const struct command *self, int argc, char **argv)
 	if (r->nr >= 0) {
 		/* Attached already: say so and show it again. */
 		ctl_print_error("%s is already attached as /dev/loop%d", r->state.mountpoint, r->nr);
-		struct attach_state old;
-		if (state_read(r->nr, &old) == 0 && strcmp(old.mountpoint, r->state.mountpoint) == 0)
-			r->state = old;
+		if (state_read(r->nr, &r->old) == 0 && strcmp(r->old.mountpoint, r->state.mountpoint) == 0)
+			r->state = r->old;
 		ret = ctl_loop_partitions(r->nr, &r->parts);
 		if (ret < 0) {
 			snprintf(msg, sizeof(msg), "cannot list the partitions of /dev/loop%d: %s", r->nr,
