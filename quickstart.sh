@@ -95,10 +95,13 @@ cat <<EOF
 $mnt now reads and writes as the raw disk inside $image.
 Next steps (as root):
 
-  # a file system on the raw view, through a loop device that passes discards
-  mkfs.ext4 $mnt                        # or: dev=\$(losetup -f --show $mnt)
+  # the raw view as a block device: a loop device with direct I/O and
+  # discards passed through (attach reuses the mount above; it prints the
+  # device, then its partitions one per line)
+  dev=\$($qcowctl attach $image | head -n 1)
+  mkfs.ext4 \$dev
   mkdir -p /mnt/demo
-  mount -o loop,discard $mnt /mnt/demo
+  mount \$dev /mnt/demo
 
   # fill, delete, trim: the image file shrinks while mounted
   cp -a /usr/share/doc /mnt/demo/ && sync
@@ -106,8 +109,9 @@ Next steps (as root):
   rm -rf /mnt/demo/doc && sync && fstrim -v /mnt/demo   # sync: ext4 frees blocks at its next commit
   sleep 3; ls -l $image; $qcowctl status $mnt   # compaction needs a second or two
 
-  # done: unmount both, then check the image with QEMU's own tool
+  # done: unmount the file system, then detach: loop device off, qcowfs
+  # unmounted after a clean close, the image checked; QEMU's tool agrees
   umount /mnt/demo
-  $qcowctl unmount $mnt                 # or: fusermount3 -u $mnt
+  $qcowctl detach $image
   qemu-img check $image
 EOF

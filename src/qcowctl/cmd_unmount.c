@@ -307,13 +307,8 @@ int cmd_unmount(const struct command *self, int argc, char **argv)
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct qcow_check_result res;
-	struct close_report report = { .received = false };
 	const char *mountpoint;
-	char *image = NULL, *report_name = NULL;
-	char err[1024] = "", what[2 * PATH_MAX + 64];
-	pid_t pid = 0;
-	int opt, ret, status = EXIT_FAILURE, report_fd = -1;
+	int opt, ret;
 
 	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
 		switch (opt) {
@@ -324,9 +319,23 @@ int cmd_unmount(const struct command *self, int argc, char **argv)
 	ret = ctl_single_operand(self, argc, argv, "MOUNTPOINT", &mountpoint);
 	if (ret)
 		return ret;
+	return ctl_unmount_and_check(mountpoint, stdout) < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+/* The whole of unmount after its options; detach (cmd_attach.c) runs it too.
+ * out gets the success line and the check's findings (detach's callers
+ * may want stdout for something else). */
+int ctl_unmount_and_check(const char *mountpoint, FILE *out)
+{
+	struct qcow_check_result res;
+	struct close_report report = { .received = false };
+	char *image = NULL, *report_name = NULL;
+	char err[1024] = "", what[2 * PATH_MAX + 64];
+	pid_t pid = 0;
+	int ret, status = -1, report_fd = -1;
 
 	if (unmount_identify(mountpoint, &pid, &image, &report_name) < 0)
-		return EXIT_FAILURE;
+		return -1;
 	/* Before the unmount: afterwards the daemon is about to go. */
 	report_fd = report_name ? close_report_connect(report_name, pid) : -ENOENT;
 	if (report_fd < 0 && report_name)
@@ -348,7 +357,7 @@ int cmd_unmount(const struct command *self, int argc, char **argv)
 	}
 
 	/* Problems found are the news here: show them like check does. */
-	ctl_engine_log_route(true, stdout);
+	ctl_engine_log_route(true, out);
 	memset(&res, 0, sizeof(res));
 	snprintf(what, sizeof(what), "unmounted %s, but cannot check %s", mountpoint, image);
 	ctl_engine_call_begin(false);
@@ -363,11 +372,11 @@ int cmd_unmount(const struct command *self, int argc, char **argv)
 		goto out;
 	}
 	if (report.received)
-		printf("unmounted %s; %s closed cleanly\n", mountpoint, image);
+		fprintf(out, "unmounted %s; %s closed cleanly\n", mountpoint, image);
 	else
-		printf("unmounted %s; qcowfs sent no close report, but %s checks clean\n",
-		       mountpoint, image);
-	status = EXIT_SUCCESS;
+		fprintf(out, "unmounted %s; qcowfs sent no close report, but %s checks clean\n",
+			mountpoint, image);
+	status = 0;
 out:
 	if (report_fd >= 0)
 		close(report_fd);

@@ -14,6 +14,8 @@
  *   sparsify  free the clusters that read all zeros: live or offline cmd_compact.c
  *   snapshot  internal snapshots: create, delete, list, apply        cmd_snapshot.c
  *   unmount   unmount, wait for the daemon's close report, verify    cmd_unmount.c
+ *   attach    an image as a loop block device (mounting it first)    cmd_attach.c
+ *   detach    undo attach: loop device, mount, mountpoint file       cmd_attach.c
  *
  * Rules (for the whole tool):
  *  - Talks to a running daemon only through the ioctls of
@@ -230,6 +232,27 @@ static const struct command commands[] = {
 	  "which are printed when the close failed.  Then the image is checked.\n"
 	  "Exit status: 0 when qcowfs closed the image cleanly and the check is clean\n"
 	  "(or, from a qcowfs without a report, the check alone is clean); 1 otherwise.\n" },
+	{ "attach", cmd_attach,
+	  "attach [-o QCOWFS_OPTIONS] [--read-only] [--buffered] [--json] IMAGE [MOUNTPOINT]",
+	  "an image as a block device with partitions: mount it, set up a loop device",
+	  "  -o QCOWFS_OPTIONS        options for qcowfs when attach mounts the image\n"
+	  "      --read-only          a read-only mount and loop device\n"
+	  "      --buffered           a loop device through the page cache (default: direct I/O)\n"
+	  "      --json               print {device, partitions, mountpoint, image}\n",
+	  "Mounts IMAGE with qcowfs at MOUNTPOINT (default IMAGE.raw) unless it is\n"
+	  "mounted already, then sets up a free loop device over the view with partition\n"
+	  "scanning; discards on it free the image's clusters.  Makes the device nodes\n"
+	  "where no udev does.  Prints the device, then one line per partition.\n"
+	  "Needs root.  'qcowctl detach' undoes it.\n" },
+	{ "detach", cmd_detach, "detach DEVICE|MOUNTPOINT|IMAGE",
+	  "undo attach: detach the loop device, unmount, check the image",
+	  "",
+	  "Refuses while the device or one of its partitions is mounted (naming it) or\n"
+	  "held by another kernel user.  Otherwise detaches every loop device over the\n"
+	  "view, unmounts it as 'qcowctl unmount' does (waits for the clean close and\n"
+	  "checks the image), and removes the mountpoint file if attach created it\n"
+	  "(attach keeps that in /run/qcowfs/attach/loopN).\n"
+	  "Exit status: 0 when all of that succeeded, 1 otherwise.\n" },
 	{ "help", cmd_help, "help [COMMAND]",
 	  "show the help of qcowctl or of one command",
 	  "", NULL },

@@ -5,7 +5,8 @@
  * the command table, help and option parsing; ctl_output.c the messages,
  * number formatting and parsing, and the JSON writer; ctl_live.c talking
  * to a live mount and the progress display; ctl_image.c opening an image
- * offline; cmd_*.c one command group each.
+ * offline; ctl_loop.c (ctl_loop.h) loop devices for attach/detach; cmd_*.c
+ * one command group each.
  *
  * Rules:
  *  - Only what more than one file uses is declared here; everything else
@@ -71,6 +72,13 @@ int cmd_sparsify(const struct command *self, int argc, char **argv);
 int cmd_snapshot(const struct command *self, int argc, char **argv);
 /* unmount: unmount, wait for the close report, verify the image (cmd_unmount.c). */
 int cmd_unmount(const struct command *self, int argc, char **argv);
+/* attach: an image as a loop block device, mounting it first if needed (cmd_attach.c). */
+int cmd_attach(const struct command *self, int argc, char **argv);
+/* detach: undo attach: the loop device, the mount, the mountpoint file (cmd_attach.c). */
+int cmd_detach(const struct command *self, int argc, char **argv);
+/* unmount's work after its options: 0, or -1 after reporting; out gets its
+ * success line and the check's findings (cmd_unmount.c). */
+int ctl_unmount_and_check(const char *mountpoint, FILE *out);
 
 /* ---- option parsing (qcowctl.c) ------------------------------------------ */
 
