@@ -402,6 +402,9 @@ int ctl_loop_clear(int nr)
 	uint64_t start;
 	int fd, ret = 0;
 
+	char was[PATH_MAX];
+	if (ctl_loop_backing_file(nr, was, sizeof(was)) < 0)
+		was[0] = '\0';
 	snprintf(path, sizeof(path), "/dev/loop%d", nr);
 	fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0) {
@@ -417,7 +420,9 @@ int ctl_loop_clear(int nr)
 		return ret;
 	}
 	start = ctl_monotonic_ms();
-	while (ctl_loop_backing_file(nr, backing, sizeof(backing)) == 0) {
+	/* (once free, the number may serve someone else's file at once:
+	 * only ours still being there counts) */
+	while (ctl_loop_backing_file(nr, backing, sizeof(backing)) == 0 && strcmp(backing, was) == 0) {
 		if (ctl_monotonic_ms() - start >= LOOP_RELEASE_WAIT_MS) {
 			ctl_print_error("%s is still open by another program; the kernel detaches it when that closes it",
 					path);
