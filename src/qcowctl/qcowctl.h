@@ -72,6 +72,15 @@ int cmd_snapshot(const struct command *self, int argc, char **argv);
 /* unmount: unmount, wait for the close report, verify the image (cmd_unmount.c). */
 int cmd_unmount(const struct command *self, int argc, char **argv);
 
+/* map: qemu-img map's mapping, or the picture of the image file (cmd_map.c). */
+int cmd_map(const struct command *self, int argc, char **argv);
+
+/* ---- the picture of an image file (ctl_picture.c) ------------------------ */
+
+/* Draws pic of target into out: an SVG file, or "-" one character per
+ * cell on stdout (coloured on a terminal); 0 or -1 after reporting. */
+int ctl_picture_draw(const struct qcow_picture *pic, const char *target, const char *out);
+
 /* ---- option parsing (qcowctl.c) ------------------------------------------ */
 
 /* --data-file PATH of the commands that open an image offline, or NULL. */
