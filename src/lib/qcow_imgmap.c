@@ -14,7 +14,8 @@
  *    zero-flagged one reads zeros (with its offset when it keeps a host
  *    cluster), a compressed one is data without an offset, and an
  *    unallocated one is asked of the backing chain (one level deeper), or
- *    reads zeros without one or past the backing file's end.
+ *    reads zeros without one or past the backing file's end.  A raw
+ *    backing file is data where it has data and zeros in its holes.
  *  - img->lock is held only while one extent or one cell is worked out,
  *    so a live mount's guests wait at most that long; the backing chain
  *    is asked with our lock released (its own locks nest inside nothing
@@ -23,7 +24,9 @@
  *    error returned to the caller.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "qcow_internal.h"
 #include "qcow_subcluster.h"
@@ -148,8 +151,34 @@ static int first_run(struct qcow_image *img, uint64_t off, uint64_t max_len, str
 	return ret;
 }
 
-/* The backing file's status of [off, off + len): every byte of a raw
- * backing file is data at its own offset. */
+/* A raw backing file at guest offset off: its holes read zeros, the rest
+ * is data at its own offset, as QEMU's file driver reports them
+ * (SEEK_DATA/SEEK_HOLE).  Asked of the file by its path, since the I/O
+ * backends have no such call; a file system without them is all data.
+ * *len shrinks to the run from off. */
+static bool raw_hole(const char *path, uint64_t off, uint64_t *len)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	bool hole = false;
+	if (fd < 0)
+		return false;
+	off_t d = lseek(fd, (off_t)off, SEEK_DATA);
+	if (d < 0 && errno == ENXIO) {
+		hole = true;   /* no data from off to the end */
+	} else if (d >= 0 && (uint64_t)d > off) {
+		hole = true;
+		if ((uint64_t)d - off < *len)
+			*len = (uint64_t)d - off;
+	} else if (d >= 0) {
+		off_t h = lseek(fd, (off_t)off, SEEK_HOLE);
+		if (h > (off_t)off && (uint64_t)h - off < *len)
+			*len = (uint64_t)h - off;
+	}
+	close(fd);
+	return hole;
+}
+
+/* The backing file's status of [off, off + len). */
 static int backing_extent(struct qcow_image *img, uint64_t off, uint64_t len, struct qcow_map_extent *ext)
 {
 	struct qcow_backing *b = img->backing;
@@ -166,7 +195,9 @@ static int backing_extent(struct qcow_image *img, uint64_t off, uint64_t len, st
 	ext->start = off;
 	ext->length = len;
 	ext->depth = 1;
-	ext->present = ext->data = ext->has_offset = true;
+	ext->present = ext->has_offset = true;
+	ext->zero = raw_hole(b->path, off, &ext->length);
+	ext->data = !ext->zero;
 	ext->offset = off;
 	ext->file = b->path;
 	return 0;

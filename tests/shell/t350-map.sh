@@ -2,7 +2,8 @@
 # t350-map: qcowctl map (issue 9, "qcowctl map: see the image").
 #  - --output=json equals qemu-img map --output=json on the same images:
 #    plain, compressed, zero clusters (plain and allocated), internal
-#    snapshots, a backing chain of depth 2, extended L2 (subclusters);
+#    snapshots, a backing chain of depth 2, extended L2 (subclusters), an
+#    external data file and a raw backing file with holes;
 #    QEMU 7.2 prints no "compressed" key (8.2 does), so ours is dropped
 #    before the comparison.  The human format equals qemu-img's where it
 #    prints the same file names.
@@ -97,6 +98,20 @@ same_map ext.qcow2
 mkimg extb.qcow2 16M "extended_l2=on,cluster_size=64k,backing_file=base.qcow2,backing_fmt=qcow2"
 qio extb.qcow2 'write -P 5 4k 4k' 'write -z 64k 8k' 'write -P 6 12M 6k'
 same_map extb.qcow2
+
+# an external data file: offsets in it, its name in the human format
+mkimg df.qcow2 8M "data_file=df.data"
+qio df.qcow2 'write -P 1 0 1M' 'write -z 2M 64k' 'write -P 2 4M 64k'
+same_map df.qcow2
+same_human df.qcow2
+
+# a raw backing file: its holes read zeros (depth 1, present), the rest data
+qemu-img create -q -f raw rb.raw 8M
+qemu-io -f raw -c 'write -P 1 1M 1M' rb.raw >/dev/null
+mkimg rb.qcow2 8M "backing_file=rb.raw,backing_fmt=raw"
+qio rb.qcow2 'write -P 3 0 64k'
+same_map rb.qcow2
+same_human rb.qcow2
 
 # ---- pictures ------------------------------------------------------------
 
