@@ -14,7 +14,7 @@
 #    compaction it differs from the one before, and the file got shorter.
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
-need qemu-img qemu-io fallocate dd
+need qemu-img qemu-io fallocate dd script
 
 # same_map IMAGE: our JSON equals qemu-img's
 same_map() {
@@ -170,6 +170,10 @@ widths=$(awk '{ print length($0) }' <<<"$rows" | sort -un | tr '\n' ' ')
 [ "$(awk 'length($0) > 64' <<<"$rows" | wc -l)" = 0 ] || fail "a row of --picture - is wider than 64 cells ($widths)"
 grep -q '^  # data ' plain.txt || fail "--picture - has no legend: $(tail -n 5 plain.txt)"
 log "--picture -: $(wc -l <<<"$rows") rows, widths $widths"
+# on a terminal (script(1) gives it one): colour codes
+script -qec "$(printf '%q ' "$QCOWCTL" map --picture - small.qcow2)" /dev/null >tty.txt </dev/null ||
+	fail "qcowctl map --picture - on a terminal failed: $(cat tty.txt)"
+grep -q $'\033\\[38;5;[0-9]*m#' tty.txt || fail "--picture - on a terminal has no colours: $(head -n 3 tty.txt)"
 
 # ---- the live picture during a compaction ----------------------------------
 
@@ -204,6 +208,15 @@ log "before: $(sed -n 1p before.txt)"
 log "after:  $(sed -n 1p "during.$n.txt")"
 # the mapping of a live mount (read without locks, as qemu-img map -U)
 "$QCOWCTL" map --output=json "$MNT" >live.json || fail "qcowctl map --output=json on the mount failed"
+qemu-img map -U --output=json "$IMG" >live.qemu.json || fail "qemu-img map -U on the mounted image failed"
+$PYTHON - live.qemu.json live.json <<'EOF' || fail "qcowctl map on the mount differs from qemu-img map -U"
+import json, sys
+theirs = json.load(open(sys.argv[1]))
+ours = json.load(open(sys.argv[2]))
+for e in ours:
+    e.pop("compressed")
+sys.exit(theirs != ours)
+EOF
 qumount "$MNT"
 qcheck "$IMG"
 same_map "$IMG"
