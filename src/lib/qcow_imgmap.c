@@ -158,8 +158,10 @@ static int first_run(struct qcow_image *img, uint64_t off, uint64_t max_len, str
  * *len shrinks to the run from off. */
 static bool raw_hole(const char *path, uint64_t off, uint64_t *len)
 {
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	bool hole = false;
+	if (!path)     /* a backing file on another backend (unit tests) */
+		return false;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return false;
 	off_t d = lseek(fd, (off_t)off, SEEK_DATA);
