@@ -172,6 +172,7 @@ int cmd_map(const struct command *self, int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	enum map_format fmt = MAP_HUMAN;
+	bool fmt_given = false;
 	const char *picture = NULL, *target;
 	struct qcow_image *img = NULL;
 	struct qcow_picture *pic = NULL;
@@ -187,6 +188,7 @@ int cmd_map(const struct command *self, int argc, char **argv)
 				fmt = MAP_HUMAN;
 			else
 				return ctl_usage_error(self, "--output must be human or json, not '%s'", optarg);
+			fmt_given = true;
 			break;
 		case 'p':
 			picture = optarg;
@@ -198,6 +200,8 @@ int cmd_map(const struct command *self, int argc, char **argv)
 			return ctl_other_option(self, opt, argv);
 		}
 	}
+	if (picture && fmt_given)
+		return ctl_usage_error(self, "--output and --picture do not go together");
 	if ((ret = ctl_single_operand(self, argc, argv, "IMAGE or MOUNTPOINT", &target)))
 		return ret;
 
@@ -237,7 +241,6 @@ int cmd_map(const struct command *self, int argc, char **argv)
 
 	if (live ? open_live_image(target, text, &img) < 0 : ctl_image_open_offline(target, true, &img) < 0)
 		goto out;
-	fflush(stdout);
 	status = print_map(img, target, fmt);
 out:
 	if (img && ctl_image_close_offline(img, target) < 0)

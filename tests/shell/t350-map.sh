@@ -113,6 +113,19 @@ qio rb.qcow2 'write -P 3 0 64k'
 same_map rb.qcow2
 same_human rb.qcow2
 
+# mistakes on the command line and a missing target: exit 1 with a reason
+for args in "--output=xml plain.qcow2" "--output=json --picture x.svg plain.qcow2" "" "plain.qcow2 extra"; do
+	rc=0
+	# shellcheck disable=SC2086
+	"$QCOWCTL" map $args >usage.out 2>usage.err || rc=$?
+	[ $rc = 1 ] || fail "qcowctl map $args exited $rc, not 1"
+	grep -q '^qcowctl: map: ' usage.err || fail "qcowctl map $args gave no reason: $(cat usage.err)"
+done
+rc=0
+"$QCOWCTL" map nosuch.qcow2 >/dev/null 2>usage.err || rc=$?
+[ $rc = 1 ] && grep -q 'nosuch.qcow2' usage.err || fail "qcowctl map of a missing file: exit $rc, $(cat usage.err)"
+[ ! -e x.svg ] || fail "a refused command wrote x.svg"
+
 # ---- pictures ------------------------------------------------------------
 
 # check_svg SVG: well-formed, a legend with every kind, cells within the cap
