@@ -111,14 +111,16 @@ static int print_map(struct qcow_image *img, const char *image, enum map_format 
 	return EXIT_SUCCESS;
 }
 
-/* The image of a live mount, read-only and unlocked (qemu-img -U). */
-static int open_live_image(const char *mountpoint, const char *text, struct qcow_image **img)
+/* The image of a live mount, read-only and unlocked (qemu-img -U); its
+ * path (malloc'ed) into *image. */
+static int open_live_image(const char *mountpoint, const char *text, struct qcow_image **img, char **image_out)
 {
 	struct qcow_open_opts opts;
 	char err[1024] = "", what[4200];
 	char *image = ctl_status_value(text, "image");
 	int ret;
 
+	*image_out = NULL;
 	if (!image || !*image) {
 		free(image);
 		ctl_print_error("%s: the daemon's status names no image", mountpoint);
@@ -133,7 +135,10 @@ static int open_live_image(const char *mountpoint, const char *text, struct qcow
 	ctl_engine_call_begin(true);
 	ret = qcow_image_open(image, &opts, img, err, sizeof(err));
 	ctl_engine_call_end(ret, what, err);
-	free(image);
+	if (ret < 0)
+		free(image);
+	else
+		*image_out = image;
 	return ret;
 }
 
@@ -176,7 +181,7 @@ int cmd_map(const struct command *self, int argc, char **argv)
 	const char *picture = NULL, *target;
 	struct qcow_image *img = NULL;
 	struct qcow_picture *pic = NULL;
-	char *text = NULL;
+	char *text = NULL, *live_image = NULL;
 	int opt, ret, status = EXIT_FAILURE;
 
 	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
@@ -239,14 +244,16 @@ int cmd_map(const struct command *self, int argc, char **argv)
 		goto out;
 	}
 
-	if (live ? open_live_image(target, text, &img) < 0 : ctl_image_open_offline(target, true, &img) < 0)
+	if (live ? open_live_image(target, text, &img, &live_image) < 0 : ctl_image_open_offline(target, true, &img) < 0)
 		goto out;
-	status = print_map(img, target, fmt);
+	/* the human format names the file holding the data: the image */
+	status = print_map(img, live_image ? live_image : target, fmt);
 out:
 	if (img && ctl_image_close_offline(img, target) < 0)
 		status = EXIT_FAILURE;
 	free(pic);
 	free(text);
+	free(live_image);
 	fflush(stdout);
 	return status;
 }

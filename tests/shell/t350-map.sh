@@ -230,6 +230,10 @@ for e in ours:
     e.pop("compressed")
 sys.exit(theirs != ours)
 EOF
+# the human format names the image file the daemon serves
+"$QCOWCTL" map "$MNT" >live.txt || fail "qcowctl map on the mount failed"
+qemu-img map -U "$(realpath "$IMG")" >live.qemu.txt || fail "qemu-img map -U (human) failed"
+diff -u live.qemu.txt live.txt >&2 || fail "qcowctl map (human) on the mount differs from qemu-img map -U"
 qumount "$MNT"
 qcheck "$IMG"
 same_map "$IMG"
