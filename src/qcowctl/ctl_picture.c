@@ -25,6 +25,7 @@
 #define GRID_COLUMNS 64
 #define CELL_PX 12
 #define MARGIN_PX 10
+#define LABEL_PX 70   /* the file offset each row starts at, left of the grid */
 
 struct kind_style {
 	const char *name;
@@ -83,9 +84,9 @@ static int draw_svg(const struct qcow_picture *pic, const char *target, const ch
 	char line[256];
 	uint32_t cols = pic->cells < GRID_COLUMNS ? (pic->cells ? pic->cells : 1) : GRID_COLUMNS;
 	uint32_t rows = (pic->cells + GRID_COLUMNS - 1) / GRID_COLUMNS;
-	unsigned grid_w = cols * CELL_PX, grid_h = rows * CELL_PX;
+	unsigned grid_w = cols * CELL_PX, grid_h = rows * CELL_PX, grid_x = MARGIN_PX + LABEL_PX;
 	unsigned legend_y = MARGIN_PX + 40 + grid_h + 16;
-	unsigned width = grid_w + 2 * MARGIN_PX < 520 ? 520 : grid_w + 2 * MARGIN_PX;
+	unsigned width = grid_x + grid_w + MARGIN_PX < 560 ? 560 : grid_x + grid_w + MARGIN_PX;
 	unsigned height = legend_y + QCOW_PIC_NKINDS * 18 + MARGIN_PX;
 	FILE *f = fopen(path, "w");
 
@@ -104,12 +105,21 @@ static int draw_svg(const struct qcow_picture *pic, const char *target, const ch
 	fprintf(f, "<text x=\"%u\" y=\"%u\" font-weight=\"bold\">", MARGIN_PX, MARGIN_PX + 12);
 	xml_text(f, target);
 	fprintf(f, "</text>\n<text class=\"summary\" x=\"%u\" y=\"%u\">%s</text>\n", MARGIN_PX, MARGIN_PX + 30, line);
-	fprintf(f, "<g class=\"cells\" stroke=\"#d0d0d0\" stroke-width=\"0.5\">\n");
+	/* where each row starts in the file: the scale at a glance */
+	fprintf(f, "<g class=\"offsets\" font-size=\"10\" text-anchor=\"end\" fill=\"#606060\">\n");
+	for (uint32_t r = 0; r < rows; r++) {
+		char at[64];
+		ctl_format_human_size((uint64_t)r * GRID_COLUMNS * pic->clusters_per_cell * pic->cluster_size, at,
+				      sizeof(at));
+		fprintf(f, "<text x=\"%u\" y=\"%u\">%s</text>\n", grid_x - 4,
+			MARGIN_PX + 40 + r * CELL_PX + CELL_PX - 2, r ? at : "0");
+	}
+	fprintf(f, "</g>\n<g class=\"cells\" stroke=\"#d0d0d0\" stroke-width=\"0.5\">\n");
 	for (uint32_t i = 0; i < pic->cells; i++) {
 		unsigned k = pic->cell[i] < QCOW_PIC_NKINDS ? pic->cell[i] : QCOW_PIC_JUNK;
 		fprintf(f, "<rect x=\"%u\" y=\"%u\" width=\"%u\" height=\"%u\" fill=\"%s\"><title>cell %" PRIu32
 			   ": %s</title></rect>\n",
-			MARGIN_PX + (i % GRID_COLUMNS) * CELL_PX, MARGIN_PX + 40 + (i / GRID_COLUMNS) * CELL_PX,
+			grid_x + (i % GRID_COLUMNS) * CELL_PX, MARGIN_PX + 40 + (i / GRID_COLUMNS) * CELL_PX,
 			CELL_PX, CELL_PX, styles[k].colour, i, styles[k].name);
 	}
 	fprintf(f, "</g>\n<g class=\"legend\">\n");

@@ -47,7 +47,7 @@ same_human() {
 	diff -u "$T/$name.qemu.txt" "$T/$name.ours.txt" >&2 || fail "qcowctl map (human) differs from qemu-img map on $name"
 }
 
-cd "$T"
+cd "$T" || fail "cannot enter $T"
 
 # plain: data here and there, one discarded range, a partial last cluster
 mkimg plain.qcow2 $((64 << 20))
@@ -123,7 +123,9 @@ for args in "--output=xml plain.qcow2" "--output=json --picture x.svg plain.qcow
 done
 rc=0
 "$QCOWCTL" map nosuch.qcow2 >/dev/null 2>usage.err || rc=$?
-[ $rc = 1 ] && grep -q 'nosuch.qcow2' usage.err || fail "qcowctl map of a missing file: exit $rc, $(cat usage.err)"
+if [ $rc != 1 ] || ! grep -q 'nosuch.qcow2' usage.err; then
+	fail "qcowctl map of a missing file: exit $rc, $(cat usage.err)"
+fi
 [ ! -e x.svg ] || fail "a refused command wrote x.svg"
 
 # ---- pictures ------------------------------------------------------------
