@@ -394,6 +394,46 @@ struct qcow_pbitmap_info {
 };
 int qcow_pbitmap_list_file(const char *path, struct qcow_pbitmap_info **out, uint32_t *count, char *err, size_t errlen);
 
+/* ---- the map of an image: what qcowctl map shows (qcow_imgmap.c) ---- */
+
+/* What guest bytes [start, start + length) show, as qemu-img map reports
+ * it: depth is how many images down the backing chain it comes from;
+ * present: allocated there (data or zero flag); offset (has_offset) the
+ * host offset in file (NULL: the image itself; else the backing file or
+ * the external data file, a path owned by the image). */
+struct qcow_map_extent {
+	uint64_t start, length;
+	uint32_t depth;
+	bool present, zero, data, compressed, has_offset;
+	uint64_t offset;
+	const char *file;
+};
+/* The extent from guest offset off (at most max_len bytes; one L2 table's
+ * range at most, callers loop and merge): 0, -ENXIO past the end, or a
+ * negative errno (an L2 table that cannot be read). */
+int qcow_image_map_extent(struct qcow_image *img, uint64_t off, uint64_t max_len,
+			  struct qcow_map_extent *ext);
+
+/* What a cluster of the image file holds, for its picture. */
+enum qcow_pic_kind {
+	QCOW_PIC_HEADER, QCOW_PIC_L1, QCOW_PIC_L2, QCOW_PIC_REFTABLE, QCOW_PIC_REFBLOCK,
+	QCOW_PIC_SNAPSHOT, QCOW_PIC_BITMAP, QCOW_PIC_DATA, QCOW_PIC_COMPRESSED, QCOW_PIC_SHARED,
+	QCOW_PIC_JUNK, QCOW_PIC_ERASED, QCOW_PIC_AVAILABLE, QCOW_PIC_MOVING,
+	QCOW_PIC_NKINDS
+};
+#define QCOW_PICTURE_MAX_CELLS 4096
+/* The image file in at most QCOW_PICTURE_MAX_CELLS cells of
+ * clusters_per_cell clusters each; a cell holds its dominant kind
+ * (ties: the lower kind), totals counts clusters per kind. */
+struct qcow_picture {
+	uint64_t file_size, cluster_size, clusters, clusters_per_cell;
+	uint32_t cells;
+	uint64_t totals[QCOW_PIC_NKINDS];
+	uint8_t cell[QCOW_PICTURE_MAX_CELLS];
+};
+/* Fills *pic from the cluster map (max_cells 0: the cap); 0 or -errno. */
+int qcow_image_picture(struct qcow_image *img, uint32_t max_cells, struct qcow_picture *pic);
+
 /* Version strings of the engine and the allocator. */
 const char *qcow_version(void);
 const char *qcow_allocator_version(void);

@@ -16,6 +16,7 @@
  *   unmount   unmount, wait for the daemon's close report, verify    cmd_unmount.c
  *   attach    an image as a loop block device (mounting it first)    cmd_attach.c
  *   detach    undo attach: loop device, mount, mountpoint file       cmd_attach.c
+ *   map       qemu-img map's mapping, or a picture of the image file cmd_map.c
  *
  * Rules (for the whole tool):
  *  - Talks to a running daemon only through the ioctls of
@@ -253,6 +254,21 @@ static const struct command commands[] = {
 	  "checks the image), and removes the mountpoint file if attach created it\n"
 	  "(attach keeps that in /run/qcowfs/attach/loopN).\n"
 	  "Exit status: 0 when all of that succeeded, 1 otherwise.\n" },
+	{ "map", cmd_map, "map [--output=human|json] [--picture FILE.svg|-] [--data-file PATH] IMAGE|MOUNTPOINT",
+	  "show where the guest's data lives in the image, or draw the image file",
+	  "      --output=FORMAT      human (default) or json: qemu-img map's formats\n"
+	  "      --picture FILE       draw the image file as a grid of cells coloured by\n"
+	  "                           what they hold, into FILE (SVG); '-': one character\n"
+	  "                           per cell on stdout, in colour on a terminal\n"
+	  "      --data-file PATH     the image's external data file, instead of the name\n"
+	  "                           the image records\n",
+	  "The mapping is qemu-img map's: guest ranges merged by depth in the backing\n"
+	  "chain, present/zero/data/compressed and the host offset (the JSON also has\n"
+	  "\"compressed\", as QEMU 8.2 prints it).  On a mountpoint the mapping is read\n"
+	  "from the image file without locks (as qemu-img map -U): what the daemon has\n"
+	  "flushed.  The picture of a mountpoint is the daemon's live cluster map, so\n"
+	  "running it again during a compaction shows the tail emptying.  At most 4096\n"
+	  "cells (64 per row); a cell shows the kind most of its clusters hold.\n" },
 	{ "help", cmd_help, "help [COMMAND]",
 	  "show the help of qcowctl or of one command",
 	  "", NULL },

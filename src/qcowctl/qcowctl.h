@@ -80,6 +80,15 @@ int cmd_detach(const struct command *self, int argc, char **argv);
  * success line and the check's findings (cmd_unmount.c). */
 int ctl_unmount_and_check(const char *mountpoint, FILE *out);
 
+/* map: qemu-img map's mapping, or the picture of the image file (cmd_map.c). */
+int cmd_map(const struct command *self, int argc, char **argv);
+
+/* ---- the picture of an image file (ctl_picture.c) ------------------------ */
+
+/* Draws pic of target into out: an SVG file, or "-" one character per
+ * cell on stdout (coloured on a terminal); 0 or -1 after reporting. */
+int ctl_picture_draw(const struct qcow_picture *pic, const char *target, const char *out);
+
 /* ---- option parsing (qcowctl.c) ------------------------------------------ */
 
 /* --data-file PATH of the commands that open an image offline, or NULL. */

@@ -975,6 +975,34 @@ static void snapshot_list_ioctl(fuse_req_t req, uint64_t fh)
 	free(l);
 }
 
+/* The picture of the image file (QCOWFS_IOC_PICTURE): read access. */
+static void picture_ioctl(fuse_req_t req, uint64_t fh)
+{
+	if (!(fh & FH_READABLE)) {
+		fuse_reply_err(req, EBADF);
+		return;
+	}
+	struct qcow_picture *pic = calloc(1, sizeof(*pic));
+	struct qcowfs_picture *out = calloc(1, sizeof(*out));
+	int ret = pic && out ? qcow_image_picture(qcowfs.img, QCOWFS_PICTURE_CELLS, pic) : -ENOMEM;
+	if (ret == 0) {
+		out->file_size = pic->file_size;
+		out->cluster_size = pic->cluster_size;
+		out->clusters = pic->clusters;
+		out->clusters_per_cell = pic->clusters_per_cell;
+		out->cells = pic->cells;
+		out->kinds = QCOW_PIC_NKINDS;
+		for (unsigned k = 0; k < QCOW_PIC_NKINDS; k++)
+			out->totals[k] = pic->totals[k];
+		memcpy(out->cell, pic->cell, pic->cells);
+		fuse_reply_ioctl(req, 0, out, sizeof(*out));
+	} else {
+		fuse_reply_err(req, -ret);
+	}
+	free(pic);
+	free(out);
+}
+
 /*
  * The control channel of qcowctl (qcowfs_ioctl.h).  There is deliberately
  * no xattr operation: see the comment there.  The kernel lets only a
@@ -1044,6 +1072,9 @@ static void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg
 		return;
 	case QCOWFS_IOC_SNAPSHOT_LIST:
 		snapshot_list_ioctl(req, fh);
+		return;
+	case QCOWFS_IOC_PICTURE:
+		picture_ioctl(req, fh);
 		return;
 	default:
 		fuse_reply_err(req, ENOTTY);

@@ -91,4 +91,23 @@ struct qcowfs_snapshot_list {
 };
 #define QCOWFS_IOC_SNAPSHOT_LIST _IOR(QCOWFS_IOC_MAGIC, 7, struct qcowfs_snapshot_list)
 
+/* The picture of the image file (qcowctl map --picture on a mount): the
+ * daemon's cluster map summed into at most QCOWFS_PICTURE_CELLS cells of
+ * clusters_per_cell clusters; cell[i] is the kind most of its clusters
+ * have (the numbering of enum qcow_pic_kind in qcow.h: 0 header, 1 L1,
+ * 2 L2, 3 refcount table, 4 refcount block, 5 snapshot tables, 6 bitmap
+ * structures, 7 data, 8 compressed data, 9 shared data, 10 junk,
+ * 11 erased, 12 available, 13 moving), totals[k] the clusters of kind k
+ * in the whole file.  Needs a descriptor that may read.  A fixed size
+ * (4.3 KB) for FUSE's restricted ioctls. */
+#define QCOWFS_PICTURE_CELLS 4096
+#define QCOWFS_PICTURE_KINDS 16
+struct qcowfs_picture {
+	uint64_t file_size, cluster_size, clusters, clusters_per_cell;
+	uint32_t cells, kinds;        /* kinds: how many of totals[] are used */
+	uint64_t totals[QCOWFS_PICTURE_KINDS];
+	uint8_t cell[QCOWFS_PICTURE_CELLS];
+};
+#define QCOWFS_IOC_PICTURE _IOR(QCOWFS_IOC_MAGIC, 10, struct qcowfs_picture)
+
 #endif
