@@ -176,10 +176,17 @@ static const struct command commands[] = {
 	  "                           {\"error\": {\"message\", \"errno\", \"errno-value\"}})\n",
 	  "Exit status: 0 clean, 1 the check could not run, 2 corruptions found,\n"
 	  "3 leaked clusters only (as qemu-img check).\n" },
-	{ "status", cmd_status, "status [--json|--raw] MOUNTPOINT",
+	{ "status", cmd_status, "status [--json|--raw|--prometheus|--watch [--interval S]] MOUNTPOINT",
 	  "show the live statistics of a qcowfs mount",
 	  "      --json               print a JSON object\n"
-	  "      --raw                print the daemon's key=value lines as they are (for scripts)\n", NULL },
+	  "      --raw                print the daemon's key=value lines as they are (for scripts)\n"
+	  "      --prometheus         print the Prometheus text exposition format (qcowfs_*)\n"
+	  "      --watch              refresh until Ctrl-C or until the mount goes away, with a\n"
+	  "                           progress line while a compaction runs\n"
+	  "      --interval S         seconds between refreshes of --watch (default 2)\n",
+	  "--prometheus writes a file for node_exporter's textfile collector, e.g.\n"
+	  "  qcowctl status --prometheus /mnt/disk.raw > /var/lib/node_exporter/qcowfs.prom.tmp &&\n"
+	  "  mv /var/lib/node_exporter/qcowfs.prom.tmp /var/lib/node_exporter/qcowfs.prom\n" },
 	{ "compact", cmd_compact, "compact [--no-wait] [--data-file PATH] MOUNTPOINT|IMAGE",
 	  "shrink an image file now, through its live mount or offline",
 	  "      --no-wait            on a mountpoint: request the compaction and return at once\n"
