@@ -125,7 +125,7 @@ void ctl_status_error_message(const char *mountpoint, int ret, char *buf, size_t
 		snprintf(buf, len, "%s is not a qcowfs mount", mountpoint);
 	else if (ret == -ENOTCONN)
 		snprintf(buf, len, "%s: the qcowfs daemon is gone (killed or crashed); "
-			 "'fusermount3 -u %s' detaches the dead mount", mountpoint, mountpoint);
+			 "'qcowctl unmount %s' detaches the dead mount and checks the image", mountpoint, mountpoint);
 	else if (ret == -EPROTO)
 		snprintf(buf, len, "%s: the status from qcowfs could not be parsed (qcowctl and qcowfs versions differ?)",
 			 mountpoint);
