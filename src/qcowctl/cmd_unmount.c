@@ -388,7 +388,7 @@ static int unmount_dead_mount(const char *mountpoint)
 	}
 	if (res.leaks)
 		printf("unmounted %s (its qcowfs daemon had died); %s has no errors, %" PRIu64
-		       " leaked clusters (space only, no harm to data; 'qemu-img check -r leaks' frees them)\n",
+		       " leaked clusters (space only, no harm to data; the next read-write open repairs them)\n",
 		       mountpoint, image, res.leaks);
 	else
 		printf("unmounted %s (its qcowfs daemon had died); %s checks clean\n", mountpoint, image);

@@ -198,6 +198,8 @@ static const struct command commands[] = {
 	  "moved and the file size before -> after, and, when the file stays above the\n"
 	  "smallest size the engine could reach, what holds it there (a persistent\n"
 	  "bitmap, a snapshot mounted by another process, ...).\n"
+	  "An image file that a qcowfs mount serves is not opened: the message names\n"
+	  "the mountpoint (and the daemon's pid) to use instead.\n"
 	  "Exit status: 0 when the compaction worked, 1 when it failed (the engine\n"
 	  "counted a failed compaction or returned an error; 100% is never shown then).\n" },
 	{ "sparsify", cmd_sparsify, "sparsify MOUNTPOINT|IMAGE",
@@ -231,8 +233,12 @@ static const struct command commands[] = {
 	  "Before unmounting, connects to the daemon's close report (a socket named in\n"
 	  "the status); after the close the daemon sends its exit status and messages,\n"
 	  "which are printed when the close failed.  Then the image is checked.\n"
+	  "A mount whose daemon is dead (\"Transport endpoint is not connected\") is\n"
+	  "unmounted here (fusermount3 -u, or a lazy unmount when that fails) and its\n"
+	  "image, found in the mount table, is checked.\n"
 	  "Exit status: 0 when qcowfs closed the image cleanly and the check is clean\n"
-	  "(or, from a qcowfs without a report, the check alone is clean); 1 otherwise.\n" },
+	  "(or, from a qcowfs without a report, the check alone is clean; after a dead\n"
+	  "daemon, the check found no errors); 1 otherwise.\n" },
 	{ "help", cmd_help, "help [COMMAND]",
 	  "show the help of qcowctl or of one command",
 	  "", NULL },
