@@ -183,10 +183,11 @@ static bool image_is_mounted(const char *command, const char *image)
 {
 	char mountpoint[PATH_MAX];
 	long pid = 0;
+	bool read_only = false;
 
-	if (ctl_find_image_mount(image, mountpoint, sizeof(mountpoint), &pid) < 0)
+	if (ctl_find_image_mount(image, mountpoint, sizeof(mountpoint), &pid, &read_only) < 0)
 		return false;
-	ctl_report_image_mounted(command, image, mountpoint, pid);
+	ctl_report_image_mounted(command, image, mountpoint, pid, read_only);
 	return true;
 }
 

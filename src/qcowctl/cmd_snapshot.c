@@ -197,15 +197,16 @@ static int snapshot_image(enum snap_action act, const char *name, const char *im
 	struct qcow_image *img = NULL;
 	char mountpoint[PATH_MAX], word[4 * QCOW_SNAPSHOT_NAME_MAX + 8], command[sizeof(word) + 32];
 	long pid = 0;
+	bool read_only = false;
 
 	/* A mounted image is locked by its daemon: a list goes through the
 	 * mount (it shows the same table); a change names where it is mounted. */
-	if (ctl_find_image_mount(image, mountpoint, sizeof(mountpoint), &pid) == 0) {
+	if (ctl_find_image_mount(image, mountpoint, sizeof(mountpoint), &pid, &read_only) == 0) {
 		if (act == SNAP_LIST)
 			return snapshot_mount(act, NULL, false, mountpoint);
 		ctl_shell_word(name, word, sizeof(word));
 		snprintf(command, sizeof(command), "snapshot %s %s", snap_action_names[act], word);
-		ctl_report_image_mounted(command, image, mountpoint, pid);
+		ctl_report_image_mounted(command, image, mountpoint, pid, read_only);
 		return EXIT_FAILURE;
 	}
 	/* the image lock as a writer (a reader for list) */

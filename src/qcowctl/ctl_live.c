@@ -299,7 +299,7 @@ static bool same_file(const char *a, const struct stat *b)
 	return stat(a, &sa) == 0 && sa.st_dev == b->st_dev && sa.st_ino == b->st_ino;
 }
 
-int ctl_find_image_mount(const char *image, char *mountpoint, size_t len, long *pid)
+int ctl_find_image_mount(const char *image, char *mountpoint, size_t len, long *pid, bool *read_only)
 {
 	struct stat img_st;
 	char *line = NULL, *mnt, *type, *src;
@@ -313,7 +313,7 @@ int ctl_find_image_mount(const char *image, char *mountpoint, size_t len, long *
 	if (!f)
 		return -errno;
 	while (ret == -ENOENT && getline(&line, &cap, f) > 0) {
-		char *text = NULL, *status_image = NULL, *pid_text = NULL;
+		char *text = NULL, *status_image = NULL, *pid_text = NULL, *ro_text = NULL;
 		bool match;
 
 		if (!mountinfo_split(line, &mnt, &type, &src) || !fstype_is_qcowfs(type))
@@ -327,14 +327,17 @@ int ctl_find_image_mount(const char *image, char *mountpoint, size_t len, long *
 			if (ctl_mount_read_status_text(mnt, &text) == 0) {
 				status_image = ctl_status_value(text, "image");
 				pid_text = ctl_status_value(text, "pid");
+				ro_text = ctl_status_value(text, "read_only");
 			}
 			match = match || (status_image && same_file(status_image, &img_st));
 		}
 		if (match) {
 			snprintf(mountpoint, len, "%s", mnt);
 			*pid = pid_text ? strtol(pid_text, NULL, 10) : 0;
+			*read_only = ro_text && strcmp(ro_text, "1") == 0;
 			ret = 0;
 		}
+		free(ro_text);
 		free(pid_text);
 		free(status_image);
 		free(text);
@@ -373,7 +376,8 @@ void ctl_shell_word(const char *path, char *out, size_t len)
 	out[used] = '\0';
 }
 
-void ctl_report_image_mounted(const char *command, const char *image, const char *mountpoint, long pid)
+void ctl_report_image_mounted(const char *command, const char *image, const char *mountpoint, long pid,
+			      bool read_only)
 {
 	char word[2 * PATH_MAX];
 	char who[48] = "";
@@ -381,8 +385,13 @@ void ctl_report_image_mounted(const char *command, const char *image, const char
 	ctl_shell_word(mountpoint, word, sizeof(word));
 	if (pid > 0)
 		snprintf(who, sizeof(who), " (qcowfs pid %ld)", pid);
-	ctl_print_error("%s is mounted at %s%s; work through the mount: qcowctl %s %s", image, mountpoint, who,
-			command, word);
+	/* a read-only mount (a snapshot view, -o ro) refuses changes too */
+	if (read_only)
+		ctl_print_error("%s is mounted read-only at %s%s; it must be unmounted first: qcowctl unmount %s", image,
+				mountpoint, who, word);
+	else
+		ctl_print_error("%s is mounted at %s%s; work through the mount: qcowctl %s %s", image, mountpoint, who,
+				command, word);
 }
 
 /* ---- progress display --------------------------------------------------- */
