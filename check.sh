@@ -48,6 +48,7 @@ packages=(
 	libfuse3-dev fuse3 libjemalloc-dev zlib1g-dev libzstd-dev
 	qemu-utils qemu-system-common    # qemu-img, qemu-io, qemu-storage-daemon
 	fio e2fsprogs util-linux python3 kmod
+	bsdutils                         # script(1): a terminal for t360
 )
 
 install_packages() {

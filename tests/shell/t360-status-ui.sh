@@ -6,18 +6,21 @@
 #     per line; its own self-test first, so the checker can fail), with
 #     qcowfs_* names, counters in _total, and an image label that carries
 #     a path with a double quote, a backslash and a space, escaped.
-#  2. status --watch under timeout -s INT: at least two refreshes, exit 0;
+#  2. status --watch under timeout -s INT: at least two refreshes, exit 0
+#     (in a file plain blocks; on a terminal redrawn in place, the cursor
+#     restored);
 #     while a compaction runs a progress line (moved / planned, rate,
 #     estimated end); when the mount goes away, exit 0 with a line saying so.
 #  3. unmount after kill -9 of the daemon: qcowctl unmount detaches the dead
 #     mount itself, checks the image and exits 0.
 #  4. compact / sparsify / snapshot of a mounted image file: the message
-#     names the mountpoint, not the engine's "stop it before mounting".
+#     names the mountpoint, not the engine's "stop it before mounting"; of
+#     an image mounted read-only, that it must be unmounted first.
 # Fails before issue 9: --watch and --prometheus did not exist, unmount of
 # a dead mount told the user to run fusermount3, compact said only "in use".
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
-need fallocate dd
+need fallocate dd script
 
 PROM=$TESTDIR/prom_check.py
 $PYTHON "$PROM" --self-test >"$T/prom-self.log" 2>&1 ||
@@ -53,6 +56,14 @@ timeout --preserve-status -s INT 3 "$QCOWCTL" status --watch --interval 0.5 "$MN
 n=$(grep -c '^state: ' "$T/watch.out" || true)
 [ "$n" -ge 2 ] || fail "status --watch showed $n refreshes in 3 s at 0.5 s: $(cat "$T/watch.out")"
 grep -q $'\e\[' "$T/watch.out" && fail "status --watch wrote terminal escapes into a file"
+# on a terminal (script gives it one): redrawn in place, the cursor back at the end
+rc=0
+script -qec "timeout --preserve-status -s INT 2 '$QCOWCTL' status --watch --interval 0.5 '$MNT'" \
+	"$T/tty.out" >/dev/null 2>&1 || rc=$?
+[ $rc = 0 ] || fail "status --watch on a terminal, stopped by SIGINT, exited $rc: $(tail -c 300 "$T/tty.out")"
+n=$(grep -c $'\e\[H\e\[2J' "$T/tty.out" || true)
+[ "$n" -ge 2 ] || fail "status --watch on a terminal did not redraw in place ($n redraws)"
+grep -q $'\e\[?25h' "$T/tty.out" || fail "status --watch did not restore the cursor after SIGINT"
 rc=0
 "$QCOWCTL" status --watch --interval 0 "$MNT" >"$T/usage.out" 2>&1 || rc=$?
 [ $rc = 1 ] || fail "--interval 0 was not refused as a usage error (exit $rc)"
@@ -106,6 +117,14 @@ for cmd in "compact" "sparsify" "snapshot create s1"; do
 done
 "$QCOWCTL" snapshot list "$CIMG" >"$T/list.out" 2>&1 ||
 	fail "qcowctl snapshot list on a mounted image failed: $(cat "$T/list.out")"
+# a read-only mount cannot compact: it must go first
+qmount "$IMG" "$MNT" -o ro
+rc=0
+"$QCOWCTL" compact "$IMG" >"$T/mounted.out" 2>&1 || rc=$?
+[ $rc = 1 ] || fail "qcowctl compact on a read-only mounted image exited $rc: $(cat "$T/mounted.out")"
+grep -qF "is mounted read-only at $MNT" "$T/mounted.out" ||
+	fail "qcowctl compact on a read-only mounted image does not say so: $(cat "$T/mounted.out")"
+qumount "$MNT"
 
 # ---- 3. unmount after kill -9 of the daemon --------------------------------
 pid=${_DAEMON[$CMNT]}
