@@ -267,36 +267,34 @@ static int status_prometheus(const char *mountpoint)
 {
 	struct qcow_stats st;
 	char *text = NULL, *image = NULL, *label = NULL;
+	int status = EXIT_FAILURE;
 	int ret = ctl_mount_read_status_text(mountpoint, &text);
 
 	if (ret < 0) {
 		ctl_report_status_error(mountpoint, ret);
-		return EXIT_FAILURE;
+		goto out;
 	}
 	if (qcow_stats_parse(text, &st) < 0) {
 		ctl_report_status_error(mountpoint, -EPROTO);
-		goto fail;
+		goto out;
 	}
 	/* an older daemon names no image: the mountpoint still tells them apart */
 	image = ctl_status_value(text, "image");
 	label = prom_escape_label(image ? image : mountpoint);
 	if (!label) {
 		ctl_print_error("%s", strerror(ENOMEM));
-		goto fail;
+		goto out;
 	}
 	if (status_print_prometheus(label, &st) < 0) {
 		ctl_print_error("cannot write the metrics: %s", strerror(EIO));
-		goto fail;
+		goto out;
 	}
+	status = EXIT_SUCCESS;
+out:
 	free(label);
 	free(image);
 	free(text);
-	return EXIT_SUCCESS;
-fail:
-	free(label);
-	free(image);
-	free(text);
-	return EXIT_FAILURE;
+	return status;
 }
 
 /* ---- --watch --------------------------------------------------------------- */
@@ -392,6 +390,20 @@ static bool watch_mount_gone(int ret)
 	return ret == -ENOENT || ret == -ENOTCONN || ctl_errno_means_not_qcowfs(-ret);
 }
 
+/* The first line of each refresh: which mount, when, how often. */
+static void watch_print_header(const char *mountpoint, unsigned interval_ms, bool tty)
+{
+	time_t t = time(NULL);
+	struct tm tm;
+	char at[32] = "";
+
+	if (localtime_r(&t, &tm))
+		strftime(at, sizeof(at), "%Y-%m-%d %H:%M:%S", &tm);
+	printf("mountpoint:         ");
+	ctl_print_text_safely(mountpoint);
+	printf(" (%s, every %.1f s%s)\n", at, interval_ms / 1000.0, tty ? ", Ctrl-C ends" : "");
+}
+
 static int status_watch(const char *mountpoint, unsigned interval_ms)
 {
 	struct sigaction sa = { .sa_handler = watch_on_signal };
@@ -410,6 +422,8 @@ static int status_watch(const char *mountpoint, unsigned interval_ms)
 		uint64_t now;
 		int ret = ctl_mount_read_status(mountpoint, &st);
 
+		if (ret < 0 && watch_stop)
+			break;   /* the signal interrupted the read (EINTR): not an error */
 		if (ret < 0) {
 			if (round > 0 && watch_mount_gone(ret)) {
 				printf("%s%s is no longer mounted%s; stopped watching\n", tty ? "\n" : "", mountpoint,
@@ -426,17 +440,7 @@ static int status_watch(const char *mountpoint, unsigned interval_ms)
 			fputs("\033[H\033[2J", stdout);   /* cursor home, clear the screen */
 		else if (round > 0)
 			putchar('\n');
-		{
-			time_t t = time(NULL);
-			struct tm tm;
-			char at[32] = "";
-
-			if (localtime_r(&t, &tm))
-				strftime(at, sizeof(at), "%Y-%m-%d %H:%M:%S", &tm);
-			printf("mountpoint:         ");
-			ctl_print_text_safely(mountpoint);
-			printf(" (%s, every %.1f s%s)\n", at, interval_ms / 1000.0, tty ? ", Ctrl-C ends" : "");
-		}
+		watch_print_header(mountpoint, interval_ms, tty);
 		status_print_human(&st);
 		if (st.compacting)
 			watch_print_progress(&pass, &st, now);
