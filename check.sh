@@ -49,7 +49,7 @@ packages=(
 	qemu-utils qemu-system-common    # qemu-img, qemu-io, qemu-storage-daemon
 	fio e2fsprogs util-linux python3 kmod
 	xfsprogs gdisk                   # t340-attach: mkfs.xfs, sgdisk
-	bsdutils                         # script(1): t350 gives qcowctl map a terminal
+	bsdutils                         # script(1): a terminal for t350 and t360
 )
 
 install_packages() {

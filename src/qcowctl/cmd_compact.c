@@ -9,12 +9,15 @@
  *    and never prints 100 %.
  *  - A live request the daemon never reports as started nor finished
  *    within COMPACT_PICKUP_GRACE_MS found nothing to do: no complaint.
+ *  - An image file that a qcowfs mount serves is not opened offline: the
+ *    message names the mountpoint to use instead.
  */
 
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -174,6 +177,20 @@ static int compact_mount(const char *mountpoint, const struct qcow_stats *before
 	return EXIT_SUCCESS;
 }
 
+/* An image a qcowfs mount serves is locked by its daemon: say where it is
+ * mounted (the engine's lock message can only say "in use"). */
+static bool image_is_mounted(const char *command, const char *image)
+{
+	char mountpoint[PATH_MAX];
+	long pid = 0;
+	bool read_only = false;
+
+	if (ctl_find_image_mount(image, mountpoint, sizeof(mountpoint), &pid, &read_only) < 0)
+		return false;
+	ctl_report_image_mounted(command, image, mountpoint, pid, read_only);
+	return true;
+}
+
 static int compact_image(const char *image)
 {
 	struct qcow_image *img = NULL;
@@ -182,6 +199,8 @@ static int compact_image(const char *image)
 	struct stat before, after;
 	int ret;
 
+	if (image_is_mounted("compact", image))
+		return EXIT_FAILURE;
 	if (stat(image, &before) < 0) {
 		ctl_print_error("cannot access %s: %s", image, strerror(errno));
 		return EXIT_FAILURE;
@@ -404,6 +423,8 @@ static int sparsify_image(const char *image)
 	struct sparsify_display d = { .tty = isatty(STDOUT_FILENO), .shown = -1 };
 	struct stat before, after;
 
+	if (image_is_mounted("sparsify", image))
+		return EXIT_FAILURE;
 	if (stat(image, &before) < 0) {
 		ctl_print_error("cannot access %s: %s", image, strerror(errno));
 		return EXIT_FAILURE;

@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -194,6 +195,20 @@ static int snapshot_mount(enum snap_action act, const char *name, bool force, co
 static int snapshot_image(enum snap_action act, const char *name, const char *image)
 {
 	struct qcow_image *img = NULL;
+	char mountpoint[PATH_MAX], word[4 * QCOW_SNAPSHOT_NAME_MAX + 8], command[sizeof(word) + 32];
+	long pid = 0;
+	bool read_only = false;
+
+	/* A mounted image is locked by its daemon: a list goes through the
+	 * mount (it shows the same table); a change names where it is mounted. */
+	if (ctl_find_image_mount(image, mountpoint, sizeof(mountpoint), &pid, &read_only) == 0) {
+		if (act == SNAP_LIST)
+			return snapshot_mount(act, NULL, false, mountpoint);
+		ctl_shell_word(name, word, sizeof(word));
+		snprintf(command, sizeof(command), "snapshot %s %s", snap_action_names[act], word);
+		ctl_report_image_mounted(command, image, mountpoint, pid, read_only);
+		return EXIT_FAILURE;
+	}
 	/* the image lock as a writer (a reader for list) */
 	int ret = ctl_image_open_offline(image, act == SNAP_LIST, &img);
 	if (ret < 0) {

@@ -8,6 +8,8 @@
  *    failed.
  *  - Waits for the daemon to exit (up to UNMOUNT_WAIT_MS) before checking
  *    the image: the image is only consistent once the daemon has closed it.
+ *  - A mount whose daemon is dead (ENOTCONN) is unmounted here, and its
+ *    image (from the mount table) checked: the user is never told to do it.
  */
 
 #include <errno.h>
@@ -23,6 +25,7 @@
 #include <poll.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -36,10 +39,11 @@
 
 /* ---- unmount ------------------------------------------------------------- */
 
-/* Runs "fusermount3 -u MOUNTPOINT"; returns its exit status, 127 when it
- * could not be started, or -errno when fork failed.  quiet: its stderr
- * goes to /dev/null (an attempt that will be retried). */
-static int run_fusermount(const char *mountpoint, bool quiet)
+/* Runs "fusermount3 -u [-z] MOUNTPOINT"; returns its exit status, 127 when
+ * it could not be started, or -errno when fork failed.  quiet: its stderr
+ * goes to /dev/null (an attempt that will be retried); lazy: -z, detach
+ * now and let go when the last user does. */
+static int run_fusermount(const char *mountpoint, bool quiet, bool lazy)
 {
 	char path[PATH_MAX + 3];
 	int status;
@@ -57,7 +61,10 @@ static int run_fusermount(const char *mountpoint, bool quiet)
 			if (devnull >= 0)
 				dup2(devnull, STDERR_FILENO);
 		}
-		execlp("fusermount3", "fusermount3", "-u", path, (char *)NULL);
+		if (lazy)
+			execlp("fusermount3", "fusermount3", "-u", "-z", path, (char *)NULL);
+		else
+			execlp("fusermount3", "fusermount3", "-u", path, (char *)NULL);
 		_exit(127);
 	}
 	while (waitpid(child, &status, 0) < 0)
@@ -100,7 +107,9 @@ static int unmount_identify(const char *mountpoint, pid_t *pid, char **image, ch
 	int ret = ctl_mount_read_status_text(mountpoint, &text);
 
 	if (ret < 0) {
-		if (ctl_errno_means_not_qcowfs(-ret) || ret == -ENOTCONN)
+		if (ret == -ENOTCONN)
+			return ret;   /* a dead daemon: the caller unmounts it */
+		if (ctl_errno_means_not_qcowfs(-ret))
 			ctl_report_status_error(mountpoint, ret);
 		else
 			ctl_print_error("cannot query %s: %s", mountpoint, strerror(-ret));
@@ -136,7 +145,7 @@ static int unmount_mountpoint(const char *mountpoint)
 	for (int attempt = 1; attempt <= UNMOUNT_ATTEMPTS; attempt++) {
 		bool last = attempt == UNMOUNT_ATTEMPTS;
 
-		status = run_fusermount(mountpoint, !last);
+		status = run_fusermount(mountpoint, !last, false);
 		if (status == 0)
 			return 0;
 		if (status == 127 || status < 0)
@@ -301,6 +310,91 @@ static void close_report_print(const struct close_report *rep)
 	}
 }
 
+/* ---- a mount whose daemon is dead ------------------------------------------ */
+
+/*
+ * A qcowfs daemon that was killed (or crashed) leaves its mount behind,
+ * answering every access with ENOTCONN ("Transport endpoint is not
+ * connected").  Nothing is left to flush: what the daemon had not written
+ * is lost, and the image is as the crash left it.  So: find the image in
+ * the mount table (qcowfs sets fsname to it), unmount as fusermount3 -u
+ * would (lazily when something still holds the mount), check the image and
+ * say what the check found.  Leaked clusters are expected after a crash
+ * and harm no data; errors are what the user must hear about.
+ */
+static int unmount_detach_dead(const char *mountpoint)
+{
+	char abs[PATH_MAX];
+	int status = run_fusermount(mountpoint, true, false);
+
+	if (status == 0)
+		return 0;
+	/* busy (a process still has the view open) or no fusermount3:
+	 * detach now, the kernel lets go when the last user does */
+	if (geteuid() == 0 && ctl_absolute_path_nofollow(mountpoint, abs, sizeof(abs)) == 0 &&
+	    umount2(abs, MNT_DETACH) == 0)
+		return 0;
+	status = run_fusermount(mountpoint, false, true);
+	if (status == 0)
+		return 0;
+	ctl_print_error("cannot unmount %s: %s", mountpoint,
+			status == 127 ? "fusermount3 could not be run" :
+			status < 0    ? strerror(-status) :
+					"fusermount3 -u and -u -z failed");
+	return -1;
+}
+
+static int unmount_dead_mount(const char *mountpoint, FILE *out)
+{
+	struct qcow_check_result res;
+	struct stat st;
+	char fstype[64], image[PATH_MAX], err[1024] = "", what[2 * PATH_MAX + 64];
+	int ret = ctl_mount_table_lookup(mountpoint, fstype, sizeof(fstype), image, sizeof(image));
+
+	if (ret < 0) {
+		ctl_print_error("%s: %s, but it is not in the mount table (%s)", mountpoint, strerror(ENOTCONN),
+				strerror(-ret));
+		return -1;
+	}
+	if (strcmp(fstype, "fuse.qcowfs") != 0) {
+		ctl_print_error("%s: %s, and it is a %s mount, not qcowfs; 'fusermount3 -u %s' detaches it",
+				mountpoint, strerror(ENOTCONN), fstype, mountpoint);
+		return -1;
+	}
+	ctl_print_error("%s: the qcowfs daemon is gone (killed or crashed); unmounting it and checking %s",
+			mountpoint, image);
+	if (unmount_detach_dead(mountpoint) < 0)
+		return -1;
+	if (stat(image, &st) < 0 || !S_ISREG(st.st_mode)) {
+		ctl_print_error("unmounted %s; the mount table names %s as its image, which is not a file here: "
+				"check the image with 'qcowctl check IMAGE'", mountpoint, image);
+		return -1;
+	}
+
+	ctl_engine_log_route(true, out);
+	memset(&res, 0, sizeof(res));
+	snprintf(what, sizeof(what), "unmounted %s, but cannot check %s", mountpoint, image);
+	ctl_engine_call_begin(false);
+	ret = qcow_check(image, &res, err, sizeof(err));
+	ctl_engine_log_route(false, stderr);
+	ctl_engine_call_end(ret, what, err);
+	if (ret < 0)
+		return -1;
+	if (res.errors) {
+		ctl_print_error("unmounted %s, but %s has %" PRIu64 " errors after the daemon's death: "
+				"data may be corrupted ('qcowctl check %s' lists them)", mountpoint, image, res.errors,
+				image);
+		return -1;
+	}
+	if (res.leaks)
+		fprintf(out, "unmounted %s (its qcowfs daemon had died); %s has no errors, %" PRIu64
+		       " leaked clusters (space only, no harm to data; the next read-write open repairs them)\n",
+		       mountpoint, image, res.leaks);
+	else
+		fprintf(out, "unmounted %s (its qcowfs daemon had died); %s checks clean\n", mountpoint, image);
+	return 0;
+}
+
 int cmd_unmount(const struct command *self, int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -334,7 +428,10 @@ int ctl_unmount_and_check(const char *mountpoint, FILE *out)
 	pid_t pid = 0;
 	int ret, status = -1, report_fd = -1;
 
-	if (unmount_identify(mountpoint, &pid, &image, &report_name) < 0)
+	ret = unmount_identify(mountpoint, &pid, &image, &report_name);
+	if (ret == -ENOTCONN)
+		return unmount_dead_mount(mountpoint, out);
+	if (ret < 0)
 		return -1;
 	/* Before the unmount: afterwards the daemon is about to go. */
 	report_fd = report_name ? close_report_connect(report_name, pid) : -ENOENT;

@@ -1,6 +1,6 @@
 /*
- * ctl_live.c - talking to a live qcowfs mount, and the progress display of
- * the commands that wait for one.
+ * ctl_live.c - talking to a live qcowfs mount, finding qcowfs mounts in the
+ * mount table, and the progress display of the commands that wait for one.
  *
  * Rules:
  *  - The only channel is the ioctls of qcowfs_ioctl.h on the raw view: the
@@ -11,6 +11,8 @@
  *  - The status is text (key=value lines); a reply that does not parse is
  *    -EPROTO, never guessed at.
  *  - The progress display never prints 100 % for an operation that failed.
+ *  - The mount table is read from /proc/self/mountinfo and a mountpoint is
+ *    never stat'ed to find it: a dead daemon's mount answers ENOTCONN.
  */
 
 #include <errno.h>
@@ -21,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -122,7 +125,7 @@ void ctl_status_error_message(const char *mountpoint, int ret, char *buf, size_t
 		snprintf(buf, len, "%s is not a qcowfs mount", mountpoint);
 	else if (ret == -ENOTCONN)
 		snprintf(buf, len, "%s: the qcowfs daemon is gone (killed or crashed); "
-			 "'fusermount3 -u %s' detaches the dead mount", mountpoint, mountpoint);
+			 "'qcowctl unmount %s' detaches the dead mount and checks the image", mountpoint, mountpoint);
 	else if (ret == -EPROTO)
 		snprintf(buf, len, "%s: the status from qcowfs could not be parsed (qcowctl and qcowfs versions differ?)",
 			 mountpoint);
@@ -169,6 +172,226 @@ const char *ctl_status_error_text(const struct qcow_stats *st)
 	if (st->last_error < 0)
 		return strerror(-st->last_error);
 	return st->failed ? strerror(EIO) : NULL;
+}
+
+/* ---- the mount table ------------------------------------------------------- */
+
+/* A field of /proc/self/mountinfo with its octal escapes (\040 for a space,
+ * \011, \012, \134) undone, in place. */
+static void mountinfo_unescape(char *s)
+{
+	char *out = s;
+
+	for (; *s; s++) {
+		if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] >= '0' && s[2] <= '7' && s[3] >= '0' &&
+		    s[3] <= '7') {
+			*out++ = (char)((s[1] - '0') * 64 + (s[2] - '0') * 8 + (s[3] - '0'));
+			s += 3;
+		} else {
+			*out++ = *s;
+		}
+	}
+	*out = '\0';
+}
+
+/* Splits one mountinfo line into the fields we use: "ID PARENT MAJ:MIN ROOT
+ * MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTIONS".  Returns
+ * false for a line that does not have that shape. */
+static bool mountinfo_split(char *line, char **mountpoint, char **fstype, char **source)
+{
+	char *save = NULL, *tok;
+	int field = 0;
+	bool dash = false;
+
+	*mountpoint = *fstype = *source = NULL;
+	for (tok = strtok_r(line, " \n", &save); tok; tok = strtok_r(NULL, " \n", &save), field++) {
+		if (field == 4)
+			*mountpoint = tok;
+		else if (field > 5 && !dash && strcmp(tok, "-") == 0)
+			dash = true;
+		else if (dash && !*fstype)
+			*fstype = tok;
+		else if (dash && !*source)
+			*source = tok;
+	}
+	if (!*mountpoint || !*fstype || !*source)
+		return false;
+	mountinfo_unescape(*mountpoint);
+	mountinfo_unescape(*source);
+	return true;
+}
+
+/* qcowfs mounts carry the subtype "qcowfs" (fuse.qcowfs in the table). */
+static bool fstype_is_qcowfs(const char *fstype)
+{
+	return strcmp(fstype, "fuse.qcowfs") == 0;
+}
+
+/*
+ * The absolute form of path without stat'ing path itself: its directory
+ * through realpath, then its last name.  A dead FUSE mount answers every
+ * look at it with ENOTCONN, so realpath(path) would fail there.
+ */
+int ctl_absolute_path_nofollow(const char *path, char *out, size_t len)
+{
+	char dir[PATH_MAX], real[PATH_MAX];
+	const char *slash = strrchr(path, '/'), *base;
+	size_t dlen;
+	int n;
+
+	if (slash) {
+		dlen = (size_t)(slash - path);
+		if (dlen >= sizeof(dir))
+			return -ENAMETOOLONG;
+		memcpy(dir, path, dlen);
+		dir[dlen] = '\0';
+		if (dlen == 0)
+			strcpy(dir, "/");
+		base = slash + 1;
+	} else {
+		strcpy(dir, ".");
+		base = path;
+	}
+	if (!realpath(dir, real))
+		return -errno;
+	if (!*base || strcmp(base, ".") == 0 || strcmp(base, "..") == 0) {
+		/* "mnt/" and the like name a directory: realpath is fine there */
+		if (!realpath(path, real))
+			return -errno;
+		n = snprintf(out, len, "%s", real);
+	} else {
+		n = snprintf(out, len, "%s%s%s", real, strcmp(real, "/") ? "/" : "", base);
+	}
+	return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+}
+
+int ctl_mount_table_lookup(const char *path, char *fstype, size_t fstype_len, char *source, size_t source_len)
+{
+	char abs[PATH_MAX], *line = NULL, *mnt, *type, *src;
+	size_t cap = 0;
+	bool found = false;
+	FILE *f;
+	int ret = ctl_absolute_path_nofollow(path, abs, sizeof(abs));
+
+	if (ret < 0)
+		return ret;
+	f = fopen("/proc/self/mountinfo", "re");
+	if (!f)
+		return -errno;
+	/* the last entry for a path is the mount on top, the one path reaches */
+	while (getline(&line, &cap, f) > 0) {
+		if (!mountinfo_split(line, &mnt, &type, &src) || strcmp(mnt, abs) != 0)
+			continue;
+		snprintf(fstype, fstype_len, "%s", type);
+		snprintf(source, source_len, "%s", src);
+		found = true;
+	}
+	free(line);
+	fclose(f);
+	return found ? 0 : -ENOENT;
+}
+
+/* Whether a and b name the same file (both must exist). */
+static bool same_file(const char *a, const struct stat *b)
+{
+	struct stat sa;
+
+	return stat(a, &sa) == 0 && sa.st_dev == b->st_dev && sa.st_ino == b->st_ino;
+}
+
+int ctl_find_image_mount(const char *image, char *mountpoint, size_t len, long *pid, bool *read_only)
+{
+	struct stat img_st;
+	char *line = NULL, *mnt, *type, *src;
+	size_t cap = 0;
+	int ret = -ENOENT;
+	FILE *f;
+
+	if (stat(image, &img_st) < 0)
+		return -errno;
+	f = fopen("/proc/self/mountinfo", "re");
+	if (!f)
+		return -errno;
+	while (ret == -ENOENT && getline(&line, &cap, f) > 0) {
+		char *text = NULL, *status_image = NULL, *pid_text = NULL, *ro_text = NULL;
+		bool match;
+
+		if (!mountinfo_split(line, &mnt, &type, &src) || !fstype_is_qcowfs(type))
+			continue;
+		/* qcowfs sets fsname (the table's source) to the absolute image
+		 * path; the daemon's status names it too, for a mount started
+		 * with another fsname.  Only then is the mount asked: a look at
+		 * a mount can hang on a daemon that hangs. */
+		match = same_file(src, &img_st);
+		if (match || access(src, F_OK) < 0) {
+			if (ctl_mount_read_status_text(mnt, &text) == 0) {
+				status_image = ctl_status_value(text, "image");
+				pid_text = ctl_status_value(text, "pid");
+				ro_text = ctl_status_value(text, "read_only");
+			}
+			match = match || (status_image && same_file(status_image, &img_st));
+		}
+		if (match) {
+			snprintf(mountpoint, len, "%s", mnt);
+			*pid = pid_text ? strtol(pid_text, NULL, 10) : 0;
+			*read_only = ro_text && strcmp(ro_text, "1") == 0;
+			ret = 0;
+		}
+		free(ro_text);
+		free(pid_text);
+		free(status_image);
+		free(text);
+	}
+	free(line);
+	fclose(f);
+	return ret;
+}
+
+/* A path as a shell word: as it is when it has only harmless bytes, else in
+ * single quotes (a quote inside as '\''). */
+void ctl_shell_word(const char *path, char *out, size_t len)
+{
+	size_t used = 0;
+
+	if (path[0] && strspn(path, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/._-+,:=@%") ==
+			       strlen(path)) {
+		snprintf(out, len, "%s", path);
+		return;
+	}
+	if (len < 3) {
+		if (len)
+			out[0] = '\0';
+		return;
+	}
+	out[used++] = '\'';
+	for (const char *c = path; *c && used + 6 < len; c++) {
+		if (*c == '\'') {
+			memcpy(out + used, "'\\''", 4);
+			used += 4;
+		} else {
+			out[used++] = *c;
+		}
+	}
+	out[used++] = '\'';
+	out[used] = '\0';
+}
+
+void ctl_report_image_mounted(const char *command, const char *image, const char *mountpoint, long pid,
+			      bool read_only)
+{
+	char word[2 * PATH_MAX];
+	char who[48] = "";
+
+	ctl_shell_word(mountpoint, word, sizeof(word));
+	if (pid > 0)
+		snprintf(who, sizeof(who), " (qcowfs pid %ld)", pid);
+	/* a read-only mount (a snapshot view, -o ro) refuses changes too */
+	if (read_only)
+		ctl_print_error("%s is mounted read-only at %s%s; it must be unmounted first: qcowctl unmount %s", image,
+				mountpoint, who, word);
+	else
+		ctl_print_error("%s is mounted at %s%s; work through the mount: qcowctl %s %s", image, mountpoint, who,
+				command, word);
 }
 
 /* ---- progress display --------------------------------------------------- */

@@ -183,10 +183,17 @@ static const struct command commands[] = {
 	  "                           {\"error\": {\"message\", \"errno\", \"errno-value\"}})\n",
 	  "Exit status: 0 clean, 1 the check could not run, 2 corruptions found,\n"
 	  "3 leaked clusters only (as qemu-img check).\n" },
-	{ "status", cmd_status, "status [--json|--raw] MOUNTPOINT",
+	{ "status", cmd_status, "status [--json|--raw|--prometheus|--watch [--interval S]] MOUNTPOINT",
 	  "show the live statistics of a qcowfs mount",
 	  "      --json               print a JSON object\n"
-	  "      --raw                print the daemon's key=value lines as they are (for scripts)\n", NULL },
+	  "      --raw                print the daemon's key=value lines as they are (for scripts)\n"
+	  "      --prometheus         print the Prometheus text exposition format (qcowfs_*)\n"
+	  "      --watch              refresh until Ctrl-C or until the mount goes away, with a\n"
+	  "                           progress line while a compaction runs\n"
+	  "      --interval S         seconds between refreshes of --watch (default 2)\n",
+	  "--prometheus writes a file for node_exporter's textfile collector, e.g.\n"
+	  "  qcowctl status --prometheus /mnt/disk.raw > /var/lib/node_exporter/qcowfs.prom.tmp &&\n"
+	  "  mv /var/lib/node_exporter/qcowfs.prom.tmp /var/lib/node_exporter/qcowfs.prom\n" },
 	{ "compact", cmd_compact, "compact [--no-wait] [--data-file PATH] MOUNTPOINT|IMAGE",
 	  "shrink an image file now, through its live mount or offline",
 	  "      --no-wait            on a mountpoint: request the compaction and return at once\n"
@@ -198,6 +205,8 @@ static const struct command commands[] = {
 	  "moved and the file size before -> after, and, when the file stays above the\n"
 	  "smallest size the engine could reach, what holds it there (a persistent\n"
 	  "bitmap, a snapshot mounted by another process, ...).\n"
+	  "An image file that a qcowfs mount serves is not opened: the message names\n"
+	  "the mountpoint (and the daemon's pid) to use instead.\n"
 	  "Exit status: 0 when the compaction worked, 1 when it failed (the engine\n"
 	  "counted a failed compaction or returned an error; 100% is never shown then).\n" },
 	{ "sparsify", cmd_sparsify, "sparsify MOUNTPOINT|IMAGE",
@@ -231,8 +240,12 @@ static const struct command commands[] = {
 	  "Before unmounting, connects to the daemon's close report (a socket named in\n"
 	  "the status); after the close the daemon sends its exit status and messages,\n"
 	  "which are printed when the close failed.  Then the image is checked.\n"
+	  "A mount whose daemon is dead (\"Transport endpoint is not connected\") is\n"
+	  "unmounted here (fusermount3 -u, or a lazy unmount when that fails) and its\n"
+	  "image, found in the mount table, is checked.\n"
 	  "Exit status: 0 when qcowfs closed the image cleanly and the check is clean\n"
-	  "(or, from a qcowfs without a report, the check alone is clean); 1 otherwise.\n" },
+	  "(or, from a qcowfs without a report, the check alone is clean; after a dead\n"
+	  "daemon, the check found no errors); 1 otherwise.\n" },
 	{ "attach", cmd_attach,
 	  "attach [-o QCOWFS_OPTIONS] [--read-only] [--buffered] [--json] IMAGE [MOUNTPOINT]",
 	  "an image as a block device with partitions: mount it, set up a loop device",

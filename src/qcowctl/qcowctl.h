@@ -195,6 +195,21 @@ void ctl_report_compact_request_error(const char *mountpoint, int ret);
 /* The engine's error in a status as text, or NULL when it has none. */
 const char *ctl_status_error_text(const struct qcow_stats *st);
 
+/* ---- the mount table (ctl_live.c) ---------------------------------------- */
+
+/* The absolute form of path without looking at path itself (a dead mount answers ENOTCONN). */
+int ctl_absolute_path_nofollow(const char *path, char *out, size_t len);
+/* The file system type and source of the mount on top of path: 0, or -ENOENT when path is no mount point. */
+int ctl_mount_table_lookup(const char *path, char *fstype, size_t fstype_len, char *source, size_t source_len);
+/* The qcowfs mount serving image (its mountpoint, the daemon's pid or 0, whether read-only): 0 or -ENOENT. */
+int ctl_find_image_mount(const char *image, char *mountpoint, size_t len, long *pid, bool *read_only);
+/* A path as one shell word (single-quoted unless harmless), for commands we suggest. */
+void ctl_shell_word(const char *path, char *out, size_t len);
+/* "IMAGE is mounted at MOUNTPOINT (qcowfs pid N); work through the mount: qcowctl COMMAND MOUNTPOINT",
+ * or for a read-only mount, that it must be unmounted first. */
+void ctl_report_image_mounted(const char *command, const char *image, const char *mountpoint, long pid,
+			      bool read_only);
+
 /* ---- progress display (ctl_live.c) ---------------------------------------- */
 
 /* Before the first draw: a bar on a terminal, lines per 10% otherwise. */
