@@ -223,7 +223,7 @@ static int compact_image(const char *image)
 	if (ret < 0)
 		ctl_print_error("compacting %s failed: %s", image, strerror(-ret));
 
-	/* Close even after a failed compaction: close writes exact refcounts,
+	/* Close even after a failed compaction: close writes the refcounts,
 	 * and an image left open would be left dirty. */
 	if (ctl_image_close_offline(img, image) < 0)
 		return EXIT_FAILURE;
@@ -443,7 +443,7 @@ static int sparsify_image(const char *image)
 		ctl_print_error("sparsify of %s failed: %s", image, strerror(-ret));
 	else if (r.freed && (ret = qcow_image_compact(img, NULL, NULL)) < 0)
 		ctl_print_error("compacting %s after the sparsify failed: %s", image, strerror(-ret));
-	/* close even after a failure: it writes exact refcounts */
+	/* close even after a failure: it writes the refcounts */
 	if (ctl_image_close_offline(img, image) < 0)
 		return EXIT_FAILURE;
 	if (ret < 0)

@@ -90,6 +90,8 @@ static void status_print_human(const struct qcow_stats *st)
 	printf("bytes reclaimed:    %s\n", text);
 	ctl_format_size_and_bytes(st->bytes_discarded, text, sizeof(text));
 	printf("bytes discarded:    %s\n", text);
+	ctl_format_size_and_bytes(st->bytes_discard_requested, text, sizeof(text));
+	printf("discards requested: %s\n", text);
 	printf("compactions done:   %" PRIu64 "\n", st->compactions_done);
 	printf("compactions failed: %" PRIu64 "\n", st->compactions_failed);
 	if (st->min_file_size) {
@@ -135,6 +137,7 @@ static void status_print_json(const char *mountpoint, const struct qcow_stats *s
 	json_u64(&j, "streams-repacked", st->streams_repacked);
 	json_u64(&j, "bytes-reclaimed", st->bytes_reclaimed);
 	json_u64(&j, "bytes-discarded", st->bytes_discarded);
+	json_u64(&j, "bytes-discard-requested", st->bytes_discard_requested);
 	json_u64(&j, "compactions-done", st->compactions_done);
 	json_bool(&j, "compacting", st->compacting);
 	json_double(&j, "compact-progress", st->compact_progress);
@@ -242,8 +245,11 @@ static int status_print_prometheus(const char *label, const struct qcow_stats *s
 		    "Compressed streams moved by compaction since the mount.", label, st->streams_repacked);
 	prom_metric("qcowfs_reclaimed_bytes_total", C,
 		    "Bytes of the image file given back to the host since the mount.", label, st->bytes_reclaimed);
-	prom_metric("qcowfs_discarded_bytes_total", C, "Guest bytes discarded since the mount.", label,
-		    st->bytes_discarded);
+	prom_metric("qcowfs_discarded_bytes_total", C,
+		    "Bytes of allocated host clusters that discards freed since the mount.", label, st->bytes_discarded);
+	prom_metric("qcowfs_discard_requested_bytes_total", C,
+		    "Guest bytes the discard requests covered since the mount, allocated or not.", label,
+		    st->bytes_discard_requested);
 	prom_metric("qcowfs_compactions_total", C, "Compaction passes completed since the mount.", label,
 		    st->compactions_done);
 	prom_metric("qcowfs_compactions_failed_total", C, "Compaction passes that ended in an error.", label,

@@ -33,7 +33,7 @@
 #include "qcow.h"
 #include "qcowctl.h"
 
-/* Closing an image flushes and writes exact refcounts, which can take a
+/* Closing an image flushes and writes the refcounts, which can take a
  * while on a large, busy image; give up only after this long. */
 #define UNMOUNT_WAIT_MS (600 * 1000)
 
@@ -170,7 +170,7 @@ static int unmount_mountpoint(const char *mountpoint)
 	return -1;
 }
 
-/* The daemon closes the image (flush, exact refcounts, unlock) after the
+/* The daemon closes the image (flush, refcounts, unlock) after the
  * unmount and exits only then; its exit is the sign the image is free. */
 static int wait_for_daemon_exit(pid_t pid, const char *image)
 {
