@@ -344,11 +344,29 @@ static int unmount_detach_dead(const char *mountpoint)
 	return -1;
 }
 
+/* Checks the image of the mount just taken down; the engine's findings
+ * go to out (they are the news here, shown like check shows them).  0, or
+ * -1 when it could not be checked (said on stderr). */
+static int check_unmounted(const char *mountpoint, const char *image, FILE *out, struct qcow_check_result *res)
+{
+	char err[1024] = "", what[2 * PATH_MAX + 64];
+	int ret;
+
+	ctl_engine_log_route(true, out);
+	memset(res, 0, sizeof(*res));
+	snprintf(what, sizeof(what), "unmounted %s, but cannot check %s", mountpoint, image);
+	ctl_engine_call_begin(false);
+	ret = qcow_check(image, res, err, sizeof(err));
+	ctl_engine_log_route(false, stderr);
+	ctl_engine_call_end(ret, what, err);
+	return ret < 0 ? -1 : 0;
+}
+
 static int unmount_dead_mount(const char *mountpoint, FILE *out)
 {
 	struct qcow_check_result res;
 	struct stat st;
-	char fstype[64], image[PATH_MAX], err[1024] = "", what[2 * PATH_MAX + 64];
+	char fstype[64], image[PATH_MAX];
 	int ret = ctl_mount_table_lookup(mountpoint, fstype, sizeof(fstype), image, sizeof(image));
 
 	if (ret < 0) {
@@ -371,14 +389,7 @@ static int unmount_dead_mount(const char *mountpoint, FILE *out)
 		return -1;
 	}
 
-	ctl_engine_log_route(true, out);
-	memset(&res, 0, sizeof(res));
-	snprintf(what, sizeof(what), "unmounted %s, but cannot check %s", mountpoint, image);
-	ctl_engine_call_begin(false);
-	ret = qcow_check(image, &res, err, sizeof(err));
-	ctl_engine_log_route(false, stderr);
-	ctl_engine_call_end(ret, what, err);
-	if (ret < 0)
+	if (check_unmounted(mountpoint, image, out, &res) < 0)
 		return -1;
 	if (res.errors) {
 		ctl_print_error("unmounted %s, but %s has %" PRIu64 " errors after the daemon's death: "
@@ -424,7 +435,6 @@ int ctl_unmount_and_check(const char *mountpoint, FILE *out)
 	struct qcow_check_result res;
 	struct close_report report = { .received = false };
 	char *image = NULL, *report_name = NULL;
-	char err[1024] = "", what[2 * PATH_MAX + 64];
 	pid_t pid = 0;
 	int ret, status = -1, report_fd = -1;
 
@@ -454,14 +464,7 @@ int ctl_unmount_and_check(const char *mountpoint, FILE *out)
 	}
 
 	/* Problems found are the news here: show them like check does. */
-	ctl_engine_log_route(true, out);
-	memset(&res, 0, sizeof(res));
-	snprintf(what, sizeof(what), "unmounted %s, but cannot check %s", mountpoint, image);
-	ctl_engine_call_begin(false);
-	ret = qcow_check(image, &res, err, sizeof(err));
-	ctl_engine_log_route(false, stderr);
-	ctl_engine_call_end(ret, what, err);
-	if (ret < 0)
+	if (check_unmounted(mountpoint, image, out, &res) < 0)
 		goto out;
 	if (res.errors || res.leaks) {
 		ctl_print_error("unmounted %s, but %s was not closed cleanly: %" PRIu64 " errors, %" PRIu64

@@ -141,9 +141,9 @@ static bool mountinfo_parse(char *line, struct mount_line *m)
 	return true;
 }
 
-/* Where block device dev is mounted (the first place), into buf: 1 when
- * it is, 0 when not, or a negative errno. */
-static int mount_of_device(dev_t dev, char *buf, size_t len)
+/* Calls match on each mount of /proc/self/mountinfo until it returns
+ * true: 1 then, 0 when none did, or a negative errno. */
+static int mountinfo_find(bool (*match)(const struct mount_line *m, void *arg), void *arg)
 {
 	FILE *f = fopen("/proc/self/mountinfo", "re");
 	char *line = NULL;
@@ -155,14 +155,46 @@ static int mount_of_device(dev_t dev, char *buf, size_t len)
 	while (!found && getline(&line, &cap, f) > 0) {
 		struct mount_line m;
 
-		if (mountinfo_parse(line, &m) && m.dev == dev) {
-			snprintf(buf, len, "%s", m.mountpoint);
-			found = 1;
-		}
+		found = mountinfo_parse(line, &m) && match(&m, arg);
 	}
 	free(line);
 	fclose(f);
 	return found;
+}
+
+struct device_mount { dev_t dev; char *buf; size_t len; };
+
+static bool is_device_mount(const struct mount_line *m, void *arg)
+{
+	struct device_mount *d = arg;
+
+	if (m->dev != d->dev)
+		return false;
+	snprintf(d->buf, d->len, "%s", m->mountpoint);
+	return true;
+}
+
+/* Where block device dev is mounted (the first place), into buf: 1 when
+ * it is, 0 when not, or a negative errno. */
+static int mount_of_device(dev_t dev, char *buf, size_t len)
+{
+	struct device_mount d = { .dev = dev, .buf = buf, .len = len };
+
+	return mountinfo_find(is_device_mount, &d);
+}
+
+struct image_mount { const struct stat *image_st; char *mountpoint; };
+
+static bool is_image_mount(const struct mount_line *m, void *arg)
+{
+	struct image_mount *im = arg;
+	struct stat st;
+
+	if (strncmp(m->fstype, "fuse", 4) != 0 || m->source[0] != '/' || stat(m->source, &st) < 0 ||
+	    st.st_dev != im->image_st->st_dev || st.st_ino != im->image_st->st_ino)
+		return false;
+	im->mountpoint = strdup(m->mountpoint);   /* NULL: out of memory, said by the caller */
+	return true;
 }
 
 /* The mountpoint of a qcowfs mount of the image with inode *image_st
@@ -170,48 +202,27 @@ static int mount_of_device(dev_t dev, char *buf, size_t len)
  * 1 found, 0 none, or a negative errno. */
 int ctl_find_fuse_mount_of(const struct stat *image_st, char **out)
 {
-	FILE *f = fopen("/proc/self/mountinfo", "re");
-	char *line = NULL;
-	size_t cap = 0;
-	int found = 0;
+	struct image_mount im = { .image_st = image_st, .mountpoint = NULL };
+	int found = mountinfo_find(is_image_mount, &im);
 
-	if (!f)
-		return -errno;
-	while (!found && getline(&line, &cap, f) > 0) {
-		struct mount_line m;
-		struct stat st;
-
-		if (!mountinfo_parse(line, &m) || strncmp(m.fstype, "fuse", 4) != 0 ||
-		    m.source[0] != '/' || stat(m.source, &st) < 0 ||
-		    st.st_dev != image_st->st_dev || st.st_ino != image_st->st_ino)
-			continue;
-		*out = strdup(m.mountpoint);
-		found = *out ? 1 : -ENOMEM;
-	}
-	free(line);
-	fclose(f);
+	if (found == 1 && !im.mountpoint)
+		return -ENOMEM;
+	*out = im.mountpoint;
 	return found;
+}
+
+static bool is_mount_at(const struct mount_line *m, void *arg)
+{
+	return strcmp(m->mountpoint, arg) == 0;
 }
 
 /* Whether path is where something is mounted (a half-finished detach may
  * have unmounted the view already). */
 bool ctl_is_mount_point(const char *path)
 {
-	FILE *f = fopen("/proc/self/mountinfo", "re");
-	char *line = NULL;
-	size_t cap = 0;
-	bool found = false;
+	int found = mountinfo_find(is_mount_at, (void *)path);
 
-	if (!f)
-		return true;   /* cannot tell: let the unmount say */
-	while (!found && getline(&line, &cap, f) > 0) {
-		struct mount_line m;
-
-		found = mountinfo_parse(line, &m) && strcmp(m.mountpoint, path) == 0;
-	}
-	free(line);
-	fclose(f);
-	return found;
+	return found != 0;   /* cannot tell (an error): let the unmount say */
 }
 
 /* ---- device nodes -------------------------------------------------------- */
