@@ -14,6 +14,10 @@
 #    back; aio=native without cache=none is refused by QEMU;
 #  - direct I/O needs no alignment (512-byte and odd-sized O_DIRECT
 #    writes at unaligned offsets), and st_blksize is 4096.
+#  - a daemon crash: a qemu-io holding the view gets ENOTCONN at once;
+#    qcowctl unmount takes the dead mount down (holder still there) and
+#    checks the image; after a new mount the old descriptor stays dead,
+#    and what was flushed before the kill reads back.
 . "$(dirname "$0")/lib.sh"
 need_qcowfs
 need fincore stat
@@ -91,6 +95,49 @@ grep -q 'cache.direct' "$T/out" || fail "aio=native without cache=none refused f
 must_qio -t none -c 'write -P 0x44 512 512' -c 'write -P 0x45 1000 100' "$MNT"
 must_qio -c 'read -P 0x44 512 488' -c 'read -P 0x45 1000 100' "$MNT"
 
-qumount "$MNT"
+# ---- a daemon crash under a holder of the view -------------------------------------
+# qemu-io keeps the view open (commands through a fifo), as a VM does.
+mkfifo "$T/cmds"
+# shellcheck disable=SC2016 # positional parameters of the inner sh
+bg_start sh -c 'exec qemu-io -f raw -t none "$1" <"$2" >"$3" 2>&1' sh "$MNT" "$T/cmds" "$T/holder.out"
+HOLDER=$BG_PID
+exec 7>"$T/cmds"
+# qemu-io reads a pipe through stdio: lines that arrive together wait for
+# the next input, so each command goes alone, once the last one is done.
+echo 'write -P 0x55 4M 64k' >&7
+wait_until 20 grep -q 'wrote 65536/65536 bytes at offset 4194304' "$T/holder.out" ||
+	fail "the holder's write did not complete: $(cat "$T/holder.out")"
+n0=$(fsyncs)
+echo 'flush' >&7
+# shellcheck disable=SC2016 # expanded by eval, at each try
+wait_until 20 eval '[ "$(fsyncs)" -gt "$n0" ]' || fail "the holder's flush did not reach qcowfs"
+# commands run in order and flush prints nothing: the read's output says
+# the flush has returned
+echo 'read 0 512' >&7
+wait_until 20 grep -q 'read 512/512 bytes at offset 0' "$T/holder.out" ||
+	fail "the holder's flush did not return: $(cat "$T/holder.out")"
+kill -9 "${_DAEMON[$MNT]}"
+wait_gone "${_DAEMON[$MNT]}" 10 || fail "qcowfs did not die of SIGKILL"
+echo 'write -P 0x66 4M 64k' >&7
+wait_until 20 grep -q 'Transport endpoint is not connected' "$T/holder.out" ||
+	fail "a write after the daemon's death did not fail with ENOTCONN: $(cat "$T/holder.out")"
+# qcowctl unmount takes down the dead mount though the holder still has it open
+timeout 60 "$QCOWCTL" unmount "$MNT" >"$T/out" 2>&1 || fail "qcowctl unmount of the dead mount failed: $(cat "$T/out")"
+grep -q 'daemon had died' "$T/out" || fail "qcowctl unmount did not report the dead daemon: $(cat "$T/out")"
+is_mounted "$MNT" && fail "$MNT still mounted after qcowctl unmount of the dead mount"
+_forget _MOUNTS "$MNT"
+# after a new mount, the holder's old descriptor stays dead
+qmount "$IMG" "$MNT"
+n0=$(grep -c 'Transport endpoint is not connected' "$T/holder.out")
+echo 'read 4M 4k' >&7
+# shellcheck disable=SC2016 # expanded by eval, at each try
+wait_until 20 eval '[ "$(grep -c "Transport endpoint is not connected" "$T/holder.out")" -gt "$n0" ]' ||
+	fail "the old descriptor did not fail after the remount: $(tail -n 3 "$T/holder.out")"
+exec 7>&-
+wait "$HOLDER" 2>/dev/null || true
+_forget _PIDS "$HOLDER"
+# what was flushed before the death is there
+must_qio -c 'read -P 0x55 4M 64k' "$MNT"
+qumount "$MNT" qcowctl
 qcheck "$IMG"
 log "ok"
