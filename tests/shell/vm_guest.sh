@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034
 # vm_guest.sh - boot a small Linux guest under QEMU over a disk file (the
 # qcowfs view), for the VM test (t370-vm.sh) and the VM benchmark.
 #
@@ -29,7 +29,8 @@
 #                              starts QEMU in the background (VM_PID), the
 #                              guest console (ttyS0) going to LOG; the disk
 #                              is a virtio-blk with discard=unmap and
-#                              cache=none.  Needs VM_INITRD (the cpio from
+#                              cache=none, aio from VM_AIO or vm_aio (the
+#                              choice is left in VM_AIO_USED).  Needs VM_INITRD (the cpio from
 #                              vm_build_initramfs).
 #   vm_wait SECONDS            waits for QEMU to exit (status in VM_RC, 124
 #                              if it was still running: then it is killed)
@@ -177,13 +178,17 @@ vm_aio() {
 vm_run() {
 	local disk=$1 log=$2 accel cpu aio
 	shift 2
-	[ -n "${VM_INITRD:-}" ] && [ -r "$VM_INITRD" ] ||
-		{ echo "vm_run: VM_INITRD is not set to an initramfs (vm_build_initramfs)" >&2; return 1; }
+	if [ -z "${VM_INITRD:-}" ] || [ ! -r "$VM_INITRD" ]; then
+		echo "vm_run: VM_INITRD is not set to an initramfs (vm_build_initramfs)" >&2
+		return 1
+	fi
 	accel=$(vm_accel)
 	VM_ACCEL=$accel
 	cpu=max
 	[ "$accel" = kvm ] && cpu=host
 	aio=${VM_AIO:-$(vm_aio "$disk")}
+	VM_AIO_USED=$aio
+	: >"$log" || return 1
 	qemu-system-x86_64 -accel "$accel" -cpu "$cpu" -m "${VM_MEM:-512}" -smp 1 \
 		-nographic -no-reboot -nodefaults -serial stdio -monitor none \
 		-kernel "$(vm_kernel)" -initrd "$VM_INITRD" \
