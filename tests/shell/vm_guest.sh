@@ -22,7 +22,7 @@
 #   vm_accel                   kvm when /dev/kvm really boots a kernel
 #                              (tried once, 20 s timeout: a nested /dev/kvm
 #                              can exist and still hang), else tcg.  Cached
-#                              in VM_ACCEL.
+#                              in VM_ACCEL and, per host boot, in a file.
 #   vm_aio DISK                io_uring when QEMU's block layer can use it
 #                              on DISK with O_DIRECT, else threads.
 #   vm_run DISK LOG [QEMU ARGS...]
@@ -142,13 +142,22 @@ EOF
 	return $rc
 }
 
-# vm_accel: kvm or tcg (cached in VM_ACCEL for this shell).
+# vm_accel: kvm or tcg.  The answer is kept in VM_ACCEL for this shell and
+# in a file named after this boot of the host (the probe costs up to 20 s
+# where /dev/kvm hangs, and the VM test and benchmark each ask): a new boot,
+# or VM_ACCEL_CACHE=none, probes again.
 vm_accel() {
 	if [ -n "${VM_ACCEL:-}" ]; then
 		echo "$VM_ACCEL"
 		return 0
 	fi
-	local k log
+	local k log cache boot
+	boot=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null) || boot=unknown
+	cache=${VM_ACCEL_CACHE:-${TMPDIR:-/tmp}/qcowfs-vm-accel.$(id -u).$boot}
+	if [ "$cache" != none ] && [ -f "$cache" ]; then
+		VM_ACCEL=$(cat "$cache")
+		case $VM_ACCEL in kvm | tcg) echo "$VM_ACCEL"; return 0 ;; esac
+	fi
 	VM_ACCEL=tcg
 	if [ -r /dev/kvm ] && [ -w /dev/kvm ] && k=$(vm_kernel 2>/dev/null); then
 		log=$(mktemp "${TMPDIR:-/tmp}/vm-kvmprobe.XXXXXX")
@@ -161,6 +170,9 @@ vm_accel() {
 			</dev/null >/dev/null 2>&1; } 2>/dev/null
 		grep -qE 'Kernel panic|VFS: Unable to mount root' "$log" 2>/dev/null && VM_ACCEL=kvm
 		rm -f "$log"
+	fi
+	if [ "$cache" != none ]; then
+		echo "$VM_ACCEL" >"$cache.$$" 2>/dev/null && mv -f "$cache.$$" "$cache" 2>/dev/null
 	fi
 	echo "$VM_ACCEL"
 }
