@@ -100,7 +100,7 @@ vm_build_initramfs() {
 	[ -r "$job" ] || { echo "vm_build_initramfs: no job script $job" >&2; return 1; }
 	root=$(mktemp -d "${TMPDIR:-/tmp}/vm-initramfs.XXXXXX") || return 1
 	mkdir -p "$root"/{bin,sbin,proc,sys,dev,mnt,tmp,lib/modules} || return 1
-	cp "$bb" "$root/bin/busybox" || return 1
+	cp "$bb" "$root/bin/busybox" || { rm -rf "$root"; return 1; }
 	# crc32c_generic is what ext4's metadata checksums ask the crypto API
 	# for; nothing in modules.dep names it, and the guest has no modprobe.
 	mods=$(_vm_mod_order "$kver" virtio_pci virtio_blk crc32c_generic ext4) || { rm -rf "$root"; return 1; }
@@ -115,7 +115,7 @@ vm_build_initramfs() {
 		m=$(basename "$m")
 		echo "${m%.ko*}.ko" >>"$root/modules.order"
 	done
-	cp "$job" "$root/job.sh" || return 1
+	cp "$job" "$root/job.sh" || { rm -rf "$root"; return 1; }
 	cat >"$root/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
