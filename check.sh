@@ -50,6 +50,7 @@ packages=(
 	fio e2fsprogs util-linux python3 kmod
 	xfsprogs gdisk                   # t340-attach: mkfs.xfs, sgdisk
 	bsdutils                         # script(1): a terminal for t350 and t360
+	qemu-system-x86 linux-image-amd64 busybox-static cpio   # t370-vm: a real guest
 )
 
 install_packages() {
