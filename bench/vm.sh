@@ -32,6 +32,7 @@ usage: ${0##*/} [options]
   --runtime SECONDS   fio runtime per workload inside the guest
   --repeat N          every disk setup N times, the median shown
   --hold SECONDS      the guest keeps running this long after fstrim (default 10)
+  --vm-timeout SECS   a guest still running after this long is killed (900)
   --accel kvm|tcg     force the accelerator (default: vm_guest.sh picks kvm
                       when /dev/kvm works, else tcg)
   --qcowfs PATH       qcowfs binary (default: build dir of this checkout, then PATH)
@@ -47,7 +48,7 @@ EOF
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
 
 ARGS="$*"
-SIZE=4G FILL=1G RUNTIME=15 REPEAT=2 HOLD=10 ACCEL=''
+SIZE=4G FILL=1G RUNTIME=15 REPEAT=2 HOLD=10 ACCEL='' VM_TIMEOUT=900
 QUICK=0 SIZE_SET=0 FILL_SET=0 RUNTIME_SET=0 REPEAT_SET=0
 OUT='' WORKDIR='' QCOWFS_OPT='' QCOWCTL_OPT='' QCOWFS_OPTS=''
 while (($#)); do
@@ -58,6 +59,7 @@ while (($#)); do
 	--runtime) RUNTIME=$2; RUNTIME_SET=1; shift ;;
 	--repeat) REPEAT=$2; REPEAT_SET=1; shift ;;
 	--hold) HOLD=$2; shift ;;
+	--vm-timeout) VM_TIMEOUT=$2; shift ;;
 	--accel) ACCEL=$2; shift ;;
 	--qcowfs) QCOWFS_OPT=$2; shift ;;
 	--qcowctl) QCOWCTL_OPT=$2; shift ;;
@@ -78,6 +80,7 @@ fi
 [[ $REPEAT =~ ^[0-9]+$ && $REPEAT -gt 0 ]] || die "bad --repeat: $REPEAT"
 [[ $RUNTIME =~ ^[0-9]+$ && $RUNTIME -gt 0 ]] || die "bad --runtime: $RUNTIME"
 [[ $HOLD =~ ^[0-9]+$ && $HOLD -gt 0 ]] || die "bad --hold: $HOLD"
+[[ $VM_TIMEOUT =~ ^[0-9]+$ && $VM_TIMEOUT -gt 0 ]] || die "bad --vm-timeout: $VM_TIMEOUT"
 [[ -z $ACCEL || $ACCEL == kvm || $ACCEL == tcg ]] || die "bad --accel: $ACCEL (kvm or tcg)"
 SIZE_B=$(parse_size "$SIZE")
 FILL_B=$(parse_size "$FILL")
@@ -96,9 +99,9 @@ log "qcowfs: $QCOWFS, qcowctl: $QCOWCTL"
 
 # The guest: kernel, initramfs, accelerator and the qemu command line come
 # from the test suite's helpers, so the benchmark boots what the test boots.
-VM_GUEST=${VM_GUEST_SH:-$SRC_ROOT/tests/shell/vm_guest.sh}
+VM_GUEST=$SRC_ROOT/tests/shell/vm_guest.sh
 [[ -f $VM_GUEST ]] || die "$VM_GUEST missing (the guest helpers of the VM test)"
-# shellcheck source=../tests/shell/vm_guest.sh
+# shellcheck source-path=SCRIPTDIR/.. source=tests/shell/vm_guest.sh
 source "$VM_GUEST"
 
 OUT=${OUT:-/tmp/qcowfs-vm-$(date +%Y%m%d-%H%M%S)}
@@ -202,7 +205,7 @@ vmb_guest_setup() {
 
 # ---- the runs ---------------------------------------------------------------
 
-# vm_watch IMAGE HOLD CONSOLE_LOG -- QEMU ARGS...: starts QEMU, timestamps
+# vm_watch IMAGE HOLD CONSOLE_LOG OUTDIR KEY TIMEOUT -- QEMU ARGS...: starts QEMU, timestamps
 # every console line, and from the guest's "VMB done fstrim" polls the image
 # file every 0.2 s for HOLD seconds while the VM runs.  Prints key value
 # lines: fill_s (host time between the fill markers), fstrim_s, size and
@@ -213,10 +216,16 @@ vm_watch() {
 	python3 - "$@" <<'EOF'
 import os, subprocess, sys, time, json, threading
 img, hold, logf, outdir, key = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-assert sys.argv[6] == '--'
-cmd = sys.argv[7:]
+limit = float(sys.argv[6])
+assert sys.argv[7] == '--'
+cmd = sys.argv[8:]
 t_start = time.time()
 p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+# a hung guest (a nested KVM that never boots, a wedged disk) must not hang
+# the benchmark: after the limit QEMU is killed and the run counts as failed
+killer = threading.Timer(limit, p.kill)
+killer.daemon = True
+killer.start()
 log = open(logf, 'w')
 marks, res, json_name, json_lines = {}, {}, None, []
 poll = {}
@@ -265,6 +274,11 @@ for raw in p.stdout:
             watcher = threading.Thread(target=watch, args=(now,))
             watcher.start()
 rc = p.wait()
+killer.cancel()
+if rc == -9:
+    res.setdefault('failed', []).append('timeout')
+if 'done job' not in marks:
+    res.setdefault('failed', []).append('job-not-finished')
 if watcher:
     watcher.join()
 def span(a, b):
@@ -326,7 +340,7 @@ run_setup() {
 	record "$key" aio "$aio"
 	while read -r k v; do
 		record "$key" "$k" "$v"
-	done < <(vm_watch "$img" "$HOLD" "$OUT/$key.console" "$OUT" "$key" -- \
+	done < <(vm_watch "$img" "$HOLD" "$OUT/$key.console" "$OUT" "$key" "$VM_TIMEOUT" -- \
 		"${VMB_QEMU[@]}" -drive "$drive")
 	record "$key" after_exit "$(stat -c %s "$img")"
 	if [[ $s == view ]]; then
@@ -396,6 +410,13 @@ def ok(key):
     x = r.get(key, {})
     return bool(x) and not x.get('failed')
 
+def settled(key):
+    # 'never' when the file kept its length through the hold
+    x = r[key]
+    if num(x.get('held')) is not None and num(x.get('held')) == num(x.get('at_fstrim')):
+        return 'never'
+    return num(x.get('size_settled_s'))
+
 rows = [
     ('1 MiB sequential write = the fill, QD4, O_DIRECT (MB/s)', lambda k: fio(k, 'fill', 'write', 'bw'), 0, True),
     ('time to fill %s + fsync, host clock (s)' % fill, field('fill_s'), 2, False),
@@ -407,7 +428,7 @@ rows = [
     ('image file at the end of fstrim, ls -l (MiB)', field('at_fstrim', MiB), 1, False),
     ('image file %s s after fstrim, VM running, ls -l (MiB)' % hold, field('held', MiB), 1, False),
     ('image allocated %s s after fstrim, du (MiB)' % hold, field('held_alloc', MiB), 1, False),
-    ('fstrim end → last change of ls -l size (s)', field('size_settled_s'), 2, False),
+    ('fstrim end → last change of ls -l size (s)', settled, 2, False),
     ('image file after poweroff and close, ls -l (MiB)', field('final', MiB), 1, False),
     ('guest boot to first workload (s)', field('boot_s'), 2, False),
 ]
@@ -416,8 +437,14 @@ def keys(s):
     return ['%s-%d' % (s, i) for i in runs if ok('%s-%d' % (s, i))]
 
 def med(fn, s):
-    vals = [v for v in (fn(k) for k in keys(s)) if v is not None]
+    vals = [fn(k) for k in keys(s)]
+    if vals and all(v == 'never' for v in vals):
+        return 'never'
+    vals = [v for v in vals if v is not None and v != 'never']
     return statistics.median(vals) if vals else None
+
+def fmt(v, nd):
+    return 'n/a' if v is None else 'never shrinks' if v == 'never' else '%.*f' % (nd, v)
 
 print('## A guest on the qcowfs view vs QEMU\'s qcow2 driver (%s)\n' % accel)
 print('| in the guest | view: qcowfs + `format=raw` | native: `format=qcow2` | ratio view/native |')
@@ -437,12 +464,13 @@ for label, fn, nd, hib in rows:
     for s in ('view', 'native'):
         v = med(fn, s)
         vals.append(v)
-        line += ' %s |' % ('n/a' if v is None else '%.*f' % (nd, v))
+        line += ' %s |' % fmt(v, nd)
         if len(runs) > 1:
             spread.append('%s/%s: %s' % (label.split(' (')[0], s, ' '.join(
-                'n/a' if x is None else '%.*f' % (nd, x) for x in (fn(k) for k in keys(s)))))
+                fmt(x, nd) for x in (fn(k) for k in keys(s)))))
     a, b = vals
-    line += ' %s |' % ('%.2f' % (a / b) if a is not None and b else '-')
+    num_ab = isinstance(a, float) and isinstance(b, float)
+    line += ' %s |' % ('%.2f' % (a / b) if num_ab and b else '-')
     print(line)
 print()
 if len(runs) > 1:
@@ -455,7 +483,9 @@ print('- guest: %s, accelerator %s, busybox initramfs with the host\'s fio; ext4
       '%s s per time-based workload; the fill is `--rw=write --bs=1M --iodepth=4 --end_fsync=1`' % (kernel, accel, fill, runtime))
 print('- after the fill and the three workloads the guest deletes the file, syncs, runs `fstrim`, and keeps running '
       '%s s while the host polls the image file every 0.2 s' % hold)
-print('- %s' % qemuver)
+aios = sorted({x.get('aio') for x in r.values() if x.get('aio')})
+print('- %s; `aio=%s` on both drives (io_uring when QEMU can use it with O_DIRECT on the view and on the image file, else threads)'
+      % (qemuver, '/'.join(aios) or '?'))
 print('- qcowfs: %s' % qdesc)
 print('- images: qcow2, 64 KiB clusters, %s virtual, a fresh copy of one base image per run, in %s' % (size, wdesc))
 print('- command: `bench/vm.sh%s`, total %s s, %s; load average at the start / end: %s' % (
