@@ -114,6 +114,25 @@ else
 	mkdir -p "$WORKDIR"; WORKDIR=$(cd "$WORKDIR" && pwd)
 fi
 install_cleanup
+# vmb_kill_guests: kills a QEMU a run left behind (an error in the middle of
+# a run; ^C reaches QEMU itself).  Only the pids vm_watch wrote, and only if
+# that process is still qemu-system-x86_64.
+vmb_kill_guests() {
+	local f pid
+	for f in "$WORKDIR"/*.qemu-pid; do
+		[[ -f $f ]] || continue
+		pid=$(cat "$f")
+		if pid_alive "$pid" && [[ $(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n 1) == *qemu-system-x86_64 ]]; then
+			kill -KILL "$pid" 2>/dev/null || true
+			wait_pid_exit "$pid" 10 || true
+		fi
+		rm -f "$f"
+	done
+}
+# first the guests (they hold the views open), then lib.sh's cleanup with
+# the script's exit status (set +e first: the (exit rc) that hands it
+# on would otherwise end the trap under set -e)
+trap 'rc=$?; vmb_kill_guests; set +e; (exit $rc); cleanup' EXIT
 
 RES=$OUT/vm.tsv      # SETUP-RUN key value
 : >"$RES"
@@ -221,6 +240,8 @@ assert sys.argv[7] == '--'
 cmd = sys.argv[8:]
 t_start = time.time()
 p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+# for the script's cleanup: a QEMU left running by an error is killed on exit
+open(os.path.join(os.path.dirname(img), key + '.qemu-pid'), 'w').write('%d\n' % p.pid)
 # a hung guest (a nested KVM that never boots, a wedged disk) must not hang
 # the benchmark: after the limit QEMU is killed and the run counts as failed
 killer = threading.Timer(limit, p.kill)
@@ -323,7 +344,7 @@ make_base() {
 
 # run_setup SETUP RUN: a fresh copy of the base image, the guest on it.
 run_setup() {
-	local s=$1 key=$1-$2 img view pid='' drive aio check=clean
+	local s=$1 key=$1-$2 img view pid='' drive aio k v check=clean
 	img=$WORKDIR/$key.qcow2 view=$WORKDIR/$key.raw
 	log "$s, run $2/$REPEAT: boot the guest ($VMB_ACCEL)"
 	cp --sparse=always "$BASE" "$img"
@@ -338,10 +359,16 @@ run_setup() {
 		drive="file=$img,format=qcow2,if=virtio,discard=unmap,cache=none,aio=$aio"
 	fi
 	record "$key" aio "$aio"
+	# In the background and waited for: bash runs a SIGTERM trap at once
+	# during `wait`, but only after a foreground command (or a read from
+	# it) ends, which would leave the guest running.
+	vm_watch "$img" "$HOLD" "$OUT/$key.console" "$OUT" "$key" "$VM_TIMEOUT" -- \
+		"${VMB_QEMU[@]}" -drive "$drive" >"$OUT/$key.vm" &
+	wait "$!" || die "$key: the guest's watcher failed (see $OUT/$key.console)"
 	while read -r k v; do
 		record "$key" "$k" "$v"
-	done < <(vm_watch "$img" "$HOLD" "$OUT/$key.console" "$OUT" "$key" "$VM_TIMEOUT" -- \
-		"${VMB_QEMU[@]}" -drive "$drive")
+	done <"$OUT/$key.vm"
+	rm -f "$WORKDIR/$key.qemu-pid"
 	record "$key" after_exit "$(stat -c %s "$img")"
 	if [[ $s == view ]]; then
 		engine_unmount qcowfs "$view" "$pid"
