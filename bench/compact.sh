@@ -91,15 +91,7 @@ QCOWCTL=$(find_prog qcowctl "$QCOWCTL_OPT") ||
 	die "qcowctl not found: build it or pass --qcowctl PATH"
 log "qcowfs: $QCOWFS, qcowctl: $QCOWCTL"
 
-OUT=${OUT:-/tmp/qcowfs-compact-$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-if [[ -z $WORKDIR ]]; then
-	WORKDIR=$(mktemp -d /var/tmp/qcowfs-compact.XXXXXX)
-	CLEAN_FILES+=("$WORKDIR")
-else
-	mkdir -p "$WORKDIR"; WORKDIR=$(cd "$WORKDIR" && pwd)
-fi
+setup_dirs compact
 install_cleanup
 
 RES=$OUT/compact.tsv      # section key value

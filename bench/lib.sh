@@ -140,6 +140,22 @@ cleanup() {
 }
 install_cleanup() { trap cleanup EXIT; trap 'exit 130' INT; trap 'exit 143' TERM; }
 
+# setup_dirs NAME: the results directory OUT (default
+# /tmp/qcowfs-NAME-DATE) and the work directory WORKDIR (default a new
+# /var/tmp/qcowfs-NAME.XXXXXX, removed at exit), both made and absolute.
+setup_dirs() {
+	local name=$1
+	OUT=${OUT:-/tmp/qcowfs-$name-$(date +%Y%m%d-%H%M%S)}
+	mkdir -p "$OUT"
+	OUT=$(cd "$OUT" && pwd)
+	if [[ -z $WORKDIR ]]; then
+		WORKDIR=$(mktemp -d "/var/tmp/qcowfs-$name.XXXXXX")
+		CLEAN_FILES+=("$WORKDIR")
+	else
+		mkdir -p "$WORKDIR"; WORKDIR=$(cd "$WORKDIR" && pwd)
+	fi
+}
+
 # ---- engines ----------------------------------------------------------------
 #
 # engine_mount ENGINE IMAGE VIEW [QCOWFS_OPTS]: mounts IMAGE at VIEW (absolute

@@ -86,15 +86,7 @@ log "qcowfs: $QCOWFS, qcowctl: $QCOWCTL"
 BYTES=$(parse_size "$SIZE")
 ((BYTES >= 1 << 30 && BYTES % (256 << 20) == 0)) || die "--size $SIZE: at least 1G, a multiple of 256M"
 
-OUT=${OUT:-/tmp/qcowfs-mapmem-$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-if [[ -z $WORKDIR ]]; then
-	WORKDIR=$(mktemp -d /var/tmp/qcowfs-mapmem.XXXXXX)
-	CLEAN_FILES+=("$WORKDIR")
-else
-	mkdir -p "$WORKDIR"; WORKDIR=$(cd "$WORKDIR" && pwd)
-fi
+setup_dirs mapmem
 install_cleanup
 export MALLOC_CONF=${MALLOC_CONF:-dirty_decay_ms:0,muzzy_decay_ms:0}
 

@@ -104,15 +104,7 @@ VM_GUEST=$SRC_ROOT/tests/shell/vm_guest.sh
 # shellcheck source-path=SCRIPTDIR/.. source=tests/shell/vm_guest.sh
 source "$VM_GUEST"
 
-OUT=${OUT:-/tmp/qcowfs-vm-$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-if [[ -z $WORKDIR ]]; then
-	WORKDIR=$(mktemp -d /var/tmp/qcowfs-vm.XXXXXX)
-	CLEAN_FILES+=("$WORKDIR")
-else
-	mkdir -p "$WORKDIR"; WORKDIR=$(cd "$WORKDIR" && pwd)
-fi
+setup_dirs vm
 install_cleanup
 # vmb_kill_guests: kills a QEMU a run left behind (an error in the middle of
 # a run; ^C reaches QEMU itself).  Only the pids vm_watch wrote, and only if
