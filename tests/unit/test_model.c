@@ -394,6 +394,36 @@ static void concurrent_backing(unsigned cluster_bits, unsigned nwriters, unsigne
 	qcow_free(model);
 }
 
+/* A grow over a longer backing file zero-flags the new part while the
+ * resize holds flush_lock; with a small cache that zeroing fills the
+ * cache past its budget, and the write path's flush when over budget
+ * must not wait for the lock its own caller holds (it used to: the
+ * resize hung).  The new part reads zeros, the old part the base. */
+static void grow_over_backing_small_cache(void)
+{
+	uint64_t cs = 4096, size = 1u << 20, bsize = 64u << 20;
+	uint8_t *base = qcow_malloc(bsize);
+	fill_random(base, bsize);
+	struct qcow_open_opts o;
+	test_open_opts(&o, 8 * cs);
+	struct qcow_image *img;
+	char err[256];
+	REQUIRE(qcow_image_open_io_backing(new_image(size, 12, 4, 3), &o, test_raw_backing(base, bsize), &img, err,
+					   sizeof(err)) == 0, "open over a backing file: %s", err);
+	REQUIRE(qcow_image_resize(img, bsize) == 0, "grow over the longer backing file");
+	uint8_t *buf = qcow_malloc(bsize);
+	REQUIRE(qcow_image_read(img, buf, bsize, 0) == (ssize_t)bsize, "read all");
+	CHECK(memcmp(buf, base, size) == 0, "grow over a backing file: the old part shows the base");
+	uint64_t nonzero = 0;
+	for (uint64_t i = size; i < bsize; i++)
+		nonzero += buf[i] != 0;
+	CHECK(nonzero == 0, "grow over a backing file: %llu bytes of the new part show the base", (unsigned long long)nonzero);
+	check_map(img, "grow over a backing file");
+	CHECK(qcow_image_close(img) == 0, "close");
+	qcow_free(buf);
+	qcow_free(base);
+}
+
 /* ---- images QEMU made: snapshots and compressed streams ------------- */
 
 /* The image scripts (every %s is the image path).  Snapshots: s1 and s2
@@ -725,6 +755,7 @@ int main(void)
 	concurrent(16, 4, 2000 * scale);
 	concurrent(12, 3, 2000 * scale);
 	concurrent_backing(16, 3, 1500 * scale);
+	grow_over_backing_small_cache();
 	if (access("/usr/bin/qemu-img", X_OK) == 0) {
 		for (unsigned which = 0; which < 4; which++) {
 			random_ops_qemu(which, 400 * scale);
