@@ -716,7 +716,7 @@ static int relocate_one_table(struct qcow_image *img, bool l1)
 	uint64_t n = (bytes + cs - 1) / cs;
 	uint64_t old_c = old_off >> img->cluster_bits;
 	uint64_t start = n ? qcow_map_available_run(&img->map, n, old_c) : UINT64_MAX;
-	if (start == UINT64_MAX || start + n > old_c) {
+	if (start == UINT64_MAX) {   /* (a run found ends at or below old_c) */
 		pthread_mutex_unlock(&img->lock);
 		pthread_mutex_unlock(&img->flush_lock);
 		return 0;
